@@ -1,0 +1,410 @@
+"""A T5 encoder-decoder in MLX, exact to transformers' T5ForConditionalGeneration for every T5 variant."""
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# Activations transformers' T5 configs name in `feed_forward_proj` ("relu", "gated-gelu", ...).
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # exact erf gelu, as transformers' ACT2FN["gelu"]
+    "gelu_new": nn.gelu_approx,  # tanh approximation
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+class ModelLoadError(Exception):
+    """A converted model directory that cannot be loaded (missing, incomplete or corrupt)."""
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: Optional[bool] = None
+    decoder_start_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    # Derived in __post_init__.
+    is_gated: bool = field(init=False)
+    activation: str = field(init=False)
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+        parts = self.feed_forward_proj.split("-")
+        self.is_gated = parts[0] == "gated"
+        self.activation = parts[-1]
+        # transformers maps "gated-gelu" to the tanh approximation for backwards compatibility.
+        if self.feed_forward_proj == "gated-gelu":
+            self.activation = "gelu_new"
+        if len(parts) > 2 or (len(parts) == 2 and not self.is_gated) or self.activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported feed_forward_proj {self.feed_forward_proj!r}")
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = self.eos_token_id[0]
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """T5's bucketing of (key position - query position), in float32 exactly as transformers computes it."""
+    relative_position = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0) * num_buckets
+        relative_position = np.abs(relative_position)
+    else:
+        relative_position = -np.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = np.log(relative_position.astype(np.float32) / np.float32(max_exact))
+    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(is_small, relative_position, large)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: no mean subtraction, no bias; the result takes the weight's dtype when it is half."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Accumulate in float32 (transformers does), then cast to the weight's dtype.
+        y = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps)
+        return self.weight * y.astype(self.weight.dtype)
+
+
+class KVCache:
+    """Self-attention keys/values, preallocated in steps; `trim(n)` rewinds by n positions in O(1)."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        # keys, values: (B, heads, L, d_kv)
+        start, length = self.offset, keys.shape[2]
+        if self.keys is None or start + length > self.keys.shape[2]:
+            capacity = ((start + length + self.step - 1) // self.step) * self.step
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            new_keys, new_values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+            if self.keys is not None:
+                new_keys[:, :, :start] = self.keys[:, :, :start]
+                new_values[:, :, :start] = self.values[:, :, :start]
+            self.keys, self.values = new_keys, new_values
+        self.keys[:, :, start : start + length] = keys
+        self.values[:, :, start : start + length] = values
+        self.offset += length
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inner = args.num_heads * args.d_kv  # not always d_model (t5-3b, t5-11b)
+        self.num_heads = args.num_heads
+        self.q = nn.Linear(args.d_model, inner, bias=False)
+        self.k = nn.Linear(args.d_model, inner, bias=False)
+        self.v = nn.Linear(args.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, args.d_model, bias=False)
+
+    def heads(self, x):
+        # (B, L, heads * d_kv) -> (B, heads, L, d_kv)
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+    def project_kv(self, source):
+        return self.heads(self.k(source)), self.heads(self.v(source))
+
+    def __call__(self, x, bias, keys=None, values=None, cache=None):
+        """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive."""
+        B, L, _ = x.shape
+        queries = self.heads(self.q(x))
+        if keys is None:
+            keys, values = self.project_kv(x)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
+        # T5 attention has no 1/sqrt(d_kv) scaling.
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
+        return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.is_gated:
+            self.wi_0 = nn.Linear(args.d_model, args.d_ff, bias=False)
+            self.wi_1 = nn.Linear(args.d_model, args.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(args.d_model, args.d_ff, bias=False)
+        self.wo = nn.Linear(args.d_ff, args.d_model, bias=False)
+        self.act = ACTIVATIONS[args.activation]
+        self.is_gated = args.is_gated
+
+    def __call__(self, x):
+        if self.is_gated:
+            h = self.act(self.wi_0(x)) * self.wi_1(x)
+        else:
+            h = self.act(self.wi(x))
+        # A float16 conversion keeps wo in float32 (as transformers does); compute it there.
+        if "weight" in self.wo and self.wo.weight.dtype == mx.float32:
+            h = h.astype(mx.float32)
+        return self.wo(h)
+
+
+def clamp_fp16(x):
+    # transformers clamps float16 hidden states so that residual sums never reach inf.
+    if x.dtype == mx.float16:
+        limit = float(np.finfo(np.float16).max) - 1000
+        return mx.clip(x, -limit, limit)
+    return x
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.self_attn_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.mlp = MLP(args)
+        self.mlp_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def __call__(self, x, bias):
+        x = clamp_fp16(x + self.self_attn(self.self_attn_norm(x), bias))
+        return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.self_attn_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.cross_attn = Attention(args)
+        self.cross_attn_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.mlp = MLP(args)
+        self.mlp_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def __call__(self, x, self_bias, cross_kv, cross_bias, cache):
+        x = clamp_fp16(x + self.self_attn(self.self_attn_norm(x), self_bias, cache=cache))
+        keys, values = cross_kv
+        x = clamp_fp16(x + self.cross_attn(self.cross_attn_norm(x), cross_bias, keys, values))
+        return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
+
+
+def padding_bias(attention_mask, dtype):
+    """(B, L) mask of 1 = token, 0 = padding -> additive (B, 1, 1, L) attention bias."""
+    return mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.relative_attention_bias = nn.Embedding(args.relative_attention_num_buckets, args.num_heads)
+        self.layers = [EncoderLayer(args) for _ in range(args.num_layers)]
+        self.final_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def position_bias(self, length):
+        positions = np.arange(length)
+        buckets = relative_position_bucket(
+            positions[None, :] - positions[:, None],
+            bidirectional=True,
+            num_buckets=self.args.relative_attention_num_buckets,
+            max_distance=self.args.relative_attention_max_distance,
+        )
+        # (L, L, heads) -> (1, heads, L, L); computed once in the first layer and shared by all.
+        return self.relative_attention_bias(mx.array(buckets)).transpose(2, 0, 1)[None]
+
+    def __call__(self, x, attention_mask):
+        bias = self.position_bias(x.shape[1]) + padding_bias(attention_mask, mx.float32)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.final_norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.relative_attention_bias = nn.Embedding(args.relative_attention_num_buckets, args.num_heads)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_decoder_layers)]
+        self.final_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def position_bias(self, offset, length):
+        """Causal bias for queries at positions offset..offset+length-1 over keys 0..offset+length-1."""
+        queries = np.arange(offset, offset + length)[:, None]
+        keys = np.arange(offset + length)[None, :]
+        buckets = relative_position_bucket(
+            keys - queries,
+            bidirectional=False,
+            num_buckets=self.args.relative_attention_num_buckets,
+            max_distance=self.args.relative_attention_max_distance,
+        )
+        bias = self.relative_attention_bias(mx.array(buckets)).transpose(2, 0, 1)[None].astype(mx.float32)
+        future = mx.array(keys > queries)
+        return mx.where(future, mx.finfo(mx.float32).min, bias)
+
+    def __call__(self, x, cross_kv, cross_bias, cache):
+        self_bias = self.position_bias(cache[0].offset, x.shape[1])
+        for layer, layer_kv, layer_cache in zip(self.layers, cross_kv, cache):
+            x = layer(x, self_bias, layer_kv, cross_bias, layer_cache)
+        return self.final_norm(x)
+
+
+class T5(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+
+    def encode(self, input_ids, attention_mask=None):
+        """(B, L) padded token ids and their 0/1 mask -> encoder output (B, L, d_model)."""
+        if attention_mask is None:
+            attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
+        return self.encoder(self.shared(input_ids), attention_mask)
+
+    def cross_kv(self, encoder_output):
+        """Each decoder layer's cross-attention keys and values, computed once per prompt."""
+        return [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder.layers]
+
+    def make_cache(self):
+        return [KVCache() for _ in self.decoder.layers]
+
+    def decode(self, decoder_ids, cross_kv, cache, attention_mask=None):
+        """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""
+        if attention_mask is None:
+            cross_bias = mx.zeros((1, 1, 1, 1), dtype=mx.float32)
+        else:
+            cross_bias = padding_bias(attention_mask, mx.float32)
+        x = self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache)
+        if self.args.scale_decoder_outputs:
+            # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
+            x = x * self.args.d_model**-0.5
+        if self.args.tie_word_embeddings:
+            return self.shared.as_linear(x)
+        return self.lm_head(x)
+
+    def __call__(self, input_ids, decoder_ids, attention_mask=None):
+        cross_kv = self.cross_kv(self.encode(input_ids, attention_mask))
+        return self.decode(decoder_ids, cross_kv, self.make_cache(), attention_mask)
+
+
+def weight_files(path: Path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({e})") from None
+        return [path / name for name in names]
+    return [path / "model.safetensors"]
+
+
+def load_weights(path: Path) -> dict:
+    weights = {}
+    for file in weight_files(path):
+        if not file.exists():
+            raise ModelLoadError(f"{file} is missing")
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:  # mx.load raises bare RuntimeError/ValueError on truncated files
+            raise ModelLoadError(f"{file} is truncated or corrupt ({e})") from None
+    return weights
+
+
+def load_model(path, lazy: bool = False):
+    """Load a directory written by convert.py -> (model, tokenizer, config dict).
+
+    Every weight's name and shape is checked against the model; problems raise ModelLoadError.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path} is not a converted model directory (no config.json)")
+    config = json.loads(config_file.read_text())
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{config_file}: {e}") from None
+    model = T5(args)
+    weights = load_weights(path)
+
+    quantization = (config.get("mlx") or {}).get("quantization")
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda name, module: f"{name}.scales" in weights,
+        )
+    check_weights(model, weights, path)
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, load_tokenizer(path), config
+
+
+def check_weights(model, weights, path):
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelLoadError(f"weights in {path} do not match its config: {detail}; convert it again")
+    for name, array in expected.items():
+        if weights[name].shape != array.shape:
+            raise ModelLoadError(
+                f"{path}: {name} has shape {weights[name].shape}, expected {array.shape}; convert it again"
+            )
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise ModelLoadError(f"cannot load the tokenizer in {path} ({e})") from None

@@ -1,0 +1,170 @@
+"""Shared fixtures: a SentencePiece tokenizer trained in the session and tiny random transformers T5 checkpoints.
+
+Pretrained weights cannot be downloaded here, so every reference is built locally; nothing touches the network.
+"""
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Tiny configs covering each T5 variant transformers' T5ForConditionalGeneration loads.
+VARIANTS = {
+    # v1.0: relu, tied embeddings, decoder output scaled before the tied head.
+    "t5": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    # v1.1 / flan-t5: gated-gelu (tanh approximation), untied head, no scaling.
+    "t5-v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mt5": dict(model_type="mt5", feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    # byt5: byte vocabulary, a deeper encoder than decoder.
+    "byt5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1),
+    # t5-3b / t5-11b shape: num_heads * d_kv != d_model; custom buckets, distance and epsilon.
+    "t5-3b-shape": dict(
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        d_kv=16,
+        num_decoder_layers=3,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=20,
+        layer_norm_epsilon=1e-5,
+    ),
+    # Other activations transformers accepts: exact gelu and gated silu.
+    "gelu": dict(feed_forward_proj="gelu", tie_word_embeddings=True),
+    "gated-silu": dict(feed_forward_proj="gated-silu", tie_word_embeddings=False),
+}
+
+BASE_CONFIG = dict(
+    vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+)
+
+TRAINING_TEXT_LIMIT = 40_000
+
+
+def training_text():
+    """A few dozen KB of English and code-like text that ships with Python itself."""
+    from pydoc_data import topics
+
+    return "\n".join(topics.topics.values())[:TRAINING_TEXT_LIMIT]
+
+
+def train_sentencepiece(vocab_size=250):
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_text().splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """An HF T5Tokenizer (SentencePiece pieces + 100 sentinel ids) saved to a directory."""
+    from transformers import T5Tokenizer
+
+    sp = train_sentencepiece()
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    path = tmp_path_factory.mktemp("tokenizer")
+    T5Tokenizer(vocab=vocab, extra_ids=100).save_pretrained(path)
+    return path
+
+
+def save_checkpoint(path, variant, tokenizer_dir, seed=0, **overrides):
+    """Write a random-initialised transformers checkpoint of `variant` in HF layout to `path`."""
+    from transformers import (
+        ByT5Tokenizer,
+        MT5Config,
+        MT5ForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    spec = {**BASE_CONFIG, **VARIANTS[variant], **overrides}
+    tied = spec.pop("tie_word_embeddings")
+    is_mt5 = spec.pop("model_type", "t5") == "mt5"
+    config_class, model_class = (MT5Config, MT5ForConditionalGeneration) if is_mt5 else (T5Config, T5ForConditionalGeneration)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**spec))
+    model.save_pretrained(path)
+    if not tied:
+        # transformers 5 saves T5 tied; a v1.1 checkpoint carries its own lm_head and says tie_word_embeddings=false.
+        weights = load_file(path / "model.safetensors")
+        weights["lm_head.weight"] = torch.randn(spec["vocab_size"], spec["d_model"]) * spec["d_model"] ** -0.5
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        config.pop("scale_decoder_outputs", None)
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    if variant == "byt5":
+        ByT5Tokenizer().save_pretrained(path)
+    else:
+        for file in tokenizer_dir.iterdir():
+            (path / file.name).write_bytes(file.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tokenizer_dir):
+    """Factory: (variant, seed, config overrides) -> directory of a tiny random HF checkpoint (built once)."""
+    built = {}
+
+    def build(variant, seed=0, **overrides):
+        key = (variant, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"hf-{variant}")
+            built[key] = save_checkpoint(path, variant, tokenizer_dir, seed=seed, **overrides)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, hf_checkpoint):
+    """Factory: (variant, seed, convert options) -> directory written by convert.py (built once per session)."""
+    import convert
+
+    built = {}
+
+    def build(variant, seed=0, **options):
+        key = (variant, seed, tuple(sorted(options.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp("mlx") / variant
+            convert.convert(str(hf_checkpoint(variant, seed=seed)), mlx_path=str(out), **options)
+            built[key] = out
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """Factory: checkpoint directory -> transformers model loaded the way a user loads it."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    loaded = {}
+
+    def load(path):
+        if path not in loaded:
+            loaded[path] = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+        return loaded[path]
+
+    return load
