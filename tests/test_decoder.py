@@ -1,0 +1,337 @@
+"""SpeculativeDecoder: lossless greedy, the delta relaxation, exact sampling, EOS and max_tokens."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from decoder import IncompatibleDraftError, SpeculativeDecoder, accept_drafts, probabilities, residual
+from model import ModelArgs, T5, load_model
+
+PROMPTS = [
+    "translate English to German: The house is wonderful.",
+    "summarize: the function returns a list of the values",
+    "class attributes are looked up in the dictionary",
+    "a",
+    "The for statement is used to iterate over the elements of a sequence (such as a string, tuple or list)",
+    "if x < 0: raise ValueError",
+]
+
+
+def perturbed(path, noise, seed):
+    """The model at `path` with gaussian noise on every weight: a draft that agrees with it only part of the time."""
+    copy, _, _ = load_model(path)
+    mx.random.seed(seed)
+    copy.update(tree_map(lambda w: w + noise * mx.std(w) * mx.random.normal(w.shape), copy.parameters()))
+    mx.eval(copy.parameters())
+    return copy
+
+
+@pytest.fixture(scope="module")
+def main(converted):
+    # An untied random model: its greedy output varies (tied random T5s tend to repeat one token).
+    path = converted("t5-v1_1")
+    model, tokenizer, _ = load_model(path)
+    return model, tokenizer, path
+
+
+@pytest.fixture(scope="module")
+def drafts(main, converted):
+    """Drafts of the main model by how often they agree with it: a noisy copy, an unrelated model, itself."""
+    unrelated, _, _ = load_model(converted("t5-v1_1", seed=1))
+    return {"noisy": perturbed(main[2], 0.04, seed=0), "unrelated": unrelated, "self": main[0]}
+
+
+def regular(main, prompt, max_tokens, **options):
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, None, tokenizer, **options)
+    return decoder.generate(prompt, max_tokens=max_tokens, regular=True, ignore_eos=True)
+
+
+@pytest.mark.parametrize("draft_name", ["noisy", "unrelated", "self"])
+def test_speculative_greedy_equals_regular_greedy(draft_name, main, drafts):
+    model, tokenizer, _ = main
+    accepted = drafted = 0
+    for prompt_index, prompt in enumerate(PROMPTS):
+        expected = regular(main, prompt, max_tokens=40).tokens
+        for num_draft in range(1, 9):
+            decoder = SpeculativeDecoder(model, drafts[draft_name], tokenizer, num_draft=num_draft)
+            result = decoder.generate(prompt, max_tokens=40, ignore_eos=True)
+            assert result.tokens == expected, (prompt, num_draft)
+            accepted += result.stats.accepted
+            drafted += result.stats.drafted
+    rate = accepted / drafted
+    print(f"{draft_name}: greedy acceptance {rate:.3f}")
+    # The draft kinds really differ: partial, (almost) no and full agreement.
+    expected_range = {"noisy": (0.2, 0.9), "unrelated": (0.0, 0.1), "self": (1.0, 1.0)}[draft_name]
+    assert expected_range[0] <= rate <= expected_range[1]
+
+
+@pytest.mark.parametrize("num_draft", [1, 2, 4, 7])
+@pytest.mark.parametrize("max_tokens", [1, 5, 24])
+def test_main_model_as_its_own_draft_accepts_everything(num_draft, max_tokens, main):
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, model, tokenizer, num_draft=num_draft)
+    result = decoder.generate(PROMPTS[0], max_tokens=max_tokens, ignore_eos=True)
+    assert len(result.tokens) == max_tokens
+    assert result.stats.accepted == result.stats.drafted
+    assert result.stats.main_calls == math.ceil(max_tokens / (num_draft + 1))
+
+
+def test_delta_one_accepts_every_draft_and_acceptance_falls_with_delta(main, drafts):
+    model, tokenizer, _ = main
+    rates = []
+    for delta in [1.0, 0.75, 0.5, 0.25, 0.0]:
+        accepted = drafted = 0
+        for seed, prompt in enumerate(PROMPTS):
+            decoder = SpeculativeDecoder(model, drafts["unrelated"], tokenizer, num_draft=4, delta=delta, seed=seed)
+            stats = decoder.generate(prompt, max_tokens=30, ignore_eos=True).stats
+            accepted += stats.accepted
+            drafted += stats.drafted
+        rates.append(accepted / drafted)
+    print("acceptance by delta 1 .. 0:", [round(r, 3) for r in rates])
+    assert rates[0] == 1.0
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # This draft (almost) never agrees, so each draft survives with probability delta, and the i-th draft of a step
+    # only with delta**i: the expected acceptance rate is sum(delta**i for i = 1..4) / 4.
+    for rate, delta in zip(rates, [1.0, 0.75, 0.5, 0.25, 0.0]):
+        assert abs(rate - sum(delta**i for i in range(1, 5)) / 4) < 0.1
+
+
+def test_delta_one_output_is_the_drafts(main, drafts):
+    # With every draft accepted, the drafted tokens are exactly the draft model's own greedy output.
+    model, tokenizer, _ = main
+    draft = drafts["noisy"]
+    draft_alone = SpeculativeDecoder(draft, None, tokenizer).generate(PROMPTS[1], 20, regular=True, ignore_eos=True)
+    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=19, delta=1.0)
+    result = decoder.generate(PROMPTS[1], max_tokens=20, ignore_eos=True)
+    assert result.tokens[:19] == draft_alone.tokens[:19]
+
+
+def test_eos_inside_the_drafts_stops_generation(main):
+    model, tokenizer, path = main
+    eos = model.args.eos_token_id
+    reference = regular(main, PROMPTS[4], max_tokens=30).tokens
+    # Make the main model (and so its own draft) end where it would first produce a token it has not produced before.
+    position = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
+    eos_model, _, _ = load_model(path)
+    head = eos_model.lm_head.weight
+    rows = mx.arange(head.shape[0])[:, None]
+    eos_model.lm_head.weight = mx.where(rows == eos, head[reference[position]] * 1.5, head)
+    eos_main = (eos_model, tokenizer, path)
+    expected = SpeculativeDecoder(eos_model, None, tokenizer).generate(PROMPTS[4], 30, regular=True)
+    assert expected.tokens[-1] == eos and len(expected.tokens) < 30
+    for num_draft in [1, 3, 8]:
+        result = SpeculativeDecoder(eos_model, eos_model, tokenizer, num_draft=num_draft).generate(PROMPTS[4], 30)
+        assert result.tokens == expected.tokens
+        # ignore_eos keeps going past it.
+        longer = SpeculativeDecoder(eos_model, eos_model, tokenizer, num_draft=num_draft)
+        assert len(longer.generate(PROMPTS[4], 30, ignore_eos=True).tokens) == 30
+    assert regular(eos_main, PROMPTS[4], max_tokens=30).tokens[: len(expected.tokens)] == expected.tokens
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 7, 13])
+def test_max_tokens_is_exact(max_tokens, main, drafts):
+    model, tokenizer, _ = main
+    for num_draft in [1, 3, 6]:
+        decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=num_draft, temperature=0.8)
+        result = decoder.generate(PROMPTS[2], max_tokens=max_tokens, ignore_eos=True)
+        assert len(result.tokens) == max_tokens == result.stats.generated
+
+
+def test_same_seed_same_output(main, drafts):
+    model, tokenizer, _ = main
+
+    def run(seed):
+        decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, temperature=1.0, seed=seed)
+        return decoder.generate(PROMPTS[0], max_tokens=30, ignore_eos=True).tokens
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_streamed_text_adds_up_to_the_result(main, drafts):
+    model, tokenizer, _ = main
+    pieces = []
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
+    result = decoder.generate(PROMPTS[0], max_tokens=25, ignore_eos=True, stream=pieces.append)
+    assert len(pieces) > 1
+    assert "".join(pieces) == result.text == tokenizer.decode(result.tokens, skip_special_tokens=True)
+
+
+def test_accept_drafts_rule():
+    main_probs = mx.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    draft_probs = mx.array([[0.0, 0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    drafts = mx.array([1, 3, 4])
+    # Ratios p/q: 2.0, 0.0, 1.0 -> accepted for any u in (0, 1] at delta 0, except the zero ratio.
+    u = mx.array([1.0, 1e-9, 1.0])
+    assert accept_drafts(main_probs, draft_probs, drafts, u, 0.0).tolist() == [True, False, True]
+    assert accept_drafts(main_probs, draft_probs, drafts, u, 1.0).tolist() == [True, True, True]
+    # Token 1 of the first row has ratio 0.6 / 0.7 against this draft: accepted iff u - delta <= 6/7.
+    draft_row = mx.array([[0.0, 0.7, 0.3, 0.0, 0.0]])
+    for u_value, delta, expected in [(0.85, 0.0, True), (0.86, 0.0, False), (0.95, 0.1, True), (0.97, 0.1, False)]:
+        verdict = accept_drafts(main_probs[:1], draft_row, mx.array([1]), mx.array([u_value]), delta)
+        assert verdict.tolist() == [expected]
+    # The residual after a rejection is norm(max(0, p - q)).
+    expected_residual = np.array([0.1, 0.3, 0.0, 0.1, 0.1]) / 0.6
+    np.testing.assert_allclose(np.array(residual(main_probs[:1], draft_probs[:1]))[0], expected_residual, rtol=1e-6)
+
+
+def test_probabilities_follow_temperature_top_k_top_p():
+    logits = mx.array([[2.0, 1.0, 0.5, -1.0]])
+    np.testing.assert_array_equal(np.array(probabilities(logits, 0.0)), [[1, 0, 0, 0]])
+    full = np.exp([2.0, 1.0, 0.5, -1.0])
+    np.testing.assert_allclose(np.array(probabilities(logits, 1.0))[0], full / full.sum(), rtol=1e-6)
+    top2 = np.array([full[0], full[1], 0, 0])
+    np.testing.assert_allclose(np.array(probabilities(logits, 1.0, top_k=2))[0], top2 / top2.sum(), rtol=1e-6)
+    # top_p = 0.9: the two most likely tokens hold 0.61 + 0.22 < 0.9, so the third is kept too.
+    p = full / full.sum()
+    assert p[0] + p[1] < 0.9 < p[0] + p[1] + p[2]
+    nucleus = np.array([p[0], p[1], p[2], 0])
+    np.testing.assert_allclose(np.array(probabilities(logits, 1.0, top_p=0.9))[0], nucleus / nucleus.sum(), rtol=1e-6)
+
+
+def test_vocabulary_mismatch_is_refused(main, converted):
+    model, tokenizer, _ = main
+    byte_model, byte_tokenizer, _ = load_model(converted("byt5"))
+    with pytest.raises(IncompatibleDraftError):
+        SpeculativeDecoder(model, byte_model, tokenizer, draft_tokenizer=byte_tokenizer)
+    small = T5(ModelArgs(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(IncompatibleDraftError):
+        SpeculativeDecoder(model, small, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "option", [dict(num_draft=0), dict(delta=1.5), dict(delta=-0.1), dict(temperature=-1), dict(top_p=0.0)]
+)
+def test_bad_options_are_refused(option, main):
+    model, tokenizer, _ = main
+    with pytest.raises(ValueError):
+        SpeculativeDecoder(model, model, tokenizer, **option)
+
+
+# --- Exactness of speculative sampling: the output distribution is the main model's. ---
+
+
+class CountingTokenizer:
+    """The few tokenizer calls the decoder makes, for a model with a tiny vocabulary."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __call__(self, text):
+        return type("Encoding", (), {"input_ids": [int(c) % self.size for c in text]})
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(map(str, tokens))
+
+
+def tiny_model(seed, vocab_size, sharpness):
+    mx.random.seed(seed)
+    args = ModelArgs(
+        vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, tie_word_embeddings=False
+    )
+    model = T5(args)
+    model.lm_head.weight = model.lm_head.weight * sharpness  # distributions far from uniform
+    mx.eval(model.parameters())
+    return model
+
+
+def exact_marginals(model, prompt_ids, positions, distribution):
+    """The main model's own distribution of the token at each of the first `positions` positions, by enumeration."""
+    cross_kv = model.cross_kv(model.encode(prompt_ids))
+    vocab = model.args.vocab_size
+    prefixes = {(model.args.decoder_start_token_id,): 1.0}
+    marginals = []
+    for _ in range(positions):
+        marginal = np.zeros(vocab)
+        extended = {}
+        for prefix, weight in prefixes.items():
+            logits = model.decode(mx.array([prefix]), cross_kv, model.make_cache())[0, -1]
+            probs = np.array(distribution(logits), dtype=np.float64)
+            marginal += weight * probs
+            for token in np.nonzero(probs)[0]:
+                extended[prefix + (int(token),)] = weight * probs[token]
+        marginals.append(marginal)
+        prefixes = extended
+    return marginals
+
+
+def chi_square_critical(df, z=3.09):
+    """The chi-square quantile for a false-failure rate of 1e-3 (z = 3.09), Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts, expected_probs):
+    expected = expected_probs * counts.sum()
+    # Pool the cells with small expected counts into one, so the statistic is valid.
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    statistic = float((((observed - expected) ** 2)[keep] / expected[keep]).sum())
+    return statistic, int(keep.sum()) - 1
+
+
+SAMPLES = 2000
+POSITIONS = 3
+
+
+def sampled_counts(main_model, draft_model, settings, delta=0.0):
+    tokenizer = CountingTokenizer(main_model.args.vocab_size)
+    counts = np.zeros((POSITIONS, main_model.args.vocab_size))
+    for seed in range(SAMPLES):
+        decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=2, delta=delta, seed=seed, **settings)
+        tokens = decoder.generate("31415", max_tokens=POSITIONS, ignore_eos=True).tokens
+        counts[np.arange(POSITIONS), tokens] += 1
+    return counts
+
+
+SETTINGS = {
+    "temperature": dict(temperature=1.0),
+    "top-k": dict(temperature=0.7, top_k=4),
+    "top-p": dict(temperature=1.3, top_p=0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def sampling_pair():
+    return tiny_model(seed=10, vocab_size=12, sharpness=4.0), tiny_model(seed=11, vocab_size=12, sharpness=4.0)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_speculative_sampling_matches_the_main_models_distribution(setting, sampling_pair):
+    # Each position is a chi-square test at a false-failure rate of 1e-3 (3 positions x 3 settings: < 1% for the
+    # suite); seeds are fixed, so the outcome is deterministic.
+    main_model, draft_model = sampling_pair
+    settings = SETTINGS[setting]
+    decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), **settings)
+    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), POSITIONS, decoder.distribution)
+    counts = sampled_counts(main_model, draft_model, settings)
+    for position in range(POSITIONS):
+        statistic, df = chi_square(counts[position], marginals[position])
+        print(f"{setting} position {position + 1}: chi2 {statistic:.1f}, df {df}, critical {chi_square_critical(df):.1f}")
+        assert statistic < chi_square_critical(df)
+
+
+def test_the_sampling_check_detects_a_biased_sampler(sampling_pair):
+    # delta = 1 keeps every draft, so the first tokens follow the draft model: the same check must reject it.
+    main_model, draft_model = sampling_pair
+    settings = SETTINGS["temperature"]
+    decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), **settings)
+    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), 1, decoder.distribution)
+    counts = sampled_counts(main_model, draft_model, settings, delta=1.0)
+    statistic, df = chi_square(counts[0], marginals[0])
+    assert statistic > chi_square_critical(df)
+
+
+def test_draft_models_have_distinct_weights(drafts):
+    # Guard for the fixtures above: the noisy draft is not the main model.
+    noisy = dict(tree_flatten(drafts["noisy"].parameters()))
+    same = dict(tree_flatten(drafts["self"].parameters()))
+    assert any(not mx.array_equal(noisy[name], same[name]) for name in noisy)
