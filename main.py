@@ -1,0 +1,202 @@
+"""Translate or summarise with T5 on MLX: a small draft T5 proposes tokens, the large T5 verifies them."""
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from decoder import IncompatibleDraftError, SpeculativeDecoder
+from model import ModelLoadError, load_model
+
+DEFAULT_MODEL = "t5-11b"
+DEFAULT_DRAFT_MODEL = "t5-small"
+DEFAULT_PROMPT = "translate English to German: A small model drafts the text and a large model checks it."
+MODELS_DIR = Path("mlx_models")
+
+# "t5-small" and "google/flan-t5-small" name Hub models; "./t5", "/data/t5" and "mlx_models/t5" are paths.
+HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+
+
+def setup_arg_parser():
+    """The command line's flags, named as the keyword arguments of SpeculativeDecoder and its generate()."""
+    parser = argparse.ArgumentParser(
+        description="Speculative decoding with an encoder-decoder T5 on MLX.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model-name",
+        default=DEFAULT_MODEL,
+        help=f"Main model: a directory written by convert.py, or a name looked up in {MODELS_DIR}/ "
+        "('/' in the name becomes '-')",
+    )
+    parser.add_argument(
+        "--draft-model-name",
+        default=DEFAULT_DRAFT_MODEL,
+        help="Draft model proposing tokens, with the main model's vocabulary; a directory or a name as above",
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="Input text, with T5's task prefix")
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate"
+    )
+    parser.add_argument(
+        "--num-draft", type=int, default=5, help="Tokens the draft proposes per verification step"
+    )
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=0.0,
+        help="Lenience of the acceptance test in [0, 1]; 0 keeps the main model's distribution exactly",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Random seed for sampling")
+    parser.add_argument(
+        "--regular-decode",
+        action="store_true",
+        help="Decode with the main model alone (the draft model is not loaded)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens; 0 is off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1]; 1 is off")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="Keep generating past the end-of-sequence token"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print one JSON object (text, tokens, stats, settings) instead of streaming the text",
+    )
+    return parser
+
+
+def fail(message):
+    """Print `message` as one `error:` line on stderr and exit with status 2."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    """The first flag value the decoder would reject, as a message; None when all are valid."""
+    checks = [
+        (args.prompt.strip(), "--prompt is empty; pass the text to translate or summarise"),
+        (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
+        (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
+        (0 <= args.delta <= 1, f"--delta must be between 0 and 1, got {args.delta}"),
+        (
+            args.temperature >= 0 and math.isfinite(args.temperature),
+            f"--temperature must be 0 (greedy) or positive, got {args.temperature}",
+        ),
+        (args.top_k >= 0, f"--top-k must be 0 (off) or positive, got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], with 1 meaning off, got {args.top_p}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def is_path(name):
+    """Whether `name` names a directory rather than a Hub model."""
+    parent = Path(name).parent
+    return not HUB_NAME.fullmatch(name) or (parent != Path(".") and (parent == MODELS_DIR or parent.is_dir()))
+
+
+def model_path(name):
+    """The converted directory `name` refers to: itself if a path or a directory, else mlx_models/<name>."""
+    if is_path(name) or Path(name).is_dir():
+        return Path(name)
+    return MODELS_DIR / name.replace("/", "-")
+
+
+def convert_command(name, path):
+    """The convert.py command that writes `path`, the directory `name` refers to."""
+    # For an explicit directory, its last component is the best guess at the Hub name.
+    hub_name = Path(name).name if is_path(name) else name
+    command = f"python convert.py --model {hub_name}"
+    if path.resolve() != (MODELS_DIR / hub_name.replace("/", "-")).resolve():
+        command += f" --mlx-path {path}"
+    return command
+
+
+def find_model(name, role):
+    """The converted directory `name` refers to; exits with the command that writes it when missing."""
+    path = model_path(name)
+    if not path.is_dir():
+        fail(f"no converted {role} model at {path}; create it with: {convert_command(name, path)}")
+    return path
+
+
+def load(name, path, role):
+    """(model, tokenizer) from `path`; exits with the command that rebuilds it when it is broken."""
+    print(f"loading {role} model from {path}", file=sys.stderr)
+    try:
+        return load_model(path)[:2]
+    except ModelLoadError as e:
+        fail(
+            f"cannot load the {role} model: {e}; convert it again with: {convert_command(name, path)} --force"
+        )
+
+
+def print_stats(stats, regular):
+    print("=" * 10)
+    if not regular:
+        print(f"Acceptance: {stats.accepted}/{stats.drafted} drafted tokens ({stats.acceptance_rate:.1%})")
+    print(f"Main-model calls: {stats.main_calls}")
+    print(f"Generation: {stats.generated} tokens, {stats.tokens_per_second:.1f} tokens-per-sec")
+    print(f"Time: {stats.seconds:.3f} s")
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    message = check_args(args)
+    if message:
+        fail(message)
+
+    # Find both directories before loading either: a missing draft should not wait for the main model.
+    model_dir = find_model(args.model_name, "main")
+    draft_dir = None if args.regular_decode else find_model(args.draft_model_name, "draft")
+    model, tokenizer = load(args.model_name, model_dir, "main")
+    draft_model = draft_tokenizer = None
+    if draft_dir:
+        draft_model, draft_tokenizer = load(args.draft_model_name, draft_dir, "draft")
+
+    settings = dict(
+        num_draft=args.num_draft,
+        delta=args.delta,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    try:
+        decoder = SpeculativeDecoder(
+            model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, **settings
+        )
+    except IncompatibleDraftError as e:
+        fail(
+            f"{e}; pick a --draft-model-name that shares the main model's tokenizer, or use --regular-decode"
+        )
+
+    options = dict(max_tokens=args.max_tokens, regular=args.regular_decode, ignore_eos=args.ignore_eos)
+    stream = None if args.json else lambda piece: print(piece, end="", flush=True)
+    generation = decoder.generate(args.prompt, stream=stream, **options)
+
+    if args.json:
+        result = dict(
+            text=generation.text,
+            tokens=generation.tokens,
+            stats=generation.stats.to_dict(),
+            model=str(model_dir),
+            draft_model=str(draft_dir) if draft_dir else None,
+            prompt=args.prompt,
+            settings={**settings, **options},
+        )
+        print(json.dumps(result))
+    else:
+        print()
+        print_stats(generation.stats, args.regular_decode)
+
+
+if __name__ == "__main__":
+    # Ctrl-C exits at once and quietly: a KeyboardInterrupt raised inside MLX's native code can vanish.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    main()
