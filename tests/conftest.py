@@ -43,9 +43,7 @@ VARIANTS = {
     "gated-silu": dict(feed_forward_proj="gated-silu", tie_word_embeddings=False),
 }
 
-BASE_CONFIG = dict(
-    vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
-)
+BASE_CONFIG = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
 TRAINING_TEXT_LIMIT = 40_000
 
@@ -101,7 +99,9 @@ def save_checkpoint(path, variant, tokenizer_dir, seed=0, **overrides):
     spec = {**BASE_CONFIG, **VARIANTS[variant], **overrides}
     tied = spec.pop("tie_word_embeddings")
     is_mt5 = spec.pop("model_type", "t5") == "mt5"
-    config_class, model_class = (MT5Config, MT5ForConditionalGeneration) if is_mt5 else (T5Config, T5ForConditionalGeneration)
+    config_class, model_class = (
+        (MT5Config, MT5ForConditionalGeneration) if is_mt5 else (T5Config, T5ForConditionalGeneration)
+    )
     torch.manual_seed(seed)
     model = model_class(config_class(**spec))
     model.save_pretrained(path)

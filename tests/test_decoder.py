@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder, accept_drafts, probabilities, residual
-from model import ModelArgs, T5, load_model
+from model import T5, ModelArgs, load_model
 
 PROMPTS = [
     "translate English to German: The house is wonderful.",
@@ -286,7 +286,9 @@ def sampled_counts(main_model, draft_model, settings, delta=0.0):
     tokenizer = CountingTokenizer(main_model.args.vocab_size)
     counts = np.zeros((POSITIONS, main_model.args.vocab_size))
     for seed in range(SAMPLES):
-        decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=2, delta=delta, seed=seed, **settings)
+        decoder = SpeculativeDecoder(
+            main_model, draft_model, tokenizer, num_draft=2, delta=delta, seed=seed, **settings
+        )
         tokens = decoder.generate("31415", max_tokens=POSITIONS, ignore_eos=True).tokens
         counts[np.arange(POSITIONS), tokens] += 1
     return counts
@@ -315,7 +317,9 @@ def test_speculative_sampling_matches_the_main_models_distribution(setting, samp
     counts = sampled_counts(main_model, draft_model, settings)
     for position in range(POSITIONS):
         statistic, df = chi_square(counts[position], marginals[position])
-        print(f"{setting} position {position + 1}: chi2 {statistic:.1f}, df {df}, critical {chi_square_critical(df):.1f}")
+        print(
+            f"{setting} position {position + 1}: chi2 {statistic:.1f}, df {df}, critical {chi_square_critical(df):.1f}"
+        )
         assert statistic < chi_square_critical(df)
 
 
