@@ -4,6 +4,8 @@ Tensors stream one at a time from memory-mapped source files into output shards 
 front, so memory stays near the size of the largest tensor rather than that of the model.
 """
 
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
 import argparse
 import json
 import re

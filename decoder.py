@@ -5,6 +5,8 @@ the last accepted token and all drafts in one forward pass, a prefix of the draf
 one token of its own (the correction after a rejection, or a bonus token when every draft was accepted).
 """
 
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, List, Optional
@@ -81,8 +83,10 @@ def probabilities(logits, temperature: float, top_k: int = 0, top_p: float = 1.0
     return probs
 
 
-def sample(probs, key):
-    """One token per row of (..., vocab) probabilities."""
+def sample(probs, key, greedy=False):
+    """One token per row of (..., vocab) probabilities; `greedy` when they are one-hot (argmax is the same draw)."""
+    if greedy:
+        return mx.argmax(probs, axis=-1)
     return mx.random.categorical(mx.log(probs), axis=-1, key=key)
 
 
@@ -158,6 +162,9 @@ class SpeculativeDecoder:
     def distribution(self, logits):
         return probabilities(logits, self.temperature, self.top_k, self.top_p)
 
+    def sample(self, probs, key):
+        return sample(probs, key, greedy=self.temperature == 0)
+
     def generate(
         self,
         prompt: str,
@@ -198,15 +205,26 @@ class SpeculativeDecoder:
         tick = time.perf_counter()
         cross_kv, cache = self.prepare(self.model, prompt_ids)
         stats.encode_seconds += time.perf_counter() - tick
-        token = self.model.args.decoder_start_token_id
-        for _ in range(max_tokens):
-            tick = time.perf_counter()
-            key, step_key = mx.random.split(key)
-            logits = self.model.decode(mx.array([[token]]), cross_kv, cache)[0, -1]
-            token = sample(self.distribution(logits), step_key).item()
+
+        def step(token, key):
+            logits = self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1]
+            return self.sample(self.distribution(logits), key)
+
+        # Build and start step i + 1 before waiting for token i, so graph building overlaps computation.
+        keys = mx.random.split(key, max_tokens)
+        tick = time.perf_counter()
+        next_token = step(mx.array(self.model.args.decoder_start_token_id), keys[0])
+        mx.async_eval(next_token)
+        for i in range(max_tokens):
+            token = next_token
+            if i + 1 < max_tokens:
+                next_token = step(token, keys[i + 1])
+                mx.async_eval(next_token)
+            token = token.item()
             stats.verify_seconds += time.perf_counter() - tick
             stats.main_calls += 1
             yield [token]
+            tick = time.perf_counter()
             if token == self.model.args.eos_token_id and not ignore_eos:
                 return
 
@@ -236,7 +254,7 @@ class SpeculativeDecoder:
             for draft_step_key in mx.random.split(draft_key, num_draft) if num_draft else []:
                 logits = draft_model.decode(draft_input, draft_cross_kv, draft_cache)[0, -1]
                 probs = pad_vocab(self.distribution(logits), vocab_size)
-                token = sample(probs, draft_step_key)
+                token = self.sample(probs, draft_step_key)
                 draft_tokens.append(token)
                 draft_probs.append(probs)
                 draft_input = token.reshape(1, 1)
@@ -258,7 +276,7 @@ class SpeculativeDecoder:
                 fallback = mx.concatenate([residual(main_probs[:-1], draft_probs), main_probs[-1:]])
             else:
                 accepted, fallback = mx.zeros((0,), dtype=mx.bool_), main_probs
-            extra = sample(fallback, extra_key)
+            extra = self.sample(fallback, extra_key)
             # The one synchronisation per step.
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist() if num_draft else []
             stats.verify_seconds += time.perf_counter() - tick

@@ -1,5 +1,7 @@
 """A T5 encoder-decoder in MLX, exact to transformers' T5ForConditionalGeneration for every T5 variant."""
 
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
 import json
 import math
 from dataclasses import dataclass, field, fields

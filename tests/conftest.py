@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
+
 # Tiny configs covering each T5 variant transformers' T5ForConditionalGeneration loads.
 VARIANTS = {
     # v1.0: relu, tied embeddings, decoder output scaled before the tied head.
