@@ -18,4 +18,6 @@ def test_ci_runs_the_readme_install_and_test_commands():
         commands = readme_commands(section)
         assert commands, f"README has no commands under '## {section}'"
         for command in commands:
-            assert command in ci_lines, f"{command!r} from the README is not run by .ci/run"
+            # CI may guard a command (`... || echo ...`) but must run it as written.
+            runs = any(line == command or line.startswith(command + " ||") for line in ci_lines)
+            assert runs, f"{command!r} from the README is not run by .ci/run"
