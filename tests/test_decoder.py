@@ -116,7 +116,7 @@ def test_eos_inside_the_drafts_stops_generation(main):
     reference = regular(main, PROMPTS[4], max_tokens=30).tokens
     # Make the main model (and so its own draft) end where it would first produce a token it has not produced before.
     position = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
-    eos_model, _, _ = load_model(path)
+    eos_model, _, _ = load_model(path, transpose=False)  # edits lm_head.weight below
     head = eos_model.lm_head.weight
     rows = mx.arange(head.shape[0])[:, None]
     eos_model.lm_head.weight = mx.where(rows == eos, head[reference[position]] * 1.5, head)
