@@ -1,0 +1,287 @@
+"""Speed of this project's decoding against transformers on the same weights, prompts and tokens, in one run.
+
+For each model pair: regular decoding and speculative decoding here, transformers `generate()` and transformers
+assisted generation (the same number of constant assistant tokens, confidence threshold 0) on torch CPU, all greedy
+for a fixed number of tokens; the four must produce the same tokens. Also measured in the same run: the time of the
+matrix products of one main-model decode step alone in MLX (the ceiling for this code) and the machine's memory
+bandwidth (the physical ceiling: bytes of weights a decode step reads / bandwidth).
+"""
+
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS)
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx
+import torch
+from mlx.utils import tree_flatten
+
+import convert
+from decoder import SpeculativeDecoder
+from model import load_model
+
+ROOT = Path(__file__).resolve().parent
+DEMO = ROOT / "models" / "demo"
+SHAPES = {
+    "t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64),
+    "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64),
+}
+PROMPT = (
+    "complete: def read_config(path):\n    with open(path) as f:\n        data = json.load(f)\n"
+    "    if 'name' not in data:\n        raise ValueError('config has no name')\n    return"
+)
+
+
+@dataclass
+class Pair:
+    name: str
+    main_dir: Path  # HF checkpoint
+    draft_dir: Path
+    num_draft: int
+
+
+def random_checkpoint(shape, path, tokenizer_dir, seed):
+    """A random-initialised transformers T5 of a real shape (vocab 32128), saved with the demo tokenizer."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=32128, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES[shape])
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        if (tokenizer_dir / file).exists():
+            (path / file).write_bytes((tokenizer_dir / file).read_bytes())
+    return path
+
+
+def timed(fn, repeats):
+    """Run fn once to warm up, then `repeats` times; return (median seconds, spread, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), max(times) - min(times), result
+
+
+def transformers_runs(main_dir, draft_dir, input_ids, max_tokens, num_draft, repeats):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(main_dir).eval()
+    draft = AutoModelForSeq2SeqLM.from_pretrained(draft_dir).eval()
+    # A fixed number of tokens: no stopping at EOS (this project's runs use ignore_eos).
+    options = dict(max_new_tokens=max_tokens, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None
+    draft.generation_config.eos_token_id = None
+    draft.generation_config.num_assistant_tokens = num_draft
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    draft.generation_config.assistant_confidence_threshold = 0.0
+    input_ids = torch.tensor([input_ids])
+
+    def generate(**extra):
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, **options, **extra)[0, 1:].tolist()
+
+    return {
+        "transformers generate": timed(generate, repeats),
+        "transformers assisted": timed(lambda: generate(assistant_model=draft), repeats),
+    }
+
+
+def mlx_runs(main_path, draft_path, max_tokens, num_draft, repeats):
+    model, tokenizer, _ = load_model(main_path)
+    draft, _, _ = load_model(draft_path)
+    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
+
+    def run(regular):
+        return lambda: decoder.generate(PROMPT, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
+
+    return {"mlx regular": timed(run(True), repeats), "mlx speculative": timed(run(False), repeats)}, model
+
+
+def decoder_weights(model):
+    """The matrices one decoder step reads, as the model holds them: (name, array) for every decoder matrix but the
+    bias table and the cached cross-attention keys/values, plus the output head."""
+    skipped = ("relative_attention_bias.weight", "cross_attn.k.weight", "cross_attn.v.weight")
+    weights = [
+        (name, w)
+        for name, w in tree_flatten(model.decoder.parameters())
+        if w.ndim == 2 and not name.removesuffix("_t").endswith(skipped)
+    ]
+    if "lm_head" in model:
+        return weights + tree_flatten(model.lm_head.parameters())
+    return weights + [("weight", model.shared.weight)]
+
+
+def matmul_ceiling(model, repeats=20):
+    """Seconds for the matrix products of one decode step alone (one row times each weight), in MLX."""
+    products = []
+    for name, w in decoder_weights(model):
+        # Transposed weights are (in, out); the others (out, in) as in nn.Linear.
+        products.append((mx.ones((1, w.shape[0])), w) if name.endswith("_t") else (mx.ones((1, w.shape[1])), w.T))
+
+    def step():
+        mx.eval([x @ w for x, w in products])
+
+    step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def decode_step_seconds(model, repeats=40):
+    """Seconds per token of the main model's own decode step (greedy, cache on, one token at a time)."""
+    cross_kv = model.cross_kv(model.encode(mx.array([[3] * 64])))
+    cache, token = model.make_cache(), mx.array([[0]])
+    for _ in range(5):
+        token = mx.argmax(model.decode(token, cross_kv, cache)[:, -1], axis=-1, keepdims=True)
+    mx.eval(token)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        token = mx.argmax(model.decode(token, cross_kv, cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(token)
+    return (time.perf_counter() - start) / repeats
+
+
+def memory_bandwidth(size=1 << 29, repeats=5):
+    """Bytes per second read by a multi-threaded reduction over an array much larger than the caches."""
+    data = torch.ones(size // 4, dtype=torch.float32)
+    data.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        data.sum()
+    return size * repeats / (time.perf_counter() - start)
+
+
+def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
+    main_mlx = convert.convert(str(pair.main_dir), mlx_path=str(work / f"{pair.name}-main"), force=True)
+    draft_mlx = convert.convert(str(pair.draft_dir), mlx_path=str(work / f"{pair.name}-draft"), force=True)
+    runs, model = mlx_runs(main_mlx, draft_mlx, max_tokens, pair.num_draft, repeats)
+    input_ids = load_model(main_mlx, lazy=True)[1](PROMPT).input_ids
+    runs.update(transformers_runs(pair.main_dir, pair.draft_dir, input_ids, max_tokens, pair.num_draft, repeats))
+
+    tokens = {name: result for name, (_, _, result) in runs.items()}
+    reference = tokens["transformers generate"]
+    same = {name: t == reference for name, t in tokens.items()}
+    step = decode_step_seconds(model)
+    ceiling = matmul_ceiling(model)
+    weight_bytes = sum(w.nbytes for _, w in decoder_weights(model))
+    rows = []
+    for name, (median, spread, _) in runs.items():
+        rows.append(
+            dict(
+                pair=pair.name,
+                method=name,
+                num_draft=pair.num_draft if "regular" not in name and "generate" not in name else 0,
+                tokens=max_tokens,
+                median_seconds=round(median, 4),
+                spread_seconds=round(spread, 4),
+                tokens_per_second=round(max_tokens / median, 2),
+                same_tokens_as_transformers=same[name],
+            )
+        )
+    speed = {row["method"]: row["tokens_per_second"] for row in rows}
+    summary = dict(
+        pair=pair.name,
+        regular_vs_transformers=round(speed["mlx regular"] / speed["transformers generate"], 3),
+        speculative_vs_assisted=round(speed["mlx speculative"] / speed["transformers assisted"], 3),
+        speculative_vs_regular=round(speed["mlx speculative"] / speed["mlx regular"], 3),
+        decode_step_ms=round(step * 1e3, 3),
+        step_matmuls_ms=round(ceiling * 1e3, 3),
+        share_of_matmul_ceiling=round(ceiling / step, 3),
+        decoder_weight_mb=round(weight_bytes / 1e6, 1),
+        roofline_tokens_per_second=round(bandwidth / weight_bytes, 1),
+        share_of_roofline=round(weight_bytes / bandwidth / step, 3),
+        all_tokens_identical=all(same.values()),
+    )
+    return rows, summary
+
+
+def pairs(work, tokenizer_dir, which):
+    """The model pairs to measure: random real-shaped ones, and the bundled demo pair when present."""
+    found = []
+    if "small-self" in which:
+        small = random_checkpoint("t5-small", work / "hf-t5-small", tokenizer_dir, seed=0)
+        found.append(Pair("t5-small (own draft)", small, small, num_draft=4))
+    if "base-small" in which:
+        base = random_checkpoint("t5-base", work / "hf-t5-base", tokenizer_dir, seed=1)
+        small = random_checkpoint("t5-small", work / "hf-t5-small-draft", tokenizer_dir, seed=0)
+        found.append(Pair("t5-base + t5-small draft", base, small, num_draft=4))
+    if "demo" in which and (DEMO / "main").is_dir():
+        found.append(Pair("demo pair", DEMO / "main", DEMO / "draft", num_draft=4))
+    return found
+
+
+def print_table(rows, summaries):
+    print(f"\nBLAS: {backend.active}; torch threads: {torch.get_num_threads()}")
+    print(f"{'pair':<28}{'method':<24}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
+    for row in rows:
+        print(
+            f"{row['pair']:<28}{row['method']:<24}{row['tokens_per_second']:>9.1f}{row['median_seconds']:>10.3f}"
+            f"{row['spread_seconds']:>10.3f}  {row['same_tokens_as_transformers']}"
+        )
+    for s in summaries:
+        print(
+            f"\n{s['pair']}: regular {s['regular_vs_transformers']:.2f}x transformers generate; speculative "
+            f"{s['speculative_vs_assisted']:.2f}x transformers assisted ({s['speculative_vs_regular']:.2f}x regular); "
+            f"decode step {s['decode_step_ms']:.2f} ms, its matmuls alone {s['step_matmuls_ms']:.2f} ms "
+            f"({s['share_of_matmul_ceiling']:.0%} of the MLX matmul ceiling); roofline "
+            f"{s['roofline_tokens_per_second']:.0f} tok/s for {s['decoder_weight_mb']:.0f} MB/token "
+            f"({s['share_of_roofline']:.0%} reached)"
+        )
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=["small-self", "base-small", "demo"], help="Pairs to measure")
+    parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per method, after one warm-up")
+    parser.add_argument("--out", default="benchmark_out", help="Directory for results.json and results.csv")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_tokens < 1 or args.repeats < 1:
+        print("error: --max-tokens and --repeats must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    if not (DEMO / "main").is_dir():
+        print(f"error: {DEMO} is missing (every pair uses its tokenizer); restore it from git", file=sys.stderr)
+        sys.exit(2)
+    torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth()
+    rows, summaries = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in pairs(Path(tmp), DEMO / "main", args.pairs):
+            pair_rows, summary = benchmark_pair(pair, Path(tmp), args.max_tokens, args.repeats, bandwidth)
+            rows += pair_rows
+            summaries.append(summary)
+    print_table(rows, summaries)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(blas=backend.active, memory_bandwidth_gb_s=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens)
+    (out / "results.json").write_text(json.dumps(dict(meta, runs=rows, summaries=summaries), indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nmemory bandwidth {bandwidth / 1e9:.1f} GB/s; results in {out}/")
+    if not all(s["all_tokens_identical"] for s in summaries):
+        print("error: the methods produced different tokens (see same_tokens_as_transformers)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
