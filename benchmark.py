@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +76,28 @@ def timed(fn, repeats):
 
 
 def transformers_runs(main_dir, draft_dir, input_ids, max_tokens, num_draft, repeats):
+    """transformers' timings, measured in a separate process: an OpenBLAS loaded globally for MLX (backend.py) also
+    serves torch's BLAS calls and makes torch ~5x slower, which would flatter this project."""
+    job = dict(main_dir=str(main_dir), draft_dir=str(draft_dir), input_ids=input_ids, max_tokens=max_tokens)
+    job.update(num_draft=num_draft, repeats=repeats, threads=torch.get_num_threads())
+    worker = subprocess.run(
+        [sys.executable, __file__, "--transformers-worker", json.dumps(job)],
+        env={**os.environ, backend.ENV_VAR: "none"},
+        capture_output=True,
+        text=True,
+    )
+    if worker.returncode != 0:
+        raise RuntimeError(f"the transformers worker failed:\n{worker.stderr}")
+    return {name: tuple(result) for name, result in json.loads(worker.stdout.splitlines()[-1]).items()}
+
+
+def transformers_worker(job):
+    """Time transformers generate() and assisted generation; print the results as one JSON line."""
     from transformers import AutoModelForSeq2SeqLM
+
+    torch.set_num_threads(job["threads"])
+    main_dir, draft_dir, input_ids = job["main_dir"], job["draft_dir"], job["input_ids"]
+    max_tokens, num_draft, repeats = job["max_tokens"], job["num_draft"], job["repeats"]
 
     model = AutoModelForSeq2SeqLM.from_pretrained(main_dir).eval()
     draft = AutoModelForSeq2SeqLM.from_pretrained(draft_dir).eval()
@@ -92,10 +114,11 @@ def transformers_runs(main_dir, draft_dir, input_ids, max_tokens, num_draft, rep
         with torch.no_grad():
             return model.generate(input_ids=input_ids, **options, **extra)[0, 1:].tolist()
 
-    return {
+    results = {
         "transformers generate": timed(generate, repeats),
         "transformers assisted": timed(lambda: generate(assistant_model=draft), repeats),
     }
+    print(json.dumps(results))
 
 
 def mlx_runs(main_path, draft_path, max_tokens, num_draft, repeats):
@@ -253,6 +276,9 @@ def setup_arg_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--transformers-worker"]:
+        return transformers_worker(json.loads(argv[1]))
     args = setup_arg_parser().parse_args(argv)
     if args.max_tokens < 1 or args.repeats < 1:
         print("error: --max-tokens and --repeats must be at least 1", file=sys.stderr)

