@@ -271,6 +271,11 @@ def setup_arg_parser():
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per method, after one warm-up")
     parser.add_argument("--out", default="benchmark_out", help="Directory for results.json and results.csv")
+    parser.add_argument(
+        "--tokenizer",
+        default=str(DEMO / "main"),
+        help="Tokenizer directory for the random-weight pairs (its vocabulary must fit 32128 ids)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
     return parser
 
@@ -283,14 +288,17 @@ def main(argv=None):
     if args.max_tokens < 1 or args.repeats < 1:
         print("error: --max-tokens and --repeats must be at least 1", file=sys.stderr)
         sys.exit(2)
-    if not (DEMO / "main").is_dir():
-        print(f"error: {DEMO} is missing (every pair uses its tokenizer); restore it from git", file=sys.stderr)
+    tokenizer_dir = Path(args.tokenizer)
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        print(
+            f"error: no tokenizer in {tokenizer_dir}; pass --tokenizer with any T5 tokenizer directory", file=sys.stderr
+        )
         sys.exit(2)
     torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth()
     rows, summaries = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for pair in pairs(Path(tmp), DEMO / "main", args.pairs):
+        for pair in pairs(Path(tmp), tokenizer_dir, args.pairs):
             pair_rows, summary = benchmark_pair(pair, Path(tmp), args.max_tokens, args.repeats, bandwidth)
             rows += pair_rows
             summaries.append(summary)
