@@ -1,0 +1,96 @@
+"""Measure the bundled demo pair on its 20 held-out prompts: draft cost, acceptance rate and speedup.
+
+    python tools/measure_demo_pair.py
+
+Greedy decoding at delta = 0, so every speculative run must reproduce the regular run token for token
+(checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
+on the machine slows some runs, never speeds one up.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import backend  # noqa: E402  (before mlx)
+
+import mlx.core as mx  # noqa: E402
+
+import convert  # noqa: E402
+from decoder import SpeculativeDecoder  # noqa: E402
+from model import load_model  # noqa: E402
+
+DEMO_DIR = ROOT / "models" / "demo"
+
+
+def load_demo():
+    """(main, draft, tokenizer): models/demo as it is now, converted by convert.py (float32)."""
+    with tempfile.TemporaryDirectory() as out:
+        paths = [convert.convert(str(DEMO_DIR / role), mlx_path=f"{out}/{role}") for role in ("main", "draft")]
+        (main, tokenizer, _), (draft, _, _) = [load_model(path) for path in paths]
+    return main, draft, tokenizer
+
+
+def seconds_per_token(model, tokenizer, prompt, steps=64):
+    """One greedy decoder step (one token in, its logits and argmax out), waited for: as the draft runs."""
+    cross_kv = model.cross_kv(model.encode(mx.array([tokenizer(prompt).input_ids])))
+    cache = model.make_cache()
+    token = model.args.decoder_start_token_id
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = mx.argmax(model.decode(mx.array([[token]]), cross_kv, cache)[0, -1]).item()
+    return (time.perf_counter() - start) / steps
+
+
+def fastest(decoder, prompts, repeats, **options):
+    """Per prompt, the fastest of `repeats` generations."""
+    runs = [[decoder.generate(prompt, **options) for prompt in prompts] for _ in range(repeats)]
+    return [min(tries, key=lambda g: g.stats.seconds) for tries in zip(*runs)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-draft", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    main_model, draft_model, tokenizer = load_demo()
+    print(f"BLAS: {backend.active}")
+    prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines()
+    options = dict(max_tokens=args.max_tokens, regular=True)
+    # Warm up both models once, so that no measurement pays for first-call allocations.
+    for model in (main_model, draft_model):
+        SpeculativeDecoder(model, None, tokenizer).generate(prompts[0], **options)
+
+    per_token = {}
+    for name, model in (("main", main_model), ("draft", draft_model)):
+        per_token[name] = min(
+            sum(seconds_per_token(model, tokenizer, prompt) for prompt in prompts) / len(prompts)
+            for _ in range(args.repeats)
+        )
+        print(f"{name:5s}: {per_token[name] * 1e3:.2f} ms per token")
+    print(f"draft / main cost per token: {per_token['draft'] / per_token['main']:.3f}")
+
+    regular = fastest(SpeculativeDecoder(main_model, None, tokenizer), prompts, args.repeats, **options)
+    tokens = sum(g.stats.generated for g in regular)
+    regular_speed = tokens / sum(g.stats.seconds for g in regular)
+    print(f"\n{len(prompts)} prompts, {tokens} tokens; regular decoding {regular_speed:.1f} tokens/s")
+    print("num_draft  acceptance  tokens/call  tokens/s  speedup")
+    for num_draft in args.num_draft:
+        decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft)
+        runs = fastest(decoder, prompts, args.repeats, **{**options, "regular": False})
+        assert [g.tokens for g in runs] == [g.tokens for g in regular], "speculative greedy != regular greedy"
+        accepted, drafted = sum(g.stats.accepted for g in runs), sum(g.stats.drafted for g in runs)
+        calls = sum(g.stats.main_calls for g in runs)
+        speed = tokens / sum(g.stats.seconds for g in runs)
+        rate, per_call = accepted / drafted, tokens / calls
+        print(f"{num_draft:9d}  {rate:10.3f}  {per_call:11.2f}  {speed:8.1f}  {speed / regular_speed:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

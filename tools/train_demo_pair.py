@@ -1,0 +1,228 @@
+"""Train the bundled demo pair: a main T5 and a much smaller draft T5 that continue Python code.
+
+Everything comes from the Python standard library's own source code, so this runs offline anywhere:
+
+    python tools/train_demo_pair.py            # ~22 minutes on 2 CPU cores; writes models/demo/{main,draft}
+
+The task is code continuation: `complete: <64 tokens of code>` -> the next 64 tokens, then EOS. T5's
+SentencePiece tokenizer splits on whitespace, so the code is read and written without newlines or indentation.
+Whole files are held out (by a hash of their path); the held-out loss and token accuracy of both models are
+printed at the end. The run is seeded: the same Python (its standard library is the data), torch and thread
+count give the same weights.
+"""
+
+import argparse
+import io
+import math
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from transformers import Adafactor, T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 0
+PREFIX = "complete:"
+CONTEXT = 64  # prompt tokens after the prefix
+TARGET = 64  # tokens to continue with, then EOS
+EXTRA_IDS = 100  # T5's sentinel tokens, as in every T5 vocabulary
+VOCAB_SIZE = 4096  # SentencePiece pieces + sentinels: a multiple of 128
+# Test suites, generated tables, prose and installed packages are not the code we want to continue.
+SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "encodings", "pydoc_data", "site-packages"}
+HELD_OUT_EVERY = 10  # one file in ten, by a hash of its path
+NUM_PROMPTS = 20
+NUM_EVAL = 512
+
+# Both are T5 v1.0 (relu, tied embeddings), like the t5-small / t5-11b pair they stand in for.
+COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    feed_forward_proj="relu",
+    tie_word_embeddings=True,
+    dropout_rate=0.0,  # under two epochs of data: nothing to regularise
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+MODELS = {
+    "main": dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4),
+    "draft": dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=2, num_decoder_layers=1),
+}
+# T5's own optimizer: each step is relative to the scale of the weight it updates. (With AdamW, T5's unit-scale
+# embeddings, which are also the output layer, barely move in a run this short.)
+LEARNING_RATE = 1e-2
+STEPS = 1500
+BATCH_SIZE = 32
+WARMUP = 100
+
+
+def source_files():
+    """The standard library's .py files -> (training, held out): sorted lists of (relative path, text)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    train, held_out = [], []
+    for path in sorted(stdlib.rglob("*.py")):
+        relative = path.relative_to(stdlib).as_posix()
+        if SKIPPED_DIRS & set(path.relative_to(stdlib).parts):
+            continue
+        split = held_out if zlib.crc32(relative.encode()) % HELD_OUT_EVERY == 0 else train
+        split.append((relative, path.read_text(encoding="utf-8", errors="replace")))
+    return train, held_out
+
+
+def train_tokenizer(files):
+    """A T5Tokenizer whose SentencePiece unigram pieces are learnt from the lines of `files`."""
+    lines = [line.strip() for _, text in files for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=VOCAB_SIZE - EXTRA_IDS,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=0.9999,
+        normalization_rule_name="identity",  # the HF tokenizer below does not normalise either
+        num_threads=1,  # deterministic
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    return T5Tokenizer(vocab=vocab, extra_ids=EXTRA_IDS)
+
+
+class Windows:
+    """Every (context, target) window of a set of files that starts at the start of a word."""
+
+    def __init__(self, files, tokenizer):
+        ids = tokenizer([text for _, text in files], add_special_tokens=False).input_ids
+        word_start = np.array(
+            [piece.startswith("▁") for piece in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
+        )
+        self.tokens = torch.tensor(np.concatenate(ids), dtype=torch.long)
+        starts, offset = [], 0
+        for file_ids in ids:
+            positions = np.arange(max(0, len(file_ids) - CONTEXT - TARGET + 1))
+            starts.append(offset + positions[word_start[np.array(file_ids, dtype=np.int64)[positions]]])
+            offset += len(file_ids)
+        self.starts = torch.tensor(np.concatenate(starts), dtype=torch.long)
+        self.file_of = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(s) for s in starts]))
+        prefix = tokenizer(PREFIX, add_special_tokens=False).input_ids
+        self.prefix = torch.tensor(prefix, dtype=torch.long)
+        self.eos = tokenizer.eos_token_id
+
+    def batch(self, indices):
+        """(input ids, labels) of the windows at `indices`: `complete: <context></s>` -> `<target></s>`."""
+        span = self.starts[indices, None] + torch.arange(CONTEXT + TARGET)
+        windows = self.tokens[span]
+        rows = len(indices)
+        eos = torch.full((rows, 1), self.eos)
+        inputs = torch.cat([self.prefix.expand(rows, -1), windows[:, :CONTEXT], eos], dim=1)
+        return inputs, torch.cat([windows[:, CONTEXT:], eos], dim=1)
+
+
+def schedule(step, steps):
+    """The factor on the peak learning rate: linear warmup, then cosine decay to a tenth."""
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    progress = (step - WARMUP) / max(1, steps - WARMUP)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def train(name, windows, steps):
+    """Train the `name` model (main or draft) from scratch; returns it in eval mode."""
+    torch.manual_seed(SEED)
+    model = T5ForConditionalGeneration(T5Config(**COMMON, **MODELS[name]))
+    generator = torch.Generator().manual_seed(SEED + 1)  # the same batches for both models
+    optimizer = Adafactor(model.parameters(), lr=LEARNING_RATE, scale_parameter=True, relative_step=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {params / 1e6:.2f}M parameters, {steps} steps of {BATCH_SIZE} windows")
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        inputs, labels = windows.batch(torch.randint(len(windows.starts), (BATCH_SIZE,), generator=generator))
+        loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps:
+            mean = sum(losses[-100:]) / len(losses[-100:])
+            print(f"  step {step:5d}  training loss {mean:.3f}  {time.perf_counter() - start:5.0f} s", flush=True)
+    # Evaluate (and ship) the weights as they are stored: rounded to bfloat16.
+    return model.to(torch.bfloat16).float().eval()
+
+
+@torch.no_grad()
+def evaluate(model, windows, indices):
+    """Mean loss per target token and teacher-forced token accuracy on the windows at `indices`."""
+    total_loss = correct = count = 0
+    for chunk in indices.split(64):
+        inputs, labels = windows.batch(chunk)
+        logits = model(input_ids=inputs, labels=labels).logits
+        total_loss += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        count += labels.numel()
+    return total_loss / count, correct / count
+
+
+def held_out_prompts(windows, tokenizer, generator):
+    """NUM_PROMPTS prompts, each from another held-out file, as the text a user would type."""
+    files = torch.randperm(int(windows.file_of.max()) + 1, generator=generator)[:NUM_PROMPTS]
+    prompts = []
+    for file in files.tolist():
+        candidates = (windows.file_of == file).nonzero()[:, 0]
+        index = candidates[torch.randint(len(candidates), (1,), generator=generator)]
+        inputs, _ = windows.batch(index)
+        prompt = f"{PREFIX} {tokenizer.decode(inputs[0, len(windows.prefix) : -1])}"
+        # The text tokenizes back to the very ids the models were trained on.
+        assert tokenizer(prompt).input_ids == inputs[0].tolist(), prompt
+        prompts.append(prompt)
+    return prompts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo", help="Output directory")
+    parser.add_argument("--steps", type=int, default=STEPS, help="Training steps of each model")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+
+    start = time.perf_counter()
+    train_files, held_out_files = source_files()
+    tokenizer = train_tokenizer(train_files)
+    train_windows, held_out_windows = Windows(train_files, tokenizer), Windows(held_out_files, tokenizer)
+    print(
+        f"{len(train_files)} training files ({len(train_windows.tokens) / 1e6:.2f}M tokens), "
+        f"{len(held_out_files)} held out ({len(held_out_windows.tokens) / 1e6:.2f}M tokens); "
+        f"tokenizer trained in {time.perf_counter() - start:.0f} s"
+    )
+
+    generator = torch.Generator().manual_seed(SEED)
+    eval_indices = torch.randint(len(held_out_windows.starts), (NUM_EVAL,), generator=generator)
+    prompts = held_out_prompts(held_out_windows, tokenizer, generator)
+    results = {}
+    for name in MODELS:
+        tick = time.perf_counter()
+        model = train(name, train_windows, args.steps)
+        minutes = (time.perf_counter() - tick) / 60
+        results[name] = (*evaluate(model, held_out_windows, eval_indices), minutes)
+        model.to(torch.bfloat16).save_pretrained(args.out / name)
+        tokenizer.save_pretrained(args.out / name)
+    (args.out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+    print(f"held-out windows: {NUM_EVAL} from {len(held_out_files)} files never trained on")
+    for name, (loss, accuracy, minutes) in results.items():
+        print(f"{name:5s}  loss {loss:.3f}  token accuracy {accuracy:.1%}  trained in {minutes:.1f} min")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
