@@ -1,12 +1,14 @@
 """Translate or summarise with T5 on MLX: a small draft T5 proposes tokens, the large T5 verifies them."""
 
 import argparse
+import io
 import json
 import math
 import os
 import re
 import signal
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder
@@ -16,6 +18,8 @@ DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
 DEFAULT_PROMPT = "translate English to German: A small model drafts the text and a large model checks it."
 MODELS_DIR = Path("mlx_models")
+# A small main/draft pair trained by tools/train_demo_pair.py, run when the default pair is not converted.
+DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 
 # "t5-small" and "google/flan-t5-small" name Hub models; "./t5", "/data/t5" and "mlx_models/t5" are paths.
 HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
@@ -38,7 +42,11 @@ def setup_arg_parser():
         default=DEFAULT_DRAFT_MODEL,
         help="Draft model proposing tokens, with the main model's vocabulary; a directory or a name as above",
     )
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="Input text, with T5's task prefix")
+    parser.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help="Input text, with T5's task prefix (the bundled demo pair gets a held-out code snippet instead)",
+    )
     parser.add_argument(
         "--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate"
     )
@@ -118,22 +126,55 @@ def convert_command(name, path):
 
 
 def find_model(name, role):
-    """The converted directory `name` refers to; exits with the command that writes it when missing."""
+    """(the converted directory `name` refers to, the command that writes it); exits when it is missing."""
     path = model_path(name)
+    command = convert_command(name, path)
     if not path.is_dir():
-        fail(f"no converted {role} model at {path}; create it with: {convert_command(name, path)}")
-    return path
+        fail(f"no converted {role} model at {path}; create it with: {command}")
+    return path, command
 
 
-def load(name, path, role):
-    """(model, tokenizer) from `path`; exits with the command that rebuilds it when it is broken."""
+def converted_since(path, source):
+    """Whether `path` holds a conversion of the checkpoint `source` made since its weights last changed."""
+    config, weights = path / "config.json", source / "model.safetensors"
+    return config.is_file() and weights.is_file() and config.stat().st_mtime >= weights.stat().st_mtime
+
+
+def demo_pair(args):
+    """Switch `args` to the bundled demo pair, converted on first use: [(directory, convert command)] x 2."""
+    import convert
+
+    print(
+        f"no converted {DEFAULT_MODEL} in {MODELS_DIR}/, so running the bundled demo pair {DEMO_DIR} "
+        f"(Python code continuation); for the real pair: python convert.py --model {DEFAULT_MODEL} && "
+        f"python convert.py --model {DEFAULT_DRAFT_MODEL}",
+        file=sys.stderr,
+    )
+    if args.prompt == DEFAULT_PROMPT:
+        args.prompt = (DEMO_DIR / "prompts.txt").read_text().splitlines()[0]
+        print(f"prompt: {args.prompt}", file=sys.stderr)
+    pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
+    # Converted again when the bundled weights are newer (retrained, or updated by git).
+    stale = [(path, source) for path, source in pair if not converted_since(path, source)]
+    if stale:
+        print(f"converting the demo pair into {', '.join(str(path) for path, _ in stale)}", file=sys.stderr)
+    for path, source in stale:
+        try:
+            # Quietly: convert.py's progress bar and summary would mix with the generated text.
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                convert.convert(str(source), mlx_path=str(path), force=True)
+        except convert.ConversionError as e:
+            fail(f"cannot convert the bundled demo pair: {e}")
+    return [(path, f"python convert.py --model {source} --mlx-path {path}") for path, source in pair]
+
+
+def load(path, role, command):
+    """(model, tokenizer) from `path`; exits with `command`, which rebuilds it, when it is broken."""
     print(f"loading {role} model from {path}", file=sys.stderr)
     try:
         return load_model(path)[:2]
     except ModelLoadError as e:
-        fail(
-            f"cannot load the {role} model: {e}; convert it again with: {convert_command(name, path)} --force"
-        )
+        fail(f"cannot load the {role} model: {e}; convert it again with: {command} --force")
 
 
 def print_stats(stats, regular):
@@ -151,13 +192,20 @@ def main(argv=None):
     if message:
         fail(message)
 
-    # Find both directories before loading either: a missing draft should not wait for the main model.
-    model_dir = find_model(args.model_name, "main")
-    draft_dir = None if args.regular_decode else find_model(args.draft_model_name, "draft")
-    model, tokenizer = load(args.model_name, model_dir, "main")
+    default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
+    if default_pair and not model_path(DEFAULT_MODEL).is_dir():
+        (model_dir, model_command), (draft_dir, draft_command) = demo_pair(args)
+    else:
+        # Find both directories before loading either: a missing draft should not wait for the main model.
+        model_dir, model_command = find_model(args.model_name, "main")
+        if not args.regular_decode:
+            draft_dir, draft_command = find_model(args.draft_model_name, "draft")
+    if args.regular_decode:
+        draft_dir = None
+    model, tokenizer = load(model_dir, "main", model_command)
     draft_model = draft_tokenizer = None
     if draft_dir:
-        draft_model, draft_tokenizer = load(args.draft_model_name, draft_dir, "draft")
+        draft_model, draft_tokenizer = load(draft_dir, "draft", draft_command)
 
     settings = dict(
         num_draft=args.num_draft,

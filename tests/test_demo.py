@@ -1,0 +1,114 @@
+"""The bundled demo pair (models/demo): a trained HF checkpoint, converted and run the way a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import convert
+from decoder import SpeculativeDecoder
+from model import load_model
+
+DEMO_DIR = ROOT / "models" / "demo"
+PROMPTS = (DEMO_DIR / "prompts.txt").read_text().splitlines()
+TOLERANCE = 1e-4  # max abs difference of the logits, float32
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """{"main": (model, tokenizer, config), "draft": ...}, converted by convert.py into a temporary dir."""
+    out = tmp_path_factory.mktemp("demo")
+    return {
+        role: load_model(convert.convert(str(DEMO_DIR / role), mlx_path=str(out / role))) for role in ("main", "draft")
+    }
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(DEMO_DIR / "main", dtype=torch.float32).eval()
+
+
+def test_the_pair_is_small_and_shares_one_vocabulary(demo):
+    size = sum(file.stat().st_size for file in DEMO_DIR.rglob("*") if file.is_file())
+    assert size <= 40 * 2**20
+    (main, tokenizer, _), (draft, draft_tokenizer, _) = demo["main"], demo["draft"]
+    assert tokenizer.get_vocab() == draft_tokenizer.get_vocab()
+    assert main.args.vocab_size == draft.args.vocab_size >= len(tokenizer)
+    assert len(PROMPTS) == 20 and all(prompt.startswith("complete: ") for prompt in PROMPTS)
+    # The draft is much cheaper: a fraction of the width and of the decoder layers.
+    assert draft.args.d_model * 2 <= main.args.d_model
+    assert draft.args.num_decoder_layers * 2 <= main.args.num_decoder_layers
+
+
+def test_logits_and_greedy_output_match_transformers(demo, reference):
+    model, tokenizer, _ = demo["main"]
+    batch = tokenizer(PROMPTS[:3], padding=True, return_tensors="pt")
+    decoder_ids = torch.tensor([[0] + tokenizer(prompt).input_ids[:24] for prompt in PROMPTS[3:6]])
+    with torch.no_grad():
+        expected = reference(**batch, decoder_input_ids=decoder_ids).logits
+    logits = model(*(mx.array(t.numpy()) for t in (batch.input_ids, decoder_ids, batch.attention_mask)))
+    difference = np.abs(np.array(logits) - expected.numpy()).max()
+    print(f"demo main: logits differ by at most {difference:.1e} (largest logit {expected.abs().max():.1f})")
+    assert difference <= TOLERANCE
+
+    decoder = SpeculativeDecoder(model, None, tokenizer)
+    for prompt in PROMPTS[:2]:
+        with torch.no_grad():
+            generated = reference.generate(
+                **tokenizer(prompt, return_tensors="pt"), max_new_tokens=100, do_sample=False
+            )
+        assert decoder.generate(prompt, regular=True).tokens == generated[0, 1:].tolist()
+
+
+@pytest.mark.parametrize("num_draft", [1, 3, 6])
+def test_speculative_greedy_equals_regular_greedy(demo, num_draft):
+    (model, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
+    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
+    for prompt in PROMPTS[:4]:
+        regular = decoder.generate(prompt, regular=True)
+        speculative = decoder.generate(prompt)
+        assert len(regular.tokens) >= 32  # a few dozen tokens: room to speculate
+        assert speculative.tokens == regular.tokens and speculative.text == regular.text
+
+
+def test_acceptance_rate_is_realistic(demo):
+    (model, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
+    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=1)
+    runs = [decoder.generate(prompt).stats for prompt in PROMPTS[:5]]
+    # With one draft per call: how often the draft's greedy choice is the main model's (0.49 on these prompts).
+    # Untrained pairs sit near 0, or near 1 where both only repeat one token.
+    rate = sum(stats.accepted for stats in runs) / sum(stats.drafted for stats in runs)
+    assert 0.35 <= rate <= 0.9
+
+
+def test_bare_command_runs_the_demo_pair(tmp_path):
+    # A fresh directory: no mlx_models/, and main.py found by its absolute path as from any other directory.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        command = [sys.executable, str(ROOT / "main.py"), *args]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout), result.stderr
+
+    first, stderr = run("--json", "-m", "24")
+    assert "bundled demo pair" in stderr and "python convert.py --model t5-11b" in stderr
+    assert "converting" in stderr and "Traceback" not in stderr
+    assert (first["model"], first["draft_model"]) == ("mlx_models/demo-main", "mlx_models/demo-draft")
+    assert first["prompt"] == PROMPTS[0] and first["text"].strip() and len(first["tokens"]) == 24
+    assert first["stats"]["drafted"] > 0
+
+    # Converted once, and again where the bundled weights are newer than the conversion (here: made older).
+    os.utime(tmp_path / "mlx_models" / "demo-main" / "config.json", (0, 0))
+    second, stderr = run("--json", "-m", "24", "--regular-decode")
+    assert "converting the demo pair into mlx_models/demo-main\n" in stderr
+    # The main model alone writes the same tokens.
+    assert second["tokens"] == first["tokens"] and second["draft_model"] is None
