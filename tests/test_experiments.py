@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 
 import experiments
+from experiment_prompts import PromptFileError, read_prompts, truncate
 from model import load_model
 
 # Module names of the optional packages of requirements-experiments.txt.
@@ -179,23 +180,22 @@ def test_user_errors_are_one_line(options, message, capsys):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_prompt_files_are_lines_or_json_lines(tmp_path, capsys):
+def test_prompt_files_are_lines_or_json_lines(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("complete: a = 1\n\nsummarize: {not json}\n")
-    assert experiments.read_prompts(lines) == ["complete: a = 1", "summarize: {not json}"]
+    assert read_prompts(lines) == ["complete: a = 1", "summarize: {not json}"]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"prompt": "complete: a = 1", "id": 3}\n"summarize: b"\n')
-    assert experiments.read_prompts(jsonl) == ["complete: a = 1", "summarize: b"]
+    assert read_prompts(jsonl) == ["complete: a = 1", "summarize: b"]
     jsonl.write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(SystemExit):
-        experiments.read_prompts(jsonl)
-    assert "prompts.jsonl:1 has no prompt" in capsys.readouterr().err
+    with pytest.raises(PromptFileError, match="prompts.jsonl:1 has no prompt"):
+        read_prompts(jsonl)
 
 
 def test_truncation_keeps_the_task_prefix_and_the_last_tokens(pair):
     tokenizer = load_model(pair[0])[1]
     prompt = PROMPTS[1]
-    short = experiments.truncate(prompt, 4, tokenizer)
+    short = truncate(prompt, 4, tokenizer)
     assert short.startswith("complete: ") and prompt.endswith(short[len("complete: ") :].strip())
     assert 0 < len(tokenizer(short[len("complete: ") :], add_special_tokens=False).input_ids) <= 4
-    assert experiments.truncate(prompt, 0, tokenizer) == experiments.truncate(prompt, 1000, tokenizer) == prompt
+    assert truncate(prompt, 0, tokenizer) == truncate(prompt, 1000, tokenizer) == prompt
