@@ -24,9 +24,7 @@ class Stats:
     main_calls: int = 0
     drafted: int = 0
     accepted: int = 0
-    encode_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    encode_seconds: float = 0.0  # the prompt through both encoders, and the cross-attention keys/values
     seconds: float = 0.0  # prompt in to last token out
 
     @property
@@ -90,16 +88,14 @@ def sample(probs, key, greedy=False):
     return mx.random.categorical(mx.log(probs), axis=-1, key=key)
 
 
-def accept_drafts(main_probs, draft_probs, draft_tokens, uniform, delta: float):
-    """The acceptance rule: draft token x is accepted when u - delta <= p(x) / q(x).
+def accept_drafts(p, q, uniform, delta: float):
+    """The acceptance rule: a draft token x is accepted when u - delta <= p(x) / q(x).
 
-    main_probs, draft_probs: (k, vocab) distributions the decoder samples from, at the k draft positions;
-    draft_tokens: (k,); uniform: (k,) draws u from (0, 1]. Returns a (k,) boolean array.
-    With delta = 0 this is speculative sampling (Leviathan et al. 2023); with one-hot (greedy) distributions it
-    accepts exactly the drafts the main model would have chosen, and delta is the chance of keeping any other.
+    p, q: (k,) probabilities of the k draft tokens under the main and the draft distributions the decoder samples
+    from; uniform: (k,) draws u from (0, 1]. Returns a (k,) boolean array. With delta = 0 this is speculative
+    sampling (Leviathan et al. 2023); with one-hot (greedy) distributions it accepts exactly the drafts the main model
+    would have chosen, and delta is the chance of keeping any other.
     """
-    p = mx.take_along_axis(main_probs, draft_tokens[:, None], axis=-1)[:, 0]
-    q = mx.take_along_axis(draft_probs, draft_tokens[:, None], axis=-1)[:, 0]
     # u in (0, 1] so that p = 0 is never accepted at delta = 0; q > 0 for a token the draft sampled.
     return uniform - delta <= p / q
 
@@ -212,7 +208,6 @@ class SpeculativeDecoder:
 
         # Build and start step i + 1 before waiting for token i, so graph building overlaps computation.
         keys = mx.random.split(key, max_tokens)
-        tick = time.perf_counter()
         next_token = step(mx.array(self.model.args.decoder_start_token_id), keys[0])
         mx.async_eval(next_token)
         for i in range(max_tokens):
@@ -221,10 +216,8 @@ class SpeculativeDecoder:
                 next_token = step(token, keys[i + 1])
                 mx.async_eval(next_token)
             token = token.item()
-            stats.verify_seconds += time.perf_counter() - tick
             stats.main_calls += 1
             yield [token]
-            tick = time.perf_counter()
             if token == self.model.args.eos_token_id and not ignore_eos:
                 return
 
@@ -247,39 +240,24 @@ class SpeculativeDecoder:
             num_draft = min(self.num_draft, max_tokens - generated - 1)
             key, draft_key, accept_key, extra_key = mx.random.split(key, 4)
 
-            # Draft: lazily, so the host waits once for all of them.
-            tick = time.perf_counter()
+            # Draft. Each token starts computing as soon as its step is built, so building the next step (and the
+            # verification) overlaps it; nothing waits for the drafts.
             draft_input = mx.array([sequence[draft_cache[0].offset :]])
             draft_tokens, draft_probs = [], []
-            for draft_step_key in mx.random.split(draft_key, num_draft) if num_draft else []:
+            for step_key in mx.random.split(draft_key, num_draft) if num_draft else []:
                 logits = draft_model.decode(draft_input, draft_cross_kv, draft_cache)[0, -1]
-                probs = pad_vocab(self.distribution(logits), vocab_size)
-                token = self.sample(probs, draft_step_key)
+                token, probs = self.draft_token(logits, step_key, vocab_size)
+                mx.async_eval(token)
                 draft_tokens.append(token)
                 draft_probs.append(probs)
                 draft_input = token.reshape(1, 1)
-            if num_draft:
-                draft_tokens, draft_probs = mx.stack(draft_tokens), mx.stack(draft_probs)
-                mx.eval(draft_tokens, draft_probs)
-            stats.draft_seconds += time.perf_counter() - tick
 
             # Verify: the last accepted token and every draft, in one forward pass of the main model.
-            tick = time.perf_counter()
-            verify_input = mx.array([sequence[-1:]])
-            if num_draft:
-                verify_input = mx.concatenate([verify_input, draft_tokens[None].astype(verify_input.dtype)], axis=1)
-            main_probs = pad_vocab(self.distribution(model.decode(verify_input, cross_kv, cache)[0]), vocab_size)
-            if num_draft:
-                uniform = 1.0 - mx.random.uniform(shape=(num_draft,), key=accept_key)
-                accepted = accept_drafts(main_probs[:-1], draft_probs, draft_tokens, uniform, self.delta)
-                # The token the main model adds after i accepted drafts: a correction for i < k, a bonus for i = k.
-                fallback = mx.concatenate([residual(main_probs[:-1], draft_probs), main_probs[-1:]])
-            else:
-                accepted, fallback = mx.zeros((0,), dtype=mx.bool_), main_probs
-            extra = self.sample(fallback, extra_key)
+            verify_input = mx.concatenate([mx.array(sequence[-1:]), *draft_tokens])[None]
+            logits = model.decode(verify_input, cross_kv, cache)[0]
+            accepted, extra = self.judge(logits, verify_input[0, 1:], draft_probs, accept_key, extra_key, vocab_size)
             # The one synchronisation per step.
-            accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist() if num_draft else []
-            stats.verify_seconds += time.perf_counter() - tick
+            accepted, extra, drafts = accepted.tolist(), extra.tolist(), verify_input[0, 1:].tolist()
             stats.main_calls += 1
             stats.drafted += num_draft
 
@@ -300,6 +278,35 @@ class SpeculativeDecoder:
             yield new_tokens
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:
                 return
+
+    def draft_token(self, logits, key, vocab_size):
+        """The draft's next token (1,) and, when sampling, the distribution it was drawn from (vocab_size,)."""
+        if self.temperature == 0:
+            return mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32), None
+        probs = pad_vocab(self.distribution(logits), vocab_size)
+        return self.sample(probs, key)[None].astype(mx.int32), probs
+
+    def judge(self, logits, drafts, draft_probs, accept_key, extra_key, vocab_size):
+        """Which drafts the main model accepts, and the token it adds after each number accepted.
+
+        logits: (k + 1, vocab) main-model logits at the k draft positions and after the last; drafts: (k,).
+        Returns (accepted (k,) booleans, extra (k + 1,) tokens): extra[i] follows i accepted drafts, a correction
+        for i < k and a bonus token for i = k.
+        """
+        uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
+        if self.temperature == 0:
+            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0; the
+            # residual after a rejection is one-hot at the main model's argmax.
+            choices = mx.argmax(logits, axis=-1)
+            return accept_drafts((choices[:-1] == drafts).astype(mx.float32), 1.0, uniform, self.delta), choices
+        main_probs = pad_vocab(self.distribution(logits), vocab_size)
+        if not draft_probs:
+            return mx.zeros((0,), dtype=mx.bool_), self.sample(main_probs, extra_key)
+        draft_probs = mx.stack(draft_probs)
+        p = mx.take_along_axis(main_probs[:-1], drafts[:, None], axis=-1)[:, 0]
+        q = mx.take_along_axis(draft_probs, drafts[:, None], axis=-1)[:, 0]
+        fallback = mx.concatenate([residual(main_probs[:-1], draft_probs), main_probs[-1:]])
+        return accept_drafts(p, q, uniform, self.delta), self.sample(fallback, extra_key)
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):

@@ -45,7 +45,7 @@ QUICK = dict(
 
 COLUMNS = (
     "num_draft delta temperature prompt_tokens max_tokens prompts prompt_length generated seconds tokens_per_second "
-    "speedup acceptance_rate mean_accepted main_calls drafted accepted draft_seconds verify_seconds "
+    "speedup acceptance_rate mean_accepted main_calls drafted accepted "
     "token_match rouge_l cosine bleu"
 ).split()
 
@@ -303,8 +303,6 @@ def speed(setting, generations, prompt_lengths):
         # Acceptance means nothing without a draft.
         acceptance_rate=total("accepted") / total("drafted") if speculative and total("drafted") else None,
         mean_accepted=total("accepted") / total("main_calls") if speculative else None,
-        draft_seconds=total("draft_seconds"),
-        verify_seconds=total("verify_seconds"),
     )
 
 

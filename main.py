@@ -1,5 +1,7 @@
 """Translate or summarise with T5 on MLX: a small draft T5 proposes tokens, the large T5 verifies them."""
 
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
 import argparse
 import io
 import json
@@ -10,6 +12,8 @@ import signal
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+
+import mlx.core as mx
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder
 from model import ModelLoadError, load_model
@@ -47,12 +51,8 @@ def setup_arg_parser():
         default=DEFAULT_PROMPT,
         help="Input text, with T5's task prefix (the bundled demo pair gets a held-out code snippet instead)",
     )
-    parser.add_argument(
-        "--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate"
-    )
-    parser.add_argument(
-        "--num-draft", type=int, default=5, help="Tokens the draft proposes per verification step"
-    )
+    parser.add_argument("--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate")
+    parser.add_argument("--num-draft", type=int, default=5, help="Tokens the draft proposes per verification step")
     parser.add_argument(
         "--delta",
         type=float,
@@ -68,9 +68,7 @@ def setup_arg_parser():
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens; 0 is off")
     parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1]; 1 is off")
-    parser.add_argument(
-        "--ignore-eos", action="store_true", help="Keep generating past the end-of-sequence token"
-    )
+    parser.add_argument("--ignore-eos", action="store_true", help="Keep generating past the end-of-sequence token")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -177,6 +175,12 @@ def load(path, role, command):
         fail(f"cannot load the {role} model: {e}; convert it again with: {command} --force")
 
 
+def backend_description():
+    """Where MLX computes, and with which BLAS on a CPU."""
+    device = mx.default_device()
+    return f"{device}, BLAS {backend.active}" if device == mx.cpu else str(device)
+
+
 def print_stats(stats, regular):
     print("=" * 10)
     if not regular:
@@ -184,6 +188,7 @@ def print_stats(stats, regular):
     print(f"Main-model calls: {stats.main_calls}")
     print(f"Generation: {stats.generated} tokens, {stats.tokens_per_second:.1f} tokens-per-sec")
     print(f"Time: {stats.seconds:.3f} s")
+    print(f"Backend: {backend_description()}")
 
 
 def main(argv=None):
@@ -216,13 +221,9 @@ def main(argv=None):
         seed=args.seed,
     )
     try:
-        decoder = SpeculativeDecoder(
-            model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, **settings
-        )
+        decoder = SpeculativeDecoder(model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, **settings)
     except IncompatibleDraftError as e:
-        fail(
-            f"{e}; pick a --draft-model-name that shares the main model's tokenizer, or use --regular-decode"
-        )
+        fail(f"{e}; pick a --draft-model-name that shares the main model's tokenizer, or use --regular-decode")
 
     options = dict(max_tokens=args.max_tokens, regular=args.regular_decode, ignore_eos=args.ignore_eos)
     stream = None if args.json else lambda piece: print(piece, end="", flush=True)
@@ -232,7 +233,7 @@ def main(argv=None):
         result = dict(
             text=generation.text,
             tokens=generation.tokens,
-            stats=generation.stats.to_dict(),
+            stats={**generation.stats.to_dict(), "backend": backend_description(), "blas": backend.active},
             model=str(model_dir),
             draft_model=str(draft_dir) if draft_dir else None,
             prompt=args.prompt,

@@ -158,11 +158,14 @@ class Attention(nn.Module):
     def __call__(self, x, bias, keys=None, values=None, cache=None):
         """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive."""
         B, L, _ = x.shape
-        queries = self.heads(self.q(x))
-        if keys is None:
-            keys, values = self.project_kv(x)
-            if cache is not None:
-                keys, values = cache.update_and_fetch(keys, values)
+        if "qkv" in self:  # the decoding layout: one product for all three projections
+            queries, keys, values = map(self.heads, mx.split(self.qkv(x), 3, axis=-1))
+        else:
+            queries = self.heads(self.q(x))
+            if keys is None:
+                keys, values = self.project_kv(x)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
         # T5 attention has no 1/sqrt(d_kv) scaling.
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -171,13 +174,13 @@ class Attention(nn.Module):
 class TransposedLinear(nn.Module):
     """A bias-free linear layer that holds W^T (in, out) contiguous instead of W (out, in); same result.
 
-    MLX's CPU matrix-vector products read the transposed layout about 1.4x faster (see benchmark.py), and one
-    row at a time is how a decoder runs.
+    MLX's CPU matrix-vector products read the transposed layout about 1.3x faster, and one row at a time is how a
+    decoder runs. Several weights given are stacked into one product (their outputs side by side).
     """
 
-    def __init__(self, weight):
+    def __init__(self, *weights):
         super().__init__()
-        self.weight_t = mx.contiguous(weight.T)
+        self.weight_t = mx.contiguous(mx.concatenate(weights).T)
 
     def __call__(self, x):
         return x @ self.weight_t
@@ -196,7 +199,10 @@ class MLP(nn.Module):
         self.is_gated = args.is_gated
 
     def __call__(self, x):
-        if self.is_gated:
+        if "wi_01" in self:  # the decoding layout: both gated projections in one product
+            gate, linear = mx.split(self.wi_01(x), 2, axis=-1)
+            h = self.act(gate) * linear
+        elif self.is_gated:
             h = self.act(self.wi_0(x)) * self.wi_1(x)
         else:
             h = self.act(self.wi(x))
@@ -353,20 +359,21 @@ class T5(nn.Module):
         cross_kv = self.cross_kv(self.encode(input_ids, attention_mask))
         return self.decode(decoder_ids, cross_kv, self.make_cache(), attention_mask)
 
-    def transpose_decoder_weights(self):
-        """Hold the decoder's linear weights and the output head transposed: faster decoding on a CPU."""
-
-        def swap(module):
-            for name, child in module.children().items():
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, TransposedLinear(child.weight))
-                elif isinstance(child, list):
-                    for item in child:
-                        swap(item)
-                elif isinstance(child, nn.Module):
-                    swap(child)
-
-        swap(self.decoder)
+    def use_decoding_layout(self):
+        """Hold the decoder's (unquantized) weights as a CPU decodes fastest: transposed, and the self-attention
+        projections (and the gated feed-forward's two input projections) fused into one product each."""
+        for layer in self.decoder.layers:
+            attention, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
+            attention.qkv = TransposedLinear(attention.q.weight, attention.k.weight, attention.v.weight)
+            attention.o = TransposedLinear(attention.o.weight)
+            del attention.q, attention.k, attention.v
+            cross.q, cross.o = TransposedLinear(cross.q.weight), TransposedLinear(cross.o.weight)
+            if mlp.is_gated:
+                mlp.wi_01 = TransposedLinear(mlp.wi_0.weight, mlp.wi_1.weight)
+                del mlp.wi_0, mlp.wi_1
+            else:
+                mlp.wi = TransposedLinear(mlp.wi.weight)
+            mlp.wo = TransposedLinear(mlp.wo.weight)
         # Untied: the head itself; tied: a transposed copy beside the embedding table.
         self.lm_head = TransposedLinear(self.lm_head.weight if "lm_head" in self else self.shared.weight)
 
@@ -394,11 +401,11 @@ def load_weights(path: Path) -> dict:
     return weights
 
 
-def load_model(path, lazy: bool = False, transpose: Optional[bool] = None):
+def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None):
     """Load a directory written by convert.py -> (model, tokenizer, config dict).
 
-    Every weight's name and shape is checked against the model; problems raise ModelLoadError. `transpose`
-    (default: for float32 weights when MLX runs on the CPU) holds the decoder's weights transposed for speed.
+    Every weight's name and shape is checked against the model; problems raise ModelLoadError. `decoding_layout`
+    (default: for float32 weights when MLX runs on the CPU) holds the decoder's weights transposed and fused for speed.
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -422,10 +429,10 @@ def load_model(path, lazy: bool = False, transpose: Optional[bool] = None):
         )
     check_weights(model, weights, path)
     model.load_weights(list(weights.items()), strict=True)
-    if transpose is None:
-        transpose = mx.default_device() == mx.cpu and all(w.dtype == mx.float32 for w in weights.values())
-    if transpose:
-        model.transpose_decoder_weights()
+    if decoding_layout is None:
+        decoding_layout = mx.default_device() == mx.cpu and all(w.dtype == mx.float32 for w in weights.values())
+    if decoding_layout:
+        model.use_decoding_layout()
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -116,7 +116,7 @@ def test_eos_inside_the_drafts_stops_generation(main):
     reference = regular(main, PROMPTS[4], max_tokens=30).tokens
     # Make the main model (and so its own draft) end where it would first produce a token it has not produced before.
     position = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
-    eos_model, _, _ = load_model(path, transpose=False)  # edits lm_head.weight below
+    eos_model, _, _ = load_model(path, decoding_layout=False)  # edits lm_head.weight below
     head = eos_model.lm_head.weight
     rows = mx.arange(head.shape[0])[:, None]
     eos_model.lm_head.weight = mx.where(rows == eos, head[reference[position]] * 1.5, head)
@@ -164,15 +164,16 @@ def test_streamed_text_adds_up_to_the_result(main, drafts):
 def test_accept_drafts_rule():
     main_probs = mx.array([[0.1, 0.6, 0.1, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
     draft_probs = mx.array([[0.0, 0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
-    drafts = mx.array([1, 3, 4])
+    drafts = [1, 3, 4]
+    p = mx.array([main_probs[i, token].item() for i, token in enumerate(drafts)])
+    q = mx.array([draft_probs[i, token].item() for i, token in enumerate(drafts)])
     # Ratios p/q: 2.0, 0.0, 1.0 -> accepted for any u in (0, 1] at delta 0, except the zero ratio.
     u = mx.array([1.0, 1e-9, 1.0])
-    assert accept_drafts(main_probs, draft_probs, drafts, u, 0.0).tolist() == [True, False, True]
-    assert accept_drafts(main_probs, draft_probs, drafts, u, 1.0).tolist() == [True, True, True]
-    # Token 1 of the first row has ratio 0.6 / 0.7 against this draft: accepted iff u - delta <= 6/7.
-    draft_row = mx.array([[0.0, 0.7, 0.3, 0.0, 0.0]])
+    assert accept_drafts(p, q, u, 0.0).tolist() == [True, False, True]
+    assert accept_drafts(p, q, u, 1.0).tolist() == [True, True, True]
+    # Token 1 has probability 0.6 under the main model and 0.7 under this draft: accepted iff u - delta <= 6/7.
     for u_value, delta, expected in [(0.85, 0.0, True), (0.86, 0.0, False), (0.95, 0.1, True), (0.97, 0.1, False)]:
-        verdict = accept_drafts(main_probs[:1], draft_row, mx.array([1]), mx.array([u_value]), delta)
+        verdict = accept_drafts(mx.array([0.6]), mx.array([0.7]), mx.array([u_value]), delta)
         assert verdict.tolist() == [expected]
     # The residual after a rejection is norm(max(0, p - q)).
     expected_residual = np.array([0.1, 0.3, 0.0, 0.1, 0.1]) / 0.6

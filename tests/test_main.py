@@ -1,5 +1,7 @@
 """The command line, run as a user runs it: a subprocess on tiny converted checkpoints."""
 
+import backend
+
 import json
 import os
 import shutil
@@ -21,8 +23,8 @@ def command(*args):
     return [sys.executable, "main.py", *map(str, args)]
 
 
-def run(*args):
-    return subprocess.run(command(*args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+def run(*args, env=ENV):
+    return subprocess.run(command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def last_json(result):
@@ -96,6 +98,15 @@ def test_json_speculative_and_regular_greedy_agree(main_model, draft_model):
     assert accepted["stats"]["main_calls"] < regular["stats"]["main_calls"]
 
 
+def test_json_stats_name_the_active_blas(main_model):
+    common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
+    # This process chose its BLAS by the same rules (tests import backend first).
+    assert last_json(run(*common))["stats"]["blas"] == backend.active
+    opted_out = last_json(run(*common, env={**ENV, backend.ENV_VAR: "none"}))["stats"]
+    assert opted_out["blas"] == "bundled reference BLAS (T5_BLAS=none)"
+    assert opted_out["blas"] in opted_out["backend"] or opted_out["backend"].startswith("Device(gpu")
+
+
 def test_human_output_streams_text_then_stats(main_model):
     # Sampling with a fixed seed: the same text twice, and varied enough to be worth comparing.
     sampling = ["--temperature", 1.0, "--top-k", 100, "--top-p", 0.95, "--seed", 3, "-m", 16]
@@ -123,6 +134,7 @@ def test_human_output_streams_text_then_stats(main_model):
     assert f"Main-model calls: {expected['stats']['main_calls']}" in result.stdout
     assert f"{len(expected['tokens'])} tokens" in result.stdout and "tokens-per-sec" in result.stdout
     assert "Time:" in result.stdout
+    assert f"Backend: {expected['stats']['backend']}" in result.stdout
     assert f"loading main model from {main_model}" in result.stderr
     assert "loading" not in result.stdout
 
@@ -156,9 +168,7 @@ def test_bad_flags_fail_before_loading(flags, expected):
 
 
 def test_missing_models_print_the_convert_command(main_model, tmp_path):
-    assert_fails(
-        run("--model-name", "no-such-t5"), "mlx_models/no-such-t5", "python convert.py --model no-such-t5"
-    )
+    assert_fails(run("--model-name", "no-such-t5"), "mlx_models/no-such-t5", "python convert.py --model no-such-t5")
     # Found missing before the main model loads.
     result = run("--model-name", main_model, "--draft-model-name", "no-such-draft")
     line = assert_fails(result, "draft", "python convert.py --model no-such-draft")
@@ -179,9 +189,7 @@ def test_broken_model_directories(main_model, tmp_path):
 
 
 def test_draft_with_another_vocabulary(main_model, converted):
-    assert_fails(
-        run("--model-name", main_model, "--draft-model-name", converted("byt5")), "draft", "--regular-decode"
-    )
+    assert_fails(run("--model-name", main_model, "--draft-model-name", converted("byt5")), "draft", "--regular-decode")
 
 
 def test_interrupt_exits_quietly(main_model):

@@ -170,12 +170,14 @@ def test_trim_is_bounded_by_offset():
 
 
 @pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
-def test_transposed_decoder_weights_give_the_same_logits(variant, converted):
-    plain, _, _ = load_model(converted(variant), transpose=False)
-    transposed, _, _ = load_model(converted(variant), transpose=True)
-    assert isinstance(transposed.decoder.layers[0].self_attn.q, TransposedLinear)
-    assert isinstance(transposed.lm_head, TransposedLinear)
+def test_decoding_layout_gives_the_same_logits(variant, converted):
+    plain, _, _ = load_model(converted(variant), decoding_layout=False)
+    fused, _, _ = load_model(converted(variant), decoding_layout=True)
+    layer = fused.decoder.layers[0]
+    assert isinstance(layer.self_attn.qkv, TransposedLinear) and "q" not in layer.self_attn
+    assert isinstance(layer.mlp.wi_01 if plain.args.is_gated else layer.mlp.wi, TransposedLinear)
+    assert isinstance(fused.lm_head, TransposedLinear)
     input_ids, mask, decoder_ids = (to_mx(t) for t in padded_batch(plain.args.vocab_size))
     np.testing.assert_allclose(
-        np.array(transposed(input_ids, decoder_ids, mask)), np.array(plain(input_ids, decoder_ids, mask)), atol=1e-5
+        np.array(fused(input_ids, decoder_ids, mask)), np.array(plain(input_ids, decoder_ids, mask)), atol=1e-5
     )
