@@ -25,7 +25,7 @@ from decoder import IncompatibleDraftError, SpeculativeDecoder
 from experiment_metrics import EmbeddingModelError, Quality, note
 from experiment_prompts import DEFAULT_PROMPTS, PromptFileError, read_prompts, truncate
 from experiment_report import best_settings, cell, plot, summary
-from model import ModelLoadError, load_model
+from loader import ModelLoadError, load_model
 
 MODELS_DIR = Path("mlx_models")
 # The bundled demo pair (Python code continuation), converted into mlx_models/demo-{main,draft} on first use.

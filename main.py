@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder
-from model import ModelLoadError, load_model
+from loader import ModelLoadError, load_model
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"

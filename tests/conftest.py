@@ -3,7 +3,6 @@
 Pretrained weights cannot be downloaded here, so every reference is built locally; nothing touches the network.
 """
 
-import io
 import json
 import os
 import sys
@@ -20,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
+
+from tools.t5_tokenizer import train_t5_tokenizer  # noqa: E402
 
 # Tiny configs covering each T5 variant transformers' T5ForConditionalGeneration loads.
 VARIANTS = {
@@ -57,34 +58,11 @@ def training_text():
     return "\n".join(topics.topics.values())[:TRAINING_TEXT_LIMIT]
 
 
-def train_sentencepiece(vocab_size=250):
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_text().splitlines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    """An HF T5Tokenizer (SentencePiece pieces + 100 sentinel ids) saved to a directory."""
-    from transformers import T5Tokenizer
-
-    sp = train_sentencepiece()
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    """An HF T5Tokenizer (250 SentencePiece pieces + 100 sentinel ids) saved to a directory."""
     path = tmp_path_factory.mktemp("tokenizer")
-    T5Tokenizer(vocab=vocab, extra_ids=100).save_pretrained(path)
+    train_t5_tokenizer(training_text().splitlines(), 250, character_coverage=1.0).save_pretrained(path)
     return path
 
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert
-from model import load_model
+from loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # What original (pre-transformers-5) checkpoints carry and the converter drops.

@@ -8,7 +8,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder, accept_drafts, probabilities, residual
-from model import T5, ModelArgs, load_model
+from loader import load_model
+from model import T5, ModelArgs
 
 PROMPTS = [
     "translate English to German: The house is wonderful.",

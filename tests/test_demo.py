@@ -13,7 +13,7 @@ from conftest import ROOT
 
 import convert
 from decoder import SpeculativeDecoder
-from model import load_model
+from loader import load_model
 
 DEMO_DIR = ROOT / "models" / "demo"
 PROMPTS = (DEMO_DIR / "prompts.txt").read_text().splitlines()

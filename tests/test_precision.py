@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from test_model import greedy, padded_batch, to_mx
 
 import convert
-from model import load_model
+from loader import load_model
 
 # Teacher-forced agreement of the argmax with float32 greedy decoding, over 3 prompts x 32 positions of a random
 # model (group size 32). Random models have small logit margins, so this is a harsh setting; measured here:

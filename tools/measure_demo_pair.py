@@ -22,7 +22,7 @@ import mlx.core as mx  # noqa: E402
 
 import convert  # noqa: E402
 from decoder import SpeculativeDecoder  # noqa: E402
-from model import load_model  # noqa: E402
+from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
 

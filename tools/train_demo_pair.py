@@ -12,7 +12,6 @@ count give the same weights.
 """
 
 import argparse
-import io
 import math
 import sysconfig
 import time
@@ -20,9 +19,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import torch
-from transformers import Adafactor, T5Config, T5ForConditionalGeneration, T5Tokenizer
+from t5_tokenizer import train_t5_tokenizer
+from transformers import Adafactor, T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
@@ -75,24 +74,14 @@ def source_files():
 def train_tokenizer(files):
     """A T5Tokenizer whose SentencePiece unigram pieces are learnt from the lines of `files`."""
     lines = [line.strip() for _, text in files for line in text.splitlines() if line.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=VOCAB_SIZE - EXTRA_IDS,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
+    return train_t5_tokenizer(
+        lines,
+        VOCAB_SIZE - EXTRA_IDS,
+        EXTRA_IDS,
         character_coverage=0.9999,
-        normalization_rule_name="identity",  # the HF tokenizer below does not normalise either
+        normalization_rule_name="identity",  # the HF tokenizer does not normalise either
         num_threads=1,  # deterministic
-        minloglevel=2,
     )
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    return T5Tokenizer(vocab=vocab, extra_ids=EXTRA_IDS)
 
 
 class Windows:
