@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 import convert
 from decoder import SpeculativeDecoder
-from model import load_model
+from loader import load_model
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "models" / "demo"
@@ -64,72 +64,87 @@ def random_checkpoint(shape, path, tokenizer_dir, seed):
     return path
 
 
-def timed(fn, repeats):
-    """Run fn once to warm up, then `repeats` times; return (median seconds, spread, last result)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), max(times) - min(times), result
+class TransformersWorker:
+    """transformers generate() and assisted generation, timed in a process of their own: an OpenBLAS loaded globally
+    for MLX (backend.py) also serves torch's BLAS calls and makes torch ~5x slower, which would flatter this project.
+    The process stays up, so that its runs can alternate with this process's runs."""
 
+    def __init__(self, job):
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--transformers-worker", json.dumps(job)],
+            env={**os.environ, backend.ENV_VAR: "none"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.errors,
+            text=True,
+        )
 
-def transformers_runs(main_dir, draft_dir, input_ids, max_tokens, num_draft, repeats):
-    """transformers' timings, measured in a separate process: an OpenBLAS loaded globally for MLX (backend.py) also
-    serves torch's BLAS calls and makes torch ~5x slower, which would flatter this project."""
-    job = dict(main_dir=str(main_dir), draft_dir=str(draft_dir), input_ids=input_ids, max_tokens=max_tokens)
-    job.update(num_draft=num_draft, repeats=repeats, threads=torch.get_num_threads())
-    worker = subprocess.run(
-        [sys.executable, __file__, "--transformers-worker", json.dumps(job)],
-        env={**os.environ, backend.ENV_VAR: "none"},
-        capture_output=True,
-        text=True,
-    )
-    if worker.returncode != 0:
-        raise RuntimeError(f"the transformers worker failed:\n{worker.stderr}")
-    return {name: tuple(result) for name, result in json.loads(worker.stdout.splitlines()[-1]).items()}
+    def run(self, method):
+        """(seconds, tokens) of one timed run of `method`: "generate" or "assisted"."""
+        self.process.stdin.write(method + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.errors.seek(0)
+            raise RuntimeError(f"the transformers worker failed:\n{self.errors.read()}")
+        result = json.loads(line)
+        return result["seconds"], result["tokens"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+        self.errors.close()
 
 
 def transformers_worker(job):
-    """Time transformers generate() and assisted generation; print the results as one JSON line."""
+    """Serve timed runs: read a method name per line on stdin, answer one JSON line (seconds, tokens) per run."""
     from transformers import AutoModelForSeq2SeqLM
 
     torch.set_num_threads(job["threads"])
-    main_dir, draft_dir, input_ids = job["main_dir"], job["draft_dir"], job["input_ids"]
-    max_tokens, num_draft, repeats = job["max_tokens"], job["num_draft"], job["repeats"]
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(main_dir).eval()
-    draft = AutoModelForSeq2SeqLM.from_pretrained(draft_dir).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(job["main_dir"]).eval()
+    draft = AutoModelForSeq2SeqLM.from_pretrained(job["draft_dir"]).eval()
     # A fixed number of tokens: no stopping at EOS (this project's runs use ignore_eos).
-    options = dict(max_new_tokens=max_tokens, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+    options = dict(max_new_tokens=job["max_tokens"], do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
     model.generation_config.eos_token_id = None
     draft.generation_config.eos_token_id = None
-    draft.generation_config.num_assistant_tokens = num_draft
+    draft.generation_config.num_assistant_tokens = job["num_draft"]
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     draft.generation_config.assistant_confidence_threshold = 0.0
-    input_ids = torch.tensor([input_ids])
-
-    def generate(**extra):
+    input_ids = torch.tensor([job["input_ids"]])
+    extra = {"generate": {}, "assisted": {"assistant_model": draft}}
+    for method in sys.stdin:
+        start = time.perf_counter()
         with torch.no_grad():
-            return model.generate(input_ids=input_ids, **options, **extra)[0, 1:].tolist()
-
-    results = {
-        "transformers generate": timed(generate, repeats),
-        "transformers assisted": timed(lambda: generate(assistant_model=draft), repeats),
-    }
-    print(json.dumps(results))
+            tokens = model.generate(input_ids=input_ids, **options, **extra[method.strip()])[0, 1:].tolist()
+        print(json.dumps(dict(seconds=time.perf_counter() - start, tokens=tokens)), flush=True)
 
 
-def mlx_runs(main_path, draft_path, max_tokens, num_draft, repeats):
-    model, tokenizer, _ = load_model(main_path)
-    draft, _, _ = load_model(draft_path)
+def timed_rounds(methods, repeats):
+    """Run every method once to warm up, then `repeats` rounds of each method in turn, so that a slow spell of the
+    machine falls on all of them alike. methods: name -> fn() returning (seconds, tokens).
+    Returns name -> (median seconds, spread, tokens of the last run)."""
+    times = {name: [] for name in methods}
+    tokens = {name: fn()[1] for name, fn in methods.items()}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            seconds, tokens[name] = fn()
+            times[name].append(seconds)
+    return {name: (statistics.median(t), max(t) - min(t), tokens[name]) for name, t in times.items()}
+
+
+def mlx_methods(model, draft, tokenizer, max_tokens, num_draft):
     decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
 
     def run(regular):
-        return lambda: decoder.generate(PROMPT, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
+        def once():
+            start = time.perf_counter()
+            tokens = decoder.generate(PROMPT, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
+            return time.perf_counter() - start, tokens
 
-    return {"mlx regular": timed(run(True), repeats), "mlx speculative": timed(run(False), repeats)}, model
+        return once
+
+    return {"mlx regular": run(True), "mlx speculative": run(False)}
 
 
 def decoder_weights(model):
@@ -199,9 +214,18 @@ def memory_bandwidth(size=1 << 29, repeats=5):
 def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
     main_mlx = convert.convert(str(pair.main_dir), mlx_path=str(work / f"{pair.name}-main"), force=True)
     draft_mlx = convert.convert(str(pair.draft_dir), mlx_path=str(work / f"{pair.name}-draft"), force=True)
-    runs, model = mlx_runs(main_mlx, draft_mlx, max_tokens, pair.num_draft, repeats)
-    input_ids = load_model(main_mlx, lazy=True)[1](PROMPT).input_ids
-    runs.update(transformers_runs(pair.main_dir, pair.draft_dir, input_ids, max_tokens, pair.num_draft, repeats))
+    model, tokenizer, _ = load_model(main_mlx)
+    draft, _, _ = load_model(draft_mlx)
+    job = dict(main_dir=str(pair.main_dir), draft_dir=str(pair.draft_dir), input_ids=tokenizer(PROMPT).input_ids)
+    job.update(max_tokens=max_tokens, num_draft=pair.num_draft, threads=torch.get_num_threads())
+    worker = TransformersWorker(job)
+    try:
+        methods = mlx_methods(model, draft, tokenizer, max_tokens, pair.num_draft)
+        methods["transformers generate"] = lambda: worker.run("generate")
+        methods["transformers assisted"] = lambda: worker.run("assisted")
+        runs = timed_rounds(methods, repeats)
+    finally:
+        worker.close()
 
     tokens = {name: result for name, (_, _, result) in runs.items()}
     reference = tokens["transformers generate"]
@@ -278,7 +302,9 @@ def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=["small-self", "base-small", "demo"], help="Pairs to measure")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per method, after one warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="Timed rounds of every method in turn, after one warm-up run of each"
+    )
     parser.add_argument("--out", default="benchmark_out", help="Directory for results.json and results.csv")
     parser.add_argument(
         "--tokenizer",
