@@ -20,6 +20,9 @@ from loader import ModelLoadError, load_model
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
+DEFAULT_NUM_DRAFT = 5
+# The demo pair's fastest lossless draft length (python experiments.py: docs/experiments/summary.md).
+DEMO_NUM_DRAFT = 1
 DEFAULT_PROMPT = "translate English to German: A small model drafts the text and a large model checks it."
 MODELS_DIR = Path("mlx_models")
 # A small main/draft pair trained by tools/train_demo_pair.py, run when the default pair is not converted.
@@ -29,11 +32,18 @@ DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
 HUB_NAME = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except a default of None, whose help says what it depends on."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def setup_arg_parser():
     """The command line's flags, named as the keyword arguments of SpeculativeDecoder and its generate()."""
     parser = argparse.ArgumentParser(
         description="Speculative decoding with an encoder-decoder T5 on MLX.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model-name",
@@ -52,7 +62,13 @@ def setup_arg_parser():
         help="Input text, with T5's task prefix (the bundled demo pair gets a held-out code snippet instead)",
     )
     parser.add_argument("--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate")
-    parser.add_argument("--num-draft", type=int, default=5, help="Tokens the draft proposes per verification step")
+    parser.add_argument(
+        "--num-draft",
+        type=int,
+        default=None,
+        help=f"Tokens the draft proposes per verification step (default: {DEFAULT_NUM_DRAFT}; {DEMO_NUM_DRAFT} for the "
+        "bundled demo pair, its fastest)",
+    )
     parser.add_argument(
         "--delta",
         type=float,
@@ -88,7 +104,7 @@ def check_args(args):
     checks = [
         (args.prompt.strip(), "--prompt is empty; pass the text to translate or summarise"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
-        (args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
+        (args.num_draft is None or args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
         (0 <= args.delta <= 1, f"--delta must be between 0 and 1, got {args.delta}"),
         (
             args.temperature >= 0 and math.isfinite(args.temperature),
@@ -151,6 +167,8 @@ def demo_pair(args):
     if args.prompt == DEFAULT_PROMPT:
         args.prompt = (DEMO_DIR / "prompts.txt").read_text().splitlines()[0]
         print(f"prompt: {args.prompt}", file=sys.stderr)
+    if args.num_draft is None:
+        args.num_draft = DEMO_NUM_DRAFT
     pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
     # Converted again when the bundled weights are newer (retrained, or updated by git).
     stale = [(path, source) for path, source in pair if not converted_since(path, source)]
@@ -178,7 +196,7 @@ def load(path, role, command):
 def backend_description():
     """Where MLX computes, and with which BLAS on a CPU."""
     device = mx.default_device()
-    return f"{device}, BLAS {backend.active}" if device == mx.cpu else str(device)
+    return f"cpu, BLAS {backend.active}" if device == mx.cpu else device.type.name
 
 
 def print_stats(stats, regular):
@@ -205,6 +223,8 @@ def main(argv=None):
         model_dir, model_command = find_model(args.model_name, "main")
         if not args.regular_decode:
             draft_dir, draft_command = find_model(args.draft_model_name, "draft")
+    if args.num_draft is None:
+        args.num_draft = DEFAULT_NUM_DRAFT
     if args.regular_decode:
         draft_dir = None
     model, tokenizer = load(model_dir, "main", model_command)

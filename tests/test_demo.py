@@ -105,10 +105,13 @@ def test_bare_command_runs_the_demo_pair(tmp_path):
     assert (first["model"], first["draft_model"]) == ("mlx_models/demo-main", "mlx_models/demo-draft")
     assert first["prompt"] == PROMPTS[0] and first["text"].strip() and len(first["tokens"]) == 24
     assert first["stats"]["drafted"] > 0
+    # The demo pair's own default draft length; an explicit one is kept.
+    assert first["settings"]["num_draft"] == 1
 
     # Converted once, and again where the bundled weights are newer than the conversion (here: made older).
     os.utime(tmp_path / "mlx_models" / "demo-main" / "config.json", (0, 0))
-    second, stderr = run("--json", "-m", "24", "--regular-decode")
+    second, stderr = run("--json", "-m", "24", "--regular-decode", "--num-draft", "3")
     assert "converting the demo pair into mlx_models/demo-main\n" in stderr
     # The main model alone writes the same tokens.
     assert second["tokens"] == first["tokens"] and second["draft_model"] is None
+    assert second["settings"]["num_draft"] == 3

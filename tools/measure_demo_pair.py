@@ -46,10 +46,14 @@ def seconds_per_token(model, tokenizer, prompt, steps=64):
     return (time.perf_counter() - start) / steps
 
 
-def fastest(decoder, prompts, repeats, **options):
-    """Per prompt, the fastest of `repeats` generations."""
-    runs = [[decoder.generate(prompt, **options) for prompt in prompts] for _ in range(repeats)]
-    return [min(tries, key=lambda g: g.stats.seconds) for tries in zip(*runs)]
+def fastest_runs(decoders, prompts, repeats, **options):
+    """name -> per prompt, the fastest of `repeats` generations. The decoders take turns round by round, so that a
+    slow spell of the machine falls on all of them alike."""
+    runs = {name: [] for name in decoders}
+    for _ in range(repeats):
+        for name, (decoder, regular) in decoders.items():
+            runs[name].append([decoder.generate(prompt, regular=regular, **options) for prompt in prompts])
+    return {name: [min(tries, key=lambda g: g.stats.seconds) for tries in zip(*r)] for name, r in runs.items()}
 
 
 def main():
@@ -76,18 +80,20 @@ def main():
         print(f"{name:5s}: {per_token[name] * 1e3:.2f} ms per token")
     print(f"draft / main cost per token: {per_token['draft'] / per_token['main']:.3f}")
 
-    regular = fastest(SpeculativeDecoder(main_model, None, tokenizer), prompts, args.repeats, **options)
+    decoders = {0: (SpeculativeDecoder(main_model, None, tokenizer), True)}
+    for num_draft in args.num_draft:
+        decoders[num_draft] = (SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft), False)
+    runs = fastest_runs(decoders, prompts, args.repeats, max_tokens=args.max_tokens)
+    regular = runs.pop(0)
     tokens = sum(g.stats.generated for g in regular)
     regular_speed = tokens / sum(g.stats.seconds for g in regular)
     print(f"\n{len(prompts)} prompts, {tokens} tokens; regular decoding {regular_speed:.1f} tokens/s")
     print("num_draft  acceptance  tokens/call  tokens/s  speedup")
-    for num_draft in args.num_draft:
-        decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft)
-        runs = fastest(decoder, prompts, args.repeats, **{**options, "regular": False})
-        assert [g.tokens for g in runs] == [g.tokens for g in regular], "speculative greedy != regular greedy"
-        accepted, drafted = sum(g.stats.accepted for g in runs), sum(g.stats.drafted for g in runs)
-        calls = sum(g.stats.main_calls for g in runs)
-        speed = tokens / sum(g.stats.seconds for g in runs)
+    for num_draft, speculative in runs.items():
+        assert [g.tokens for g in speculative] == [g.tokens for g in regular], "speculative greedy != regular greedy"
+        accepted, drafted = sum(g.stats.accepted for g in speculative), sum(g.stats.drafted for g in speculative)
+        calls = sum(g.stats.main_calls for g in speculative)
+        speed = tokens / sum(g.stats.seconds for g in speculative)
         rate, per_call = accepted / drafted, tokens / calls
         print(f"{num_draft:9d}  {rate:10.3f}  {per_call:11.2f}  {speed:8.1f}  {speed / regular_speed:7.2f}")
 
