@@ -28,7 +28,7 @@ import torch
 from mlx.utils import tree_flatten
 
 import convert
-from decoder import SpeculativeDecoder
+from decoder import SpeculativeDecoder, Stats
 from loader import load_model
 
 ROOT = Path(__file__).resolve().parent
@@ -181,26 +181,18 @@ def matmul_ceiling(model, repeats=20):
     return (time.perf_counter() - start) / repeats
 
 
-def decode_step_seconds(model, repeats=40):
-    """Seconds per token of the main model's decode step as the decoder runs it: greedy, cache on, one token at a
-    time, each step built and started before the host reads the token of the step before."""
-    cross_kv = model.cross_kv(model.encode(mx.array([[3] * 64])))
-    cache = model.make_cache()
-
-    def step(token):
-        return mx.argmax(model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], axis=-1)
-
-    token = mx.array(0)
-    for _ in range(5):
-        token = step(token)
-    mx.eval(token)
+def decode_step_seconds(model, tokenizer, repeats=40):
+    """Seconds per token of the main model's decode step as the decoder runs it: its own regular decoding loop
+    (greedy, cache on, each step built and started before the host reads the token of the step before)."""
+    warm_up = 6
+    steps = SpeculativeDecoder(model, None, tokenizer).regular_tokens(
+        mx.array([[3] * 64]), warm_up + repeats, True, Stats()
+    )
+    for _ in range(warm_up):
+        next(steps)
     start = time.perf_counter()
-    for _ in range(repeats):
-        following = step(token)
-        mx.async_eval(following)
-        token.item()
-        token = following
-    token.item()
+    for _ in steps:
+        pass
     return (time.perf_counter() - start) / repeats
 
 
@@ -233,7 +225,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
     tokens = {name: result for name, (_, _, result) in runs.items()}
     reference = tokens["transformers generate"]
     same = {name: t == reference for name, t in tokens.items()}
-    step = decode_step_seconds(model)
+    step = decode_step_seconds(model, tokenizer)
     ceiling = matmul_ceiling(model)
     weight_bytes = sum(w.nbytes for _, w in decoder_weights(model))
     rows = []

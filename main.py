@@ -167,8 +167,6 @@ def demo_pair(args):
     if args.prompt == DEFAULT_PROMPT:
         args.prompt = (DEMO_DIR / "prompts.txt").read_text().splitlines()[0]
         print(f"prompt: {args.prompt}", file=sys.stderr)
-    if args.num_draft is None:
-        args.num_draft = DEMO_NUM_DRAFT
     pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
     # Converted again when the bundled weights are newer (retrained, or updated by git).
     stale = [(path, source) for path, source in pair if not converted_since(path, source)]
@@ -216,7 +214,8 @@ def main(argv=None):
         fail(message)
 
     default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
-    if default_pair and not model_path(DEFAULT_MODEL).is_dir():
+    demo = default_pair and not model_path(DEFAULT_MODEL).is_dir()
+    if demo:
         (model_dir, model_command), (draft_dir, draft_command) = demo_pair(args)
     else:
         # Find both directories before loading either: a missing draft should not wait for the main model.
@@ -224,7 +223,7 @@ def main(argv=None):
         if not args.regular_decode:
             draft_dir, draft_command = find_model(args.draft_model_name, "draft")
     if args.num_draft is None:
-        args.num_draft = DEFAULT_NUM_DRAFT
+        args.num_draft = DEMO_NUM_DRAFT if demo else DEFAULT_NUM_DRAFT
     if args.regular_decode:
         draft_dir = None
     model, tokenizer = load(model_dir, "main", model_command)
