@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from decoder import IncompatibleDraftError, SpeculativeDecoder, accept_drafts, probabilities, residual
+from decoder import IncompatibleDraftError, SpeculativeDecoder
 from loader import load_model
 from model import T5, ModelArgs
+from sampling import accept_drafts, probabilities, residual
 
 PROMPTS = [
     "translate English to German: The house is wonderful.",
@@ -315,7 +316,7 @@ def test_speculative_sampling_matches_the_main_models_distribution(setting, samp
     main_model, draft_model = sampling_pair
     settings = SETTINGS[setting]
     decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), **settings)
-    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), POSITIONS, decoder.distribution)
+    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), POSITIONS, decoder.sampler.distribution)
     counts = sampled_counts(main_model, draft_model, settings)
     for position in range(POSITIONS):
         statistic, df = chi_square(counts[position], marginals[position])
@@ -330,7 +331,7 @@ def test_the_sampling_check_detects_a_biased_sampler(sampling_pair):
     main_model, draft_model = sampling_pair
     settings = SETTINGS["temperature"]
     decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), **settings)
-    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), 1, decoder.distribution)
+    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), 1, decoder.sampler.distribution)
     counts = sampled_counts(main_model, draft_model, settings, delta=1.0)
     statistic, df = chi_square(counts[0], marginals[0])
     assert statistic > chi_square_critical(df)
