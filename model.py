@@ -100,35 +100,66 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Self-attention keys/values, preallocated in steps; `trim(n)` rewinds by n positions in O(1)."""
+    """Self-attention keys/values of a batch of rows, preallocated in steps.
+
+    Each row has its own length (`offsets`): new keys and values go to each row's own next positions, and rewinding
+    a row (`trim`, `trim_rows`) only lowers its length, in O(1). A row's positions past its length hold stale entries
+    that the decoder's causal bias masks out. A cache made for one row takes the batch size of its first update.
+    """
 
     step = 256
 
-    def __init__(self):
+    def __init__(self, batch_size: int = 1):
         self.keys = None
         self.values = None
-        self.offset = 0
+        self.offsets = [0] * batch_size
+
+    @property
+    def offset(self) -> int:
+        """Positions in use: the longest row's length."""
+        return max(self.offsets)
 
     def update_and_fetch(self, keys, values):
-        # keys, values: (B, heads, L, d_kv)
-        start, length = self.offset, keys.shape[2]
-        if self.keys is None or start + length > self.keys.shape[2]:
-            capacity = ((start + length + self.step - 1) // self.step) * self.step
+        # keys, values: (B, heads, L, d_kv), row b written at positions offsets[b] .. offsets[b] + L - 1
+        batch, length = keys.shape[0], keys.shape[2]
+        if len(self.offsets) != batch and self.keys is None and self.offsets == [0]:
+            self.offsets = [0] * batch
+        starts, end = self.offsets, self.offset + length
+        if self.keys is None or end > self.keys.shape[2]:
+            capacity = ((end + self.step - 1) // self.step) * self.step
             shape = (*keys.shape[:2], capacity, keys.shape[3])
             new_keys, new_values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
             if self.keys is not None:
-                new_keys[:, :, :start] = self.keys[:, :, :start]
-                new_values[:, :, :start] = self.values[:, :, :start]
+                new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
+                new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
             self.keys, self.values = new_keys, new_values
-        self.keys[:, :, start : start + length] = keys
-        self.values[:, :, start : start + length] = values
-        self.offset += length
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        if len(set(starts)) == 1:
+            self.keys[:, :, starts[0] : starts[0] + length] = keys
+            self.values[:, :, starts[0] : starts[0] + length] = values
+        else:
+            # (B, 1, L, 1): each row's own positions
+            positions = (mx.array(starts)[:, None] + mx.arange(length))[:, None, :, None]
+            self.keys = mx.put_along_axis(self.keys, positions, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, positions, values, axis=2)
+        self.offsets = [start + length for start in starts]
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
+        """Rewind every row by n positions (at most its length); returns the most any row was rewound."""
+        return max(self.trim_rows([n] * len(self.offsets)))
+
+    def trim_rows(self, counts) -> list:
+        """Rewind row b by counts[b] positions (at most its length); returns how far each row was rewound."""
+        trimmed = [min(offset, n) for offset, n in zip(self.offsets, counts)]
+        self.offsets = [offset - n for offset, n in zip(self.offsets, trimmed)]
+        return trimmed
+
+    def keep_rows(self, rows) -> None:
+        """Drop every row not in `rows` (indices, in the order to keep)."""
+        if self.keys is not None:
+            index = mx.array(rows)
+            self.keys, self.values = self.keys[index], self.values[index]
+        self.offsets = [self.offsets[row] for row in rows]
 
 
 class Attention(nn.Module):
@@ -297,16 +328,21 @@ class Decoder(nn.Module):
             )
         )
 
-    def position_bias(self, offset, length):
-        """Causal bias for queries at positions offset..offset+length-1 over keys 0..offset+length-1."""
-        distance = mx.arange(offset, offset + length)[:, None] - mx.arange(offset + length)[None, :]
+    def position_bias(self, offsets, length):
+        """Causal bias (rows, heads, L, S) for each row's queries at positions offset..offset+L-1 over keys
+        0..S-1 (S: the longest row's offset + L); one row stands for all when every row is at the same offset."""
+        if len(set(offsets)) == 1:
+            offsets = offsets[:1]
+        end = max(offsets) + length
+        # (rows, L, S): query position minus key position
+        distance = (mx.array(offsets)[:, None, None] + mx.arange(length)[:, None]) - mx.arange(end)
         # Every distance from max_distance on shares the last bucket.
         buckets = self._distance_buckets[mx.clip(distance, 0, self.args.relative_attention_max_distance)]
-        bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)[None].astype(mx.float32)
-        return mx.where(distance < 0, mx.finfo(mx.float32).min, bias)
+        bias = self.relative_attention_bias(buckets).transpose(0, 3, 1, 2).astype(mx.float32)
+        return mx.where(distance[:, None] < 0, mx.finfo(mx.float32).min, bias)
 
     def __call__(self, x, cross_kv, cross_bias, cache):
-        self_bias = self.position_bias(cache[0].offset, x.shape[1])
+        self_bias = self.position_bias(cache[0].offsets, x.shape[1])
         for layer, layer_kv, layer_cache in zip(self.layers, cross_kv, cache):
             x = layer(x, self_bias, layer_kv, cross_bias, layer_cache)
         return self.final_norm(x)
@@ -332,8 +368,9 @@ class T5(nn.Module):
         """Each decoder layer's cross-attention keys and values, computed once per prompt."""
         return [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder.layers]
 
-    def make_cache(self):
-        return [KVCache() for _ in self.decoder.layers]
+    def make_cache(self, batch_size: int = 1):
+        """An empty self-attention cache per decoder layer, for `batch_size` rows."""
+        return [KVCache(batch_size) for _ in self.decoder.layers]
 
     def decode(self, decoder_ids, cross_kv, cache, attention_mask=None):
         """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""

@@ -182,3 +182,55 @@ def test_decoding_layout_gives_the_same_logits(variant, converted):
     np.testing.assert_allclose(
         np.array(fused(input_ids, decoder_ids, mask)), np.array(plain(input_ids, decoder_ids, mask)), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rows_at_their_own_lengths_match_transformers(variant, hf_checkpoint, converted, hf_model, monkeypatch):
+    # Each step feeds every row the same number of tokens, right-padded with junk, and each row keeps its own number
+    # of them (as speculative verification does), so rows drift apart, rewind over real tokens and finish early.
+    monkeypatch.setattr(KVCache, "step", 8)  # reallocations while rows are at different lengths
+    reference = hf_model(hf_checkpoint(variant))
+    model, _, _ = load_model(converted(variant))
+    input_ids, mask, _ = padded_batch(model.args.vocab_size, seed=4)
+    rng = np.random.default_rng(0)
+    sequences = [[0, *rng.integers(3, model.args.vocab_size, length - 1).tolist()] for length in (21, 6, 14)]
+    cross_kv = model.cross_kv(model.encode(to_mx(input_ids), to_mx(mask)))
+    cache = model.make_cache(3)
+    positions, logits = [0, 0, 0], [[], [], []]
+    while any(position < len(row) for position, row in zip(positions, sequences)):
+        length = int(rng.integers(1, 5))
+        feed = [row[position : position + length] for position, row in zip(positions, sequences)]
+        feed = [chunk + rng.integers(3, model.args.vocab_size, length - len(chunk)).tolist() for chunk in feed]
+        kept = [int(rng.integers(0, length + 1)) for _ in sequences]
+        kept = [min(k, len(row) - position) for k, row, position in zip(kept, sequences, positions)]
+        step_logits = model.decode(mx.array(feed), cross_kv, cache, to_mx(mask))
+        for layer_cache in cache:
+            layer_cache.trim_rows([length - k for k in kept])
+        for row, k in enumerate(kept):
+            logits[row].extend(np.array(step_logits[row, :k]))
+            positions[row] += k
+        assert cache[0].offsets == positions
+
+    for row, sequence in enumerate(sequences):
+        prompt = input_ids[row : row + 1, : int(mask[row].sum())]
+        with torch.no_grad():
+            expected = reference(input_ids=prompt, decoder_input_ids=torch.tensor([sequence])).logits[0]
+        assert max_abs_diff(np.stack(logits[row]), expected) < TOLERANCE
+
+
+def test_dropped_rows_leave_the_others_unchanged(converted):
+    model, _, _ = load_model(converted("t5"))
+    input_ids, mask, decoder_ids = (to_mx(t) for t in padded_batch(model.args.vocab_size, seed=5))
+    full = model(input_ids, decoder_ids, mask)
+    cross_kv = model.cross_kv(model.encode(input_ids, mask))
+    cache = model.make_cache(3)
+    first = model.decode(decoder_ids[:, :4], cross_kv, cache, mask)
+    for layer_cache in cache:
+        layer_cache.trim_rows([0, 2, 0])
+        layer_cache.keep_rows([2, 1])
+    kept = mx.array([2, 1])
+    cross_kv = [(keys[kept], values[kept]) for keys, values in cross_kv]
+    rest = model.decode(decoder_ids[kept, 4:], cross_kv, cache, mask[kept])
+    assert cache[0].offsets == [10, 8]
+    np.testing.assert_allclose(np.array(first), np.array(full[:, :4]), atol=1e-5)
+    np.testing.assert_allclose(np.array(rest[0]), np.array(full[2, 4:]), atol=1e-5)
