@@ -329,7 +329,11 @@ def main(argv=None):
     rows, summaries = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for pair in pairs(Path(tmp), tokenizer_dir, args.pairs):
-            pair_rows, summary = benchmark_pair(pair, Path(tmp), args.max_tokens, args.repeats, bandwidth)
+            try:
+                pair_rows, summary = benchmark_pair(pair, Path(tmp), args.max_tokens, args.repeats, bandwidth)
+            except convert.ConversionError as e:  # the pairs made here convert: only models/demo can be damaged
+                print(f"error: {' '.join(str(e).split())}; restore {DEMO} with git checkout", file=sys.stderr)
+                sys.exit(2)
             rows += pair_rows
             summaries.append(summary)
     print_table(rows, summaries)

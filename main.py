@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from decoder import IncompatibleDraftError, SpeculativeDecoder
-from loader import ModelLoadError, load_model
+from loader import ModelLoadError, is_conversion, load_model, recorded_source
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
@@ -140,12 +140,11 @@ def convert_command(name, path):
 
 
 def find_model(name, role):
-    """(the converted directory `name` refers to, the command that writes it); exits when it is missing."""
+    """The converted directory `name` refers to; exits with the command that writes it when it is missing."""
     path = model_path(name)
-    command = convert_command(name, path)
     if not path.is_dir():
-        fail(f"no converted {role} model at {path}; create it with: {command}")
-    return path, command
+        fail(f"no converted {role} model at {path}; create it with: {convert_command(name, path)}")
+    return path
 
 
 def converted_since(path, source):
@@ -155,7 +154,7 @@ def converted_since(path, source):
 
 
 def demo_pair(args):
-    """Switch `args` to the bundled demo pair, converted on first use: [(directory, convert command)] x 2."""
+    """Switch `args` to the bundled demo pair, converted on first use: its two directories."""
     import convert
 
     print(
@@ -170,6 +169,13 @@ def demo_pair(args):
     pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
     # Converted again when the bundled weights are newer (retrained, or updated by git).
     stale = [(path, source) for path, source in pair if not converted_since(path, source)]
+    for path, source in stale:
+        # Replaced only if it holds nothing but an earlier conversion of the demo: never a directory of the user's.
+        if path.exists() and not (is_conversion(path) and recorded_source(path) == str(source)):
+            fail(
+                f"{path} is in the way of the bundled demo pair and is not its conversion; move it elsewhere, "
+                "or pass --model-name and --draft-model-name"
+            )
     if stale:
         print(f"converting the demo pair into {', '.join(str(path) for path, _ in stale)}", file=sys.stderr)
     for path, source in stale:
@@ -179,16 +185,16 @@ def demo_pair(args):
                 convert.convert(str(source), mlx_path=str(path), force=True)
         except convert.ConversionError as e:
             fail(f"cannot convert the bundled demo pair: {e}")
-    return [(path, f"python convert.py --model {source} --mlx-path {path}") for path, source in pair]
+    return [path for path, _ in pair]
 
 
-def load(path, role, command):
-    """(model, tokenizer) from `path`; exits with `command`, which rebuilds it, when it is broken."""
+def load(path, role):
+    """(model, tokenizer) from `path`; exits saying what is wrong and what to run when it cannot be loaded."""
     print(f"loading {role} model from {path}", file=sys.stderr)
     try:
         return load_model(path)[:2]
     except ModelLoadError as e:
-        fail(f"cannot load the {role} model: {e}; convert it again with: {command} --force")
+        fail(f"cannot load the {role} model: {e}")
 
 
 def backend_description():
@@ -216,20 +222,20 @@ def main(argv=None):
     default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
     demo = default_pair and not model_path(DEFAULT_MODEL).is_dir()
     if demo:
-        (model_dir, model_command), (draft_dir, draft_command) = demo_pair(args)
+        model_dir, draft_dir = demo_pair(args)
     else:
         # Find both directories before loading either: a missing draft should not wait for the main model.
-        model_dir, model_command = find_model(args.model_name, "main")
+        model_dir = find_model(args.model_name, "main")
         if not args.regular_decode:
-            draft_dir, draft_command = find_model(args.draft_model_name, "draft")
+            draft_dir = find_model(args.draft_model_name, "draft")
     if args.num_draft is None:
         args.num_draft = DEMO_NUM_DRAFT if demo else DEFAULT_NUM_DRAFT
     if args.regular_decode:
         draft_dir = None
-    model, tokenizer = load(model_dir, "main", model_command)
+    model, tokenizer = load(model_dir, "main")
     draft_model = draft_tokenizer = None
     if draft_dir:
-        draft_model, draft_tokenizer = load(draft_dir, "draft", draft_command)
+        draft_model, draft_tokenizer = load(draft_dir, "draft")
 
     settings = dict(
         num_draft=args.num_draft,

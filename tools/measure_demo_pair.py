@@ -63,7 +63,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    main_model, draft_model, tokenizer = load_demo()
+    try:
+        main_model, draft_model, tokenizer = load_demo()
+    except convert.ConversionError as e:  # a damaged models/demo; a fresh conversion always loads
+        print("error: " + " ".join(str(e).split()) + f"; restore {DEMO_DIR} with git checkout", file=sys.stderr)
+        sys.exit(2)
     print(f"BLAS: {backend.active}")
     prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines()
     options = dict(max_tokens=args.max_tokens, regular=True)
