@@ -16,6 +16,7 @@ from typing import Optional, Union, get_args, get_origin
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from convert import TOKENIZER_FILES
@@ -44,12 +45,14 @@ class BrokenFile(Exception):
     """A file of a converted directory that is missing, damaged or inconsistent with the others."""
 
 
-def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None):
+def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None, group=None):
     """Load a directory written by convert.py -> (model, tokenizer, config dict).
 
     Every file is checked first (JSON, safetensors headers against file sizes, weight names, shapes and dtypes
     against the config, the tokenizer's vocabulary); problems raise ModelLoadError. `decoding_layout` (default: for
-    float32 weights when MLX runs on the CPU) holds the decoder's weights transposed and fused for speed.
+    float32 weights when MLX runs on the CPU) holds the decoder's weights transposed and fused for speed. With a
+    distributed `group` of several ranks the model is sharded across them (T5.shard) and this rank reads only its own
+    slices of the weights.
     """
     path = Path(path)
     if not path.is_dir():
@@ -62,7 +65,7 @@ def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None)
         raise ModelLoadError(f"{path} is {checkpoint}, not converted for MLX; convert it with: {convert_command(path)}")
     try:
         config = read_config(path)
-        model, weights = read_weights(path, config)
+        model, weights = read_weights(path, config, group)
         tokenizer = read_tokenizer(path, config)
     except BrokenFile as e:
         raise ModelLoadError(f"{e}; convert it again with: {reconvert_command(path)}") from None
@@ -201,8 +204,9 @@ def weight_files(path: Path) -> dict:
     return files
 
 
-def read_weights(path: Path, config: dict) -> tuple[T5, dict]:
-    """The model `config` describes, shaped (quantized) like the weights, and the weights, all checked."""
+def read_weights(path: Path, config: dict, group=None) -> tuple[T5, dict]:
+    """The model `config` describes, shaped (quantized) like the weights, and the weights, all checked; sharded over
+    `group` when it has several ranks, with only this rank's slices of the weights."""
     files, headers = weight_files(path), {}
     for file, names in files.items():
         _, tensors = safetensors_header(file)
@@ -247,6 +251,13 @@ def read_weights(path: Path, config: dict) -> tuple[T5, dict]:
         if headers[name][1] != shape:
             raise BrokenFile(f"{path}: {name} has shape {headers[name][1]}, config.json implies {shape}")
 
+    if group is not None and group.size() > 1:
+        try:
+            model.shard(group)
+        except ValueError as e:
+            raise ModelLoadError(f"{path} cannot be split across {group.size()} ranks: {e}") from None
+        return model, read_rank_slices(files, model, group.rank(), group.size())
+
     weights = {}
     for file in files:
         try:
@@ -254,6 +265,52 @@ def read_weights(path: Path, config: dict) -> tuple[T5, dict]:
         except Exception as e:  # mx.load raises bare RuntimeError/ValueError on damaged files
             raise BrokenFile(f"{file} is truncated or corrupt ({e})") from None
     return model, weights
+
+
+# safetensors dtypes as numpy reads their bytes (numpy has no bfloat16: its bits as uint16).
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
+
+
+def read_rank_slices(files, model, rank: int, ranks: int) -> dict:
+    """This rank's slice of each weight of the sharded `model`, read from the (checked) files and nothing more.
+
+    A weight the model holds whole is read whole; one it holds 1/ranks of along an axis, as the rank-th block along
+    that axis: rows straight from the file, columns a few MB of rows at a time.
+    """
+    parameters = dict(tree_flatten(model.parameters()))
+    weights = {}
+    for file in files:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                dtype, shape = np.dtype(NUMPY_DTYPES[entry["dtype"]]), entry["shape"]
+                split = [axis for axis, size in enumerate(parameters[name].shape) if size != shape[axis]]
+                offset = 8 + length + entry["data_offsets"][0]
+                data = read_block(f, offset, dtype, shape, split[0] if split else None, rank, ranks)
+                weights[name] = mx.array(data).view(mx.bfloat16) if entry["dtype"] == "BF16" else mx.array(data)
+    return weights
+
+
+def read_block(f, offset: int, dtype, shape: list, axis: Optional[int], index: int, parts: int):
+    """Block `index` of `parts` along `axis` (None: all of it) of the row-major tensor at `offset` in file `f`."""
+    rows = shape[0] if shape else 1
+    row = math.prod(shape[1:])  # elements per row
+    if axis is None or axis == 0:
+        block, first = (rows // parts, index * rows // parts) if axis == 0 else (rows, 0)
+        f.seek(offset + first * row * dtype.itemsize)
+        return np.fromfile(f, dtype, block * row).reshape(block, *shape[1:])
+    # A block of columns of a matrix: whole rows a few MB at a time, of which this block's columns are kept.
+    columns = shape[1] // parts
+    out = np.empty((rows, columns), dtype)
+    chunk = max(1, (4 << 20) // (row * dtype.itemsize))
+    f.seek(offset)
+    for start in range(0, rows, chunk):
+        count = min(chunk, rows - start)
+        data = np.fromfile(f, dtype, count * row).reshape(count, row)
+        out[start : start + count] = data[:, index * columns : (index + 1) * columns]
+    return out
 
 
 def check_quantization(path: Path, headers: dict, quantization: Optional[dict]):

@@ -95,6 +95,10 @@ def setup_arg_parser():
 
 def fail(message):
     """Print `message` as one `error:` line on stderr and exit with status 2."""
+    rank = mx.distributed.init().rank()
+    if rank > 0:  # silenced in main(), but a rank's own failure (its files, its machine) must show
+        print(f"error: rank {rank}: " + " ".join(message.split()), file=sys.__stderr__)
+        sys.exit(2)
     print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(2)
 
@@ -188,11 +192,12 @@ def demo_pair(args):
     return [path for path, _ in pair]
 
 
-def load(path, role):
-    """(model, tokenizer) from `path`; exits saying what is wrong and what to run when it cannot be loaded."""
+def load(path, role, group=None):
+    """(model, tokenizer) from `path`, sharded over `group`; exits saying what is wrong and what to run when it
+    cannot be loaded."""
     print(f"loading {role} model from {path}", file=sys.stderr)
     try:
-        return load_model(path)[:2]
+        return load_model(path, group=group)[:2]
     except ModelLoadError as e:
         fail(f"cannot load the {role} model: {e}")
 
@@ -214,6 +219,11 @@ def print_stats(stats, regular):
 
 
 def main(argv=None):
+    # Under mlx.launch every rank runs all of this with the same flags and seed; the main model is sharded across
+    # the ranks and only rank 0 prints. Started alone, the group is this one process.
+    group = mx.distributed.init()
+    if group.rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     args = setup_arg_parser().parse_args(argv)
     message = check_args(args)
     if message:
@@ -232,7 +242,7 @@ def main(argv=None):
         args.num_draft = DEMO_NUM_DRAFT if demo else DEFAULT_NUM_DRAFT
     if args.regular_decode:
         draft_dir = None
-    model, tokenizer = load(model_dir, "main")
+    model, tokenizer = load(model_dir, "main", group)
     draft_model = draft_tokenizer = None
     if draft_dir:
         draft_model, draft_tokenizer = load(draft_dir, "draft")

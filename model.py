@@ -9,6 +9,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 # Activations transformers' T5 configs name in `feed_forward_proj` ("relu", "gated-gelu", ...).
 ACTIVATIONS = {
@@ -200,15 +201,19 @@ class TransposedLinear(nn.Module):
     """A bias-free linear layer that holds W^T (in, out) contiguous instead of W (out, in); same result.
 
     MLX's CPU matrix-vector products read the transposed layout about 1.3x faster, and one row at a time is how a
-    decoder runs. Several weights given are stacked into one product (their outputs side by side).
+    decoder runs. Several weights given are stacked into one product (their outputs side by side). With a `group`,
+    the weight holds this rank's input columns and the products are summed over the group's ranks.
     """
 
-    def __init__(self, *weights):
+    def __init__(self, *weights, group=None):
         super().__init__()
         self.weight_t = mx.contiguous(mx.concatenate(weights).T)
+        self.group = group
 
     def __call__(self, x):
-        return x @ self.weight_t
+        if self.group is None:
+            return x @ self.weight_t
+        return mx.distributed.all_sum(x @ self.weight_t, group=self.group)
 
 
 class MLP(nn.Module):
@@ -357,6 +362,7 @@ class T5(nn.Module):
         self.decoder = Decoder(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.group = None  # the ranks sharing the attention heads and feed-forward units, once sharded
 
     def encode(self, input_ids, attention_mask=None):
         """(B, L) padded token ids and their 0/1 mask -> encoder output (B, L, d_model)."""
@@ -396,14 +402,41 @@ class T5(nn.Module):
         for layer in self.decoder.layers:
             attention, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
             attention.qkv = TransposedLinear(attention.q.weight, attention.k.weight, attention.v.weight)
-            attention.o = TransposedLinear(attention.o.weight)
+            attention.o = TransposedLinear(attention.o.weight, group=self.group)
             del attention.q, attention.k, attention.v
-            cross.q, cross.o = TransposedLinear(cross.q.weight), TransposedLinear(cross.o.weight)
+            cross.q, cross.o = TransposedLinear(cross.q.weight), TransposedLinear(cross.o.weight, group=self.group)
             if mlp.is_gated:
                 mlp.wi_01 = TransposedLinear(mlp.wi_0.weight, mlp.wi_1.weight)
                 del mlp.wi_0, mlp.wi_1
             else:
                 mlp.wi = TransposedLinear(mlp.wi.weight)
-            mlp.wo = TransposedLinear(mlp.wo.weight)
+            mlp.wo = TransposedLinear(mlp.wo.weight, group=self.group)
         # Untied: the head itself; tied: a transposed copy beside the embedding table.
         self.lm_head = TransposedLinear(self.lm_head.weight if "lm_head" in self else self.shared.weight)
+
+    def shard(self, group):
+        """Split the attention heads and the feed-forward's inner units across the ranks of `group` (tensor
+        parallelism, as Megatron-LM): q, k, v and wi by output rows, o and wo by input columns with their partial
+        products summed over the group, and each rank's heads' columns of the relative position bias. Embeddings,
+        norms and the head stay whole on every rank. Float and quantized layers alike; call before loading weights."""
+        ranks = group.size()
+        if self.args.num_heads % ranks or self.args.d_ff % ranks:
+            raise ValueError(
+                f"{self.args.num_heads} heads and {self.args.d_ff} feed-forward units do not split across {ranks} ranks"
+            )
+        self.group = group
+        for stack in (self.encoder, self.decoder):
+            # (buckets, heads): this rank's heads are a block of columns.
+            shard_inplace(stack.relative_attention_bias, lambda path, weight: -1, group=group)
+            for layer in stack.layers:
+                attentions = [layer.self_attn] + ([layer.cross_attn] if "cross_attn" in layer else [])
+                for attention in attentions:
+                    for name in ("q", "k", "v"):
+                        attention[name] = shard_linear(attention[name], "all-to-sharded", group=group)
+                    attention.o = shard_linear(attention.o, "sharded-to-all", group=group)
+                    attention.num_heads //= ranks
+                mlp = layer.mlp
+                for name in ("wi", "wi_0", "wi_1"):
+                    if name in mlp:
+                        mlp[name] = shard_linear(mlp[name], "all-to-sharded", group=group)
+                mlp.wo = shard_linear(mlp.wo, "sharded-to-all", group=group)

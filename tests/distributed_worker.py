@@ -1,0 +1,50 @@
+"""One rank of the distributed tests: load each model sharded over the launch's ranks, decode, and (rank 0) save.
+
+python tests/distributed_worker.py OUT MAIN_DIR DRAFT_DIR [MAIN_DIR DRAFT_DIR ...], run on every rank; writes
+OUT/<i>.npz for the i-th pair: the full-forward logits, the greedy tokens (regular and speculative), the number of
+ranks and the heads each rank holds.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from decoder import SpeculativeDecoder  # noqa: E402
+from loader import load_model  # noqa: E402
+
+PROMPT = "def f(x): return x"
+MAX_TOKENS = 12
+
+
+def outputs(model, tokenizer, draft_model, draft_tokenizer):
+    """Logits of one full forward pass and the greedy tokens, regular and speculative, for PROMPT."""
+    input_ids = mx.array(tokenizer(PROMPT).input_ids)[None]
+    decoder_ids = mx.array([[model.args.decoder_start_token_id, 5, 17, 9, 3]])
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, num_draft=3)
+    return dict(
+        logits=np.array(model(input_ids, decoder_ids).astype(mx.float32)),
+        regular=np.array(decoder.generate(PROMPT, MAX_TOKENS, regular=True, ignore_eos=True).tokens),
+        speculative=np.array(decoder.generate(PROMPT, MAX_TOKENS, ignore_eos=True).tokens),
+    )
+
+
+def main():
+    group = mx.distributed.init()
+    out, pairs = Path(sys.argv[1]), sys.argv[2:]
+    for i in range(0, len(pairs), 2):
+        model, tokenizer, _ = load_model(pairs[i], group=group)
+        draft_model, draft_tokenizer, _ = load_model(pairs[i + 1])  # the draft stays whole on every rank
+        result = outputs(model, tokenizer, draft_model, draft_tokenizer)
+        if group.rank() == 0:
+            heads = model.encoder.layers[0].self_attn.num_heads
+            np.savez(out / f"{i // 2}.npz", ranks=group.size(), heads=heads, **result)
+
+
+if __name__ == "__main__":
+    main()
