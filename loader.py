@@ -86,6 +86,8 @@ def read_json(file: Path, what: str = "a JSON object"):
         raise BrokenFile(f"{file} is missing")
     try:
         value = json.loads(file.read_text())
+    except OSError as e:
+        raise BrokenFile(f"{file} cannot be read ({e})") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BrokenFile(f"{file} is {'empty' if not file.stat().st_size else 'not valid JSON'} ({e})") from None
     if not isinstance(value, dict):
@@ -96,7 +98,7 @@ def read_json(file: Path, what: str = "a JSON object"):
 def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     config = read_json(config_file, "a JSON object (a model config)")
-    missing = [key for key in CONFIG_KEYS if key not in config]
+    missing = [key for key in CONFIG_KEYS if config.get(key) is None]
     if missing:
         raise BrokenFile(f"{config_file} lacks {', '.join(missing)}")
     for f in fields(ModelArgs):
@@ -104,18 +106,26 @@ def read_config(path: Path) -> dict:
         if problem:
             raise BrokenFile(f"{config_file}: {f.name} {problem}, got {config[f.name]!r}")
     try:
-        ModelArgs.from_dict(config)
+        args = ModelArgs.from_dict(config)
     except (TypeError, ValueError) as e:
         raise BrokenFile(f"{config_file}: {e}") from None
+    for name in sorted(TOKEN_IDS):
+        if getattr(args, name) >= args.vocab_size:
+            raise BrokenFile(f"{config_file}: {name} {getattr(args, name)} is not below vocab_size {args.vocab_size}")
     mlx = config["mlx"]
     quantization = mlx.get("quantization") if isinstance(mlx, dict) else None
     if not isinstance(mlx, dict) or mlx.get("dtype") not in DTYPE_NAMES:
         raise BrokenFile(f"{config_file}: mlx must say the dtype ({', '.join(DTYPE_NAMES)}), got {mlx!r}")
     if quantization is not None and not (
         isinstance(quantization, dict)
-        and all(quantization.get(key) in allowed for key, allowed in QUANTIZATION.items())
+        and all(
+            type(quantization.get(key)) is int and quantization[key] in allowed for key, allowed in QUANTIZATION.items()
+        )
     ):
         raise BrokenFile(f"{config_file}: mlx.quantization must be null or bits and group_size, got {quantization!r}")
+    fp32_modules = mlx.get("fp32_modules") or []
+    if not (isinstance(fp32_modules, list) and all(isinstance(module, str) for module in fp32_modules)):
+        raise BrokenFile(f"{config_file}: mlx.fp32_modules must be a list of module names, got {fp32_modules!r}")
     return config
 
 
@@ -144,20 +154,23 @@ def safetensors_header(file: Path) -> tuple[dict, dict]:
     if not file.is_file():
         raise BrokenFile(f"{file} is missing")
     size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise BrokenFile(f"{file} is {'empty' if not size else 'truncated'} ({size} bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            raise BrokenFile(f"{file} is truncated or not a safetensors file (a header of {length} bytes)")
-        try:
+    try:
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BrokenFile(f"{file} is {'empty' if not size else 'truncated'} ({size} bytes)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > size - 8:
+                raise BrokenFile(f"{file} is truncated or not a safetensors file (a header of {length} bytes)")
             header = json.loads(f.read(length))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BrokenFile(f"{file} has a corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise BrokenFile(f"{file} cannot be read ({e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BrokenFile(f"{file} has a corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise BrokenFile(f"{file} has a corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = metadata if isinstance(metadata, dict) else {}
     tensors, end = {}, 0
     for name, entry in header.items():
         try:

@@ -86,6 +86,13 @@ BROKEN = {
     ),
     "config-bigger-model": ("float", lambda p: edit_json(p / "config.json", d_ff=48), ["has shape", "implies"]),
     "config-fewer-layers": ("float", lambda p: edit_json(p / "config.json", num_layers=1), ["unexpected"]),
+    "config-null-size": ("float", lambda p: edit_json(p / "config.json", vocab_size=None), ["lacks vocab_size"]),
+    "config-token-id": (
+        "float",
+        lambda p: edit_json(p / "config.json", eos_token_id=384),
+        ["eos_token_id 384 is not below vocab_size 384"],
+    ),
+    "mlx-fp32-modules": ("float", lambda p: edit_mlx(p, fp32_modules="wo"), ["mlx.fp32_modules must be a list"]),
     "mlx-dtype": ("float", lambda p: edit_mlx(p, dtype="float64"), ["mlx must say the dtype"]),
     "mlx-dtype-lies": ("float", lambda p: edit_mlx(p, dtype="float16"), ["is F32, but config.json says F16"]),
     # model.safetensors
@@ -127,6 +134,11 @@ BROKEN = {
         lambda p: edit_header(p / "model.safetensors", set_entry("shared.weight", shape=[32, 384])),
         ["shared.weight has shape (32, 384), config.json implies (384, 32)"],
     ),
+    "header-metadata": (
+        "float",
+        lambda p: edit_header(p / "model.safetensors", lambda header: header.update(__metadata__="mlx", x=1)),
+        ["corrupt safetensors header", "'x'"],
+    ),
     "header-entry": (
         "float",
         lambda p: edit_header(p / "model.safetensors", set_entry("shared.weight", data_offsets=[0])),
@@ -158,6 +170,11 @@ BROKEN = {
         "quantized",
         lambda p: edit_mlx(p, quantization={"group_size": 32, "bits": 8}),
         ["is not packed as", "8 bits, groups of 32"],
+    ),
+    "quantized-float-group": (
+        "quantized",
+        lambda p: edit_mlx(p, quantization={"group_size": 32.0, "bits": 4}),
+        ["mlx.quantization must be"],
     ),
     "quantized-bad-bits": (
         "quantized",
