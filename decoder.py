@@ -8,11 +8,13 @@ one token of its own (the correction after a rejection, or a bonus token when ev
 import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
 from drafters import ModelDrafter
 from sampling import Sampler
 
@@ -137,6 +139,142 @@ class SpeculativeDecoder:
         """A drafter for one sequence."""
         return ModelDrafter(self.draft_model, self.sampler)
 
+    def make_batch_drafter(self):
+        """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
+        if type(self.make_drafter()) is ModelDrafter:
+            return BatchModelDrafter(self.draft_model, self.sampler)
+        vocab_size = max(self.model.args.vocab_size, self.draft_model.args.vocab_size)
+        return RowDrafters(self.make_drafter, vocab_size)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int = 100,
+        regular: bool = False,
+        ignore_eos: bool = False,
+        batch_size: int = 8,
+        stats: Optional[Stats] = None,
+    ) -> List[Generation]:
+        """Decode every prompt, `batch_size` at a time: one Generation per prompt, in order (`batch_generations`)."""
+        generations = [None] * len(prompts)
+        for index, generation in self.batch_generations(prompts, max_tokens, regular, ignore_eos, batch_size, stats):
+            generations[index] = generation
+        return generations
+
+    def batch_generations(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int = 100,
+        regular: bool = False,
+        ignore_eos: bool = False,
+        batch_size: int = 8,
+        stats: Optional[Stats] = None,
+    ) -> Iterator[Tuple[int, Generation]]:
+        """(prompt index, Generation) for each prompt as it finishes.
+
+        Up to `batch_size` prompts decode together, each row exactly as `generate` decodes it alone (its own draft
+        acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
+        Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
+        counts batched forward passes, seconds the whole run.
+        """
+        if regular is False and self.draft_model is None:
+            raise ValueError("speculative decoding needs a draft model; pass regular=True to decode without one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        stats = Stats() if stats is None else stats
+        start = time.perf_counter()
+        model, eos = self.model, self.model.args.eos_token_id
+        rows = Rows(model)
+        drafter = None if regular else self.make_batch_drafter()
+        queue = deque(enumerate(prompts))
+        seeds = mx.random.split(mx.random.key(self.seed), max(len(prompts), 1))
+        active: List[Row] = []
+        while queue or active:
+            if queue and len(active) < batch_size:
+                tick = time.perf_counter()
+                joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
+                ids = [self.tokenizer(prompt).input_ids for _, prompt in joining]
+                rows.add(ids)
+                if drafter is not None:
+                    drafter.add(ids)
+                seconds = time.perf_counter() - tick
+                stats.encode_seconds += seconds
+                for index, _ in joining:
+                    row = Row(index, [model.args.decoder_start_token_id], seeds[index], time.perf_counter())
+                    row.stats.encode_seconds = seconds
+                    active.append(row)
+
+            # One draft length for the whole batch: every row shares the verification pass. Never draft past the
+            # longest remaining budget; rows with less left cut their tokens at max_tokens.
+            num_draft = 0 if regular else min(self.num_draft, max(max_tokens - row.generated for row in active) - 1)
+            keys = row_keys(mx.stack([row.key for row in active]), 4)  # (B, 4, 2): next, draft, accept, extra
+            sequences = [row.sequence for row in active]
+            lengths = [0] * len(active)
+            draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
+            if num_draft:
+                draft, lengths = drafter.propose(sequences, num_draft, keys[:, 1])
+                draft_tokens, draft_probs = draft.tokens, draft.probs
+
+            # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
+            verify_input = mx.concatenate([mx.array([sequence[-1:] for sequence in sequences]), draft_tokens], axis=1)
+            logits = rows.decode(verify_input)
+            accepted, extra = self.judge_rows(logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3])
+            # The one synchronisation per step.
+            accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
+            stats.main_calls += 1
+
+            kept = []
+            for b, row in enumerate(active):
+                row.key = keys[b, 0]
+                row.stats.main_calls += 1
+                row.stats.drafted += lengths[b]
+                verdicts = accepted[b][: lengths[b]]
+                num_accepted = verdicts.index(False) if False in verdicts else lengths[b]
+                row.stats.accepted += num_accepted
+                stats.drafted += lengths[b]
+                stats.accepted += num_accepted
+                new_tokens = drafts[b][:num_accepted] + [extra[b][num_accepted]]
+                if not ignore_eos and eos in new_tokens:
+                    new_tokens = new_tokens[: new_tokens.index(eos) + 1]
+                new_tokens = new_tokens[: max_tokens - row.generated]
+                row.sequence.extend(new_tokens)
+                if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
+                    stats.generated += row.generated
+                    yield row.index, self.finish(row)
+                else:
+                    kept.append(b)
+            # Rewind every row to its accepted tokens (the newest is fed next step); finished rows leave.
+            rows.rewind([len(sequence) - 1 for sequence in sequences])
+            if drafter is not None:
+                drafter.rewind([len(sequence) for sequence in sequences])
+            if len(kept) < len(active):
+                active = [active[b] for b in kept]
+                rows.keep(kept)
+                if drafter is not None:
+                    drafter.keep(kept)
+        stats.seconds = time.perf_counter() - start
+
+    def judge_rows(self, logits, drafts, draft_probs, accept_keys, extra_keys):
+        """The sampler's judgement of each row on its own, with its own keys: (B, k) verdicts, (B, k + 1) tokens."""
+        judge, delta = self.sampler.judge, self.delta
+        if drafts.shape[1] == 0:
+            # The main model's own next token (and MLX cannot vmap a categorical draw over (1, vocab) rows).
+            extra = mx.vmap(self.sampler.sample)(self.sampler.distribution(logits[:, -1]), extra_keys)
+            return mx.zeros(drafts.shape, dtype=mx.bool_), extra[:, None]
+        if draft_probs is None:
+            return mx.vmap(lambda lg, dr, ak, ek: judge(lg, dr, None, delta, ak, ek))(
+                logits, drafts, accept_keys, extra_keys
+            )
+        return mx.vmap(lambda lg, dr, dp, ak, ek: judge(lg, dr, dp, delta, ak, ek))(
+            logits, drafts, draft_probs, accept_keys, extra_keys
+        )
+
+    def finish(self, row) -> Generation:
+        tokens = row.sequence[1:]
+        row.stats.generated = len(tokens)
+        row.stats.seconds = time.perf_counter() - row.start
+        return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, row.stats)
+
     def regular_tokens(self, prompt_ids, max_tokens, ignore_eos, stats) -> Iterator[List[int]]:
         """The main model alone, one token per forward pass."""
         key = mx.random.key(self.seed)
@@ -206,6 +344,21 @@ class SpeculativeDecoder:
             yield new_tokens
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:
                 return
+
+
+@dataclass
+class Row:
+    """A prompt being decoded in a batch."""
+
+    index: int  # its place in the prompt list
+    sequence: List[int]  # the decoder start id and every token accepted
+    key: mx.array  # its own random stream
+    start: float
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def generated(self) -> int:
+        return len(self.sequence) - 1
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):

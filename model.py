@@ -158,9 +158,20 @@ class KVCache:
     def keep_rows(self, rows) -> None:
         """Drop every row not in `rows` (indices, in the order to keep)."""
         if self.keys is not None:
-            index = mx.array(rows)
-            self.keys, self.values = self.keys[index], self.values[index]
+            if rows:
+                index = mx.array(rows)
+                self.keys, self.values = self.keys[index], self.values[index]
+            else:
+                self.keys = self.values = None
         self.offsets = [self.offsets[row] for row in rows]
+
+    def add_rows(self, count: int) -> None:
+        """Append `count` empty rows."""
+        if self.keys is not None:
+            empty = mx.zeros((count, *self.keys.shape[1:]), self.keys.dtype)
+            self.keys = mx.concatenate([self.keys, empty])
+            self.values = mx.concatenate([self.values, empty])
+        self.offsets = self.offsets + [0] * count
 
 
 class Attention(nn.Module):

@@ -1,0 +1,156 @@
+"""The state of a batch of prompts decoded together: each model's rows, and drafting for every row at once.
+
+Rows come and go: a prompt that finishes leaves the batch (`keep`), and prompts from the queue join it (`add`). Each
+row keeps its own prompt length (a cross-attention mask) and its own decoded length (the cache's per-row offsets).
+"""
+
+from typing import Callable, List, Tuple
+
+import mlx.core as mx
+
+from drafters import Draft
+from sampling import Sampler, one_hot, pad_vocab
+
+
+class Rows:
+    """One model's per-row state: cross-attention keys/values of each prompt, its mask, the self-attention cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cross_kv = None  # per layer (keys, values), each (B, heads, S, d_kv); S: the longest prompt
+        self.mask = None  # (B, S): 1 where a row's prompt has a token
+        self.cache = model.make_cache(0)
+
+    def __len__(self):
+        return len(self.cache[0].offsets)
+
+    def add(self, prompts: List[List[int]]):
+        """Append a row for each prompt (token ids), encoded together as one padded batch."""
+        width = max(len(prompt) for prompt in prompts)
+        pad = self.model.args.pad_token_id
+        ids = mx.array([prompt + [pad] * (width - len(prompt)) for prompt in prompts])
+        mask = mx.array([[1] * len(prompt) + [0] * (width - len(prompt)) for prompt in prompts])
+        cross_kv = self.model.cross_kv(self.model.encode(ids, mask))
+        if self.cross_kv is not None:
+            width = max(width, self.mask.shape[1])
+            cross_kv = [
+                tuple(mx.concatenate([pad_length(old, width), pad_length(new, width)]) for old, new in zip(*pair))
+                for pair in zip(self.cross_kv, cross_kv)
+            ]
+            mask = mx.concatenate([pad_length(self.mask, width, axis=1), pad_length(mask, width, axis=1)])
+        self.cross_kv, self.mask = cross_kv, mask
+        mx.eval(self.cross_kv, self.mask)
+        for layer_cache in self.cache:
+            layer_cache.add_rows(len(prompts))
+
+    def keep(self, rows: List[int]):
+        """Keep only `rows` (indices), in that order."""
+        index = mx.array(rows, dtype=mx.int32)
+        self.cross_kv = [(keys[index], values[index]) for keys, values in self.cross_kv]
+        self.mask = self.mask[index]
+        for layer_cache in self.cache:
+            layer_cache.keep_rows(rows)
+
+    def decode(self, ids):
+        """Logits (B, L, vocab) for ids (B, L) continuing each row."""
+        return self.model.decode(ids, self.cross_kv, self.cache, self.mask)
+
+    def rewind(self, lengths: List[int]):
+        """Row b keeps at most its first lengths[b] positions."""
+        for layer_cache in self.cache:
+            layer_cache.trim_rows([max(0, offset - length) for offset, length in zip(layer_cache.offsets, lengths)])
+
+
+def pad_length(x, width, axis=2):
+    """Zeros appended along `axis` up to `width` (cross-attention keys/values: axis 2; masks: axis 1)."""
+    missing = width - x.shape[axis]
+    if missing == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, missing)
+    return mx.pad(x, widths)
+
+
+def row_keys(keys, count):
+    """(B, 2) random keys -> (B, count, 2): each row's key split as mx.random.split splits one."""
+    return mx.vmap(lambda key: mx.random.split(key, count))(keys)
+
+
+class BatchModelDrafter:
+    """A draft model drafting for every row in one forward pass per token; each row at its own length."""
+
+    def __init__(self, model, sampler: Sampler):
+        self.rows = Rows(model)
+        self.sampler = sampler
+
+    def add(self, prompts: List[List[int]]):
+        self.rows.add(prompts)
+
+    def keep(self, rows: List[int]):
+        self.rows.keep(rows)
+
+    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int]]:
+        """k tokens (B, k) after each row's accepted sequence, and each row's draft length; keys: (B, 2)."""
+        # Each row's cache holds a prefix of its sequence; feed the rest (one or two tokens), right-padded, and
+        # rewind the padding.
+        feeds = [sequence[offset:] for sequence, offset in zip(sequences, self.rows.cache[0].offsets)]
+        width = max(len(feed) for feed in feeds)
+        logits = self.rows.decode(mx.array([feed + [0] * (width - len(feed)) for feed in feeds]))
+        self.rows.rewind([len(sequence) for sequence in sequences])
+        last = mx.array([len(feed) - 1 for feed in feeds])
+        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        step_keys = row_keys(keys, k)
+        tokens, probs = [], []
+        for step in range(k):
+            if step:
+                logits = self.rows.decode(tokens[-1][:, None])[:, -1]
+            if self.sampler.greedy:
+                token = mx.argmax(logits, axis=-1).astype(mx.int32)
+            else:
+                probs.append(self.sampler.distribution(logits))
+                token = mx.vmap(self.sampler.sample)(probs[-1], step_keys[:, step]).astype(mx.int32)
+            mx.async_eval(token)
+            tokens.append(token)
+        draft = Draft(mx.stack(tokens, axis=1), mx.stack(probs, axis=1) if probs else None, "model")
+        return draft, [k] * len(sequences)
+
+    def rewind(self, lengths: List[int]):
+        # Row b keeps at most lengths[b] - 1 tokens: its sequence's last token is fed at the next proposal.
+        self.rows.rewind([length - 1 for length in lengths])
+
+
+class RowDrafters:
+    """Any single-sequence drafter, one per row: proposals are drawn row by row and padded to one width.
+
+    Row b's draft is `lengths[b]` tokens long; the padding is never accepted (the decoder caps each row's accepted
+    count at its length) and, when sampling, carries q = 0, so the main model's token there is drawn from p itself.
+    """
+
+    def __init__(self, make_drafter: Callable[[], object], vocab_size: int):
+        self.make_drafter = make_drafter
+        self.vocab_size = vocab_size
+        self.drafters = []
+
+    def add(self, prompts: List[List[int]]):
+        for prompt in prompts:
+            drafter = self.make_drafter()
+            drafter.prepare(mx.array([prompt]))
+            self.drafters.append(drafter)
+
+    def keep(self, rows: List[int]):
+        self.drafters = [self.drafters[row] for row in rows]
+
+    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int]]:
+        drafts = [drafter.propose(sequence, k, key) for drafter, sequence, key in zip(self.drafters, sequences, keys)]
+        width = max(len(draft) for draft in drafts)
+        tokens = mx.stack([pad_length(draft.tokens, width, axis=0) for draft in drafts])
+        probs = [
+            one_hot(draft.tokens, self.vocab_size) if draft.probs is None else pad_vocab(draft.probs, self.vocab_size)
+            for draft in drafts
+        ]
+        draft = Draft(tokens, mx.stack([pad_length(p, width, axis=0) for p in probs]), drafts[0].source)
+        return draft, [len(d) for d in drafts]
+
+    def rewind(self, lengths: List[int]):
+        for drafter, length in zip(self.drafters, lengths):
+            drafter.rewind(length)

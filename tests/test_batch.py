@@ -1,0 +1,120 @@
+"""Batched decoding: every row exactly as its prompt decoded alone, rows joining and leaving, sampling per row."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import VARIANTS
+from test_decoder import PROMPTS, CountingTokenizer, chi_square, chi_square_critical, exact_marginals, perturbed
+
+from decoder import SpeculativeDecoder, Stats
+from drafters import ModelDrafter
+from loader import load_model
+
+
+def alone(decoder, prompts, **options):
+    return [decoder.generate(prompt, **options).tokens for prompt in prompts]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rows_equal_each_prompt_decoded_alone(variant, converted):
+    # Prompts of 1 to ~25 words, six of them three at a time, so finished rows are replaced from the queue.
+    model, tokenizer, _ = load_model(converted(variant))
+    draft_model = perturbed(converted(variant), 0.04, seed=0)
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=3)
+    # An end token that rows reach at different steps (random models seldom produce the real one).
+    reference = alone(decoder, PROMPTS, max_tokens=24, regular=True, ignore_eos=True)
+    model.args.eos_token_id = reference[0][4]
+    for regular in (True, False):
+        expected = alone(decoder, PROMPTS, max_tokens=24, regular=regular)
+        assert len({len(tokens) for tokens in expected}) > 1  # rows finish at different steps
+        for batch_size in (3, 8):
+            generations = decoder.generate_batch(PROMPTS, max_tokens=24, regular=regular, batch_size=batch_size)
+            assert [generation.tokens for generation in generations] == expected, (regular, batch_size)
+            assert [g.text for g in generations] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+
+
+@pytest.mark.parametrize("num_draft", [1, 4])
+def test_per_row_drafters_equal_the_batched_draft_model(num_draft, converted):
+    # Any drafter other than the draft model runs one per row; the draft model wrapped as such must agree.
+    class WrappedDrafter(ModelDrafter):
+        pass
+
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    draft_model = perturbed(converted("t5-v1_1"), 0.04, seed=0)
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=num_draft)
+    expected = alone(decoder, PROMPTS, max_tokens=20, ignore_eos=True)
+    decoder.make_drafter = lambda: WrappedDrafter(draft_model, decoder.sampler)
+    stats = Stats()
+    generations = decoder.generate_batch(PROMPTS, max_tokens=20, ignore_eos=True, batch_size=4, stats=stats)
+    assert [generation.tokens for generation in generations] == expected
+    assert 0 < stats.accepted < stats.drafted
+    assert stats.generated == sum(len(tokens) for tokens in expected) == sum(g.stats.generated for g in generations)
+
+
+def test_run_stats_add_up_and_rows_keep_their_own(converted):
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    decoder = SpeculativeDecoder(model, perturbed(converted("t5-v1_1"), 0.04, seed=0), tokenizer, num_draft=2)
+    stats = Stats()
+    generations = decoder.generate_batch(PROMPTS, max_tokens=15, ignore_eos=True, batch_size=6, stats=stats)
+    assert stats.accepted == sum(g.stats.accepted for g in generations)
+    assert stats.drafted == sum(g.stats.drafted for g in generations)
+    # All six rows decode together: one batched pass per step, as many steps as the slowest row's.
+    assert stats.main_calls == max(g.stats.main_calls for g in generations)
+    assert len({g.stats.accepted for g in generations}) > 1
+
+
+def test_batch_size_below_one_is_refused(converted):
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    with pytest.raises(ValueError, match="batch_size"):
+        SpeculativeDecoder(model, None, tokenizer).generate_batch(PROMPTS, regular=True, batch_size=0)
+
+
+def tiny_pair():
+    from test_decoder import tiny_model
+
+    return tiny_model(seed=10, vocab_size=12, sharpness=4.0), tiny_model(seed=11, vocab_size=12, sharpness=4.0)
+
+
+def test_sampling_is_reproducible_and_independent_per_row():
+    main_model, draft_model = tiny_pair()
+    decoder = SpeculativeDecoder(main_model, draft_model, CountingTokenizer(12), num_draft=2, temperature=1.0)
+    first = [g.tokens for g in decoder.generate_batch(["31415"] * 8, max_tokens=6, ignore_eos=True, batch_size=4)]
+    again = [g.tokens for g in decoder.generate_batch(["31415"] * 8, max_tokens=6, ignore_eos=True, batch_size=4)]
+    assert first == again
+    assert len({tuple(tokens) for tokens in first}) > 4  # the same prompt, drawn independently in each row
+
+
+ROWS = 2000
+POSITIONS = 3
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.7, top_k=4)], ids=["t1", "top-k"])
+def test_each_row_samples_the_main_models_distribution(setting):
+    # Two prompts of different lengths, 2000 rows each, 500 at a time: every row's draws must follow the main model
+    # (a chi-square test per prompt and position at a false-failure rate of 1e-3; the seed is fixed).
+    main_model, draft_model = tiny_pair()
+    prompts = ["31415", "2718281828"]
+    decoder = SpeculativeDecoder(main_model, draft_model, CountingTokenizer(12), num_draft=2, **setting)
+    generations = decoder.generate_batch(prompts * ROWS, max_tokens=POSITIONS, ignore_eos=True, batch_size=500)
+    for prompt_index, prompt in enumerate(prompts):
+        prompt_ids = mx.array([[int(c) for c in prompt]])
+        marginals = exact_marginals(main_model, prompt_ids, POSITIONS, decoder.sampler.distribution)
+        counts = np.zeros((POSITIONS, 12))
+        for generation in generations[prompt_index :: len(prompts)]:
+            counts[np.arange(POSITIONS), generation.tokens] += 1
+        for position in range(POSITIONS):
+            statistic, df = chi_square(counts[position], marginals[position])
+            assert statistic < chi_square_critical(df), (prompt, position, statistic)
+
+
+def test_the_per_row_check_detects_a_biased_sampler():
+    # delta = 1 keeps every draft: the rows' first tokens follow the draft model, and the same check rejects them.
+    main_model, draft_model = tiny_pair()
+    decoder = SpeculativeDecoder(
+        main_model, draft_model, CountingTokenizer(12), num_draft=2, delta=1.0, temperature=1.0
+    )
+    generations = decoder.generate_batch(["31415"] * ROWS, max_tokens=1 + 2, ignore_eos=True, batch_size=500)
+    marginals = exact_marginals(main_model, mx.array([[3, 1, 4, 1, 5]]), 1, decoder.sampler.distribution)
+    counts = np.bincount([generation.tokens[0] for generation in generations], minlength=12)
+    statistic, df = chi_square(counts, marginals[0])
+    assert statistic > chi_square_critical(df)
