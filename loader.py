@@ -49,10 +49,10 @@ def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None,
     """Load a directory written by convert.py -> (model, tokenizer, config dict).
 
     Every file is checked first (JSON, safetensors headers against file sizes, weight names, shapes and dtypes
-    against the config, the tokenizer's vocabulary); problems raise ModelLoadError. `decoding_layout` (default: for
-    float32 weights when MLX runs on the CPU) holds the decoder's weights transposed and fused for speed. With a
-    distributed `group` of several ranks the model is sharded across them (T5.shard) and this rank reads only its own
-    slices of the weights.
+    against the config, the tokenizer's vocabulary); problems raise ModelLoadError. `decoding_layout` (default: when
+    MLX runs on the CPU, in every dtype) computes the linear layers with `kernels.linear`, fused. With a distributed
+    `group` of several ranks the model is sharded across them (T5.shard) and this rank reads only its own slices of
+    the weights.
     """
     path = Path(path)
     if not path.is_dir():
@@ -72,7 +72,7 @@ def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None,
 
     model.load_weights(list(weights.items()), strict=True)
     if decoding_layout is None:
-        decoding_layout = mx.default_device() == mx.cpu and all(w.dtype == mx.float32 for w in weights.values())
+        decoding_layout = mx.default_device() == mx.cpu
     if decoding_layout:
         model.use_decoding_layout()
     if not lazy:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+import kernels
 from decoder import IncompatibleDraftError, SpeculativeDecoder
 from loader import ModelLoadError, is_conversion, load_model, recorded_source
 
@@ -203,9 +204,11 @@ def load(path, role, group=None):
 
 
 def backend_description():
-    """Where MLX computes, and with which BLAS on a CPU."""
+    """Where MLX computes, with which BLAS and matrix-product kernels on a CPU."""
     device = mx.default_device()
-    return f"cpu, BLAS {backend.active}" if device == mx.cpu else device.type.name
+    if device != mx.cpu:
+        return device.type.name
+    return f"cpu, BLAS {backend.active}, kernels {kernels.description()}"
 
 
 def print_stats(stats, regular):
@@ -268,7 +271,13 @@ def main(argv=None):
         result = dict(
             text=generation.text,
             tokens=generation.tokens,
-            stats={**generation.stats.to_dict(), "backend": backend_description(), "blas": backend.active},
+            stats={
+                **generation.stats.to_dict(),
+                "backend": backend_description(),
+                "blas": backend.active,
+                "kernels": kernels.active,
+                "kernels_ran": sorted(kernels.used),
+            },
             model=str(model_dir),
             draft_model=str(draft_dir) if draft_dir else None,
             prompt=args.prompt,

@@ -11,6 +11,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
+import kernels
+
 # Activations transformers' T5 configs name in `feed_forward_proj` ("relu", "gated-gelu", ...).
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -208,23 +210,28 @@ class Attention(nn.Module):
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class TransposedLinear(nn.Module):
-    """A bias-free linear layer that holds W^T (in, out) contiguous instead of W (out, in); same result.
+class FusedLinear(nn.Module):
+    """Bias-free linear layers (nn.Linear, nn.QuantizedLinear or a tied embedding), stacked into one product (their
+    outputs side by side) that `kernels.linear` computes: native decode-shaped kernels on the CPU where built.
 
-    MLX's CPU matrix-vector products read the transposed layout about 1.3x faster, and one row at a time is how a
-    decoder runs. Several weights given are stacked into one product (their outputs side by side). With a `group`,
-    the weight holds this rank's input columns and the products are summed over the group's ranks.
+    With a `group`, the weights hold this rank's input columns and the products are summed over the group's ranks.
     """
 
-    def __init__(self, *weights, group=None):
+    def __init__(self, *layers, group=None):
         super().__init__()
-        self.weight_t = mx.contiguous(mx.concatenate(weights).T)
+        first = layers[0]
+        self.group_size, self.bits = getattr(first, "group_size", None), getattr(first, "bits", None)
+        for name in ("weight", "scales", "biases"):
+            if name in first:
+                setattr(self, name, first[name] if len(layers) == 1 else mx.concatenate([l[name] for l in layers]))
         self.group = group
 
     def __call__(self, x):
-        if self.group is None:
-            return x @ self.weight_t
-        return mx.distributed.all_sum(x @ self.weight_t, group=self.group)
+        if "scales" in self:
+            y = kernels.linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        else:
+            y = kernels.linear(x, self.weight)
+        return y if self.group is None else mx.distributed.all_sum(y, group=self.group)
 
 
 class MLP(nn.Module):
@@ -408,22 +415,25 @@ class T5(nn.Module):
         return self.decode(decoder_ids, cross_kv, self.make_cache(), attention_mask)
 
     def use_decoding_layout(self):
-        """Hold the decoder's (unquantized) weights as a CPU decodes fastest: transposed, and the self-attention
-        projections (and the gated feed-forward's two input projections) fused into one product each."""
-        for layer in self.decoder.layers:
-            attention, cross, mlp = layer.self_attn, layer.cross_attn, layer.mlp
-            attention.qkv = TransposedLinear(attention.q.weight, attention.k.weight, attention.v.weight)
-            attention.o = TransposedLinear(attention.o.weight, group=self.group)
+        """Compute every linear layer with `kernels.linear` (fast products of a few rows on a CPU, in every dtype),
+        the self-attention projections (and the gated feed-forward's two input projections) fused into one each."""
+        for layer in [*self.encoder.layers, *self.decoder.layers]:
+            attention, mlp = layer.self_attn, layer.mlp
+            attention.qkv = FusedLinear(attention.q, attention.k, attention.v)
+            attention.o = FusedLinear(attention.o, group=self.group)
             del attention.q, attention.k, attention.v
-            cross.q, cross.o = TransposedLinear(cross.q.weight), TransposedLinear(cross.o.weight, group=self.group)
+            if "cross_attn" in layer:
+                cross = layer.cross_attn
+                cross.q, cross.k, cross.v = (FusedLinear(cross[name]) for name in ("q", "k", "v"))
+                cross.o = FusedLinear(cross.o, group=self.group)
             if mlp.is_gated:
-                mlp.wi_01 = TransposedLinear(mlp.wi_0.weight, mlp.wi_1.weight)
+                mlp.wi_01 = FusedLinear(mlp.wi_0, mlp.wi_1)
                 del mlp.wi_0, mlp.wi_1
             else:
-                mlp.wi = TransposedLinear(mlp.wi.weight)
-            mlp.wo = TransposedLinear(mlp.wo.weight, group=self.group)
-        # Untied: the head itself; tied: a transposed copy beside the embedding table.
-        self.lm_head = TransposedLinear(self.lm_head.weight if "lm_head" in self else self.shared.weight)
+                mlp.wi = FusedLinear(mlp.wi)
+            mlp.wo = FusedLinear(mlp.wo, group=self.group)
+        # Untied: the head itself; tied: the embedding table's own arrays (no copy).
+        self.lm_head = FusedLinear(self.lm_head if "lm_head" in self else self.shared)
 
     def shard(self, group):
         """Split the attention heads and the feed-forward's inner units across the ranks of `group` (tensor

@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: a subprocess on tiny converted checkpoints."""
 
 import backend
+import kernels
 
 import json
 import os
@@ -104,7 +105,19 @@ def test_json_stats_name_the_active_blas(main_model):
     assert last_json(run(*common))["stats"]["blas"] == backend.active
     opted_out = last_json(run(*common, env={**ENV, backend.ENV_VAR: "none"}))["stats"]
     assert opted_out["blas"] == "bundled reference BLAS (T5_BLAS=none)"
-    assert opted_out["backend"] in ("cpu, BLAS " + opted_out["blas"], "gpu")
+    assert opted_out["backend"].startswith("cpu, BLAS " + opted_out["blas"]) or opted_out["backend"] == "gpu"
+
+
+def test_json_stats_name_the_kernels_that_ran(main_model):
+    common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
+    stats = last_json(run(*common))["stats"]
+    assert stats["kernels"] == kernels.active and f"kernels {stats['kernels']}" in stats["backend"]
+    if kernels.native is not None:
+        # One row at a time: the decoder's float32 products run natively.
+        assert "native float32" in stats["kernels_ran"]
+    switched_off = last_json(run(*common, env={**ENV, kernels.ENV_VAR: "0"}))["stats"]
+    assert switched_off["kernels"] == "mlx (T5_KERNELS=0)"
+    assert switched_off["kernels_ran"] and all(name.startswith("mlx") for name in switched_off["kernels_ran"])
 
 
 def test_human_output_streams_text_then_stats(main_model):

@@ -8,7 +8,7 @@ from conftest import VARIANTS
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from loader import load_model
-from model import KVCache, TransposedLinear, relative_position_bucket
+from model import KVCache, FusedLinear, relative_position_bucket
 
 TOLERANCE = 1e-4  # max abs difference, float32
 
@@ -175,9 +175,9 @@ def test_decoding_layout_gives_the_same_logits(variant, converted):
     plain, _, _ = load_model(converted(variant), decoding_layout=False)
     fused, _, _ = load_model(converted(variant), decoding_layout=True)
     layer = fused.decoder.layers[0]
-    assert isinstance(layer.self_attn.qkv, TransposedLinear) and "q" not in layer.self_attn
-    assert isinstance(layer.mlp.wi_01 if plain.args.is_gated else layer.mlp.wi, TransposedLinear)
-    assert isinstance(fused.lm_head, TransposedLinear)
+    assert isinstance(layer.self_attn.qkv, FusedLinear) and "q" not in layer.self_attn
+    assert isinstance(layer.mlp.wi_01 if plain.args.is_gated else layer.mlp.wi, FusedLinear)
+    assert isinstance(fused.lm_head, FusedLinear)
     input_ids, mask, decoder_ids = (to_mx(t) for t in padded_batch(plain.args.vocab_size))
     np.testing.assert_allclose(
         np.array(fused(input_ids, decoder_ids, mask)), np.array(plain(input_ids, decoder_ids, mask)), atol=1e-5

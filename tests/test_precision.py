@@ -35,7 +35,7 @@ def test_quantized_agrees_with_float32_greedy(variant, bits, converted):
     path = converted(variant, quantize=True, q_bits=bits, q_group_size=32)
     model, _, config = load_model(path)
     assert config["mlx"]["quantization"] == {"group_size": 32, "bits": bits}
-    assert "scales" in model.decoder.layers[0].self_attn.q  # really quantized
+    assert "scales" in model.decoder.layers[0].self_attn.qkv  # really quantized
     agreement = argmax_agreement(model, reference)
     print(f"{variant} {bits}-bit: argmax agreement with float32 greedy {agreement:.3f}")
     assert agreement >= MIN_AGREEMENT[bits]
@@ -67,7 +67,7 @@ def test_float16_keeps_wo_in_float32_and_stays_finite_with_large_activations(hf_
     convert.convert(str(source), mlx_path=str(tmp_path / "fp16"), dtype="float16")
     model, _, _ = load_model(tmp_path / "fp16")
     assert model.encoder.layers[0].mlp.wo.weight.dtype == mx.float32
-    assert model.encoder.layers[0].mlp.wi_0.weight.dtype == mx.float16
+    assert model.encoder.layers[0].mlp.wi_01.weight.dtype == mx.float16
     input_ids, mask, decoder_ids = (to_mx(t) for t in padded_batch(model.args.vocab_size))
     encoder_output = model.encode(input_ids, mask)
     assert float(mx.abs(encoder_output).max()) > 0  # normalised, so finite and non-trivial

@@ -1,0 +1,74 @@
+"""Matrix products for decoding: native kernels on a Linux CPU where they are built, MLX's own everywhere else.
+
+`linear(x, weight, ...)` is x @ weight.T with weight as nn.Linear holds it (out, in), or quantized as
+nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension built by `python kernels/build.py`)
+read each weight once per block of up to 16 rows, in float32, bfloat16, float16, or MLX's affine 4- and 8-bit
+quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
+
+T5_KERNELS=0 turns the native kernels off.
+"""
+
+import os
+import platform
+import sys
+
+import mlx.core as mx
+
+ENV_VAR = "T5_KERNELS"
+BUILD_COMMAND = "python kernels/build.py"
+# Above this many rows a float32 product goes to OpenBLAS (measured by benchmark.py's product sweep).
+FLOAT32_MAX_ROWS = 16
+
+native = None
+# What serves the products, for reports: "native avx2, 2 threads", "mlx (...)".
+active = "mlx"
+# The kernels that have served a product since start-up, e.g. {"native 4-bit", "mlx float32"}.
+used = set()
+
+
+def load() -> str:
+    """Load the native kernels as the environment asks; return a description of what serves the products."""
+    global native, active
+    native = None
+    if os.environ.get(ENV_VAR, "").lower() in ("0", "off", "none"):
+        active = f"mlx ({ENV_VAR}={os.environ[ENV_VAR]})"
+        return active
+    if sys.platform != "linux":
+        active = "mlx"
+        return active
+    try:
+        from kernels import _native
+    except ImportError as e:
+        reason = "not built" if "_native" in str(e) and "No module" in str(e) else f"cannot be loaded ({e})"
+        print(f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
+              file=sys.stderr)
+        active = f"mlx (native kernels {reason.split(' (')[0]})"
+        return active
+    native = _native
+    active = f"native {native.isa()}, {native.threads()} threads ({platform.machine()})"
+    return active
+
+
+def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
+    """x (..., in) @ weight.T -> (..., out); with scales and biases, weight is MLX-quantized (affine)."""
+    rows = x.size // x.shape[-1]
+    if native is not None and mx.default_device() == mx.cpu:
+        if scales is None and (weight.dtype != mx.float32 or rows <= FLOAT32_MAX_ROWS):
+            used.add(f"native {weight.dtype}".replace("mlx.core.", ""))
+            return native.decode_matmul(x, weight)
+        if scales is not None and bits in (4, 8) and group_size in (32, 64, 128):
+            used.add(f"native {bits}-bit")
+            return native.decode_matmul(x, weight, scales, biases, group_size, bits)
+    if scales is None:
+        used.add(f"mlx {weight.dtype}".replace("mlx.core.", ""))
+        return x @ weight.T
+    used.add(f"mlx {bits}-bit")
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def description() -> str:
+    """What serves the products and which kernels have run, for main.py's backend line."""
+    return f"{active}; ran: {', '.join(sorted(used)) or 'none yet'}"
+
+
+load()

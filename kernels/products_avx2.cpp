@@ -1,0 +1,218 @@
+// AVX2/FMA/F16C kernels; this file alone is compiled with -mavx2 -mfma -mf16c and is called only after a run-time
+// check. Each weight is read once per block of rows; accumulation is in float32.
+#include <immintrin.h>
+
+
+#include "products.h"
+
+namespace t5kernels {
+namespace {
+
+// Not std::min: a template instantiated here with AVX2 enabled could be picked by the linker for the portable path.
+inline int min_int(int a, int b) {
+  return a < b ? a : b;
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <WeightType WT>
+inline __m256 load8(const void* w, size_t index) {
+  if constexpr (WT == kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + index);
+  } else {
+    __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + index));
+    if constexpr (WT == kBFloat16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    } else {
+      return _mm256_cvtph_ps(half);
+    }
+  }
+}
+
+// R rows x C columns over k in [k0, k1) (multiples of 8), accumulating into acc[r][c].
+template <WeightType WT, int R, int C>
+void float_tile(const float* x, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
+  __m256 a[R][C];
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      a[r][c] = acc[r][c];
+    }
+  }
+  for (int k = k0; k < k1; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; c++) {
+      wv[c] = load8<WT>(w, size_t(n + c) * K + k);
+    }
+    for (int r = 0; r < R; r++) {
+      __m256 xv = _mm256_loadu_ps(x + size_t(r) * K + k);
+      for (int c = 0; c < C; c++) {
+        a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      acc[r][c] = a[r][c];
+    }
+  }
+}
+
+template <WeightType WT, int R>
+void float_tile_rows(int C, const float* x, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
+  switch (C) {
+    case 1:
+      return float_tile<WT, R, 1>(x, K, w, n, k0, k1, acc);
+    case 2:
+      return float_tile<WT, R, 2>(x, K, w, n, k0, k1, acc);
+    case 3:
+      return float_tile<WT, R, 3>(x, K, w, n, k0, k1, acc);
+    default:
+      return float_tile<WT, R, 4>(x, K, w, n, k0, k1, acc);
+  }
+}
+
+template <WeightType WT>
+void float_columns(const FloatProduct& p, int n0, int n1) {
+  // K in chunks so that a tile's weights stay in L1 while every group of rows passes over them.
+  constexpr int kChunk = 256;
+  const int K8 = p.K & ~7;
+  __m256 acc[kMaxRows][4];
+  for (int n = n0; n < n1; n += 4) {
+    const int C = min_int(4, n1 - n);
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < 4; c++) {
+        acc[r][c] = _mm256_setzero_ps();
+      }
+    }
+    for (int k0 = 0; k0 < K8; k0 += kChunk) {
+      const int k1 = min_int(K8, k0 + kChunk);
+      for (int r = 0; r < p.rows;) {
+        const int R = min_int(3, p.rows - r);
+        const float* x = p.x + size_t(r) * p.K;
+        if (R == 3) {
+          float_tile_rows<WT, 3>(C, x, p.K, p.w, n, k0, k1, acc + r);
+        } else if (R == 2) {
+          float_tile_rows<WT, 2>(C, x, p.K, p.w, n, k0, k1, acc + r);
+        } else {
+          float_tile_rows<WT, 1>(C, x, p.K, p.w, n, k0, k1, acc + r);
+        }
+        r += R;
+      }
+    }
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < C; c++) {
+        float sum = horizontal_sum(acc[r][c]);
+        for (int k = K8; k < p.K; k++) {
+          sum += p.x[size_t(r) * p.K + k] * load_scalar(p.w, size_t(n + c) * p.K + k, p.wtype);
+        }
+        p.out[size_t(r) * p.N + n + c] = sum;
+      }
+    }
+  }
+}
+
+// Value i of each of 8 words, as floats still scaled by 2^(bits * i) (prepare_quant_x scales x to match); the top
+// value is shifted down instead, since masking it in place would set the sign bit.
+template <int BITS>
+inline __m256 word_values(__m256i words, int i) {
+  constexpr int per_word = 32 / BITS;
+  if (i == per_word - 1) {
+    return _mm256_cvtepi32_ps(_mm256_srli_epi32(words, BITS * (per_word - 1)));
+  }
+  const int mask = ((1 << BITS) - 1) << (BITS * i);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(words, _mm256_set1_epi32(mask)));
+}
+
+template <int BITS>
+void quant_columns(const QuantProduct& p, int n0, int n1) {
+  constexpr int per_word = 32 / BITS, block = 8 * per_word;
+  const int words = p.K / per_word, blocks = words / 8, groups = p.K / p.group;
+  const bool two_groups = block > p.group;  // 4-bit with groups of 32: lanes 0-3 and 4-7 differ
+  __m256 acc_scaled[kMaxRows], acc_bias[kMaxRows];
+  float result[kMaxRows];
+  for (int n = n0; n < n1; n++) {
+    const uint32_t* row = p.w + size_t(n) * words;
+    const size_t group_row = size_t(n) * groups;
+    for (int m = 0; m < p.rows; m++) {
+      acc_scaled[m] = _mm256_setzero_ps();
+      acc_bias[m] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < blocks; b++) {
+      __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 8));
+      __m256 values[per_word];
+      for (int i = 0; i < per_word; i++) {
+        values[i] = word_values<BITS>(packed, i);
+      }
+      const int g = b * block / p.group;
+      __m256 scale, bias;
+      if (two_groups) {
+        scale = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.scales, group_row + g, p.stype)),
+                                 _mm_set1_ps(load_scalar(p.scales, group_row + g + 1, p.stype)));
+        bias = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.biases, group_row + g, p.stype)),
+                                _mm_set1_ps(load_scalar(p.biases, group_row + g + 1, p.stype)));
+      } else {
+        scale = _mm256_set1_ps(load_scalar(p.scales, group_row + g, p.stype));
+        bias = _mm256_set1_ps(load_scalar(p.biases, group_row + g, p.stype));
+      }
+      for (int m = 0; m < p.rows; m++) {
+        const float* xw = p.x_words + size_t(m) * p.K + b * block;
+        __m256 dot0 = _mm256_mul_ps(values[0], _mm256_loadu_ps(xw));
+        __m256 dot1 = _mm256_mul_ps(values[1], _mm256_loadu_ps(xw + 8));
+        for (int i = 2; i < per_word; i += 2) {
+          dot0 = _mm256_fmadd_ps(values[i], _mm256_loadu_ps(xw + 8 * i), dot0);
+          dot1 = _mm256_fmadd_ps(values[i + 1], _mm256_loadu_ps(xw + 8 * i + 8), dot1);
+        }
+        // Per word: scale * sum(value * x) + bias * sum(x).
+        acc_scaled[m] = _mm256_fmadd_ps(scale, _mm256_add_ps(dot0, dot1), acc_scaled[m]);
+        const __m256 x_sums = _mm256_loadu_ps(p.x_sums + size_t(m) * words + b * 8);
+        acc_bias[m] = _mm256_fmadd_ps(bias, x_sums, acc_bias[m]);
+      }
+    }
+    for (int m = 0; m < p.rows; m++) {
+      result[m] = horizontal_sum(_mm256_add_ps(acc_scaled[m], acc_bias[m]));
+    }
+    // Words after the last whole block of 8 (K a multiple of 32 but not of 64, in 4 bits).
+    for (int w = blocks * 8; w < words; w++) {
+      const int g = w * per_word / p.group;
+      const float scale = load_scalar(p.scales, group_row + g, p.stype);
+      const float bias = load_scalar(p.biases, group_row + g, p.stype);
+      for (int i = 0; i < per_word; i++) {
+        const float weight = scale * float((row[w] >> (BITS * i)) & ((1u << BITS) - 1)) + bias;
+        for (int m = 0; m < p.rows; m++) {
+          result[m] += p.x[size_t(m) * p.K + w * per_word + i] * weight;
+        }
+      }
+    }
+    for (int m = 0; m < p.rows; m++) {
+      p.out[size_t(m) * p.N + n] = result[m];
+    }
+  }
+}
+
+}  // namespace
+
+void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
+  switch (p.wtype) {
+    case kFloat32:
+      return float_columns<kFloat32>(p, n0, n1);
+    case kBFloat16:
+      return float_columns<kBFloat16>(p, n0, n1);
+    default:
+      return float_columns<kFloat16>(p, n0, n1);
+  }
+}
+
+void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
+  if (p.bits == 4) {
+    quant_columns<4>(p, n0, n1);
+  } else {
+    quant_columns<8>(p, n0, n1);
+  }
+}
+
+}  // namespace t5kernels

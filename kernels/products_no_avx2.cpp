@@ -1,0 +1,14 @@
+// Other architectures: the portable kernels only (cpu_has_avx2() is false there).
+#include "products.h"
+
+namespace t5kernels {
+
+void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
+  float_columns_portable(p, n0, n1);
+}
+
+void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
+  quant_columns_portable(p, n0, n1);
+}
+
+}  // namespace t5kernels

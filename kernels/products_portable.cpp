@@ -1,0 +1,108 @@
+// Portable kernels (any CPU) and the helpers both paths share.
+#include <cmath>
+#include <cstring>
+
+#include "products.h"
+
+namespace t5kernels {
+
+float f16_to_float(uint16_t v) {
+  uint32_t sign = uint32_t(v & 0x8000) << 16, exponent = (v >> 10) & 0x1f, mantissa = v & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {  // inf, nan
+    bits = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while (!(mantissa & 0x400)) {
+      mantissa <<= 1;
+      exponent--;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+void float_columns_portable(const FloatProduct& p, int n0, int n1) {
+  for (int n = n0; n < n1; n++) {
+    float acc[kMaxRows] = {};
+    for (int k = 0; k < p.K; k++) {
+      float w = load_scalar(p.w, size_t(n) * p.K + k, p.wtype);
+      for (int m = 0; m < p.rows; m++) {
+        acc[m] += p.x[size_t(m) * p.K + k] * w;
+      }
+    }
+    for (int m = 0; m < p.rows; m++) {
+      p.out[size_t(m) * p.N + n] = acc[m];
+    }
+  }
+}
+
+void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
+  const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
+  const uint32_t mask = (1u << p.bits) - 1;
+  for (int n = n0; n < n1; n++) {
+    float acc[kMaxRows] = {};
+    const uint32_t* row = p.w + size_t(n) * words;
+    for (int g = 0; g < groups; g++) {
+      float scale = load_scalar(p.scales, size_t(n) * groups + g, p.stype);
+      float bias = load_scalar(p.biases, size_t(n) * groups + g, p.stype);
+      for (int k = g * p.group; k < (g + 1) * p.group; k++) {
+        uint32_t value = (row[k / per_word] >> (p.bits * (k % per_word))) & mask;
+        float w = scale * float(value) + bias;
+        for (int m = 0; m < p.rows; m++) {
+          acc[m] += p.x[size_t(m) * p.K + k] * w;
+        }
+      }
+    }
+    for (int m = 0; m < p.rows; m++) {
+      p.out[size_t(m) * p.N + n] = acc[m];
+    }
+  }
+}
+
+void prepare_quant_x(const float* x, int rows, int K, int bits, float* x_words, float* x_sums) {
+  // A block of 8 words holds 8 * per_word weights; the AVX2 kernel takes value i of all 8 words at once (lane j =
+  // word j), still shifted left by bits * i (only the top value is shifted down), so x is stored in that order and
+  // scaled by 2^(-bits * i) to undo the shift exactly.
+  const int per_word = 32 / bits, block = 8 * per_word;
+  for (int m = 0; m < rows; m++) {
+    const float* xm = x + size_t(m) * K;
+    float* out = x_words + size_t(m) * K;
+    for (int b = 0; b < K / block; b++) {
+      for (int i = 0; i < per_word; i++) {
+        float undo = i == per_word - 1 ? 1.0f : std::ldexp(1.0f, -bits * i);
+        for (int j = 0; j < 8; j++) {
+          out[b * block + i * 8 + j] = xm[b * block + j * per_word + i] * undo;
+        }
+      }
+    }
+    for (int w = 0; w < K / per_word; w++) {
+      float sum = 0;
+      for (int i = 0; i < per_word; i++) {
+        sum += xm[w * per_word + i];
+      }
+      x_sums[size_t(m) * (K / per_word) + w] = sum;
+    }
+  }
+}
+
+}  // namespace t5kernels
+
+namespace t5kernels {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+}  // namespace t5kernels
