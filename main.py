@@ -14,9 +14,10 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import mlx.core as mx
+from tqdm import tqdm
 
 import kernels
-from decoder import IncompatibleDraftError, SpeculativeDecoder
+from decoder import IncompatibleDraftError, SpeculativeDecoder, Stats
 from loader import ModelLoadError, is_conversion, load_model, recorded_source
 
 DEFAULT_MODEL = "t5-11b"
@@ -62,7 +63,21 @@ def setup_arg_parser():
         default=DEFAULT_PROMPT,
         help="Input text, with T5's task prefix (the bundled demo pair gets a held-out code snippet instead)",
     )
-    parser.add_argument("--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate")
+    parser.add_argument(
+        "--prompt-file",
+        default=None,
+        help="Decode every prompt in this file instead of --prompt: one prompt per line, or JSON Lines (.jsonl, or a "
+        'first line that is a JSON object) with a "prompt" field; blank lines are skipped',
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="With --prompt-file: prompts decoded together; a finished one's place goes to the next in the file",
+    )
+    parser.add_argument(
+        "--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate (per prompt)"
+    )
     parser.add_argument(
         "--num-draft",
         type=int,
@@ -109,6 +124,7 @@ def check_args(args):
     checks = [
         (args.prompt.strip(), "--prompt is empty; pass the text to translate or summarise"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (args.num_draft is None or args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
         (0 <= args.delta <= 1, f"--delta must be between 0 and 1, got {args.delta}"),
         (
@@ -119,6 +135,40 @@ def check_args(args):
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], with 1 meaning off, got {args.top_p}"),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+def read_prompts(path):
+    """The prompts in the file at `path`, in order; exits with an `error:` line when there are none to read."""
+    path = Path(path)
+    hint = 'write one prompt per line, or JSON Lines with a "prompt" field'
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        fail(f"no prompt file at {path}; pass an existing file to --prompt-file ({hint})")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {path}: {e}; pass a UTF-8 text file ({hint})")
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        fail(f"the prompt file {path} has no prompts; {hint}")
+    if path.suffix != ".jsonl" and not is_json_object(numbered[0][1]):
+        return [line for _, line in numbered]
+    prompts = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path} line {number} is not JSON ({e.msg}); {hint}")
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            fail(f'{path} line {number} has no "prompt" text; {hint}')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def is_path(name):
@@ -168,7 +218,7 @@ def demo_pair(args):
         f"python convert.py --model {DEFAULT_DRAFT_MODEL}",
         file=sys.stderr,
     )
-    if args.prompt == DEFAULT_PROMPT:
+    if args.prompt == DEFAULT_PROMPT and not args.prompt_file:
         args.prompt = (DEMO_DIR / "prompts.txt").read_text().splitlines()[0]
         print(f"prompt: {args.prompt}", file=sys.stderr)
     pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
@@ -221,6 +271,25 @@ def print_stats(stats, regular):
     print(f"Backend: {backend_description()}")
 
 
+def run_prompt_file(decoder, prompts, args, options):
+    """Decode `prompts` in batches; text mode prints each output in prompt order as soon as it and those before it
+    are done (a progress bar on stderr), --json one object at the end. Returns (generations, run stats)."""
+    stats = Stats()
+    generations = [None] * len(prompts)
+    printed = 0
+    progress = tqdm(total=len(prompts), unit="prompt", desc="prompts", file=sys.stderr, disable=args.json)
+    for index, generation in decoder.batch_generations(prompts, batch_size=args.batch_size, stats=stats, **options):
+        generations[index] = generation
+        progress.update()
+        while not args.json and printed < len(prompts) and generations[printed] is not None:
+            done = generations[printed]
+            progress.write(f"=== prompt {printed + 1}/{len(prompts)} ({done.stats.generated} tokens)", file=sys.stdout)
+            progress.write(done.text + "\n", file=sys.stdout)
+            printed += 1
+    progress.close()
+    return generations, stats
+
+
 def main(argv=None):
     # Under mlx.launch every rank runs all of this with the same flags and seed; the main model is sharded across
     # the ranks and only rank 0 prints. Started alone, the group is this one process.
@@ -231,6 +300,7 @@ def main(argv=None):
     message = check_args(args)
     if message:
         fail(message)
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else None
 
     default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
     demo = default_pair and not model_path(DEFAULT_MODEL).is_dir()
@@ -264,6 +334,26 @@ def main(argv=None):
         fail(f"{e}; pick a --draft-model-name that shares the main model's tokenizer, or use --regular-decode")
 
     options = dict(max_tokens=args.max_tokens, regular=args.regular_decode, ignore_eos=args.ignore_eos)
+    if prompts is not None:
+        generations, stats = run_prompt_file(decoder, prompts, args, options)
+        if args.json:
+            results = [
+                dict(prompt=prompt, text=generation.text, tokens=generation.tokens, stats=generation.stats.to_dict())
+                for prompt, generation in zip(prompts, generations)
+            ]
+            run_stats = {**stats.to_dict(), "prompts": len(prompts), "batch_size": args.batch_size}
+            result = dict(
+                results=results,
+                stats={**run_stats, "backend": backend_description(), "blas": backend.active},
+                model=str(model_dir),
+                draft_model=str(draft_dir) if draft_dir else None,
+                settings={**settings, **options, "batch_size": args.batch_size},
+            )
+            print(json.dumps(result))
+        else:
+            print(f"Prompts: {len(prompts)}, {args.batch_size} at a time")
+            print_stats(stats, args.regular_decode)
+        return
     stream = None if args.json else lambda piece: print(piece, end="", flush=True)
     generation = decoder.generate(args.prompt, stream=stream, **options)
 

@@ -216,3 +216,49 @@ def test_interrupt_exits_quietly(main_model):
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Traceback" not in stderr
+
+
+PROMPTS = ["def f(x): return x", "a", "class attributes are looked up in the dictionary of the class"]
+
+
+def test_prompt_file_decodes_every_prompt_in_order(main_model, draft_model, tmp_path):
+    plain = tmp_path / "prompts.txt"
+    plain.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n{PROMPTS[2]}\n")
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": prompt, "id": i}) + "\n" for i, prompt in enumerate(PROMPTS)))
+    common = ["--model-name", main_model, "--draft-model-name", draft_model, "-m", 10]
+    alone = [last_json(run(*common, "--prompt", prompt, "--json")) for prompt in PROMPTS]
+    for path, batch_size in ((plain, 2), (lines, 8)):
+        result = last_json(run(*common, "--prompt-file", path, "--batch-size", batch_size, "--json"))
+        assert [r["prompt"] for r in result["results"]] == PROMPTS
+        assert [r["tokens"] for r in result["results"]] == [single["tokens"] for single in alone]
+        assert [r["text"] for r in result["results"]] == [single["text"] for single in alone]
+        stats = result["stats"]
+        assert stats["generated"] == sum(len(single["tokens"]) for single in alone)
+        assert {"seconds", "tokens_per_second", "acceptance_rate", "accepted", "drafted"} <= set(stats)
+        assert result["settings"]["batch_size"] == batch_size
+
+    text = run(*common, "--prompt-file", plain, "--batch-size", 2)
+    assert text.returncode == 0, text.stderr
+    outputs, summary = text.stdout.split("Prompts: 3, 2 at a time\n")
+    assert "Generation: " in summary
+    blocks = outputs.split("=== prompt ")[1:]
+    assert [block.split("\n", 1)[1].strip() for block in blocks] == [single["text"] for single in alone]
+    assert "3/3" in text.stderr  # the progress bar
+
+
+@pytest.mark.parametrize(
+    "contents, flags, expected",
+    [
+        (None, [], "no prompt file"),
+        ("\n  \n", [], "has no prompts"),
+        ('{"prompt": "a"}\n{"text": "b"}\n', [], 'line 2 has no "prompt"'),
+        ("a\n", ["--batch-size", 0], "--batch-size must be at least 1"),
+    ],
+    ids=["missing", "empty", "jsonl-without-prompt", "batch-size"],
+)
+def test_prompt_file_errors(contents, flags, expected, main_model, tmp_path):
+    path = tmp_path / "prompts.txt"
+    if contents is not None:
+        path.write_text(contents)
+    assert_fails(run("--model-name", main_model, "--regular-decode", "--prompt-file", path, *flags), expected)
