@@ -3,6 +3,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <stdexcept>
@@ -17,7 +18,9 @@ namespace t5kernels {
 
 namespace {
 
-// Workers that wait for a job, run their share of its tasks and report back; the calling thread takes tasks too.
+// Workers that wait for a job and take its tasks one at a time, as does the calling thread. The caller waits only for
+// tasks begun, never for a worker that has not woken yet (on a busy machine it may not run for a while): a job's
+// tasks are claimed from one counter tagged with the job's number, so a late worker cannot claim a later job's task.
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) {
@@ -37,52 +40,63 @@ class ThreadPool {
       }
       return;
     }
+    uint64_t job;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      job = ++job_;
       task_ = &task;
       tasks_ = tasks;
-      next_.store(0);
-      busy_ = int(workers_.size());
-      generation_++;
+      done_ = 0;
+      ticket_.store(job << 32);
     }
     wake_.notify_all();
-    take_tasks();
+    run_tasks(job, &task, tasks);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return busy_ == 0; });
-    task_ = nullptr;
+    finished_.wait(lock, [&] { return done_ == tasks; });
   }
 
  private:
-  void take_tasks() {
-    for (int i = next_.fetch_add(1); i < tasks_; i = next_.fetch_add(1)) {
-      (*task_)(i);
+  // Claim and run tasks of `job` while it has some left.
+  void run_tasks(uint64_t job, const std::function<void(int)>* task, int tasks) {
+    while (true) {
+      uint64_t ticket = ticket_.load();
+      do {
+        if ((ticket >> 32) != job || int(ticket & 0xffffffff) >= tasks) {
+          return;
+        }
+      } while (!ticket_.compare_exchange_weak(ticket, ticket + 1));
+      (*task)(int(ticket & 0xffffffff));
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (++done_ == tasks) {
+        finished_.notify_one();
+      }
     }
   }
 
   void work() {
     uint64_t seen = 0;
     while (true) {
+      const std::function<void(int)>* task;
+      int tasks;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
+        wake_.wait(lock, [&] { return job_ != seen; });
+        seen = job_;
+        task = task_;
+        tasks = tasks_;
       }
-      take_tasks();
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--busy_ == 0) {
-        done_.notify_one();
-      }
+      run_tasks(seen, task, tasks);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mutex_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_, finished_;
   const std::function<void(int)>* task_ = nullptr;
   int tasks_ = 0;
-  std::atomic<int> next_{0};
-  int busy_ = 0;
-  uint64_t generation_ = 0;
+  int done_ = 0;
+  uint64_t job_ = 0;
+  std::atomic<uint64_t> ticket_{0};
 };
 
 int configured_threads() {
@@ -119,15 +133,20 @@ WeightType weight_type(mx::Dtype dtype) {
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
 
-// x (M, K) of any float dtype and strides -> contiguous float32.
-std::vector<float> x_as_float(const mx::array& x) {
+// x (M, K) of any float dtype and strides -> float32, rows ldx apart.
+std::vector<float> x_as_float(const mx::array& x, int ldx) {
   const int M = x.shape(0), K = x.shape(1);
   const int64_t row_stride = x.strides()[0], col_stride = x.strides()[1];
-  std::vector<float> out(size_t(M) * K);
+  std::vector<float> out(size_t(M) * ldx);
   const WeightType type = weight_type(x.dtype());
   for (int m = 0; m < M; m++) {
+    float* row = out.data() + size_t(m) * ldx;
+    if (type == kFloat32 && col_stride == 1) {
+      std::memcpy(row, x.data<float>() + m * row_stride, K * sizeof(float));
+      continue;
+    }
     for (int k = 0; k < K; k++) {
-      out[size_t(m) * K + k] = load_scalar(x.data<void>(), m * row_stride + k * col_stride, type);
+      row[k] = load_scalar(x.data<void>(), m * row_stride + k * col_stride, type);
     }
   }
   return out;
@@ -147,12 +166,13 @@ void store_output(const std::vector<float>& values, mx::array& out) {
   }
 }
 
-// Column ranges per task: a few per thread, aligned to the float kernel's tiles of 4 columns.
+// Column ranges per task, aligned to the float kernel's tiles of 4 columns: several per thread, so that a thread the
+// machine does not run for a while holds up little.
 template <class F>
 void over_columns(int N, F&& columns) {
-  const int threads = pool().size();
+  constexpr int kTasksPerThread = 4, kMinColumns = 32;
   const int tiles = (N + 3) / 4;
-  const int tasks = std::min(tiles, threads);
+  const int tasks = std::max(1, std::min(pool().size() * kTasksPerThread, tiles / (kMinColumns / 4)));
   const int per_task = (tiles + tasks - 1) / tasks;
   pool().run(tasks, [&](int t) {
     const int n0 = std::min(N, t * per_task * 4), n1 = std::min(N, (t + 1) * per_task * 4);
@@ -165,14 +185,11 @@ void over_columns(int N, F&& columns) {
 void run_product(const mx::array& x_in, const mx::array& w, const mx::array* scales, const mx::array* biases,
                  int group_size, int bits, mx::array& out) {
   const int M = x_in.shape(0), K = x_in.shape(1), N = out.shape(1);
-  std::vector<float> x_copy;
-  const float* x = nullptr;
-  if (x_in.dtype() == mx::float32 && x_in.flags().row_contiguous) {
-    x = x_in.data<float>();
-  } else {
-    x_copy = x_as_float(x_in);
-    x = x_copy.data();
-  }
+  // Rows of x 64 bytes more than a multiple of 8 floats apart: rows a power of two apart would fall into the same
+  // L1 cache sets and evict each other when many rows pass over the same weights.
+  const int ldx = (K + 7) / 8 * 8 + 16;
+  const std::vector<float> x_copy = x_as_float(x_in, ldx);
+  const float* x = x_copy.data();
   std::vector<float> out_copy;
   float* y = nullptr;
   if (out.dtype() == mx::float32) {
@@ -184,7 +201,7 @@ void run_product(const mx::array& x_in, const mx::array& w, const mx::array* sca
   const bool avx2 = use_avx2();
   if (bits == 0) {
     for (int r = 0; r < M; r += kMaxRows) {
-      FloatProduct p{x + size_t(r) * K, std::min(kMaxRows, M - r), K, w.data<void>(), weight_type(w.dtype()),
+      FloatProduct p{x + size_t(r) * ldx, ldx, std::min(kMaxRows, M - r), K, w.data<void>(), weight_type(w.dtype()),
                      y + size_t(r) * N, N};
       over_columns(N, [&](int n0, int n1) {
         avx2 ? float_columns_avx2(p, n0, n1) : float_columns_portable(p, n0, n1);
@@ -193,15 +210,15 @@ void run_product(const mx::array& x_in, const mx::array& w, const mx::array* sca
   } else {
     std::vector<float> x_words, x_sums;
     if (avx2) {
-      x_words.resize(size_t(M) * K);
-      x_sums.resize(size_t(M) * K / (32 / bits));
-      prepare_quant_x(x, M, K, bits, x_words.data(), x_sums.data());
+      x_words.resize(size_t(M) * ldx);
+      x_sums.resize(size_t(M) * ldx);
+      prepare_quant_x(x, ldx, M, K, bits, x_words.data(), x_sums.data());
     }
     for (int r = 0; r < M; r += kMaxRows) {
-      QuantProduct p{x + size_t(r) * K, std::min(kMaxRows, M - r), K, w.data<uint32_t>(), scales->data<void>(),
+      QuantProduct p{x + size_t(r) * ldx, ldx, std::min(kMaxRows, M - r), K, w.data<uint32_t>(), scales->data<void>(),
                      biases->data<void>(), weight_type(scales->dtype()), group_size, bits, y + size_t(r) * N, N,
-                     avx2 ? x_words.data() + size_t(r) * K : nullptr,
-                     avx2 ? x_sums.data() + size_t(r) * K / (32 / bits) : nullptr};
+                     avx2 ? x_words.data() + size_t(r) * ldx : nullptr,
+                     avx2 ? x_sums.data() + size_t(r) * ldx : nullptr};
       over_columns(N, [&](int n0, int n1) {
         avx2 ? quant_columns_avx2(p, n0, n1) : quant_columns_portable(p, n0, n1);
       });

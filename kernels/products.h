@@ -12,10 +12,11 @@ enum WeightType { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // Rows per pass over the weights.
 constexpr int kMaxRows = 16;
 
-// out[m, n] = sum_k x[m, k] * w[n, k] for m < rows <= kMaxRows and n0 <= n < n1. x: (rows, K) float32, w: (N, K) of
+// out[m, n] = sum_k x[m, k] * w[n, k] for m < rows <= kMaxRows and n0 <= n < n1. x: (rows, K) float32 (row stride ldx), w: (N, K) of
 // `wtype`, out: (rows, N) float32.
 struct FloatProduct {
   const float* x;
+  int ldx;  // x's row stride (padded: rows 2^k floats apart would share L1 sets)
   int rows;
   int K;
   const void* w;
@@ -27,7 +28,8 @@ struct FloatProduct {
 // MLX's affine quantization: w (N, K * bits / 32) uint32, value i of a word in bits [bits * i, bits * (i + 1)),
 // weight = scale * value + bias per group of `group` along K; scales and biases (N, K / group) of `stype`.
 struct QuantProduct {
-  const float* x;  // (rows, K)
+  const float* x;  // (rows, K), rows ldx apart; x_words alike
+  int ldx;
   int rows;
   int K;
   const uint32_t* w;
@@ -40,7 +42,7 @@ struct QuantProduct {
   int N;
   // Prepared once per call by prepare_quant_x for the AVX2 kernel: x rearranged word by word and each word's sum.
   const float* x_words;  // (rows, K)
-  const float* x_sums;  // (rows, K * bits / 32)
+  const float* x_sums;  // (rows, K * bits / 32), rows ldx apart
 };
 
 void float_columns_portable(const FloatProduct& p, int n0, int n1);
@@ -50,7 +52,7 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1);
 bool cpu_has_avx2();
 void float_columns_avx2(const FloatProduct& p, int n0, int n1);
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1);
-void prepare_quant_x(const float* x, int rows, int K, int bits, float* x_words, float* x_sums);
+void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, float* x_words, float* x_sums);
 
 static inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;

@@ -36,7 +36,7 @@ inline __m256 load8(const void* w, size_t index) {
 
 // R rows x C columns over k in [k0, k1) (multiples of 8), accumulating into acc[r][c].
 template <WeightType WT, int R, int C>
-void float_tile(const float* x, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
+void float_tile(const float* x, int ldx, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
   __m256 a[R][C];
   for (int r = 0; r < R; r++) {
     for (int c = 0; c < C; c++) {
@@ -49,7 +49,7 @@ void float_tile(const float* x, int K, const void* w, int n, int k0, int k1, __m
       wv[c] = load8<WT>(w, size_t(n + c) * K + k);
     }
     for (int r = 0; r < R; r++) {
-      __m256 xv = _mm256_loadu_ps(x + size_t(r) * K + k);
+      __m256 xv = _mm256_loadu_ps(x + size_t(r) * ldx + k);
       for (int c = 0; c < C; c++) {
         a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
       }
@@ -63,16 +63,16 @@ void float_tile(const float* x, int K, const void* w, int n, int k0, int k1, __m
 }
 
 template <WeightType WT, int R>
-void float_tile_rows(int C, const float* x, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
+void float_tile_rows(int C, const float* x, int ldx, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
   switch (C) {
     case 1:
-      return float_tile<WT, R, 1>(x, K, w, n, k0, k1, acc);
+      return float_tile<WT, R, 1>(x, ldx, K, w, n, k0, k1, acc);
     case 2:
-      return float_tile<WT, R, 2>(x, K, w, n, k0, k1, acc);
+      return float_tile<WT, R, 2>(x, ldx, K, w, n, k0, k1, acc);
     case 3:
-      return float_tile<WT, R, 3>(x, K, w, n, k0, k1, acc);
+      return float_tile<WT, R, 3>(x, ldx, K, w, n, k0, k1, acc);
     default:
-      return float_tile<WT, R, 4>(x, K, w, n, k0, k1, acc);
+      return float_tile<WT, R, 4>(x, ldx, K, w, n, k0, k1, acc);
   }
 }
 
@@ -93,13 +93,13 @@ void float_columns(const FloatProduct& p, int n0, int n1) {
       const int k1 = min_int(K8, k0 + kChunk);
       for (int r = 0; r < p.rows;) {
         const int R = min_int(3, p.rows - r);
-        const float* x = p.x + size_t(r) * p.K;
+        const float* x = p.x + size_t(r) * p.ldx;
         if (R == 3) {
-          float_tile_rows<WT, 3>(C, x, p.K, p.w, n, k0, k1, acc + r);
+          float_tile_rows<WT, 3>(C, x, p.ldx, p.K, p.w, n, k0, k1, acc + r);
         } else if (R == 2) {
-          float_tile_rows<WT, 2>(C, x, p.K, p.w, n, k0, k1, acc + r);
+          float_tile_rows<WT, 2>(C, x, p.ldx, p.K, p.w, n, k0, k1, acc + r);
         } else {
-          float_tile_rows<WT, 1>(C, x, p.K, p.w, n, k0, k1, acc + r);
+          float_tile_rows<WT, 1>(C, x, p.ldx, p.K, p.w, n, k0, k1, acc + r);
         }
         r += R;
       }
@@ -108,7 +108,7 @@ void float_columns(const FloatProduct& p, int n0, int n1) {
       for (int c = 0; c < C; c++) {
         float sum = horizontal_sum(acc[r][c]);
         for (int k = K8; k < p.K; k++) {
-          sum += p.x[size_t(r) * p.K + k] * load_scalar(p.w, size_t(n + c) * p.K + k, p.wtype);
+          sum += p.x[size_t(r) * p.ldx + k] * load_scalar(p.w, size_t(n + c) * p.K + k, p.wtype);
         }
         p.out[size_t(r) * p.N + n + c] = sum;
       }
@@ -128,69 +128,95 @@ inline __m256 word_values(__m256i words, int i) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(words, _mm256_set1_epi32(mask)));
 }
 
-template <int BITS>
+template <int BITS, WeightType ST>
 void quant_columns(const QuantProduct& p, int n0, int n1) {
   constexpr int per_word = 32 / BITS, block = 8 * per_word;
+  // Columns in tiles of 4 and K in chunks of 256 weights, so that the rows' x of a chunk stay in L1 for the tile.
+  constexpr int kTile = 4, kChunkBlocks = 256 / block;
   const int words = p.K / per_word, blocks = words / 8, groups = p.K / p.group;
+  const int group_shift = __builtin_ctz(p.group);  // group sizes are powers of two
   const bool two_groups = block > p.group;  // 4-bit with groups of 32: lanes 0-3 and 4-7 differ
-  __m256 acc_scaled[kMaxRows], acc_bias[kMaxRows];
-  float result[kMaxRows];
-  for (int n = n0; n < n1; n++) {
-    const uint32_t* row = p.w + size_t(n) * words;
-    const size_t group_row = size_t(n) * groups;
+  __m256 acc_scaled[kMaxRows][kTile], acc_bias[kMaxRows][kTile];
+  for (int n = n0; n < n1; n += kTile) {
+    const int C = min_int(kTile, n1 - n);
     for (int m = 0; m < p.rows; m++) {
-      acc_scaled[m] = _mm256_setzero_ps();
-      acc_bias[m] = _mm256_setzero_ps();
-    }
-    for (int b = 0; b < blocks; b++) {
-      __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 8));
-      __m256 values[per_word];
-      for (int i = 0; i < per_word; i++) {
-        values[i] = word_values<BITS>(packed, i);
+      for (int c = 0; c < kTile; c++) {
+        acc_scaled[m][c] = _mm256_setzero_ps();
+        acc_bias[m][c] = _mm256_setzero_ps();
       }
-      const int g = b * block / p.group;
-      __m256 scale, bias;
-      if (two_groups) {
-        scale = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.scales, group_row + g, p.stype)),
-                                 _mm_set1_ps(load_scalar(p.scales, group_row + g + 1, p.stype)));
-        bias = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.biases, group_row + g, p.stype)),
-                                _mm_set1_ps(load_scalar(p.biases, group_row + g + 1, p.stype)));
-      } else {
-        scale = _mm256_set1_ps(load_scalar(p.scales, group_row + g, p.stype));
-        bias = _mm256_set1_ps(load_scalar(p.biases, group_row + g, p.stype));
+    }
+    for (int b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+      const int b1 = min_int(blocks, b0 + kChunkBlocks);
+      for (int c = 0; c < C; c++) {
+        const uint32_t* row = p.w + size_t(n + c) * words;
+        const size_t group_row = size_t(n + c) * groups;
+        for (int b = b0; b < b1; b++) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 8));
+          __m256 values[per_word];
+          for (int i = 0; i < per_word; i++) {
+            values[i] = word_values<BITS>(packed, i);
+          }
+          const size_t g = group_row + ((b * block) >> group_shift);
+          __m256 scale, bias;
+          if (two_groups) {
+            scale = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.scales, g, ST)),
+                                     _mm_set1_ps(load_scalar(p.scales, g + 1, ST)));
+            bias = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.biases, g, ST)),
+                                    _mm_set1_ps(load_scalar(p.biases, g + 1, ST)));
+          } else {
+            scale = _mm256_set1_ps(load_scalar(p.scales, g, ST));
+            bias = _mm256_set1_ps(load_scalar(p.biases, g, ST));
+          }
+          for (int m = 0; m < p.rows; m++) {
+            const float* xw = p.x_words + size_t(m) * p.ldx + b * block;
+            __m256 dot0 = _mm256_mul_ps(values[0], _mm256_loadu_ps(xw));
+            __m256 dot1 = _mm256_mul_ps(values[1], _mm256_loadu_ps(xw + 8));
+            for (int i = 2; i < per_word; i += 2) {
+              dot0 = _mm256_fmadd_ps(values[i], _mm256_loadu_ps(xw + 8 * i), dot0);
+              dot1 = _mm256_fmadd_ps(values[i + 1], _mm256_loadu_ps(xw + 8 * i + 8), dot1);
+            }
+            // Per word: scale * sum(value * x) + bias * sum(x).
+            acc_scaled[m][c] = _mm256_fmadd_ps(scale, _mm256_add_ps(dot0, dot1), acc_scaled[m][c]);
+            const __m256 x_sums = _mm256_loadu_ps(p.x_sums + size_t(m) * p.ldx + b * 8);
+            acc_bias[m][c] = _mm256_fmadd_ps(bias, x_sums, acc_bias[m][c]);
+          }
+        }
+      }
+    }
+    for (int c = 0; c < C; c++) {
+      const uint32_t* row = p.w + size_t(n + c) * words;
+      const size_t group_row = size_t(n + c) * groups;
+      float result[kMaxRows];
+      for (int m = 0; m < p.rows; m++) {
+        result[m] = horizontal_sum(_mm256_add_ps(acc_scaled[m][c], acc_bias[m][c]));
+      }
+      // Words after the last whole block of 8 (K a multiple of 32 but not of 64, in 4 bits).
+      for (int w = blocks * 8; w < words; w++) {
+        const size_t g = group_row + ((w * per_word) >> group_shift);
+        const float scale = load_scalar(p.scales, g, ST), bias = load_scalar(p.biases, g, ST);
+        for (int i = 0; i < per_word; i++) {
+          const float weight = scale * float((row[w] >> (BITS * i)) & ((1u << BITS) - 1)) + bias;
+          for (int m = 0; m < p.rows; m++) {
+            result[m] += p.x[size_t(m) * p.ldx + w * per_word + i] * weight;
+          }
+        }
       }
       for (int m = 0; m < p.rows; m++) {
-        const float* xw = p.x_words + size_t(m) * p.K + b * block;
-        __m256 dot0 = _mm256_mul_ps(values[0], _mm256_loadu_ps(xw));
-        __m256 dot1 = _mm256_mul_ps(values[1], _mm256_loadu_ps(xw + 8));
-        for (int i = 2; i < per_word; i += 2) {
-          dot0 = _mm256_fmadd_ps(values[i], _mm256_loadu_ps(xw + 8 * i), dot0);
-          dot1 = _mm256_fmadd_ps(values[i + 1], _mm256_loadu_ps(xw + 8 * i + 8), dot1);
-        }
-        // Per word: scale * sum(value * x) + bias * sum(x).
-        acc_scaled[m] = _mm256_fmadd_ps(scale, _mm256_add_ps(dot0, dot1), acc_scaled[m]);
-        const __m256 x_sums = _mm256_loadu_ps(p.x_sums + size_t(m) * words + b * 8);
-        acc_bias[m] = _mm256_fmadd_ps(bias, x_sums, acc_bias[m]);
+        p.out[size_t(m) * p.N + n + c] = result[m];
       }
     }
-    for (int m = 0; m < p.rows; m++) {
-      result[m] = horizontal_sum(_mm256_add_ps(acc_scaled[m], acc_bias[m]));
-    }
-    // Words after the last whole block of 8 (K a multiple of 32 but not of 64, in 4 bits).
-    for (int w = blocks * 8; w < words; w++) {
-      const int g = w * per_word / p.group;
-      const float scale = load_scalar(p.scales, group_row + g, p.stype);
-      const float bias = load_scalar(p.biases, group_row + g, p.stype);
-      for (int i = 0; i < per_word; i++) {
-        const float weight = scale * float((row[w] >> (BITS * i)) & ((1u << BITS) - 1)) + bias;
-        for (int m = 0; m < p.rows; m++) {
-          result[m] += p.x[size_t(m) * p.K + w * per_word + i] * weight;
-        }
-      }
-    }
-    for (int m = 0; m < p.rows; m++) {
-      p.out[size_t(m) * p.N + n] = result[m];
-    }
+  }
+}
+
+template <int BITS>
+void quant_columns_bits(const QuantProduct& p, int n0, int n1) {
+  switch (p.stype) {
+    case kFloat32:
+      return quant_columns<BITS, kFloat32>(p, n0, n1);
+    case kBFloat16:
+      return quant_columns<BITS, kBFloat16>(p, n0, n1);
+    default:
+      return quant_columns<BITS, kFloat16>(p, n0, n1);
   }
 }
 
@@ -209,9 +235,9 @@ void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
 
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
   if (p.bits == 4) {
-    quant_columns<4>(p, n0, n1);
+    quant_columns_bits<4>(p, n0, n1);
   } else {
-    quant_columns<8>(p, n0, n1);
+    quant_columns_bits<8>(p, n0, n1);
   }
 }
 

@@ -34,7 +34,7 @@ void float_columns_portable(const FloatProduct& p, int n0, int n1) {
     for (int k = 0; k < p.K; k++) {
       float w = load_scalar(p.w, size_t(n) * p.K + k, p.wtype);
       for (int m = 0; m < p.rows; m++) {
-        acc[m] += p.x[size_t(m) * p.K + k] * w;
+        acc[m] += p.x[size_t(m) * p.ldx + k] * w;
       }
     }
     for (int m = 0; m < p.rows; m++) {
@@ -56,7 +56,7 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
         uint32_t value = (row[k / per_word] >> (p.bits * (k % per_word))) & mask;
         float w = scale * float(value) + bias;
         for (int m = 0; m < p.rows; m++) {
-          acc[m] += p.x[size_t(m) * p.K + k] * w;
+          acc[m] += p.x[size_t(m) * p.ldx + k] * w;
         }
       }
     }
@@ -66,14 +66,14 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
   }
 }
 
-void prepare_quant_x(const float* x, int rows, int K, int bits, float* x_words, float* x_sums) {
+void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, float* x_words, float* x_sums) {
   // A block of 8 words holds 8 * per_word weights; the AVX2 kernel takes value i of all 8 words at once (lane j =
   // word j), still shifted left by bits * i (only the top value is shifted down), so x is stored in that order and
   // scaled by 2^(-bits * i) to undo the shift exactly.
   const int per_word = 32 / bits, block = 8 * per_word;
   for (int m = 0; m < rows; m++) {
-    const float* xm = x + size_t(m) * K;
-    float* out = x_words + size_t(m) * K;
+    const float* xm = x + size_t(m) * ldx;
+    float* out = x_words + size_t(m) * ldx;
     for (int b = 0; b < K / block; b++) {
       for (int i = 0; i < per_word; i++) {
         float undo = i == per_word - 1 ? 1.0f : std::ldexp(1.0f, -bits * i);
@@ -87,7 +87,7 @@ void prepare_quant_x(const float* x, int rows, int K, int bits, float* x_words, 
       for (int i = 0; i < per_word; i++) {
         sum += xm[w * per_word + i];
       }
-      x_sums[size_t(m) * (K / per_word) + w] = sum;
+      x_sums[size_t(m) * ldx + w] = sum;
     }
   }
 }
