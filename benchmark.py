@@ -25,9 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx
 import torch
-from mlx.utils import tree_flatten
 
+import benchmark_kernels
 import convert
+import kernels
 from decoder import SpeculativeDecoder, Stats
 from loader import load_model
 
@@ -150,37 +151,6 @@ def mlx_methods(model, draft, tokenizer, max_tokens, num_draft):
     return {"mlx regular": run(True), "mlx speculative": run(False)}
 
 
-def decoder_weights(model):
-    """The matrices one decoder step reads, as the model holds them: (name, array) for every decoder matrix but the
-    bias table and the cached cross-attention keys/values, plus the output head."""
-    skipped = ("relative_attention_bias.weight", "cross_attn.k.weight", "cross_attn.v.weight")
-    weights = [
-        (name, w)
-        for name, w in tree_flatten(model.decoder.parameters())
-        if w.ndim == 2 and not name.removesuffix("_t").endswith(skipped)
-    ]
-    if "lm_head" in model:
-        return weights + tree_flatten(model.lm_head.parameters())
-    return weights + [("weight", model.shared.weight)]
-
-
-def matmul_ceiling(model, repeats=20):
-    """Seconds for the matrix products of one decode step alone (one row times each weight), in MLX."""
-    products = []
-    for name, w in decoder_weights(model):
-        # Transposed weights are (in, out); the others (out, in) as in nn.Linear.
-        products.append((mx.ones((1, w.shape[0])), w) if name.endswith("_t") else (mx.ones((1, w.shape[1])), w.T))
-
-    def step():
-        mx.eval([x @ w for x, w in products])
-
-    step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
-
-
 def decode_step_seconds(model, tokenizer, repeats=40):
     """Seconds per token of the main model's decode step as the decoder runs it: its own regular decoding loop
     (greedy, cache on, each step built and started before the host reads the token of the step before)."""
@@ -226,8 +196,8 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
     reference = tokens["transformers generate"]
     same = {name: t == reference for name, t in tokens.items()}
     step = decode_step_seconds(model, tokenizer)
-    ceiling = matmul_ceiling(model)
-    weight_bytes = sum(w.nbytes for _, w in decoder_weights(model))
+    ceiling = benchmark_kernels.products_seconds(model)
+    weight_bytes = benchmark_kernels.step_weight_bytes(model)
     rows = []
     for name, (median, spread, _) in runs.items():
         rows.append(
@@ -275,7 +245,7 @@ def pairs(work, tokenizer_dir, which):
 
 
 def print_table(rows, summaries):
-    print(f"\nBLAS: {backend.active}; torch threads: {torch.get_num_threads()}")
+    print(f"\nBLAS: {backend.active}; kernels: {kernels.active}; torch threads: {torch.get_num_threads()}")
     print(f"{'pair':<28}{'method':<24}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
     for row in rows:
         print(
@@ -287,7 +257,7 @@ def print_table(rows, summaries):
             f"\n{s['pair']}: regular {s['regular_vs_transformers']:.2f}x transformers generate; speculative "
             f"{s['speculative_vs_assisted']:.2f}x transformers assisted ({s['speculative_vs_regular']:.2f}x regular); "
             f"decode step {s['decode_step_ms']:.2f} ms, its matmuls alone {s['step_matmuls_ms']:.2f} ms "
-            f"({s['share_of_matmul_ceiling']:.0%} of the MLX matmul ceiling); roofline "
+            f"({s['share_of_matmul_ceiling']:.0%} of the products' ceiling); roofline "
             f"{s['roofline_tokens_per_second']:.0f} tok/s for {s['decoder_weight_mb']:.0f} MB/token "
             f"({s['share_of_roofline']:.0%} reached)"
         )
@@ -307,6 +277,13 @@ def setup_arg_parser():
         help="Tokenizer directory for the random-weight pairs (its vocabulary must fit 32128 ids)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
+    parser.add_argument(
+        "--kernel-shape",
+        choices=[*benchmark_kernels.SHAPES, "none"],
+        default="t5-large",
+        help="Model shape of the per-dtype decode steps and verifications (random weights); none skips them and the "
+        "products' sweep",
+    )
     return parser
 
 
@@ -337,10 +314,21 @@ def main(argv=None):
             rows += pair_rows
             summaries.append(summary)
     print_table(rows, summaries)
+    sweep, roofline = [], []
+    if args.kernel_shape != "none":
+        sweep = benchmark_kernels.product_sweep(bandwidth)
+        roofline = benchmark_kernels.decode_roofline(args.kernel_shape, bandwidth)
+        benchmark_kernels.print_report(sweep, roofline, bandwidth)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(blas=backend.active, memory_bandwidth_gb_s=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens)
-    (out / "results.json").write_text(json.dumps(dict(meta, runs=rows, summaries=summaries), indent=2))
+    meta = dict(
+        blas=backend.active,
+        kernels=kernels.active,
+        memory_bandwidth_gb_s=round(bandwidth / 1e9, 2),
+        max_tokens=args.max_tokens,
+    )
+    report = dict(meta, runs=rows, summaries=summaries, products=sweep, decode_steps=roofline)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
