@@ -31,7 +31,7 @@ def seconds(run, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def weight_arrays(name, bits, dtype, out_features, in_features):
+def weight_arrays(bits, dtype, out_features, in_features):
     w = mx.random.normal((out_features, in_features), scale=in_features**-0.5)
     if bits is None:
         return (w.astype(dtype),)
@@ -41,8 +41,10 @@ def weight_arrays(name, bits, dtype, out_features, in_features):
 def product(x, arrays, bits, native):
     """One product x @ W.T by the native kernels or MLX's own (OpenBLAS for float32)."""
     if native:
-        return kernels.native.decode_matmul(x, *arrays, 64, bits or 4) if bits else kernels.native.decode_matmul(
-            x, arrays[0]
+        return (
+            kernels.native.decode_matmul(x, *arrays, 64, bits or 4)
+            if bits
+            else kernels.native.decode_matmul(x, arrays[0])
         )
     if bits:
         return mx.quantized_matmul(x, *arrays, transpose=True, group_size=64, bits=bits)
@@ -55,11 +57,11 @@ def product_sweep(bandwidth, repeats=7):
     rows_out = []
     for name, bits, dtype in DTYPES:
         # Eight (4096, 1024) and eight (1024, 4096) matrices, read in turn as a decoder does.
-        matrices = [weight_arrays(name, bits, dtype, *shape) for shape in [(4096, 1024), (1024, 4096)] * 8]
+        matrices = [weight_arrays(bits, dtype, *shape) for shape in [(4096, 1024), (1024, 4096)] * 8]
         mx.eval(matrices)
         nbytes = sum(a.nbytes for arrays in matrices for a in arrays)
         for rows in ROWS:
-            inputs = [mx.random.normal((rows, arrays[0].shape[-1] * (32 // bits if bits else 1))) for arrays in matrices]
+            inputs = [mx.random.normal((rows, a[0].shape[-1] * (32 // bits if bits else 1))) for a in matrices]
             mx.eval(inputs)
             row = dict(dtype=name, rows=rows, weight_mb=round(nbytes / 1e6, 1))
             for label, native in [("native", True), ("mlx", False)]:
@@ -75,7 +77,8 @@ def product_sweep(bandwidth, repeats=7):
         one = next(r for r in rows_out if r["dtype"] == row["dtype"] and r["rows"] == 1)
         for label in ("native", "mlx"):
             if f"{label}_gb_s" in row:
-                row[f"{label}_cost_vs_one_row"] = round(one[f"{label}_gb_s"] / row[f"{label}_gb_s"] * 1, 2)
+                # Seconds for `rows` rows over seconds for one: the same bytes in both.
+                row[f"{label}_cost_vs_one_row"] = round(one[f"{label}_gb_s"] / row[f"{label}_gb_s"], 2)
     return rows_out
 
 
@@ -83,7 +86,9 @@ def random_model(shape, bits, dtype):
     """A T5 of a real shape with random weights, held as load_model holds a converted directory on a CPU."""
     model = T5(ModelArgs(vocab_size=32128, **SHAPES[shape]))
     if bits:
-        nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)) and "relative" not in _)
+        # As convert.py -q: every linear layer and the embedding, not the position bias tables.
+        quantizable = lambda path, module: hasattr(module, "to_quantized") and "relative" not in path  # noqa: E731
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=quantizable)
     else:
         model.update(tree_map(lambda a: a.astype(dtype), model.parameters()))
     model.use_decoding_layout()
@@ -108,8 +113,10 @@ def step_weight_bytes(model):
 
 def products_seconds(model, rows=1, repeats=20):
     """Seconds for the products of one decode step alone, for `rows` rows each."""
-    inputs = [mx.ones((1, rows, module.weight.shape[1] * (32 // module.bits if "scales" in module else 1)))
-              for module in step_products(model)]
+    inputs = [
+        mx.ones((1, rows, module.weight.shape[1] * (32 // module.bits if "scales" in module else 1)))
+        for module in step_products(model)
+    ]
     return seconds(lambda: mx.eval([module(x) for module, x in zip(step_products(model), inputs)]), repeats)
 
 
@@ -153,20 +160,32 @@ def decode_roofline(shape, bandwidth, repeats=10):
 
 
 def print_report(sweep, roofline, bandwidth):
-    print(f"\nProducts x @ W.T, 64 MB of float32 weights per pass ({bandwidth / 1e9:.1f} GB/s measured bandwidth); "
-          f"kernels: {kernels.active}")
+    print(
+        f"\nProducts x @ W.T, 64 MB of float32 weights per pass ({bandwidth / 1e9:.1f} GB/s measured bandwidth); "
+        f"kernels: {kernels.active}"
+    )
     print(f"{'dtype':<10}{'rows':>5}{'native GB/s':>13}{'share':>7}{'cost':>7}{'mlx GB/s':>10}{'share':>7}{'cost':>7}")
     for r in sweep:
-        native = (f"{r['native_gb_s']:>13.1f}{r['native_share_of_bandwidth']:>7.0%}{r['native_cost_vs_one_row']:>6.2f}x"
-                  if "native_gb_s" in r else f"{'-':>13}{'':>14}")
-        mlx = (f"{r['mlx_gb_s']:>10.2f}{r['mlx_share_of_bandwidth']:>7.0%}{r['mlx_cost_vs_one_row']:>6.2f}x"
-               if "mlx_gb_s" in r else f"{'-':>10}")
+        native = (
+            f"{r['native_gb_s']:>13.1f}{r['native_share_of_bandwidth']:>7.0%}{r['native_cost_vs_one_row']:>6.2f}x"
+            if "native_gb_s" in r
+            else f"{'-':>13}{'':>14}"
+        )
+        mlx = (
+            f"{r['mlx_gb_s']:>10.2f}{r['mlx_share_of_bandwidth']:>7.0%}{r['mlx_cost_vs_one_row']:>6.2f}x"
+            if "mlx_gb_s" in r
+            else f"{'-':>10}"
+        )
         print(f"{r['dtype']:<10}{r['rows']:>5}{native}{mlx}")
     if roofline:
         print(f"\nDecode steps of a {roofline[0]['shape']}-shaped model (random weights), one token and verifications")
-        print(f"{'dtype':<10}{'MB/step':>9}{'step ms':>9}{'products':>10}{'roofline':>10}{'share':>7}"
-              + "".join(f"{f'{k} tokens':>11}" for k in VERIFY_TOKENS))
+        print(
+            f"{'dtype':<10}{'MB/step':>9}{'step ms':>9}{'products':>10}{'roofline':>10}{'share':>7}"
+            + "".join(f"{f'{k} tokens':>11}" for k in VERIFY_TOKENS)
+        )
         for r in roofline:
-            print(f"{r['dtype']:<10}{r['step_weight_mb']:>9.0f}{r['decode_step_ms']:>9.2f}{r['step_products_ms']:>10.2f}"
-                  f"{r['roofline_ms']:>10.2f}{r['share_of_roofline']:>7.0%}"
-                  + "".join(f"{r[f'verify_{k}_vs_one']:>10.2f}x" for k in VERIFY_TOKENS))
+            print(
+                f"{r['dtype']:<10}{r['step_weight_mb']:>9.0f}{r['decode_step_ms']:>9.2f}{r['step_products_ms']:>10.2f}"
+                f"{r['roofline_ms']:>10.2f}{r['share_of_roofline']:>7.0%}"
+                + "".join(f"{r[f'verify_{k}_vs_one']:>10.2f}x" for k in VERIFY_TOKENS)
+            )

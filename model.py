@@ -223,7 +223,8 @@ class FusedLinear(nn.Module):
         self.group_size, self.bits = getattr(first, "group_size", None), getattr(first, "bits", None)
         for name in ("weight", "scales", "biases"):
             if name in first:
-                setattr(self, name, first[name] if len(layers) == 1 else mx.concatenate([l[name] for l in layers]))
+                arrays = [layer[name] for layer in layers]
+                setattr(self, name, arrays[0] if len(arrays) == 1 else mx.concatenate(arrays))
         self.group = group
 
     def __call__(self, x):

@@ -40,8 +40,10 @@ def load() -> str:
         from kernels import _native
     except ImportError as e:
         reason = "not built" if "_native" in str(e) and "No module" in str(e) else f"cannot be loaded ({e})"
-        print(f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
-              file=sys.stderr)
+        print(
+            f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
+            file=sys.stderr,
+        )
         active = f"mlx (native kernels {reason.split(' (')[0]})"
         return active
     native = _native

@@ -23,8 +23,9 @@ ROWS = [1, 2, 3, 5, 8, 16, 17, 37]
 
 def assert_close(ours, reference, K):
     # float32 accumulation in another order: errors grow like sqrt(K) times the terms' size (~1 here).
-    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(reference.astype(mx.float32)),
-                               atol=2e-5 * K**0.5, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.array(ours.astype(mx.float32)), np.array(reference.astype(mx.float32)), atol=2e-5 * K**0.5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])

@@ -1,7 +1,6 @@
 """The command line, run as a user runs it: a subprocess on tiny converted checkpoints."""
 
 import backend
-import kernels
 
 import json
 import os
@@ -14,6 +13,7 @@ import pytest
 from conftest import ROOT, save_checkpoint
 
 import convert
+import kernels
 
 # A prompt on which the tiny random "t5" model greedily writes text the tokenizer can decode.
 PROMPT = "def f(x): return x"
