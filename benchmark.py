@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlx.core as mx
 import torch
 
+import benchmark_batch
 import benchmark_kernels
 import convert
 import kernels
@@ -39,6 +40,9 @@ SHAPES = {
     "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64),
 }
 PAUSE = 0.5  # seconds between timed runs
+# The batched rows: this many prompts (the demo pair's held-out ones), decoded this many at a time.
+BATCH_PROMPTS = 16
+BATCH_SIZE = 8
 PROMPT = (
     "complete: def read_config(path):\n    with open(path) as f:\n        data = json.load(f)\n"
     "    if 'name' not in data:\n        raise ValueError('config has no name')\n    return"
@@ -115,10 +119,21 @@ def transformers_worker(job):
     draft.generation_config.assistant_confidence_threshold = 0.0
     input_ids = torch.tensor([job["input_ids"]])
     extra = {"generate": {}, "assisted": {"assistant_model": draft}}
+    # The batched rows compare in float32, as this project runs the converted weights: a bfloat16 checkpoint (the demo
+    # pair) computed in bfloat16 by transformers picks other tokens on some prompts.
+    loaded = {}
     for method in sys.stdin:
         start = time.perf_counter()
         with torch.no_grad():
-            tokens = model.generate(input_ids=input_ids, **options, **extra[method.strip()])[0, 1:].tolist()
+            if method.strip() == "generate batch":
+                if "float32" not in loaded:
+                    loaded["float32"] = AutoModelForSeq2SeqLM.from_pretrained(job["main_dir"], dtype=torch.float32)
+                    loaded["float32"].generation_config.eos_token_id = None
+                tokens = benchmark_batch.transformers_generate(
+                    loaded["float32"].eval(), job["batch_input_ids"], job["batch_size"], options
+                )
+            else:
+                tokens = model.generate(input_ids=input_ids, **options, **extra[method.strip()])[0, 1:].tolist()
         print(json.dumps(dict(seconds=time.perf_counter() - start, tokens=tokens)), flush=True)
 
 
@@ -183,12 +198,25 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
     draft, _, _ = load_model(draft_mlx)
     job = dict(main_dir=str(pair.main_dir), draft_dir=str(pair.draft_dir), input_ids=tokenizer(PROMPT).input_ids)
     job.update(max_tokens=max_tokens, num_draft=pair.num_draft, threads=torch.get_num_threads())
+    prompts = benchmark_batch.demo_prompts(BATCH_PROMPTS)
+    job.update(batch_input_ids=[tokenizer(prompt).input_ids for prompt in prompts], batch_size=BATCH_SIZE)
     worker = TransformersWorker(job)
     try:
         methods = mlx_methods(model, draft, tokenizer, max_tokens, pair.num_draft)
         methods["transformers generate"] = lambda: worker.run("generate")
         methods["transformers assisted"] = lambda: worker.run("assisted")
         runs = timed_rounds(methods, repeats)
+        batch_rows = benchmark_batch.against_transformers(
+            model,
+            draft,
+            tokenizer,
+            prompts,
+            pair,
+            max_tokens,
+            BATCH_SIZE,
+            repeats,
+            lambda: worker.run("generate batch"),
+        )
     finally:
         worker.close()
 
@@ -224,9 +252,9 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
         decoder_weight_mb=round(weight_bytes / 1e6, 1),
         roofline_tokens_per_second=round(bandwidth / weight_bytes, 1),
         share_of_roofline=round(weight_bytes / bandwidth / step, 3),
-        all_tokens_identical=all(same.values()),
+        all_tokens_identical=all(same.values()) and all(row["same_tokens_as_transformers"] for row in batch_rows),
     )
-    return rows, summary
+    return rows + batch_rows, summary
 
 
 def pairs(work, tokenizer_dir, which):
@@ -246,12 +274,20 @@ def pairs(work, tokenizer_dir, which):
 
 def print_table(rows, summaries):
     print(f"\nBLAS: {backend.active}; kernels: {kernels.active}; torch threads: {torch.get_num_threads()}")
-    print(f"{'pair':<28}{'method':<24}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
+    print(f"{'pair':<28}{'method':<34}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
     for row in rows:
-        print(
-            f"{row['pair']:<28}{row['method']:<24}{row['tokens_per_second']:>9.1f}{row['median_seconds']:>10.3f}"
-            f"{row['spread_seconds']:>10.3f}  {row['same_tokens_as_transformers']}"
+        speed, median, spread = (
+            "n/a" if row[name] is None else f"{row[name]:.{digits}f}"
+            for name, digits in (("tokens_per_second", 1), ("median_seconds", 3), ("spread_seconds", 3))
         )
+        print(
+            f"{row['pair']:<28}{row['method']:<34}{speed:>9}{median:>10}{spread:>10}  "
+            f"{row['same_tokens_as_transformers']}"
+        )
+    print(
+        f"batch {BATCH_SIZE}: {BATCH_PROMPTS} prompts, {BATCH_SIZE} at a time, tok/s over all of them; transformers' "
+        "assisted generation cannot batch (it raises for a batch of more than one)"
+    )
     for s in summaries:
         print(
             f"\n{s['pair']}: regular {s['regular_vs_transformers']:.2f}x transformers generate; speculative "

@@ -23,9 +23,13 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "results.json").read_text())
     methods = {run["method"] for run in report["runs"]}
-    assert methods == {"mlx regular", "mlx speculative", "transformers generate", "transformers assisted"}
-    # transformers generate() is the reference the other three are compared with, token for token.
-    assert all(run["same_tokens_as_transformers"] for run in report["runs"])
+    single = {"mlx regular", "mlx speculative", "transformers generate", "transformers assisted"}
+    assert methods == single | {f"{method}, batch 8" for method in single}
+    # transformers generate() is the reference the others are compared with, token for token (batched: its batched
+    # generate(); its assisted generation cannot batch).
+    for run in report["runs"]:
+        expected = "cannot batch" if run["method"] == "transformers assisted, batch 8" else True
+        assert run["same_tokens_as_transformers"] == expected, run
     (summary,) = report["summaries"]
     assert summary["all_tokens_identical"] and summary["pair"] == "demo pair"
     assert 0 < summary["share_of_matmul_ceiling"] and 0 < summary["share_of_roofline"]
