@@ -13,10 +13,9 @@ import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
-if kernels.native is None:
-    if os.environ.get("T5_REQUIRE_KERNELS"):
-        raise RuntimeError(f"native kernels required but not loaded: {kernels.active}")
-    pytest.skip(f"native kernels not loaded: {kernels.active}", allow_module_level=True)
+if kernels.native is None and os.environ.get("T5_REQUIRE_KERNELS"):
+    raise RuntimeError(f"native kernels required but not loaded: {kernels.active}")
+native = pytest.mark.skipif(kernels.native is None, reason=f"native kernels not loaded: {kernels.active}")
 
 ROWS = [1, 2, 3, 5, 8, 16, 17, 37]
 
@@ -28,6 +27,7 @@ def assert_close(ours, reference, K):
     )
 
 
+@native
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("rows", ROWS)
 def test_float_weights_match_matmul(dtype, rows):
@@ -46,6 +46,7 @@ def test_float_weights_match_matmul(dtype, rows):
         np.testing.assert_allclose(np.array(result.astype(mx.float32)), np.array(reference), rtol=1e-2, atol=1e-3)
 
 
+@native
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", ROWS)
@@ -61,6 +62,7 @@ def test_quantized_weights_match_quantized_matmul(bits, group_size, rows):
             assert_close(ours, reference, K)
 
 
+@native
 def test_batched_strided_inputs_and_graph_transforms():
     x = mx.random.normal((2, 3, 40))[:, :, ::2]  # (2, 3, 20), not contiguous
     w = mx.random.normal((11, 20))
@@ -74,6 +76,7 @@ def test_batched_strided_inputs_and_graph_transforms():
     assert_close(pending, reference, 20)
 
 
+@native
 def test_user_errors_raise():
     with pytest.raises(ValueError):
         kernels.native.decode_matmul(mx.zeros((1, 8)), mx.zeros((4, 9)))
@@ -82,6 +85,7 @@ def test_user_errors_raise():
         kernels.native.decode_matmul(mx.zeros((1, 64)), w, scales, biases, 32, 4)
 
 
+@native
 def test_portable_path_and_switch_off():
     # The portable kernels (forced), and T5_KERNELS=0 (MLX's own), each in a fresh process.
     check = (
@@ -98,3 +102,15 @@ def test_portable_path_and_switch_off():
     env = {**os.environ, "T5_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("mlx (T5_KERNELS=0)") and out.stderr == ""
+
+
+def test_kernels_that_cannot_load_fall_back_with_one_warning():
+    check = (
+        "import sys; sys.modules['kernels._native'] = None; import mlx.core as mx, kernels; "
+        "x, w = mx.ones((2, 8)), mx.ones((3, 8)); print(kernels.active, '|', kernels.linear(x, w).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    active, result = out.stdout.strip().split(" | ")
+    assert active.startswith("mlx (native kernels") and result == str([[8.0] * 3] * 2)
+    if sys.platform == "linux":
+        assert out.stderr.count("warning:") == 1 and "python kernels/build.py" in out.stderr
