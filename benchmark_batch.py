@@ -210,11 +210,34 @@ def demo_prompts(count):
     return [lines[i % len(lines)] for i in range(count)]
 
 
-def main(argv=None):
+def pair_models(name, work):
+    """(description, main model, draft model, tokenizer, num_draft) of a pair benchmark.py also measures: the demo
+    pair, or t5-base with a t5-small draft (random weights of those shapes, the demo tokenizer)."""
     import convert
+    from benchmark import random_checkpoint
     from loader import load_model
 
+    if name == "demo":
+        sources, description, num_draft = [DEMO / "main", DEMO / "draft"], "demo pair", 1
+    else:
+        sources = [
+            random_checkpoint("t5-base", work / "hf-base", DEMO / "main", seed=1),
+            random_checkpoint("t5-small", work / "hf-small", DEMO / "main", seed=0),
+        ]
+        description, num_draft = "t5-base + t5-small draft (random)", 4
+    models = [
+        load_model(convert.convert(str(source), mlx_path=str(work / f"mlx-{i}")))[:2]
+        for i, source in enumerate(sources)
+    ]
+    (model, tokenizer), (draft_model, _) = models
+    return description, model, draft_model, tokenizer, num_draft
+
+
+def main(argv=None):
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=["demo", "base-small"], help="Pairs to measure: demo, base-small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=BATCH_SIZES, help="Batch sizes to measure")
     parser.add_argument("--prompts", type=int, default=16, help="Prompts decoded by every method")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt (EOS ignored)")
@@ -223,29 +246,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.prompts < 1 or args.max_tokens < 1 or args.repeats < 1:
         parser.exit(2, "error: --batch-sizes, --prompts, --max-tokens and --repeats must be at least 1\n")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        models = [
-            load_model(convert.convert(str(DEMO / role), mlx_path=f"{tmp}/{role}"))[:2] for role in ("main", "draft")
-        ]
-    (model, tokenizer), (draft_model, _) = models
-    rows = measure(
-        model,
-        draft_model,
-        tokenizer,
-        demo_prompts(args.prompts),
-        1,
-        args.max_tokens,
-        args.batch_sizes,
-        args.repeats,
-        pair="demo pair",
-    )
-    print_rows(rows)
+    if not set(args.pairs) <= {"demo", "base-small"}:
+        parser.exit(2, f"error: unknown pair in --pairs {' '.join(args.pairs)}; choose from demo, base-small\n")
+    rows = []
+    for name in args.pairs:
+        with tempfile.TemporaryDirectory() as tmp:
+            description, model, draft_model, tokenizer, num_draft = pair_models(name, Path(tmp))
+        prompts = demo_prompts(args.prompts)
+        rows += measure(
+            model,
+            draft_model,
+            tokenizer,
+            prompts,
+            num_draft,
+            args.max_tokens,
+            args.batch_sizes,
+            args.repeats,
+            description,
+        )
+        print_rows(rows)
     paths = write_rows(rows, args.out)
-    paths.append(
-        plot(rows, args.out / "batch_size.png", f"demo pair, {args.prompts} prompts x {args.max_tokens} tokens")
-    )
+    paths.append(plot(rows, args.out / "batch_size.png", f"{args.prompts} prompts x {args.max_tokens} tokens each"))
     print("wrote " + ", ".join(str(path) for path in paths if path))
 
 

@@ -189,6 +189,7 @@ class SpeculativeDecoder:
         queue = deque(enumerate(prompts))
         seeds = mx.random.split(mx.random.key(self.seed), max(len(prompts), 1))
         active: List[Row] = []
+        draws = not self.sampler.greedy or self.delta > 0
         while queue or active:
             if queue and len(active) < batch_size:
                 tick = time.perf_counter()
@@ -207,7 +208,12 @@ class SpeculativeDecoder:
             # One draft length for the whole batch: every row shares the verification pass. Never draft past the
             # longest remaining budget; rows with less left cut their tokens at max_tokens.
             num_draft = 0 if regular else min(self.num_draft, max(max_tokens - row.generated for row in active) - 1)
-            keys = row_keys(mx.stack([row.key for row in active]), 4)  # (B, 4, 2): next, draft, accept, extra
+            # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
+            keys = (
+                row_keys(mx.stack([row.key for row in active]), 4)
+                if draws
+                else mx.zeros((len(active), 4, 2), mx.uint32)
+            )
             sequences = [row.sequence for row in active]
             lengths = [0] * len(active)
             draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
