@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import benchmark_batch
 import convert
 from decoder import IncompatibleDraftError, SpeculativeDecoder
 from experiment_metrics import EmbeddingModelError, Quality, note
@@ -122,6 +123,14 @@ def setup_arg_parser():
     )
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[16, 32], help="Maximum tokens to generate")
     parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="Sampling temperatures")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[],
+        help="Batch sizes: tokens/s of regular and speculative decoding of all prompts N at a time (base draft length "
+        "and max tokens, EOS ignored), against one at a time (batch_size.csv, batch_size.png); none: not measured",
+    )
     parser.add_argument("--base-num-draft", type=int, default=4, help="Draft length while the other axes vary")
     parser.add_argument("--base-max-tokens", type=int, default=64, help="Maximum tokens while the other axes vary")
     parser.add_argument(
@@ -183,6 +192,7 @@ def check_args(args):
         ),
         (min(args.prompt_tokens) >= 0, f"--prompt-tokens values must be 0 (whole) or more, got {args.prompt_tokens}"),
         (min(args.max_tokens + [args.base_max_tokens]) >= 1, "--max-tokens and --base-max-tokens must be at least 1"),
+        (min(args.batch_size, default=1) >= 1, f"--batch-size values must be at least 1, got {args.batch_size}"),
         (args.repeats >= 1, f"--repeats must be at least 1, got {args.repeats}"),
         (args.num_prompts >= 0, f"--num-prompts must be 0 (all) or more, got {args.num_prompts}"),
         (0 <= args.min_quality <= 1, f"--min-quality must be between 0 and 1, got {args.min_quality}"),
@@ -326,6 +336,27 @@ def check_identity(settings, generations, rows):
         )
 
 
+def batch_size_axis(pair, prompts, args, description):
+    """Tokens/s against batch size, regular and speculative (benchmark_batch.py); returns the files written."""
+    model, draft_model, tokenizer = pair
+    rows = benchmark_batch.measure(
+        model,
+        draft_model,
+        tokenizer,
+        prompts,
+        args.base_num_draft,
+        args.base_max_tokens,
+        args.batch_size,
+        args.repeats,
+        pair=description,
+    )
+    if not all(row["same_tokens"] for row in rows):
+        fail("batched decoding did not reproduce one-at-a-time greedy decoding (see batch_size.csv)", status=1)
+    paths = benchmark_batch.write_rows(rows, args.out)
+    title = f"{len(prompts)} prompts, {args.base_max_tokens} tokens each, {args.base_num_draft} drafts per step"
+    return paths + [path for path in [benchmark_batch.plot(rows, args.out / "batch_size.png", title)] if path]
+
+
 def write_csv(rows, path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -368,6 +399,8 @@ def main(argv=None):
     description = f"main {Path(args.model_name).name}, draft {Path(args.draft_model_name).name}, {len(prompts)} prompts"
     write_csv(table, args.out / "runs.csv")
     paths = [args.out / "runs.csv", *plot(table, base, args.out, description)]
+    if args.batch_size:
+        paths += batch_size_axis(pair, prompts, args, description)
     best = best_settings(table, base, args.min_quality)
     (args.out / "summary.md").write_text(summary(table, base, args, description, best))
     paths.append(args.out / "summary.md")

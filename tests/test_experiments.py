@@ -24,7 +24,7 @@ PROMPTS = [
 ]
 # Ten settings: the base (3 drafts, 10 tokens) and one change of each axis, each with its regular baseline.
 SWEEP = "--num-draft 0 2 --delta 0 0.5 --prompt-tokens 4 --max-tokens 6 --temperature 0 1 "
-SWEEP += "--base-num-draft 3 --base-max-tokens 10 --repeats 2 --ignore-eos"
+SWEEP += "--base-num-draft 3 --base-max-tokens 10 --repeats 2 --ignore-eos --batch-size 1 3"
 PLOTS = ["num_draft.png", "prompt_length.png", "max_tokens.png", "delta.png"]
 
 
@@ -126,10 +126,21 @@ def test_delta_0_greedy_quality_is_perfect(sweep, request):
         assert {row[name] for row in identity} == {value if available else ""}, name
 
 
+def test_batch_size_axis(with_installed):
+    out = with_installed[0]
+    with open(out / "batch_size.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # Each kind one at a time (batch_size 0) and at each batch size, all with the same tokens.
+    assert [(row["method"], row["batch_size"]) for row in rows] == [
+        (method, size) for method in ("regular", "speculative") for size in ("0", "1", "3")
+    ]
+    assert all(row["same_tokens"] == "True" and float(row["tokens_per_second"]) > 0 for row in rows)
+
+
 def test_plots_are_png_files(with_installed):
     pytest.importorskip("matplotlib")
     out = with_installed[0]
-    for name in PLOTS:
+    for name in PLOTS + ["batch_size.png"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
@@ -168,6 +179,7 @@ def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, mo
         (["--delta", "0", "2"], "--delta values must be between 0 and 1"),
         (["--num-draft", "-1"], "--num-draft values must be 0 (regular) or more"),
         (["--base-num-draft", "0"], "--base-num-draft must be at least 1"),
+        (["--batch-size", "4", "0"], "--batch-size values must be at least 1"),
         (["--prompts", "/nonexistent/prompts.txt"], "cannot read the prompt file"),
         (["--model-name", "/nonexistent/model"], "no converted main model at"),
     ],
