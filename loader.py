@@ -268,7 +268,10 @@ def read_weights(path: Path, config: dict, group=None) -> tuple[T5, dict]:
         try:
             model.shard(group)
         except ValueError as e:
-            raise ModelLoadError(f"{path} cannot be split across {group.size()} ranks: {e}") from None
+            raise ModelLoadError(
+                f"{path} cannot be split across {group.size()} ranks ({e}); launch a number of ranks that divides the "
+                "attention heads and the feed-forward units"
+            ) from None
         return model, read_rank_slices(files, model, group.rank(), group.size())
 
     weights = {}

@@ -1,8 +1,8 @@
 """One rank of the distributed tests: load each model sharded over the launch's ranks, decode, and (rank 0) save.
 
 python tests/distributed_worker.py OUT MAIN_DIR DRAFT_DIR [MAIN_DIR DRAFT_DIR ...], run on every rank; writes
-OUT/<i>.npz for the i-th pair: the full-forward logits, the greedy tokens (regular and speculative), the number of
-ranks and the heads each rank holds.
+OUT/<i>.npz for the i-th pair: the full-forward logits, the greedy tokens (regular and speculative), sampled tokens,
+the number of ranks and the heads each rank holds.
 """
 
 import sys
@@ -23,14 +23,19 @@ MAX_TOKENS = 12
 
 
 def outputs(model, tokenizer, draft_model, draft_tokenizer):
-    """Logits of one full forward pass and the greedy tokens, regular and speculative, for PROMPT."""
+    """Logits of one full forward pass, the greedy tokens (regular and speculative) and speculatively sampled tokens
+    (temperature 1, a fixed seed) for PROMPT."""
     input_ids = mx.array(tokenizer(PROMPT).input_ids)[None]
     decoder_ids = mx.array([[model.args.decoder_start_token_id, 5, 17, 9, 3]])
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, num_draft=3)
+    sampler = SpeculativeDecoder(
+        model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, temperature=1.0, seed=3
+    )
     return dict(
         logits=np.array(model(input_ids, decoder_ids).astype(mx.float32)),
         regular=np.array(decoder.generate(PROMPT, MAX_TOKENS, regular=True, ignore_eos=True).tokens),
         speculative=np.array(decoder.generate(PROMPT, MAX_TOKENS, ignore_eos=True).tokens),
+        sampled=np.array(sampler.generate(PROMPT, MAX_TOKENS, ignore_eos=True).tokens),
     )
 
 
