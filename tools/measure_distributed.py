@@ -111,8 +111,7 @@ class PlanGroup:
 
 def rank_bytes(args, dtype: str, quantization, ranks: int) -> int:
     """Weight bytes one of `ranks` ranks holds: convert.py's plan of each tensor (dtype, quantized or not), sharded as
-    T5.shard splits it (nothing is allocated: the arrays stay lazy), plus the float32 CPU decoding layout's
-    transposed copy of a tied embedding."""
+    T5.shard splits it (nothing is allocated: the arrays stay lazy)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -129,10 +128,7 @@ def rank_bytes(args, dtype: str, quantization, ranks: int) -> int:
         nn.quantize(model, **quantization, class_predicate=lambda name, module: f"{name}.scales" in dtypes)
     if ranks > 1:
         model.shard(PlanGroup(ranks))
-    total = sum(array.size * dtypes[name].size for name, array in tree_flatten(model.parameters()))
-    if dtype == "float32" and not quantization and args.tie_word_embeddings:
-        total += args.vocab_size * args.d_model * 4
-    return total
+    return sum(array.size * dtypes[name].size for name, array in tree_flatten(model.parameters()))
 
 
 def all_sums_per_step(args, tokens: int = 1, itemsize: int = 4):
