@@ -193,6 +193,8 @@ def plot(rows, path, description):
                 if row["batch_size"] == 0:
                     ax.axhline(row["tokens_per_second"], color=color, linestyle="--", label=f"{kind}, one at a time")
         ax.set_xscale("log", base=2)
+        sizes = sorted({row["batch_size"] for row in rows if row["pair"] == pair and row["batch_size"]})
+        ax.set_xticks(sizes, [str(size) for size in sizes])
         ax.set(
             title=pair, xlabel="batch size (prompts decoded together)", ylabel="tokens/s (all prompts)", ylim=(0, None)
         )
