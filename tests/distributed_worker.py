@@ -2,7 +2,7 @@
 
 python tests/distributed_worker.py OUT MAIN_DIR DRAFT_DIR [MAIN_DIR DRAFT_DIR ...], run on every rank; writes
 OUT/<i>.npz for the i-th pair: the full-forward logits, the greedy tokens (regular and speculative), sampled tokens,
-the number of ranks and the heads each rank holds.
+a batch's tokens, the number of ranks and the heads each rank holds.
 """
 
 import sys
@@ -20,11 +20,12 @@ from loader import load_model  # noqa: E402
 
 PROMPT = "def f(x): return x"
 MAX_TOKENS = 12
+BATCH = [PROMPT, "x = [i * i for i in range(10)]", "import os"]
 
 
 def outputs(model, tokenizer, draft_model, draft_tokenizer):
     """Logits of one full forward pass, the greedy tokens (regular and speculative) and speculatively sampled tokens
-    (temperature 1, a fixed seed) for PROMPT."""
+    (temperature 1, a fixed seed) for PROMPT, and speculative greedy tokens for a batch of prompts."""
     input_ids = mx.array(tokenizer(PROMPT).input_ids)[None]
     decoder_ids = mx.array([[model.args.decoder_start_token_id, 5, 17, 9, 3]])
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, draft_tokenizer=draft_tokenizer, num_draft=3)
@@ -36,6 +37,7 @@ def outputs(model, tokenizer, draft_model, draft_tokenizer):
         regular=np.array(decoder.generate(PROMPT, MAX_TOKENS, regular=True, ignore_eos=True).tokens),
         speculative=np.array(decoder.generate(PROMPT, MAX_TOKENS, ignore_eos=True).tokens),
         sampled=np.array(sampler.generate(PROMPT, MAX_TOKENS, ignore_eos=True).tokens),
+        batched=np.array([g.tokens for g in decoder.generate_batch(BATCH, MAX_TOKENS, ignore_eos=True)]),
     )
 
 

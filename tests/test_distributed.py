@@ -47,6 +47,7 @@ def test_two_ranks_match_one_process(models, tmp_path):
         assert sharded["regular"].tolist() == expected["regular"].tolist()
         assert sharded["speculative"].tolist() == expected["speculative"].tolist()
         assert sharded["sampled"].tolist() == expected["sampled"].tolist()
+        assert sharded["batched"].tolist() == expected["batched"].tolist()
 
 
 def test_main_under_two_ranks_prints_once_the_tokens_of_one_process(models, tmp_path):
