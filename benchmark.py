@@ -152,10 +152,13 @@ def timed_rounds(methods, repeats):
     return {name: (statistics.median(t), max(t) - min(t), tokens[name]) for name, t in times.items()}
 
 
-def mlx_methods(model, draft, tokenizer, max_tokens, num_draft):
-    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
+def mlx_methods(model, draft, tokenizer, max_tokens, num_draft, other_num_drafts):
+    """Regular decoding, speculative decoding at the pair's draft length (compared with assisted generation), at
+    each of `other_num_drafts`, and with --num-draft auto."""
 
-    def run(regular):
+    def run(regular, num_draft=num_draft):
+        decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
+
         def once():
             start = time.perf_counter()
             tokens = decoder.generate(PROMPT, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
@@ -163,7 +166,19 @@ def mlx_methods(model, draft, tokenizer, max_tokens, num_draft):
 
         return once
 
-    return {"mlx regular": run(True), "mlx speculative": run(False)}
+    methods = {"mlx regular": run(True), "mlx speculative": run(False)}
+    methods.update({f"mlx k={k}": run(False, k) for k in sorted(set(other_num_drafts) - {num_draft})})
+    methods["mlx auto"] = run(False, "auto")
+    return methods
+
+
+def method_num_draft(name, pair_num_draft):
+    """The draft length a method of the table ran with: 0 for regular decoding."""
+    if name == "mlx auto":
+        return "auto"
+    if name.startswith("mlx k="):
+        return int(name.removeprefix("mlx k="))
+    return 0 if "regular" in name or "generate" in name else pair_num_draft
 
 
 def decode_step_seconds(model, tokenizer, repeats=40):
@@ -191,7 +206,7 @@ def memory_bandwidth(size=1 << 29, repeats=5):
     return size * repeats / (time.perf_counter() - start)
 
 
-def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
+def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
     main_mlx = convert.convert(str(pair.main_dir), mlx_path=str(work / f"{pair.name}-main"), force=True)
     draft_mlx = convert.convert(str(pair.draft_dir), mlx_path=str(work / f"{pair.name}-draft"), force=True)
     model, tokenizer, _ = load_model(main_mlx)
@@ -202,7 +217,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
     job.update(batch_input_ids=[tokenizer(prompt).input_ids for prompt in prompts], batch_size=BATCH_SIZE)
     worker = TransformersWorker(job)
     try:
-        methods = mlx_methods(model, draft, tokenizer, max_tokens, pair.num_draft)
+        methods = mlx_methods(model, draft, tokenizer, max_tokens, pair.num_draft, num_drafts)
         methods["transformers generate"] = lambda: worker.run("generate")
         methods["transformers assisted"] = lambda: worker.run("assisted")
         runs = timed_rounds(methods, repeats)
@@ -232,7 +247,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
             dict(
                 pair=pair.name,
                 method=name,
-                num_draft=pair.num_draft if "regular" not in name and "generate" not in name else 0,
+                num_draft=method_num_draft(name, pair.num_draft),
                 tokens=max_tokens,
                 median_seconds=round(median, 4),
                 spread_seconds=round(spread, 4),
@@ -241,11 +256,16 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth):
             )
         )
     speed = {row["method"]: row["tokens_per_second"] for row in rows}
+    fixed = [row for row in rows if row["method"] == "mlx speculative" or row["method"].startswith("mlx k=")]
+    best_fixed = max(fixed, key=lambda row: row["tokens_per_second"])
     summary = dict(
         pair=pair.name,
         regular_vs_transformers=round(speed["mlx regular"] / speed["transformers generate"], 3),
         speculative_vs_assisted=round(speed["mlx speculative"] / speed["transformers assisted"], 3),
         speculative_vs_regular=round(speed["mlx speculative"] / speed["mlx regular"], 3),
+        best_fixed_num_draft=best_fixed["num_draft"],
+        auto_vs_best_fixed=round(speed["mlx auto"] / best_fixed["tokens_per_second"], 3),
+        auto_vs_regular=round(speed["mlx auto"] / speed["mlx regular"], 3),
         decode_step_ms=round(step * 1e3, 3),
         step_matmuls_ms=round(ceiling * 1e3, 3),
         share_of_matmul_ceiling=round(ceiling / step, 3),
@@ -295,7 +315,8 @@ def print_table(rows, summaries):
             f"decode step {s['decode_step_ms']:.2f} ms, its matmuls alone {s['step_matmuls_ms']:.2f} ms "
             f"({s['share_of_matmul_ceiling']:.0%} of the products' ceiling); roofline "
             f"{s['roofline_tokens_per_second']:.0f} tok/s for {s['decoder_weight_mb']:.0f} MB/token "
-            f"({s['share_of_roofline']:.0%} reached)"
+            f"({s['share_of_roofline']:.0%} reached); --num-draft auto {s['auto_vs_best_fixed']:.2f}x the best fixed "
+            f"length ({s['best_fixed_num_draft']}), {s['auto_vs_regular']:.2f}x regular"
         )
 
 
@@ -303,6 +324,13 @@ def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=["small-self", "base-small", "demo"], help="Pairs to measure")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
+    parser.add_argument(
+        "--num-draft",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 6],
+        help="Fixed draft lengths timed beside --num-draft auto (and each pair's own length)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=5, help="Timed rounds of every method in turn, after one warm-up run of each"
     )
@@ -328,8 +356,8 @@ def main(argv=None):
     if argv[:1] == ["--transformers-worker"]:
         return transformers_worker(json.loads(argv[1]))
     args = setup_arg_parser().parse_args(argv)
-    if args.max_tokens < 1 or args.repeats < 1:
-        print("error: --max-tokens and --repeats must be at least 1", file=sys.stderr)
+    if args.max_tokens < 1 or args.repeats < 1 or min(args.num_draft) < 1:
+        print("error: --max-tokens, --repeats and --num-draft must be at least 1", file=sys.stderr)
         sys.exit(2)
     tokenizer_dir = Path(args.tokenizer)
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
@@ -343,7 +371,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for pair in pairs(Path(tmp), tokenizer_dir, args.pairs):
             try:
-                pair_rows, summary = benchmark_pair(pair, Path(tmp), args.max_tokens, args.repeats, bandwidth)
+                pair_rows, summary = benchmark_pair(
+                    pair, Path(tmp), args.max_tokens, args.repeats, bandwidth, args.num_draft
+                )
             except convert.ConversionError as e:  # the pairs made here convert: only models/demo can be damaged
                 print(f"error: {' '.join(str(e).split())}; restore {DEMO} with git checkout", file=sys.stderr)
                 sys.exit(2)

@@ -1,8 +1,9 @@
 """Regular and speculative decoding for MLX T5 models.
 
-One step of speculative decoding: the draft model proposes `num_draft` tokens autoregressively, the main model scores
-the last accepted token and all drafts in one forward pass, a prefix of the drafts is accepted, and the main model adds
-one token of its own (the correction after a rejection, or a bonus token when every draft was accepted).
+One step of speculative decoding: a drafter (drafters.py) proposes up to `num_draft` tokens, the main model scores the
+last accepted token and all drafts in one forward pass, a prefix of the drafts is accepted (sampling.py), and the main
+model adds one token of its own (the correction after a rejection, or a bonus token when every draft was accepted).
+The number of drafts is fixed or chosen step by step (draft_length.py).
 """
 
 import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
@@ -10,13 +11,16 @@ import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
 from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
-from drafters import ModelDrafter
+from draft_length import AutoDraftLength, FixedDraftLength
+from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
 from sampling import Sampler
+
+DRAFTERS = ("model", "lookup", "hybrid")
 
 
 class IncompatibleDraftError(ValueError):
@@ -29,6 +33,8 @@ class Stats:
     main_calls: int = 0
     drafted: int = 0
     accepted: int = 0
+    lookup_drafted: int = 0  # drafted tokens that came from a lookup rather than the draft model
+    lookup_steps: int = 0  # main-model calls that verified a lookup's drafts
     encode_seconds: float = 0.0  # the prompt through both encoders, and the cross-attention keys/values
     seconds: float = 0.0  # prompt in to last token out
 
@@ -42,6 +48,16 @@ class Stats:
         return self.accepted / self.main_calls if self.main_calls else 0.0
 
     @property
+    def mean_num_draft(self) -> float:
+        """Tokens drafted per main-model call."""
+        return self.drafted / self.main_calls if self.main_calls else 0.0
+
+    @property
+    def lookup_share(self) -> float:
+        """The share of drafted tokens that came from a lookup."""
+        return self.lookup_drafted / self.drafted if self.drafted else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         return self.generated / self.seconds if self.seconds else 0.0
 
@@ -50,6 +66,8 @@ class Stats:
             **asdict(self),
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted": self.mean_accepted,
+            "mean_num_draft": self.mean_num_draft,
+            "lookup_share": self.lookup_share,
             "tokens_per_second": self.tokens_per_second,
         }
 
@@ -62,8 +80,11 @@ class Generation:
 
 
 class SpeculativeDecoder:
-    """Decode with `model`, optionally sped up by `draft_model`; the output follows `model` alone.
+    """Decode with `model`, optionally sped up by drafts; the output follows `model` alone.
 
+    drafter: "model" (`draft_model` drafts), "lookup" (copies from the prompt and the output, no draft model) or
+    "hybrid" (a lookup match where there is one, else `draft_model`); max_ngram: the longest suffix a lookup matches.
+    num_draft: drafts per step, or "auto" to choose up to max_num_draft step by step for the most tokens per second.
     temperature 0 is greedy decoding, and then delta = 0 reproduces the main model's greedy output token for token;
     with temperature > 0 and delta = 0 the output is distributed exactly as sampling from the main model.
     """
@@ -73,16 +94,25 @@ class SpeculativeDecoder:
         model,
         draft_model,
         tokenizer,
-        num_draft: int = 5,
+        num_draft: Union[int, str] = 5,
         delta: float = 0.0,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
         draft_tokenizer=None,
+        drafter: str = "model",
+        max_num_draft: int = 8,
+        max_ngram: int = 3,
     ):
-        if num_draft < 1:
-            raise ValueError(f"num_draft must be at least 1, got {num_draft}")
+        if num_draft != "auto" and not (isinstance(num_draft, int) and num_draft >= 1):
+            raise ValueError(f"num_draft must be a positive integer or 'auto', got {num_draft!r}")
+        if max_num_draft < 1:
+            raise ValueError(f"max_num_draft must be at least 1, got {max_num_draft}")
+        if drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram must be at least 1, got {max_ngram}")
         if not 0.0 <= delta <= 1.0:
             raise ValueError(f"delta must be in [0, 1], got {delta}")
         if temperature < 0:
@@ -95,6 +125,10 @@ class SpeculativeDecoder:
         self.draft_model = draft_model
         self.tokenizer = tokenizer
         self.num_draft = num_draft
+        self.max_num_draft = max_num_draft
+        self.drafter = drafter
+        self.max_ngram = max_ngram
+        self.draft_length = None
         self.delta = delta
         self.sampler = Sampler(temperature, top_k, top_p)
         self.seed = seed
@@ -110,8 +144,8 @@ class SpeculativeDecoder:
         stream: Optional[Callable[[str], None]] = None,
     ) -> Generation:
         """Decode `prompt`; `stream` receives text as it is produced. regular=True uses the main model alone."""
-        if regular is False and self.draft_model is None:
-            raise ValueError("speculative decoding needs a draft model; pass regular=True to decode without one")
+        if not regular and self.draft_model is None and self.drafter != "lookup":
+            raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
         stats = Stats()
         tokens: List[int] = []
         text = ""
@@ -137,13 +171,23 @@ class SpeculativeDecoder:
 
     def make_drafter(self):
         """A drafter for one sequence."""
-        return ModelDrafter(self.draft_model, self.sampler)
+        lookup = LookupDrafter(self.max_ngram, self.model.args.eos_token_id)
+        if self.drafter == "lookup":
+            return lookup
+        model_drafter = ModelDrafter(self.draft_model, self.sampler)
+        return HybridDrafter(lookup, model_drafter) if self.drafter == "hybrid" else model_drafter
+
+    def make_draft_length(self):
+        """How many tokens to draft, step by step, for one sequence."""
+        if self.num_draft == "auto":
+            return AutoDraftLength(self.max_num_draft)
+        return FixedDraftLength(self.num_draft)
 
     def make_batch_drafter(self):
         """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
         if type(self.make_drafter()) is ModelDrafter:
             return BatchModelDrafter(self.draft_model, self.sampler)
-        vocab_size = max(self.model.args.vocab_size, self.draft_model.args.vocab_size)
+        vocab_size = max(self.model.args.vocab_size, self.draft_model.args.vocab_size if self.draft_model else 0)
         return RowDrafters(self.make_drafter, vocab_size)
 
     def generate_batch(
@@ -177,8 +221,8 @@ class SpeculativeDecoder:
         Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
         counts batched forward passes, seconds the whole run.
         """
-        if regular is False and self.draft_model is None:
-            raise ValueError("speculative decoding needs a draft model; pass regular=True to decode without one")
+        if not regular and self.draft_model is None and self.drafter != "lookup":
+            raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         stats = Stats() if stats is None else stats
@@ -190,6 +234,10 @@ class SpeculativeDecoder:
         seeds = mx.random.split(mx.random.key(self.seed), max(len(prompts), 1))
         active: List[Row] = []
         draws = not self.sampler.greedy or self.delta > 0
+        self.draft_length = self.draft_length or self.make_draft_length()
+        # auto sees a batch as one sequence whose steps yield each row's tokens: the same k maximises both.
+        source = "lookup" if self.drafter == "lookup" else "model"
+        last_sync = time.perf_counter()
         while queue or active:
             if queue and len(active) < batch_size:
                 tick = time.perf_counter()
@@ -207,7 +255,8 @@ class SpeculativeDecoder:
 
             # One draft length for the whole batch: every row shares the verification pass. Never draft past the
             # longest remaining budget; rows with less left cut their tokens at max_tokens.
-            num_draft = 0 if regular else min(self.num_draft, max(max_tokens - row.generated for row in active) - 1)
+            limit = max(max_tokens - row.generated for row in active) - 1
+            num_draft = 0 if regular else self.draft_length.choose(source, limit)
             # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
             keys = (
                 row_keys(mx.stack([row.key for row in active]), 4)
@@ -227,6 +276,9 @@ class SpeculativeDecoder:
             accepted, extra = self.judge_rows(logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3])
             # The one synchronisation per step.
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
+            now = time.perf_counter()
+            self.draft_length.record_time(source, num_draft and max(lengths), now - last_sync)
+            last_sync = now
             stats.main_calls += 1
 
             kept = []
@@ -237,6 +289,7 @@ class SpeculativeDecoder:
                 verdicts = accepted[b][: lengths[b]]
                 num_accepted = verdicts.index(False) if False in verdicts else lengths[b]
                 row.stats.accepted += num_accepted
+                self.draft_length.record_acceptance(source, lengths[b], num_accepted)
                 stats.drafted += lengths[b]
                 stats.accepted += num_accepted
                 new_tokens = drafts[b][:num_accepted] + [extra[b][num_accepted]]
@@ -310,31 +363,56 @@ class SpeculativeDecoder:
     def speculative_tokens(self, prompt_ids, max_tokens, ignore_eos, stats) -> Iterator[List[int]]:
         """Accepted tokens, step by step: drafts accepted by the main model plus its own next token."""
         model, drafter = self.model, self.make_drafter()
+        # One draft-length policy per decoder: what it measured on one prompt serves the next.
+        self.draft_length = self.draft_length or self.make_draft_length()
+        draft_length = self.draft_length
         key = mx.random.key(self.seed)
         tick = time.perf_counter()
         cross_kv, cache = self.prepare(prompt_ids)
         drafter.prepare(prompt_ids)
         stats.encode_seconds += time.perf_counter() - tick
 
-        # Every accepted token, after the decoder start id. The main cache holds all but the last of them.
+        # Every accepted token, after the decoder start id. The main cache holds all but the last of them (and the
+        # last too while a plain step is built ahead).
         sequence = [model.args.decoder_start_token_id]
         generated = 0
+        last_sync = time.perf_counter()
+        ahead = None  # the next step, when it is plain and was built before this step's synchronisation
+        planned = None  # the next step's draft length, when chosen before this step's synchronisation
         while generated < max_tokens:
-            # Never draft past max_tokens: the main model adds one token after the drafts.
-            num_draft = min(self.num_draft, max_tokens - generated - 1)
-            key, draft_key, accept_key, extra_key = mx.random.split(key, 4)
-            draft = drafter.propose(sequence, num_draft, draft_key)
-
-            # Verify: the last accepted token and every draft, in one forward pass of the main model.
-            verify_input = mx.concatenate([mx.array(sequence[-1:]), draft.tokens])[None]
-            logits = model.decode(verify_input, cross_kv, cache)[0]
-            accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
+            if ahead:
+                step = ahead
+            else:
+                # Never draft past max_tokens: the main model adds one token after the drafts.
+                limit = max_tokens - generated - 1
+                num_draft = draft_length.choose(drafter.source(sequence), limit) if planned is None else planned
+                key, step_key = mx.random.split(key)
+                step = self.step(
+                    sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache
+                )
+            draft, accepted, extra = step
+            # A plain step followed by another (the drafter's choice not depending on the tokens) builds the next
+            # one now, from this step's token still being computed, as regular decoding does: the host builds while
+            # the device computes.
+            ahead = planned = None
+            if not draft.tokens.size and not drafter.reads_tokens and generated + 1 < max_tokens:
+                planned = draft_length.choose(drafter.source(sequence), limit=max_tokens - generated - 2)
+                if planned == 0:
+                    key, step_key = mx.random.split(key)
+                    ahead, planned = self.step(extra[0], no_draft(), step_key, cross_kv, cache), None
             # The one synchronisation per step.
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
+            # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
+            now = time.perf_counter()
+            num_accepted = accepted.index(False) if False in accepted else len(drafts)
+            draft_length.record(draft.source, len(drafts), num_accepted, now - last_sync)
+            last_sync = now
             stats.main_calls += 1
             stats.drafted += len(drafts)
+            if draft.source == "lookup" and drafts:
+                stats.lookup_drafted += len(drafts)
+                stats.lookup_steps += 1
 
-            num_accepted = accepted.index(False) if False in accepted else len(drafts)
             new_tokens = drafts[:num_accepted] + [extra[num_accepted]]
             stats.accepted += num_accepted
             if not ignore_eos and model.args.eos_token_id in new_tokens:
@@ -342,14 +420,26 @@ class SpeculativeDecoder:
             new_tokens = new_tokens[: max_tokens - generated]
             generated += len(new_tokens)
 
-            # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step).
+            # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step, or was fed
+            # already by the step built ahead).
             sequence.extend(new_tokens)
             for layer_cache in cache:
-                layer_cache.trim(layer_cache.offset - (len(sequence) - 1))
+                layer_cache.trim(layer_cache.offset - (len(sequence) - (0 if ahead else 1)))
             drafter.rewind(len(sequence))
             yield new_tokens
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:
                 return
+
+    def step(self, last_token, draft, key, cross_kv, cache):
+        """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
+        main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for."""
+        accept_key, extra_key = mx.random.split(key)
+        last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
+        verify_input = mx.concatenate([last_token.astype(mx.int32), draft.tokens])[None]
+        logits = self.model.decode(verify_input, cross_kv, cache)[0]
+        accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
+        mx.async_eval(accepted, extra)
+        return draft, accepted, extra
 
 
 @dataclass

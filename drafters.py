@@ -1,16 +1,20 @@
 """Drafters: what proposes the tokens the main model verifies.
 
-A drafter holds the drafting state of one sequence behind three calls: `prepare(prompt_ids)` once per prompt,
-`propose(sequence, k, key)` for up to k tokens following the accepted `sequence`, and `rewind(length)` once the
-decoder has settled the sequence's first `length` tokens (anything drafted past them is forgotten).
+A drafter holds the drafting state of one sequence behind four calls: `prepare(prompt_ids)` once per prompt;
+`source(sequence)`, the kind of draft it would propose next ("model", "lookup", or None for none; `reads_tokens` says
+whether that depends on the sequence); `propose(sequence, k, key)`, up to k tokens following the accepted `sequence`;
+and `rewind(length)` once the decoder has settled the sequence's first `length` tokens (anything drafted past them is
+forgotten).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 
 from sampling import Sampler
+
+MAX_CONTINUATION = 64  # the most tokens a lookup proposes
 
 
 @dataclass
@@ -30,6 +34,8 @@ def no_draft() -> Draft:
 class ModelDrafter:
     """A small T5 with the main model's vocabulary, decoding autoregressively with its own cache."""
 
+    reads_tokens = False  # whether source() depends on the tokens so far
+
     def __init__(self, model, sampler: Sampler):
         self.model = model
         self.sampler = sampler
@@ -39,6 +45,9 @@ class ModelDrafter:
         self.cross_kv = self.model.cross_kv(self.model.encode(prompt_ids))
         mx.eval(self.cross_kv)
         self.cache = self.model.make_cache()
+
+    def source(self, sequence: List[int]) -> str:
+        return "model"
 
     def propose(self, sequence: List[int], k: int, key) -> Draft:
         if k == 0:
@@ -63,3 +72,105 @@ class ModelDrafter:
         # Keep at most length - 1 tokens: the sequence's last token is fed at the next proposal.
         for layer_cache in self.cache:
             layer_cache.trim(max(0, layer_cache.offset - (length - 1)))
+
+
+class LookupDrafter:
+    """Drafts by copying: the output's last n tokens (n from `max_ngram` down to 1) are looked up in the output so far
+    and then in the prompt's token ids, and the tokens that followed the most recent match are proposed. No model;
+    a proposal is deterministic (q one-hot at each token)."""
+
+    reads_tokens = True
+
+    def __init__(self, max_ngram: int = 3, eos_token_id: Optional[int] = None):
+        if max_ngram < 1:
+            raise ValueError(f"max_ngram must be at least 1, got {max_ngram}")
+        self.max_ngram = max_ngram
+        self.eos_token_id = eos_token_id
+
+    def prepare(self, prompt_ids):
+        prompt = prompt_ids[0].tolist()
+        # The prompt's closing EOS is the tokenizer's, not text to copy.
+        if prompt and prompt[-1] == self.eos_token_id:
+            prompt = prompt[:-1]
+        self.prompt = prompt
+        self.prompt_positions = positions_by_token(prompt)
+        self.output_positions = {}
+        self.indexed = 0  # output tokens in output_positions
+        self.matched = (None, [])  # (what identifies the sequence, continuation) of the last lookup
+
+    def match(self, sequence: List[int]) -> List[int]:
+        """What followed the most recent occurrence of the longest suffix of the output found; [] when none."""
+        # The sequence only grows between rewinds: its length and last tokens identify it.
+        identity = (len(sequence), tuple(sequence[-self.max_ngram :]))
+        if self.matched[0] == identity:
+            return self.matched[1]
+        output = sequence[1:]  # after the decoder start id
+        for position in range(self.indexed, len(output)):
+            self.output_positions.setdefault(output[position], []).append(position)
+        self.indexed = len(output)
+        continuation = []
+        for n in range(min(self.max_ngram, len(output)), 0, -1):
+            suffix = output[-n:]
+            # The output (most recent first, not the suffix itself), then the prompt.
+            for tokens, positions in ((output, self.output_positions), (self.prompt, self.prompt_positions)):
+                for end in reversed(positions.get(suffix[-1], [])):
+                    if n - 1 <= end < len(tokens) - 1 and tokens[end - n + 1 : end + 1] == suffix:
+                        continuation = tokens[end + 1 : end + 1 + MAX_CONTINUATION]
+                        break
+                if continuation:
+                    break
+            if continuation:
+                break
+        self.matched = (identity, continuation)
+        return continuation
+
+    def source(self, sequence: List[int]) -> Optional[str]:
+        return "lookup" if self.match(sequence) else None
+
+    def propose(self, sequence: List[int], k: int, key=None) -> Draft:
+        continuation = self.match(sequence)[:k]
+        if not continuation:
+            return no_draft()
+        return Draft(mx.array(continuation, dtype=mx.int32), None, "lookup")
+
+    def rewind(self, length: int):
+        output_length = max(0, length - 1)
+        if output_length < self.indexed:
+            for positions in self.output_positions.values():
+                while positions and positions[-1] >= output_length:
+                    positions.pop()
+            self.indexed = output_length
+        self.matched = (None, [])
+
+
+class HybridDrafter:
+    """A lookup match where there is one, else the draft model."""
+
+    reads_tokens = True
+
+    def __init__(self, lookup: LookupDrafter, model_drafter: ModelDrafter):
+        self.lookup = lookup
+        self.model_drafter = model_drafter
+
+    def prepare(self, prompt_ids):
+        self.lookup.prepare(prompt_ids)
+        self.model_drafter.prepare(prompt_ids)
+
+    def source(self, sequence: List[int]) -> str:
+        return self.lookup.source(sequence) or "model"
+
+    def propose(self, sequence: List[int], k: int, key) -> Draft:
+        drafter = self.lookup if self.lookup.match(sequence) else self.model_drafter
+        return drafter.propose(sequence, k, key)
+
+    def rewind(self, length: int):
+        self.lookup.rewind(length)
+        self.model_drafter.rewind(length)
+
+
+def positions_by_token(tokens: List[int]) -> Dict[int, List[int]]:
+    """token -> the positions where it occurs, in order."""
+    positions = {}
+    for position, token in enumerate(tokens):
+        positions.setdefault(token, []).append(position)
+    return positions

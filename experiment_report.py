@@ -10,8 +10,18 @@ def on_axis(rows, base, axis):
     others = [f.name for f in fields(base) if f.name != axis]
     # Regular decoding is on the num_draft axis: it has delta 0, as the base does.
     selected = [row for row in rows if all(row[name] == getattr(base, name) for name in others)]
-    # prompt_tokens 0 is the whole prompt: the longest.
-    return sorted(selected, key=lambda row: row["prompt_length" if axis == "prompt_tokens" else axis])
+    # prompt_tokens 0 is the whole prompt: the longest; auto comes after every fixed draft length.
+    return sorted(selected, key=lambda row: sort_value(row["prompt_length" if axis == "prompt_tokens" else axis]))
+
+
+def sort_value(value):
+    return (1, 0) if value == "auto" else (0, value) if isinstance(value, (int, float)) else (2, str(value))
+
+
+def flags(row):
+    """How a lossless row decodes, as flags."""
+    flags = f"--num-draft {row['num_draft']}"
+    return flags if row["drafter"] == "model" else f"{flags} --drafter {row['drafter']}"
 
 
 def plot(rows, base, out, description):
@@ -39,7 +49,7 @@ def plot(rows, base, out, description):
         return out / name
 
     def speedup(ax, points, x, xlabel):
-        line(ax, points, x, "speedup", label=f"speculative, {base.num_draft} drafts per step")
+        line(ax, points, x, "speedup", label=f"speculative, --num-draft {base.num_draft}")
         ax.axhline(1.0, color="gray", linestyle="--", label="regular decoding")
         ax.set(xlabel=xlabel, ylabel="speedup over regular decoding (×)", ylim=(0, None))
         ax.legend(loc="lower right")
@@ -47,7 +57,12 @@ def plot(rows, base, out, description):
     paths = []
     fig, (speed_ax, rate_ax, step_ax) = plt.subplots(1, 3, figsize=(13, 4))
     points = on_axis(rows, base, "num_draft")
+    auto = [row for row in points if row["num_draft"] == "auto"]
+    points = [row for row in points if row["num_draft"] != "auto"]
     line(speed_ax, points, "num_draft", "tokens_per_second")
+    for row in auto:
+        speed_ax.axhline(row["tokens_per_second"], color="tab:green", linestyle="--", label="--num-draft auto")
+        speed_ax.legend(loc="lower right")
     speed_ax.set(xlabel="draft tokens per step (0 = regular decoding)", ylabel="tokens/s", ylim=(0, None))
     line(rate_ax, points, "num_draft", "acceptance_rate", scale=100)
     rate_ax.set(xlabel="draft tokens per step", ylabel="acceptance rate (% of drafted tokens)", ylim=(0, 105))
@@ -84,13 +99,26 @@ def best_settings(rows, base, min_quality):
     """Markdown bullets naming the best settings found on each axis."""
     lines = []
     lossless = [row for row in on_axis(rows, base, "num_draft") if row["num_draft"]]
+    lossless += [row for row in on_axis(rows, base, "drafter") if row["drafter"] != base.drafter]
     if lossless:
         best = max(lossless, key=lambda row: row["tokens_per_second"])
         lines.append(
-            f"- Lossless (δ = 0, greedy): `--num-draft {best['num_draft']}`, {best['tokens_per_second']:.0f} tokens/s, "
+            f"- Lossless (δ = 0, greedy), best: `{flags(best)}`, {best['tokens_per_second']:.0f} tokens/s, "
             f"{best['speedup']:.2f}× regular decoding, acceptance {best['acceptance_rate']:.0%}, "
-            f"{best['mean_accepted']:.2f} drafts accepted per main-model call"
+            f"{best['mean_accepted']:.2f} drafts accepted and {best['mean_num_draft']:.2f} drafted per main-model call"
+            f", {best['lookup_share']:.0%} of drafts from lookup"
         )
+        fixed = [row for row in lossless if row["num_draft"] != "auto" and row["drafter"] == base.drafter]
+        auto = [row for row in lossless if row["num_draft"] == "auto"]
+        if fixed:
+            best_fixed = max(fixed, key=lambda row: row["tokens_per_second"])
+            for row in auto:
+                lines.append(
+                    f"- `{flags(row)}`: {row['tokens_per_second']:.0f} tokens/s, "
+                    f"{row['tokens_per_second'] / best_fixed['tokens_per_second']:.2f}× the best fixed length "
+                    f"(`{flags(best_fixed)}`), {row['speedup']:.2f}× regular decoding, "
+                    f"{row['mean_num_draft']:.2f} drafts per step"
+                )
 
     def quality(row):
         return min(row[name] / (100 if name == "bleu" else 1) for name in QUALITY if row[name] is not None)
@@ -121,8 +149,17 @@ def best_settings(rows, base, min_quality):
 
 def summary(rows, base, args, description, best):
     """The markdown summary: what was run, the best settings, and a table of every run."""
-    shown = ["num_draft", "delta", "temperature", "prompt_tokens", "max_tokens", "tokens_per_second", "speedup"]
-    shown += ["acceptance_rate", "mean_accepted", "main_calls", *QUALITY]
+    shown = [
+        "num_draft",
+        "drafter",
+        "delta",
+        "temperature",
+        "prompt_tokens",
+        "max_tokens",
+        "tokens_per_second",
+        "speedup",
+    ]
+    shown += ["acceptance_rate", "mean_accepted", "mean_num_draft", "lookup_share", "main_calls", *QUALITY]
     table = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     table += ["| " + " | ".join(cell(row[name], digits=4) for name in shown) + " |" for row in rows]
     return "\n".join(
@@ -133,7 +170,7 @@ def summary(rows, base, args, description, best):
             f"each of {args.repeats} rounds (the first after a warm-up run) and the fastest run of each prompt "
             "counts. Speedup: tokens/s over regular decoding of the same prompts in the same process. Quality: "
             "against the main model's greedy output of the same prompts. prompt_tokens 0 is the whole prompt; "
-            "num_draft 0 is regular decoding.",
+            "num_draft 0 is regular decoding; auto chooses the draft length before every step.",
             "",
             "## Best settings",
             "",

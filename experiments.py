@@ -1,9 +1,10 @@
 """Sweeps of speculative decoding settings: speed, acceptance and output quality, as a CSV, plots and a summary.
 
-One factor at a time around a base setting (num_draft, delta 0, greedy, whole prompts, max tokens): each axis (draft
-length, delta, prompt length, max tokens, temperature) is varied alone, and regular decoding of the same prompts runs in
-the same process as the baseline of every speedup. Quality is measured against the main model's own greedy output of
-the same prompts; at delta 0 and greedy it must be identical, and the sweep fails if it is not.
+One factor at a time around a base setting (num_draft, the draft model, delta 0, greedy, whole prompts, max tokens):
+each axis (draft length, fixed or auto; drafter; delta; prompt length; max tokens; temperature) is varied alone, and
+regular decoding of the same prompts runs in the same process as the baseline of every speedup. Quality is measured
+against the main model's own greedy output of the same prompts; at delta 0 and greedy it must be identical, and the
+sweep fails if it is not.
 """
 
 import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
@@ -17,12 +18,13 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Union
 
 from tqdm import tqdm
 
 import benchmark_batch
 import convert
-from decoder import IncompatibleDraftError, SpeculativeDecoder
+from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder
 from experiment_metrics import EmbeddingModelError, Quality, note
 from experiment_prompts import DEFAULT_PROMPTS, PromptFileError, read_prompts, truncate
 from experiment_report import best_settings, cell, plot, summary
@@ -35,7 +37,8 @@ DEMO_NAMES = {"main": "demo-main", "draft": "demo-draft"}
 
 # What --quick changes: a small sweep for a first look (flags given explicitly still win).
 QUICK = dict(
-    num_draft=[0, 2, 4],
+    num_draft=[0, 2, 4, "auto"],
+    drafter=["model", "lookup"],
     delta=[0.0, 0.5],
     prompt_tokens=[16],
     max_tokens=[32],
@@ -45,8 +48,8 @@ QUICK = dict(
 )
 
 COLUMNS = (
-    "num_draft delta temperature prompt_tokens max_tokens prompts prompt_length generated seconds tokens_per_second "
-    "speedup acceptance_rate mean_accepted main_calls drafted accepted "
+    "num_draft drafter delta temperature prompt_tokens max_tokens prompts prompt_length generated seconds "
+    "tokens_per_second speedup acceptance_rate mean_accepted mean_num_draft lookup_share main_calls drafted accepted "
     "token_match rouge_l cosine bleu"
 ).split()
 
@@ -55,27 +58,52 @@ class IdentityError(AssertionError):
     """Speculative decoding at delta 0, greedy, did not reproduce the main model's greedy output."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Setting:
-    """One run: how to decode (num_draft 0 is regular decoding) and which prompts (prompt_tokens 0: whole)."""
+    """One run: how to decode (num_draft 0 is regular decoding; "auto" chooses per step) and which prompts
+    (prompt_tokens 0: whole)."""
 
     temperature: float
     prompt_tokens: int
     max_tokens: int
-    num_draft: int
+    num_draft: Union[int, str]
     delta: float
+    drafter: str = "model"
 
     def baseline(self):
         """Regular decoding of the same prompts, length and temperature: the denominator of the speedup."""
-        return replace(self, num_draft=0, delta=0.0)
+        return replace(self, num_draft=0, delta=0.0, drafter="model")
 
     def reference(self):
         """The main model's greedy output of the same prompts and length: what quality is measured against."""
-        return replace(self, num_draft=0, delta=0.0, temperature=0.0)
+        return replace(self, num_draft=0, delta=0.0, temperature=0.0, drafter="model")
+
+    def order(self):
+        """Sort key: fixed draft lengths before auto."""
+        auto = self.num_draft == "auto"
+        return (
+            self.temperature,
+            self.prompt_tokens,
+            self.max_tokens,
+            auto,
+            0 if auto else self.num_draft,
+            self.delta,
+            DRAFTERS.index(self.drafter),
+        )
 
     def __str__(self):
-        decoding = f"k={self.num_draft} δ={self.delta:g}" if self.num_draft else "regular"
+        decoding = f"k={self.num_draft} {self.drafter} δ={self.delta:g}" if self.num_draft else "regular"
         return f"{decoding} T={self.temperature:g} prompt={self.prompt_tokens or 'whole'} max={self.max_tokens}"
+
+
+def num_draft_value(text):
+    """A --num-draft value: a count (0 is regular decoding) or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--num-draft values are counts or auto, got {text!r}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -106,11 +134,15 @@ def setup_arg_parser():
     parser.add_argument("--num-prompts", type=int, default=0, help="Use only the first N prompts; 0 uses all")
     parser.add_argument(
         "--num-draft",
-        type=int,
+        type=num_draft_value,
         nargs="+",
-        default=[0, 1, 2, 3, 4, 5, 6, 8],
-        help="Draft lengths; 0 is regular decoding",
+        default=[0, 1, 2, 3, 4, 5, 6, 8, "auto"],
+        help="Draft lengths; 0 is regular decoding, auto chooses step by step up to --max-num-draft",
     )
+    parser.add_argument(
+        "--drafter", choices=DRAFTERS, nargs="+", default=list(DRAFTERS), help="Drafters, at the base draft length"
+    )
+    parser.add_argument("--max-num-draft", type=int, default=8, help="The most drafts per step of auto")
     parser.add_argument(
         "--delta", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0], help="Acceptance leniencies"
     )
@@ -131,7 +163,9 @@ def setup_arg_parser():
         help="Batch sizes: tokens/s of regular and speculative decoding of all prompts N at a time (base draft length "
         "and max tokens, EOS ignored), against one at a time (batch_size.csv, batch_size.png); none: not measured",
     )
-    parser.add_argument("--base-num-draft", type=int, default=4, help="Draft length while the other axes vary")
+    parser.add_argument(
+        "--base-num-draft", type=num_draft_value, default="auto", help="Draft length while the other axes vary"
+    )
     parser.add_argument("--base-max-tokens", type=int, default=64, help="Maximum tokens while the other axes vary")
     parser.add_argument(
         "--repeats",
@@ -183,8 +217,15 @@ def fail(message, status=2):
 def check_args(args):
     """The first flag value that cannot be swept, as a message; None when all are valid."""
     checks = [
-        (min(args.num_draft) >= 0, f"--num-draft values must be 0 (regular) or more, got {args.num_draft}"),
-        (args.base_num_draft >= 1, f"--base-num-draft must be at least 1, got {args.base_num_draft}"),
+        (
+            all(k == "auto" or k >= 0 for k in args.num_draft),
+            f"--num-draft values must be 0 (regular) or more, or auto, got {args.num_draft}",
+        ),
+        (
+            args.base_num_draft == "auto" or args.base_num_draft >= 1,
+            f"--base-num-draft must be at least 1, or auto, got {args.base_num_draft}",
+        ),
+        (args.max_num_draft >= 1, f"--max-num-draft must be at least 1, got {args.max_num_draft}"),
         (all(0 <= d <= 1 for d in args.delta), f"--delta values must be between 0 and 1, got {args.delta}"),
         (
             all(t >= 0 and math.isfinite(t) for t in args.temperature),
@@ -244,6 +285,7 @@ def sweep(args):
     )
     axes = dict(
         num_draft=args.num_draft,
+        drafter=args.drafter,
         delta=args.delta,
         prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens,
@@ -253,17 +295,19 @@ def sweep(args):
     # Regular decoding has no delta.
     settings = {setting if setting.num_draft else setting.baseline() for setting in settings}
     settings |= {setting.baseline() for setting in settings} | {setting.reference() for setting in settings}
-    return base, sorted(settings)
+    return base, sorted(settings, key=Setting.order)
 
 
-def decode(pair, setting, prompts, seed, ignore_eos, warm_up):
+def decode(pair, setting, prompts, seed, ignore_eos, warm_up, max_num_draft=8):
     """The generation of each prompt under `setting`, timed; after one untimed run of the first when `warm_up`."""
     model, draft_model, tokenizer = pair
     decoder = SpeculativeDecoder(
         model,
         draft_model,
         tokenizer,
-        num_draft=max(1, setting.num_draft),
+        num_draft=setting.num_draft or 1,
+        drafter=setting.drafter,
+        max_num_draft=max_num_draft,
         delta=setting.delta,
         temperature=setting.temperature,
         seed=seed,
@@ -284,7 +328,8 @@ def sweep_rounds(pair, settings, prompt_sets, args):
     for repeat in range(args.repeats):
         for setting in settings:
             progress.set_postfix_str(f"round {repeat + 1}: {setting}")
-            runs = decode(pair, setting, prompt_sets[setting.prompt_tokens], args.seed, args.ignore_eos, repeat == 0)
+            prompts = prompt_sets[setting.prompt_tokens]
+            runs = decode(pair, setting, prompts, args.seed, args.ignore_eos, repeat == 0, args.max_num_draft)
             both = zip(generations.get(setting, runs), runs)
             generations[setting] = [min(candidates, key=lambda g: g.stats.seconds) for candidates in both]
             progress.update()
@@ -299,7 +344,7 @@ def speed(setting, generations, prompt_lengths):
     def total(name):
         return sum(getattr(s, name) for s in stats)
 
-    generated, seconds, speculative = total("generated"), total("seconds"), setting.num_draft > 0
+    generated, seconds, speculative = total("generated"), total("seconds"), setting.num_draft != 0
     return dict(
         asdict(setting),
         prompts=len(generations),
@@ -313,6 +358,8 @@ def speed(setting, generations, prompt_lengths):
         # Acceptance means nothing without a draft.
         acceptance_rate=total("accepted") / total("drafted") if speculative and total("drafted") else None,
         mean_accepted=total("accepted") / total("main_calls") if speculative else None,
+        mean_num_draft=total("drafted") / total("main_calls") if speculative else None,
+        lookup_share=total("lookup_drafted") / total("drafted") if speculative and total("drafted") else None,
     )
 
 

@@ -17,14 +17,11 @@ import mlx.core as mx
 from tqdm import tqdm
 
 import kernels
-from decoder import IncompatibleDraftError, SpeculativeDecoder, Stats
+from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder, Stats
 from loader import ModelLoadError, is_conversion, load_model, recorded_source
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
-DEFAULT_NUM_DRAFT = 5
-# The demo pair's fastest lossless draft length (python experiments.py: docs/experiments/summary.md).
-DEMO_NUM_DRAFT = 1
 DEFAULT_PROMPT = "translate English to German: A small model drafts the text and a large model checks it."
 MODELS_DIR = Path("mlx_models")
 # A small main/draft pair trained by tools/train_demo_pair.py, run when the default pair is not converted.
@@ -80,10 +77,20 @@ def setup_arg_parser():
     )
     parser.add_argument(
         "--num-draft",
-        type=int,
-        default=None,
-        help=f"Tokens the draft proposes per verification step (default: {DEFAULT_NUM_DRAFT}; {DEMO_NUM_DRAFT} for the "
-        "bundled demo pair, its fastest)",
+        default="auto",
+        help="Tokens drafted per verification step: a positive integer, or 'auto' to choose before every step the "
+        "number (0 included) with the most expected tokens per second, from the acceptance and step times measured",
+    )
+    parser.add_argument("--max-num-draft", type=int, default=8, help="The most tokens --num-draft auto drafts per step")
+    parser.add_argument(
+        "--drafter",
+        choices=DRAFTERS,
+        default="model",
+        help="What drafts: the draft model; lookup, copying what followed the output's last tokens where they occur "
+        "in the prompt or the output (no draft model loaded); or hybrid, a lookup where one matches, else the model",
+    )
+    parser.add_argument(
+        "--max-ngram", type=int, default=3, help="Longest suffix of the output a lookup matches (down to 1 token)"
     )
     parser.add_argument(
         "--delta",
@@ -125,7 +132,15 @@ def check_args(args):
         (args.prompt.strip(), "--prompt is empty; pass the text to translate or summarise"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-        (args.num_draft is None or args.num_draft >= 1, f"--num-draft must be at least 1, got {args.num_draft}"),
+        (
+            args.num_draft == "auto" or (args.num_draft.isdigit() and int(args.num_draft) >= 1),
+            f"--num-draft must be a positive integer or auto, got {args.num_draft!r}",
+        ),
+        (args.max_num_draft >= 1, f"--max-num-draft must be at least 1, got {args.max_num_draft}"),
+        (
+            args.max_ngram >= 1,
+            f"--max-ngram must be at least 1 (a lookup matches at least one token), got {args.max_ngram}",
+        ),
         (0 <= args.delta <= 1, f"--delta must be between 0 and 1, got {args.delta}"),
         (
             args.temperature >= 0 and math.isfinite(args.temperature),
@@ -265,6 +280,7 @@ def print_stats(stats, regular):
     print("=" * 10)
     if not regular:
         print(f"Acceptance: {stats.accepted}/{stats.drafted} drafted tokens ({stats.acceptance_rate:.1%})")
+        print(f"Drafts per step: {stats.mean_num_draft:.2f} ({stats.lookup_share:.0%} from lookup)")
     print(f"Main-model calls: {stats.main_calls}")
     print(f"Generation: {stats.generated} tokens, {stats.tokens_per_second:.1f} tokens-per-sec")
     print(f"Time: {stats.seconds:.3f} s")
@@ -309,11 +325,11 @@ def main(argv=None):
     else:
         # Find both directories before loading either: a missing draft should not wait for the main model.
         model_dir = find_model(args.model_name, "main")
-        if not args.regular_decode:
+        if not args.regular_decode and args.drafter != "lookup":
             draft_dir = find_model(args.draft_model_name, "draft")
-    if args.num_draft is None:
-        args.num_draft = DEMO_NUM_DRAFT if demo else DEFAULT_NUM_DRAFT
-    if args.regular_decode:
+    if args.num_draft != "auto":
+        args.num_draft = int(args.num_draft)
+    if args.regular_decode or args.drafter == "lookup":
         draft_dir = None
     model, tokenizer = load(model_dir, "main", group)
     draft_model = draft_tokenizer = None
@@ -321,7 +337,10 @@ def main(argv=None):
         draft_model, draft_tokenizer = load(draft_dir, "draft")
 
     settings = dict(
+        drafter=args.drafter,
         num_draft=args.num_draft,
+        max_num_draft=args.max_num_draft,
+        max_ngram=args.max_ngram,
         delta=args.delta,
         temperature=args.temperature,
         top_k=args.top_k,

@@ -1,4 +1,4 @@
-"""benchmark.py end to end on the bundled demo pair: every method runs, and all four produce the same tokens."""
+"""benchmark.py end to end on the bundled demo pair: every method runs, and all produce the same tokens."""
 
 import csv
 import json
@@ -13,7 +13,7 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "benchmark.py", "--pairs", "demo", "--max-tokens", "12", "--repeats", "1", "--out", out]
-        + ["--kernel-shape", "none"],
+        + ["--kernel-shape", "none", "--num-draft", "2"],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -23,8 +23,9 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "results.json").read_text())
     methods = {run["method"] for run in report["runs"]}
-    single = {"mlx regular", "mlx speculative", "transformers generate", "transformers assisted"}
-    assert methods == single | {f"{method}, batch 8" for method in single}
+    batched = {"mlx regular", "mlx speculative", "transformers generate", "transformers assisted"}
+    assert methods == batched | {"mlx k=2", "mlx auto"} | {f"{method}, batch 8" for method in batched}
+    assert {run["num_draft"] for run in report["runs"] if run["method"].startswith("mlx")} == {0, 1, 2, "auto"}
     # transformers generate() is the reference the others are compared with, token for token (batched: its batched
     # generate(); its assisted generation cannot batch).
     for run in report["runs"]:
@@ -33,6 +34,7 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     (summary,) = report["summaries"]
     assert summary["all_tokens_identical"] and summary["pair"] == "demo pair"
     assert 0 < summary["share_of_matmul_ceiling"] and 0 < summary["share_of_roofline"]
+    assert summary["best_fixed_num_draft"] in (1, 2) and summary["auto_vs_best_fixed"] > 0
     with open(out / "results.csv") as f:
         assert [row["method"] for row in csv.DictReader(f)] == [run["method"] for run in report["runs"]]
     assert "demo pair: regular" in result.stdout

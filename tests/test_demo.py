@@ -105,8 +105,8 @@ def test_bare_command_runs_the_demo_pair(tmp_path):
     assert (first["model"], first["draft_model"]) == ("mlx_models/demo-main", "mlx_models/demo-draft")
     assert first["prompt"] == PROMPTS[0] and first["text"].strip() and len(first["tokens"]) == 24
     assert first["stats"]["drafted"] > 0
-    # The demo pair's own default draft length; an explicit one is kept.
-    assert first["settings"]["num_draft"] == 1
+    # The draft length is chosen step by step unless given.
+    assert first["settings"]["num_draft"] == "auto"
 
     # Converted once, and again where the bundled weights are newer than the conversion (here: made older).
     os.utime(tmp_path / "mlx_models" / "demo-main" / "config.json", (0, 0))

@@ -22,8 +22,9 @@ PROMPTS = [
     "complete: def area(radius): return math.pi * radius ** 2 if radius > 0 else 0",
     "summarize: the function returns a list of the values in the dictionary",
 ]
-# Ten settings: the base (3 drafts, 10 tokens) and one change of each axis, each with its regular baseline.
-SWEEP = "--num-draft 0 2 --delta 0 0.5 --prompt-tokens 4 --max-tokens 6 --temperature 0 1 "
+# Twelve settings: the base (3 drafts from the draft model, 10 tokens) and one change of each axis, each with its
+# regular baseline.
+SWEEP = "--num-draft 0 2 auto --drafter model lookup --delta 0 0.5 --prompt-tokens 4 --max-tokens 6 --temperature 0 1 "
 SWEEP += "--base-num-draft 3 --base-max-tokens 10 --repeats 2 --ignore-eos --batch-size 1 3"
 PLOTS = ["num_draft.png", "prompt_length.png", "max_tokens.png", "delta.png"]
 
@@ -79,8 +80,11 @@ def without_optional(pair, tmp_path_factory):
 
 
 def settings(rows):
-    names = ["num_draft", "delta", "temperature", "prompt_tokens", "max_tokens"]
-    return {tuple(float(row[name]) for name in names) for row in rows}
+    names = ["num_draft", "drafter", "delta", "temperature", "prompt_tokens", "max_tokens"]
+    return {
+        tuple(row[name] if row[name] in ("auto", "model", "lookup") else float(row[name]) for name in names)
+        for row in rows
+    }
 
 
 def test_csv_has_every_column_and_one_row_per_setting(with_installed):
@@ -88,16 +92,18 @@ def test_csv_has_every_column_and_one_row_per_setting(with_installed):
     with open(out / "runs.csv", newline="") as f:
         assert next(csv.reader(f)) == experiments.COLUMNS
     assert settings(rows) == {
-        (3, 0, 0, 0, 10),
-        (0, 0, 0, 0, 10),
-        (2, 0, 0, 0, 10),
-        (3, 0.5, 0, 0, 10),
-        (3, 0, 0, 4, 10),
-        (0, 0, 0, 4, 10),
-        (3, 0, 0, 0, 6),
-        (0, 0, 0, 0, 6),
-        (3, 0, 1, 0, 10),
-        (0, 0, 1, 0, 10),
+        (3, "model", 0, 0, 0, 10),
+        (0, "model", 0, 0, 0, 10),
+        (2, "model", 0, 0, 0, 10),
+        ("auto", "model", 0, 0, 0, 10),
+        (3, "lookup", 0, 0, 0, 10),
+        (3, "model", 0.5, 0, 0, 10),
+        (3, "model", 0, 0, 4, 10),
+        (0, "model", 0, 0, 4, 10),
+        (3, "model", 0, 0, 0, 6),
+        (0, "model", 0, 0, 0, 6),
+        (3, "model", 0, 1, 0, 10),
+        (0, "model", 0, 1, 0, 10),
     }
     for row in rows:
         assert int(row["prompts"]) == len(PROMPTS)
@@ -109,17 +115,23 @@ def test_csv_has_every_column_and_one_row_per_setting(with_installed):
         else:
             assert 0 <= float(row["acceptance_rate"]) <= 1
             assert int(row["main_calls"]) < int(row["generated"]) or float(row["acceptance_rate"]) == 0
+            assert float(row["mean_num_draft"]) == pytest.approx(int(row["drafted"]) / int(row["main_calls"]), 1e-5)
+            assert float(row["lookup_share"]) == (1 if row["drafter"] == "lookup" else 0)
     # The noisy draft and delta 0.5 really change the output: the quality columns measure something.
     relaxed = next(row for row in rows if row["delta"] == "0.5")
     assert float(relaxed["token_match"]) < 1
-    assert (out / "summary.md").read_text().startswith("# Speculative decoding sweep")
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# Speculative decoding sweep")
+    # The summary names the best lossless setting, and compares auto with the best fixed length.
+    assert "- Lossless (δ = 0, greedy), best: `--num-draft " in summary
+    assert "- `--num-draft auto`: " in summary and "the best fixed length (`--num-draft " in summary
 
 
 @pytest.mark.parametrize("sweep", ["with_installed", "without_optional"])
 def test_delta_0_greedy_quality_is_perfect(sweep, request):
     _, rows, _ = request.getfixturevalue(sweep)
     identity = [row for row in rows if row["num_draft"] != "0" and row["delta"] == "0" and row["temperature"] == "0"]
-    assert len(identity) == 4
+    assert len(identity) == 6
     perfect = dict(token_match="1", rouge_l="1", cosine="1", bleu="100")
     for name, value in perfect.items():
         available = name == "token_match" or (sweep == "with_installed" and all(map(installed, PACKAGES[name])))
@@ -178,6 +190,8 @@ def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, mo
     [
         (["--delta", "0", "2"], "--delta values must be between 0 and 1"),
         (["--num-draft", "-1"], "--num-draft values must be 0 (regular) or more"),
+        (["--num-draft", "many"], "--num-draft values are counts or auto"),
+        (["--max-num-draft", "0"], "--max-num-draft must be at least 1"),
         (["--base-num-draft", "0"], "--base-num-draft must be at least 1"),
         (["--batch-size", "4", "0"], "--batch-size values must be at least 1"),
         (["--prompts", "/nonexistent/prompts.txt"], "cannot read the prompt file"),

@@ -95,6 +95,12 @@ def test_json_speculative_and_regular_greedy_agree(main_model, draft_model):
         assert speculative["settings"]["num_draft"] == 3 and speculative["settings"]["regular"] is False
         assert speculative["stats"]["drafted"] > 0
     assert rejected["stats"]["acceptance_rate"] < 1
+    assert rejected["stats"]["mean_num_draft"] == rejected["stats"]["drafted"] / rejected["stats"]["main_calls"]
+    assert rejected["stats"]["lookup_share"] == 0
+    # Lookup drafts need no draft model: a missing one is no error, and the tokens are the same.
+    lookup = run(*common, "--draft-model-name", "no-such-draft", "--drafter", "lookup", "--num-draft", 2)
+    assert last_json(lookup)["tokens"] == regular["tokens"] and "loading draft model" not in lookup.stderr
+    assert last_json(lookup)["settings"]["drafter"] == "lookup"
     assert accepted["stats"]["acceptance_rate"] == 1
     assert accepted["stats"]["main_calls"] < regular["stats"]["main_calls"]
 
@@ -121,12 +127,16 @@ def test_json_stats_name_the_kernels_that_ran(main_model):
 
 
 def test_human_output_streams_text_then_stats(main_model):
-    # Sampling with a fixed seed: the same text twice, and varied enough to be worth comparing.
+    # Sampling with a fixed seed and draft length: the same text twice, and varied enough to be worth comparing.
+    # (With --num-draft auto the step lengths follow measured times, and the text drawn with them.)
     sampling = ["--temperature", 1.0, "--top-k", 100, "--top-p", 0.95, "--seed", 3, "-m", 16]
-    common = ["--model-name", main_model, "--draft-model-name", main_model, *sampling]
+    common = ["--model-name", main_model, "--draft-model-name", main_model, "--num-draft", 5, *sampling]
     expected = last_json(run(*common, "--json"))
     assert expected["settings"] == dict(
+        drafter="model",
         num_draft=5,
+        max_num_draft=8,
+        max_ngram=3,
         delta=0.0,
         temperature=1.0,
         top_k=100,
@@ -161,6 +171,11 @@ def test_human_output_streams_text_then_stats(main_model):
     "flags, expected",
     [
         (["--num-draft", 0], "--num-draft"),
+        (["--num-draft", "-2"], "--num-draft"),
+        (["--num-draft", "many"], "--num-draft"),
+        (["--num-draft", "1.5"], "--num-draft"),
+        (["--max-num-draft", 0], "--max-num-draft"),
+        (["--drafter", "lookup", "--max-ngram", 0], "--max-ngram"),
         (["--delta", 1.5], "--delta"),
         (["--delta", -0.1], "--delta"),
         (["--delta", "nan"], "--delta"),

@@ -1,6 +1,7 @@
 """Measure the bundled demo pair on its 20 held-out prompts: draft cost, acceptance rate and speedup.
 
-    python tools/measure_demo_pair.py
+    python tools/measure_demo_pair.py                       # the draft model at 1..6 drafts per step and auto
+    python tools/measure_demo_pair.py --drafter lookup hybrid --num-draft 2 4 auto
 
 Greedy decoding at delta = 0, so every speculative run must reproduce the regular run token for token
 (checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
@@ -21,7 +22,7 @@ import backend  # noqa: E402  (before mlx)
 import mlx.core as mx  # noqa: E402
 
 import convert  # noqa: E402
-from decoder import SpeculativeDecoder  # noqa: E402
+from decoder import DRAFTERS, SpeculativeDecoder  # noqa: E402
 from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
@@ -58,7 +59,13 @@ def fastest_runs(decoders, prompts, repeats, **options):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-draft", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    parser.add_argument(
+        "--num-draft",
+        type=lambda text: text if text == "auto" else int(text),
+        nargs="+",
+        default=[1, 2, 3, 4, 5, 6, "auto"],
+    )
+    parser.add_argument("--drafter", choices=DRAFTERS, nargs="+", default=["model"])
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -84,22 +91,31 @@ def main():
         print(f"{name:5s}: {per_token[name] * 1e3:.2f} ms per token")
     print(f"draft / main cost per token: {per_token['draft'] / per_token['main']:.3f}")
 
-    decoders = {0: (SpeculativeDecoder(main_model, None, tokenizer), True)}
-    for num_draft in args.num_draft:
-        decoders[num_draft] = (SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft), False)
+    decoders = {("regular", 0): (SpeculativeDecoder(main_model, None, tokenizer), True)}
+    for drafter in args.drafter:
+        for num_draft in args.num_draft:
+            decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft, drafter=drafter)
+            decoders[(drafter, num_draft)] = (decoder, False)
     runs = fastest_runs(decoders, prompts, args.repeats, max_tokens=args.max_tokens)
-    regular = runs.pop(0)
+    regular = runs.pop(("regular", 0))
     tokens = sum(g.stats.generated for g in regular)
     regular_speed = tokens / sum(g.stats.seconds for g in regular)
     print(f"\n{len(prompts)} prompts, {tokens} tokens; regular decoding {regular_speed:.1f} tokens/s")
-    print("num_draft  acceptance  tokens/call  tokens/s  speedup")
-    for num_draft, speculative in runs.items():
+    print("drafter  num_draft  acceptance  tokens/call  drafts/call  lookup calls  tokens/s  speedup")
+    for (drafter, num_draft), speculative in runs.items():
         assert [g.tokens for g in speculative] == [g.tokens for g in regular], "speculative greedy != regular greedy"
-        accepted, drafted = sum(g.stats.accepted for g in speculative), sum(g.stats.drafted for g in speculative)
-        calls = sum(g.stats.main_calls for g in speculative)
+
+        def total(name):
+            return sum(getattr(g.stats, name) for g in speculative)
+
+        calls, drafted = total("main_calls"), total("drafted")
         speed = tokens / sum(g.stats.seconds for g in speculative)
-        rate, per_call = accepted / drafted, tokens / calls
-        print(f"{num_draft:9d}  {rate:10.3f}  {per_call:11.2f}  {speed:8.1f}  {speed / regular_speed:7.2f}")
+        rate = total("accepted") / drafted if drafted else 0.0
+        # lookup calls: the share of main-model calls that verified a lookup match.
+        print(
+            f"{drafter:7s}  {num_draft:>9}  {rate:10.3f}  {tokens / calls:11.2f}  {drafted / calls:11.2f}  "
+            f"{total('lookup_steps') / calls:12.1%}  {speed:8.1f}  {speed / regular_speed:7.2f}"
+        )
 
 
 if __name__ == "__main__":
