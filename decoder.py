@@ -277,7 +277,7 @@ class SpeculativeDecoder:
             # The one synchronisation per step.
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
             now = time.perf_counter()
-            self.draft_length.record_time(source, num_draft and max(lengths), now - last_sync)
+            self.draft_length.record_time(source, num_draft and max(lengths), self.agreed(now - last_sync))
             last_sync = now
             stats.main_calls += 1
 
@@ -405,7 +405,7 @@ class SpeculativeDecoder:
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
             num_accepted = accepted.index(False) if False in accepted else len(drafts)
-            draft_length.record(draft.source, len(drafts), num_accepted, now - last_sync)
+            draft_length.record(draft.source, len(drafts), num_accepted, self.agreed(now - last_sync))
             last_sync = now
             stats.main_calls += 1
             stats.drafted += len(drafts)
@@ -429,6 +429,13 @@ class SpeculativeDecoder:
             yield new_tokens
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:
                 return
+
+    def agreed(self, seconds: float) -> float:
+        """A step's time as every rank of a sharded main model takes it (their mean), so that auto chooses alike."""
+        group = self.model.group
+        if group is None or self.num_draft != "auto":
+            return seconds
+        return mx.distributed.all_sum(mx.array(seconds), group=group).item() / group.size()
 
     def step(self, last_token, draft, key, cross_kv, cache):
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
