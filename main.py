@@ -17,8 +17,9 @@ import mlx.core as mx
 from tqdm import tqdm
 
 import kernels
+from checks import is_conversion, recorded_source
 from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder, Stats
-from loader import ModelLoadError, is_conversion, load_model, recorded_source
+from loader import ModelLoadError, load_model
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
