@@ -118,3 +118,18 @@ def test_the_per_row_check_detects_a_biased_sampler():
     counts = np.bincount([generation.tokens[0] for generation in generations], minlength=12)
     statistic, df = chi_square(counts, marginals[0])
     assert statistic > chi_square_critical(df)
+
+
+@pytest.mark.parametrize("drafter, num_draft", [("lookup", 4), ("hybrid", 4), ("model", "auto")])
+def test_every_drafter_and_auto_batched_equal_each_prompt_decoded_alone(drafter, num_draft, converted):
+    # Drafts from the text itself come one drafter per row, of uneven lengths (padded, never accepted past a row's
+    # own); auto picks one draft length per step for the whole batch.
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    draft_model = perturbed(converted("t5-v1_1"), 0.04, seed=0)
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=num_draft, drafter=drafter)
+    prompts = PROMPTS + ["a b a b a b a b a b a b", "x = x + 1; x = x + 1; x = x + 1; x = x + 1"]
+    expected = alone(decoder, prompts, max_tokens=24, ignore_eos=True)
+    stats = Stats()
+    generations = decoder.generate_batch(prompts, max_tokens=24, ignore_eos=True, batch_size=3, stats=stats)
+    assert [generation.tokens for generation in generations] == expected
+    assert stats.drafted > 0
