@@ -322,7 +322,12 @@ def print_table(rows, summaries):
 
 def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["small-self", "base-small", "demo"], help="Pairs to measure")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=["small-self", "base-small", "demo"],
+        help="Pairs to measure (none: only the products)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
     parser.add_argument(
         "--num-draft",
@@ -379,7 +384,8 @@ def main(argv=None):
                 sys.exit(2)
             rows += pair_rows
             summaries.append(summary)
-    print_table(rows, summaries)
+    if rows:
+        print_table(rows, summaries)
     sweep, roofline = [], []
     if args.kernel_shape != "none":
         sweep = benchmark_kernels.product_sweep(bandwidth)
@@ -395,10 +401,11 @@ def main(argv=None):
     )
     report = dict(meta, runs=rows, summaries=summaries, products=sweep, decode_steps=roofline)
     (out / "results.json").write_text(json.dumps(report, indent=2))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if rows:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     print(f"\nmemory bandwidth {bandwidth / 1e9:.1f} GB/s; results in {out}/")
     if not all(s["all_tokens_identical"] for s in summaries):
         print("error: the methods produced different tokens (see same_tokens_as_transformers)", file=sys.stderr)
