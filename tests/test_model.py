@@ -7,8 +7,9 @@ import torch
 from conftest import VARIANTS
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from cache import KVCache
 from loader import load_model
-from model import FusedLinear, KVCache, relative_position_bucket
+from model import FusedLinear, relative_position_bucket
 
 TOLERANCE = 1e-4  # max abs difference, float32
 

@@ -1,0 +1,77 @@
+"""The decoder's self-attention cache, outside the model's parameters: one per decoder layer (T5.make_cache)."""
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Self-attention keys/values of a batch of rows, preallocated in steps.
+
+    Each row has its own length (`offsets`): new keys and values go to each row's own next positions, and rewinding
+    a row (`trim`, `trim_rows`) only lowers its length, in O(1). A row's positions past its length hold stale entries
+    that the decoder's causal bias masks out. A cache made for one row takes the batch size of its first update.
+    """
+
+    step = 256
+
+    def __init__(self, batch_size: int = 1):
+        self.keys = None
+        self.values = None
+        self.offsets = [0] * batch_size
+
+    @property
+    def offset(self) -> int:
+        """Positions in use: the longest row's length."""
+        return max(self.offsets)
+
+    def update_and_fetch(self, keys, values):
+        # keys, values: (B, heads, L, d_kv), row b written at positions offsets[b] .. offsets[b] + L - 1
+        batch, length = keys.shape[0], keys.shape[2]
+        if len(self.offsets) != batch and self.keys is None and self.offsets == [0]:
+            self.offsets = [0] * batch
+        starts, end = self.offsets, self.offset + length
+        if self.keys is None or end > self.keys.shape[2]:
+            capacity = ((end + self.step - 1) // self.step) * self.step
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            new_keys, new_values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+            if self.keys is not None:
+                new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
+                new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
+            self.keys, self.values = new_keys, new_values
+        if len(set(starts)) == 1:
+            self.keys[:, :, starts[0] : starts[0] + length] = keys
+            self.values[:, :, starts[0] : starts[0] + length] = values
+        else:
+            # (B, 1, L, 1): each row's own positions
+            positions = (mx.array(starts)[:, None] + mx.arange(length))[:, None, :, None]
+            self.keys = mx.put_along_axis(self.keys, positions, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, positions, values, axis=2)
+        self.offsets = [start + length for start in starts]
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def trim(self, n: int) -> int:
+        """Rewind every row by n positions (at most its length); returns the most any row was rewound."""
+        return max(self.trim_rows([n] * len(self.offsets)))
+
+    def trim_rows(self, counts) -> list:
+        """Rewind row b by counts[b] positions (at most its length); returns how far each row was rewound."""
+        trimmed = [min(offset, n) for offset, n in zip(self.offsets, counts)]
+        self.offsets = [offset - n for offset, n in zip(self.offsets, trimmed)]
+        return trimmed
+
+    def keep_rows(self, rows) -> None:
+        """Drop every row not in `rows` (indices, in the order to keep)."""
+        if self.keys is not None:
+            if rows:
+                index = mx.array(rows)
+                self.keys, self.values = self.keys[index], self.values[index]
+            else:
+                self.keys = self.values = None
+        self.offsets = [self.offsets[row] for row in rows]
+
+    def add_rows(self, count: int) -> None:
+        """Append `count` empty rows."""
+        if self.keys is not None:
+            empty = mx.zeros((count, *self.keys.shape[1:]), self.keys.dtype)
+            self.keys = mx.concatenate([self.keys, empty])
+            self.values = mx.concatenate([self.values, empty])
+        self.offsets = self.offsets + [0] * count
