@@ -294,7 +294,8 @@ def run(command, cwd=ROOT):
 def assert_one_error_line(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("loading ")]
+    lines = result.stderr.splitlines()
+    lines = [line for line in lines if line.strip() and not line.startswith(("loading ", "warning: "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
     return lines[0]
@@ -334,7 +335,7 @@ def test_the_demo_pair_leaves_a_directory_of_the_users_alone(tmp_path):
     result = run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     # After the lines saying that the demo pair runs, and on which prompt.
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
     assert "mlx_models/demo-main is in the way of the bundled demo pair" in lines[-1]
     assert "converting" not in result.stderr
