@@ -43,9 +43,9 @@ def test_the_pair_is_small_and_shares_one_vocabulary(demo):
     assert tokenizer.get_vocab() == draft_tokenizer.get_vocab()
     assert main.args.vocab_size == draft.args.vocab_size >= len(tokenizer)
     assert len(PROMPTS) == 20 and all(prompt.startswith("complete: ") for prompt in PROMPTS)
-    # The draft is much cheaper: a fraction of the width and of the decoder layers.
-    assert draft.args.d_model * 2 <= main.args.d_model
-    assert draft.args.num_decoder_layers * 2 <= main.args.num_decoder_layers
+    # The draft is much cheaper per token: one narrower decoder layer against the main model's eight.
+    assert draft.args.d_model < main.args.d_model and draft.args.d_ff < main.args.d_ff
+    assert draft.args.num_decoder_layers * 8 <= main.args.num_decoder_layers
 
 
 def test_logits_and_greedy_output_match_transformers(demo, reference):
@@ -63,7 +63,8 @@ def test_logits_and_greedy_output_match_transformers(demo, reference):
     for prompt in PROMPTS[:2]:
         with torch.no_grad():
             generated = reference.generate(
-                **tokenizer(prompt, return_tensors="pt"), max_new_tokens=100, do_sample=False
+                # No cache: transformers sizes generate()'s cache by the encoder's layer count, not the decoder's (8).
+                **tokenizer(prompt, return_tensors="pt"), max_new_tokens=100, do_sample=False, use_cache=False
             )
         assert decoder.generate(prompt, regular=True).tokens == generated[0, 1:].tolist()
 
@@ -83,10 +84,11 @@ def test_acceptance_rate_is_realistic(demo):
     (model, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
     decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=1)
     runs = [decoder.generate(prompt).stats for prompt in PROMPTS[:5]]
-    # With one draft per call: how often the draft's greedy choice is the main model's (0.49 on these prompts).
-    # Untrained pairs sit near 0, or near 1 where both only repeat one token.
+    # With one draft per call: how often the draft's greedy choice is the main model's (0.952 on these five prompts,
+    # 0.825 over all 20: tools/measure_demo_pair.py). Untrained pairs sit near 0, or near 1 where both only repeat one
+    # token; a draft trained on the data alone, not distilled, agreed about half the time.
     rate = sum(stats.accepted for stats in runs) / sum(stats.drafted for stats in runs)
-    assert 0.35 <= rate <= 0.9
+    assert 0.75 <= rate <= 0.99
 
 
 def test_bare_command_runs_the_demo_pair(tmp_path):

@@ -2,6 +2,7 @@
 
     python tools/measure_demo_pair.py                       # the draft model at 1..6 drafts per step and auto
     python tools/measure_demo_pair.py --drafter lookup hybrid --num-draft 2 4 auto
+    python tools/measure_demo_pair.py --prompts sweep       # experiments.py's 14 other held-out snippets
 
 Greedy decoding at delta = 0, so every speculative run must reproduce the regular run token for token
 (checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
@@ -23,6 +24,7 @@ import mlx.core as mx  # noqa: E402
 
 import convert  # noqa: E402
 from decoder import DRAFTERS, SpeculativeDecoder  # noqa: E402
+from experiment_prompts import DEFAULT_PROMPTS  # noqa: E402
 from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
@@ -68,6 +70,9 @@ def main():
     parser.add_argument("--drafter", choices=DRAFTERS, nargs="+", default=["model"])
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--prompts", choices=["held-out", "sweep"], default="held-out", help="models/demo/prompts.txt or experiments.py's"
+    )
     args = parser.parse_args()
 
     try:
@@ -76,7 +81,7 @@ def main():
         print("error: " + " ".join(str(e).split()) + f"; restore {DEMO_DIR} with git checkout", file=sys.stderr)
         sys.exit(2)
     print(f"BLAS: {backend.active}")
-    prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines()
+    prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines() if args.prompts == "held-out" else DEFAULT_PROMPTS
     options = dict(max_tokens=args.max_tokens, regular=True)
     # Warm up both models once, so that no measurement pays for first-call allocations.
     for model in (main_model, draft_model):

@@ -2,11 +2,14 @@
 
 Everything comes from the Python standard library's own source code, so this runs offline anywhere:
 
-    python tools/train_demo_pair.py            # ~22 minutes on 2 CPU cores; writes models/demo/{main,draft}
+    python tools/train_demo_pair.py            # ~67 minutes on a busy 2-core machine; writes models/demo/{main,draft}
 
 The task is code continuation: `complete: <64 tokens of code>` -> the next 64 tokens, then EOS. T5's
 SentencePiece tokenizer splits on whitespace, so the code is read and written without newlines or indentation.
-Whole files are held out (by a hash of their path); the held-out loss and token accuracy of both models are
+The main model learns from the data; the draft is then distilled from it: at every target position of the same
+training windows, teacher-forced, it learns the main model's whole next-token distribution (KL divergence), which is
+what makes it agree with the main model's greedy choices. Whole files are held out (by a hash of their path); the
+held-out loss and token accuracy of both models, and how often the draft's greedy choice is the main model's, are
 printed at the end. The run is seeded: the same Python (its standard library is the data), torch and thread
 count give the same weights.
 """
