@@ -147,8 +147,18 @@ def transformers_generate(model, prompts, batch_size, options):
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in chunk])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-        tokens += model.generate(input_ids=input_ids, attention_mask=mask, **options)[:, 1:].tolist()
+        tokens += model.generate(
+            input_ids=input_ids, attention_mask=mask, past_key_values=growing_cache(), **options
+        )[:, 1:].tolist()
     return tokens
+
+
+def growing_cache():
+    """A transformers cache that adds layers as they come: the one generate() makes holds as many decoder layers as
+    the encoder has, which breaks a model whose decoder is deeper (the demo pair's main model)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
 
 def print_rows(rows):
