@@ -144,8 +144,7 @@ class SpeculativeDecoder:
         stream: Optional[Callable[[str], None]] = None,
     ) -> Generation:
         """Decode `prompt`; `stream` receives text as it is produced. regular=True uses the main model alone."""
-        if not regular and self.draft_model is None and self.drafter != "lookup":
-            raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
+        self.check_drafter(regular)
         stats = Stats()
         tokens: List[int] = []
         text = ""
@@ -162,6 +161,10 @@ class SpeculativeDecoder:
         stats.generated = len(tokens)
         stats.seconds = time.perf_counter() - start
         return Generation(text=text, tokens=tokens, stats=stats)
+
+    def check_drafter(self, regular: bool):
+        if not regular and self.draft_model is None and self.drafter != "lookup":
+            raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
 
     def prepare(self, prompt_ids):
         """The main model's cross-attention keys/values for the prompt, and an empty self-attention cache."""
@@ -185,7 +188,7 @@ class SpeculativeDecoder:
 
     def make_batch_drafter(self):
         """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
-        if type(self.make_drafter()) is ModelDrafter:
+        if self.drafter == "model":
             return BatchModelDrafter(self.draft_model, self.sampler)
         vocab_size = max(self.model.args.vocab_size, self.draft_model.args.vocab_size if self.draft_model else 0)
         return RowDrafters(self.make_drafter, vocab_size)
@@ -221,8 +224,7 @@ class SpeculativeDecoder:
         Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
         counts batched forward passes, seconds the whole run.
         """
-        if not regular and self.draft_model is None and self.drafter != "lookup":
-            raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
+        self.check_drafter(regular)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         stats = Stats() if stats is None else stats
@@ -286,16 +288,12 @@ class SpeculativeDecoder:
                 row.key = keys[b, 0]
                 row.stats.main_calls += 1
                 row.stats.drafted += lengths[b]
-                verdicts = accepted[b][: lengths[b]]
-                num_accepted = verdicts.index(False) if False in verdicts else lengths[b]
+                num_accepted = count_accepted(accepted[b][: lengths[b]])
                 row.stats.accepted += num_accepted
                 self.draft_length.record_acceptance(source, lengths[b], num_accepted)
                 stats.drafted += lengths[b]
                 stats.accepted += num_accepted
-                new_tokens = drafts[b][:num_accepted] + [extra[b][num_accepted]]
-                if not ignore_eos and eos in new_tokens:
-                    new_tokens = new_tokens[: new_tokens.index(eos) + 1]
-                new_tokens = new_tokens[: max_tokens - row.generated]
+                new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
                 row.sequence.extend(new_tokens)
                 if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
                     stats.generated += row.generated
@@ -404,7 +402,7 @@ class SpeculativeDecoder:
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
-            num_accepted = accepted.index(False) if False in accepted else len(drafts)
+            num_accepted = count_accepted(accepted)
             draft_length.record(draft.source, len(drafts), num_accepted, self.agreed(now - last_sync))
             last_sync = now
             stats.main_calls += 1
@@ -413,11 +411,10 @@ class SpeculativeDecoder:
                 stats.lookup_drafted += len(drafts)
                 stats.lookup_steps += 1
 
-            new_tokens = drafts[:num_accepted] + [extra[num_accepted]]
             stats.accepted += num_accepted
-            if not ignore_eos and model.args.eos_token_id in new_tokens:
-                new_tokens = new_tokens[: new_tokens.index(model.args.eos_token_id) + 1]
-            new_tokens = new_tokens[: max_tokens - generated]
+            new_tokens = step_tokens(
+                drafts, num_accepted, extra, model.args.eos_token_id, ignore_eos, max_tokens - generated
+            )
             generated += len(new_tokens)
 
             # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step, or was fed
@@ -462,6 +459,20 @@ class Row:
     @property
     def generated(self) -> int:
         return len(self.sequence) - 1
+
+
+def count_accepted(verdicts: List[bool]) -> int:
+    """How many drafts are kept: those before the first rejection."""
+    return verdicts.index(False) if False in verdicts else len(verdicts)
+
+
+def step_tokens(drafts, num_accepted, extra, eos, ignore_eos, remaining) -> List[int]:
+    """A step's new tokens: the accepted drafts and the main model's own token after them, cut after an EOS (unless
+    ignored) and at the `remaining` token budget."""
+    tokens = drafts[:num_accepted] + [extra[num_accepted]]
+    if not ignore_eos and eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    return tokens[:remaining]
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):
