@@ -3,21 +3,21 @@
 One step of speculative decoding: a drafter (drafters.py) proposes up to `num_draft` tokens, the main model scores the
 last accepted token and all drafts in one forward pass, a prefix of the drafts is accepted (sampling.py), and the main
 model adds one token of its own (the correction after a rejection, or a bonus token when every draft was accepted).
-The number of drafts is fixed or chosen step by step (draft_length.py).
+The number of drafts is fixed or chosen step by step (draft_length.py). Many prompts decoded together take the
+same step with a batch dimension (batch_decoder.py).
 """
 
 import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
+import batch_decoder
 from draft_length import AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
+from generation import Generation, Stats, count_accepted, step_tokens
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -25,58 +25,6 @@ DRAFTERS = ("model", "lookup", "hybrid")
 
 class IncompatibleDraftError(ValueError):
     """The draft and main models do not share a vocabulary."""
-
-
-@dataclass
-class Stats:
-    generated: int = 0
-    main_calls: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    lookup_drafted: int = 0  # drafted tokens that came from a lookup rather than the draft model
-    lookup_steps: int = 0  # main-model calls that verified a lookup's drafts
-    encode_seconds: float = 0.0  # the prompt through both encoders, and the cross-attention keys/values
-    seconds: float = 0.0  # prompt in to last token out
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        """Draft tokens accepted per main-model call."""
-        return self.accepted / self.main_calls if self.main_calls else 0.0
-
-    @property
-    def mean_num_draft(self) -> float:
-        """Tokens drafted per main-model call."""
-        return self.drafted / self.main_calls if self.main_calls else 0.0
-
-    @property
-    def lookup_share(self) -> float:
-        """The share of drafted tokens that came from a lookup."""
-        return self.lookup_drafted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated / self.seconds if self.seconds else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "acceptance_rate": self.acceptance_rate,
-            "mean_accepted": self.mean_accepted,
-            "mean_num_draft": self.mean_num_draft,
-            "lookup_share": self.lookup_share,
-            "tokens_per_second": self.tokens_per_second,
-        }
-
-
-@dataclass
-class Generation:
-    text: str
-    tokens: List[int]
-    stats: Stats = field(default_factory=Stats)
 
 
 class SpeculativeDecoder:
@@ -186,13 +134,6 @@ class SpeculativeDecoder:
             return AutoDraftLength(self.max_num_draft)
         return FixedDraftLength(self.num_draft)
 
-    def make_batch_drafter(self):
-        """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
-        if self.drafter == "model":
-            return BatchModelDrafter(self.draft_model, self.sampler)
-        vocab_size = max(self.model.args.vocab_size, self.draft_model.args.vocab_size if self.draft_model else 0)
-        return RowDrafters(self.make_drafter, vocab_size)
-
     def generate_batch(
         self,
         prompts: Sequence[str],
@@ -217,120 +158,9 @@ class SpeculativeDecoder:
         batch_size: int = 8,
         stats: Optional[Stats] = None,
     ) -> Iterator[Tuple[int, Generation]]:
-        """(prompt index, Generation) for each prompt as it finishes.
-
-        Up to `batch_size` prompts decode together, each row exactly as `generate` decodes it alone (its own draft
-        acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
-        Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
-        counts batched forward passes, seconds the whole run.
-        """
-        self.check_drafter(regular)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        stats = Stats() if stats is None else stats
-        start = time.perf_counter()
-        model, eos = self.model, self.model.args.eos_token_id
-        rows = Rows(model)
-        drafter = None if regular else self.make_batch_drafter()
-        queue = deque(enumerate(prompts))
-        seeds = mx.random.split(mx.random.key(self.seed), max(len(prompts), 1))
-        active: List[Row] = []
-        draws = not self.sampler.greedy or self.delta > 0
-        self.draft_length = self.draft_length or self.make_draft_length()
-        # auto sees a batch as one sequence whose steps yield each row's tokens: the same k maximises both.
-        source = "lookup" if self.drafter == "lookup" else "model"
-        last_sync = time.perf_counter()
-        while queue or active:
-            if queue and len(active) < batch_size:
-                tick = time.perf_counter()
-                joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
-                ids = [self.tokenizer(prompt).input_ids for _, prompt in joining]
-                rows.add(ids)
-                if drafter is not None:
-                    drafter.add(ids)
-                seconds = time.perf_counter() - tick
-                stats.encode_seconds += seconds
-                for index, _ in joining:
-                    row = Row(index, [model.args.decoder_start_token_id], seeds[index], time.perf_counter())
-                    row.stats.encode_seconds = seconds
-                    active.append(row)
-
-            # One draft length for the whole batch: every row shares the verification pass. Never draft past the
-            # longest remaining budget; rows with less left cut their tokens at max_tokens.
-            limit = max(max_tokens - row.generated for row in active) - 1
-            num_draft = 0 if regular else self.draft_length.choose(source, limit)
-            # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
-            keys = (
-                row_keys(mx.stack([row.key for row in active]), 4)
-                if draws
-                else mx.zeros((len(active), 4, 2), mx.uint32)
-            )
-            sequences = [row.sequence for row in active]
-            lengths = [0] * len(active)
-            draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
-            if num_draft:
-                draft, lengths = drafter.propose(sequences, num_draft, keys[:, 1])
-                draft_tokens, draft_probs = draft.tokens, draft.probs
-
-            # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
-            verify_input = mx.concatenate([mx.array([sequence[-1:] for sequence in sequences]), draft_tokens], axis=1)
-            logits = rows.decode(verify_input)
-            accepted, extra = self.judge_rows(logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3])
-            # The one synchronisation per step.
-            accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
-            now = time.perf_counter()
-            self.draft_length.record_time(source, num_draft and max(lengths), self.agreed(now - last_sync))
-            last_sync = now
-            stats.main_calls += 1
-
-            kept = []
-            for b, row in enumerate(active):
-                row.key = keys[b, 0]
-                row.stats.main_calls += 1
-                row.stats.drafted += lengths[b]
-                num_accepted = count_accepted(accepted[b][: lengths[b]])
-                row.stats.accepted += num_accepted
-                self.draft_length.record_acceptance(source, lengths[b], num_accepted)
-                stats.drafted += lengths[b]
-                stats.accepted += num_accepted
-                new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
-                row.sequence.extend(new_tokens)
-                if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
-                    stats.generated += row.generated
-                    yield row.index, self.finish(row)
-                else:
-                    kept.append(b)
-            # Rewind every row to its accepted tokens (the newest is fed next step); finished rows leave.
-            rows.rewind([len(sequence) - 1 for sequence in sequences])
-            if drafter is not None:
-                drafter.rewind([len(sequence) for sequence in sequences])
-            if len(kept) < len(active):
-                active = [active[b] for b in kept]
-                rows.keep(kept)
-                if drafter is not None:
-                    drafter.keep(kept)
-        stats.seconds = time.perf_counter() - start
-
-    def judge_rows(self, logits, drafts, draft_probs, accept_keys, extra_keys):
-        """The sampler's judgement of each row on its own, with its own keys: (B, k) verdicts, (B, k + 1) tokens."""
-        judge, delta = self.sampler.judge, self.delta
-        if drafts.shape[1] == 0:
-            # The main model's own next token (and MLX cannot vmap a categorical draw over (1, vocab) rows).
-            extra = mx.vmap(self.sampler.sample)(self.sampler.distribution(logits[:, -1]), extra_keys)
-            return mx.zeros(drafts.shape, dtype=mx.bool_), extra[:, None]
-        if draft_probs is None:
-            return mx.vmap(lambda lg, dr, ak, ek: judge(lg, dr, None, delta, ak, ek))(
-                logits, drafts, accept_keys, extra_keys
-            )
-        return mx.vmap(lambda lg, dr, dp, ak, ek: judge(lg, dr, dp, delta, ak, ek))(
-            logits, drafts, draft_probs, accept_keys, extra_keys
-        )
-
-    def finish(self, row) -> Generation:
-        tokens = row.sequence[1:]
-        row.stats.generated = len(tokens)
-        row.stats.seconds = time.perf_counter() - row.start
-        return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, row.stats)
+        """(prompt index, Generation) for each prompt as it finishes: up to `batch_size` prompts decode together, each
+        row exactly as `generate` decodes it alone (batch_decoder.py)."""
+        return batch_decoder.batch_generations(self, prompts, max_tokens, regular, ignore_eos, batch_size, stats)
 
     def regular_tokens(self, prompt_ids, max_tokens, ignore_eos, stats) -> Iterator[List[int]]:
         """The main model alone, one token per forward pass."""
@@ -444,35 +274,6 @@ class SpeculativeDecoder:
         accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
-
-
-@dataclass
-class Row:
-    """A prompt being decoded in a batch."""
-
-    index: int  # its place in the prompt list
-    sequence: List[int]  # the decoder start id and every token accepted
-    key: mx.array  # its own random stream
-    start: float
-    stats: Stats = field(default_factory=Stats)
-
-    @property
-    def generated(self) -> int:
-        return len(self.sequence) - 1
-
-
-def count_accepted(verdicts: List[bool]) -> int:
-    """How many drafts are kept: those before the first rejection."""
-    return verdicts.index(False) if False in verdicts else len(verdicts)
-
-
-def step_tokens(drafts, num_accepted, extra, eos, ignore_eos, remaining) -> List[int]:
-    """A step's new tokens: the accepted drafts and the main model's own token after them, cut after an EOS (unless
-    ignored) and at the `remaining` token budget."""
-    tokens = drafts[:num_accepted] + [extra[num_accepted]]
-    if not ignore_eos and eos in tokens:
-        tokens = tokens[: tokens.index(eos) + 1]
-    return tokens[:remaining]
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):

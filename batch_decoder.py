@@ -1,0 +1,165 @@
+"""Batched decoding: many prompts decoded together, each row exactly as `SpeculativeDecoder.generate` decodes it alone.
+
+The speculative step of decoder.py with a batch dimension: one draft length for the whole batch, every row's drafts
+verified in one forward pass, and each row with its own acceptance, cache length, EOS, max_tokens and random stream. A
+finished row's place goes to the next prompt in the queue. The rows' state and drafting for every row are batching.py's.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
+from generation import Generation, Stats, count_accepted, step_tokens
+
+
+@dataclass
+class Row:
+    """A prompt being decoded in a batch."""
+
+    index: int  # its place in the prompt list
+    sequence: List[int]  # the decoder start id and every token accepted
+    key: mx.array  # its own random stream
+    start: float
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def generated(self) -> int:
+        return len(self.sequence) - 1
+
+
+def batch_generations(
+    decoder,
+    prompts: Sequence[str],
+    max_tokens: int = 100,
+    regular: bool = False,
+    ignore_eos: bool = False,
+    batch_size: int = 8,
+    stats: Optional[Stats] = None,
+) -> Iterator[Tuple[int, Generation]]:
+    """(prompt index, Generation) for each prompt as it finishes, decoded with `decoder`'s models and settings.
+
+    Up to `batch_size` prompts decode together, each row exactly as `decoder.generate` decodes it alone (its own draft
+    acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
+    Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
+    counts batched forward passes, seconds the whole run.
+    """
+    decoder.check_drafter(regular)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    stats = Stats() if stats is None else stats
+    start = time.perf_counter()
+    model, eos = decoder.model, decoder.model.args.eos_token_id
+    rows = Rows(model)
+    drafter = None if regular else make_batch_drafter(decoder)
+    queue = deque(enumerate(prompts))
+    seeds = mx.random.split(mx.random.key(decoder.seed), max(len(prompts), 1))
+    active: List[Row] = []
+    draws = not decoder.sampler.greedy or decoder.delta > 0
+    decoder.draft_length = decoder.draft_length or decoder.make_draft_length()
+    # auto sees a batch as one sequence whose steps yield each row's tokens: the same k maximises both.
+    source = "lookup" if decoder.drafter == "lookup" else "model"
+    last_sync = time.perf_counter()
+    while queue or active:
+        if queue and len(active) < batch_size:
+            tick = time.perf_counter()
+            joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
+            ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]
+            rows.add(ids)
+            if drafter is not None:
+                drafter.add(ids)
+            seconds = time.perf_counter() - tick
+            stats.encode_seconds += seconds
+            for index, _ in joining:
+                row = Row(index, [model.args.decoder_start_token_id], seeds[index], time.perf_counter())
+                row.stats.encode_seconds = seconds
+                active.append(row)
+
+        # One draft length for the whole batch: every row shares the verification pass. Never draft past the
+        # longest remaining budget; rows with less left cut their tokens at max_tokens.
+        limit = max(max_tokens - row.generated for row in active) - 1
+        num_draft = 0 if regular else decoder.draft_length.choose(source, limit)
+        # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
+        keys = row_keys(mx.stack([row.key for row in active]), 4) if draws else mx.zeros((len(active), 4, 2), mx.uint32)
+        sequences = [row.sequence for row in active]
+        lengths = [0] * len(active)
+        draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
+        if num_draft:
+            draft, lengths = drafter.propose(sequences, num_draft, keys[:, 1])
+            draft_tokens, draft_probs = draft.tokens, draft.probs
+
+        # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
+        verify_input = mx.concatenate([mx.array([sequence[-1:] for sequence in sequences]), draft_tokens], axis=1)
+        logits = rows.decode(verify_input)
+        accepted, extra = judge_rows(
+            decoder.sampler, decoder.delta, logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3]
+        )
+        # The one synchronisation per step.
+        accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
+        now = time.perf_counter()
+        decoder.draft_length.record_time(source, num_draft and max(lengths), decoder.agreed(now - last_sync))
+        last_sync = now
+        stats.main_calls += 1
+
+        kept = []
+        for b, row in enumerate(active):
+            row.key = keys[b, 0]
+            row.stats.main_calls += 1
+            row.stats.drafted += lengths[b]
+            num_accepted = count_accepted(accepted[b][: lengths[b]])
+            row.stats.accepted += num_accepted
+            decoder.draft_length.record_acceptance(source, lengths[b], num_accepted)
+            stats.drafted += lengths[b]
+            stats.accepted += num_accepted
+            new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
+            row.sequence.extend(new_tokens)
+            if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
+                stats.generated += row.generated
+                yield row.index, finish(row, decoder.tokenizer)
+            else:
+                kept.append(b)
+        # Rewind every row to its accepted tokens (the newest is fed next step); finished rows leave.
+        rows.rewind([len(sequence) - 1 for sequence in sequences])
+        if drafter is not None:
+            drafter.rewind([len(sequence) for sequence in sequences])
+        if len(kept) < len(active):
+            active = [active[b] for b in kept]
+            rows.keep(kept)
+            if drafter is not None:
+                drafter.keep(kept)
+    stats.seconds = time.perf_counter() - start
+
+
+def make_batch_drafter(decoder):
+    """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
+    if decoder.drafter == "model":
+        return BatchModelDrafter(decoder.draft_model, decoder.sampler)
+    draft_model = decoder.draft_model
+    vocab_size = max(decoder.model.args.vocab_size, draft_model.args.vocab_size if draft_model else 0)
+    return RowDrafters(decoder.make_drafter, vocab_size)
+
+
+def judge_rows(sampler, delta, logits, drafts, draft_probs, accept_keys, extra_keys):
+    """The sampler's judgement of each row on its own, with its own keys: (B, k) verdicts, (B, k + 1) tokens."""
+    judge = sampler.judge
+    if drafts.shape[1] == 0:
+        # The main model's own next token (and MLX cannot vmap a categorical draw over (1, vocab) rows).
+        extra = mx.vmap(sampler.sample)(sampler.distribution(logits[:, -1]), extra_keys)
+        return mx.zeros(drafts.shape, dtype=mx.bool_), extra[:, None]
+    if draft_probs is None:
+        return mx.vmap(lambda lg, dr, ak, ek: judge(lg, dr, None, delta, ak, ek))(
+            logits, drafts, accept_keys, extra_keys
+        )
+    return mx.vmap(lambda lg, dr, dp, ak, ek: judge(lg, dr, dp, delta, ak, ek))(
+        logits, drafts, draft_probs, accept_keys, extra_keys
+    )
+
+
+def finish(row: Row, tokenizer) -> Generation:
+    tokens = row.sequence[1:]
+    row.stats.generated = len(tokens)
+    row.stats.seconds = time.perf_counter() - row.start
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, row.stats)

@@ -1,0 +1,71 @@
+"""What decoding returns, one Generation per prompt with its Stats, and the tokens a verification step adds: shared by
+the single-prompt loops (decoder.py) and the batched loop (batch_decoder.py)."""
+
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+
+@dataclass
+class Stats:
+    generated: int = 0
+    main_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    lookup_drafted: int = 0  # drafted tokens that came from a lookup rather than the draft model
+    lookup_steps: int = 0  # main-model calls that verified a lookup's drafts
+    encode_seconds: float = 0.0  # the prompt through both encoders, and the cross-attention keys/values
+    seconds: float = 0.0  # prompt in to last token out
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens accepted per main-model call."""
+        return self.accepted / self.main_calls if self.main_calls else 0.0
+
+    @property
+    def mean_num_draft(self) -> float:
+        """Tokens drafted per main-model call."""
+        return self.drafted / self.main_calls if self.main_calls else 0.0
+
+    @property
+    def lookup_share(self) -> float:
+        """The share of drafted tokens that came from a lookup."""
+        return self.lookup_drafted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted": self.mean_accepted,
+            "mean_num_draft": self.mean_num_draft,
+            "lookup_share": self.lookup_share,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: List[int]
+    stats: Stats = field(default_factory=Stats)
+
+
+def count_accepted(verdicts: List[bool]) -> int:
+    """How many drafts are kept: those before the first rejection."""
+    return verdicts.index(False) if False in verdicts else len(verdicts)
+
+
+def step_tokens(drafts, num_accepted, extra, eos, ignore_eos, remaining) -> List[int]:
+    """A step's new tokens: the accepted drafts and the main model's own token after them, cut after an EOS (unless
+    ignored) and at the `remaining` token budget."""
+    tokens = drafts[:num_accepted] + [extra[num_accepted]]
+    if not ignore_eos and eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    return tokens[:remaining]
