@@ -212,7 +212,7 @@ void run_product(const mx::array& x_in, const mx::array& w, const mx::array* sca
     if (avx2) {
       x_words.resize(size_t(M) * ldx);
       x_sums.resize(size_t(M) * ldx);
-      prepare_quant_x(x, ldx, M, K, bits, x_words.data(), x_sums.data());
+      prepare_quant_x(x, ldx, M, K, bits, group_size, x_words.data(), x_sums.data());
     }
     for (int r = 0; r < M; r += kMaxRows) {
       QuantProduct p{x + size_t(r) * ldx, ldx, std::min(kMaxRows, M - r), K, w.data<uint32_t>(), scales->data<void>(),

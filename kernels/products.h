@@ -40,9 +40,9 @@ struct QuantProduct {
   int bits;
   float* out;
   int N;
-  // Prepared once per call by prepare_quant_x for the AVX2 kernel: x rearranged word by word and each word's sum.
+  // Prepared once per call by prepare_quant_x for the AVX2 kernel: x rearranged word by word and each group's sum.
   const float* x_words;  // (rows, K)
-  const float* x_sums;  // (rows, K * bits / 32), rows ldx apart
+  const float* x_sums;  // (rows, K / group), rows ldx apart
 };
 
 void float_columns_portable(const FloatProduct& p, int n0, int n1);
@@ -52,7 +52,8 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1);
 bool cpu_has_avx2();
 void float_columns_avx2(const FloatProduct& p, int n0, int n1);
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1);
-void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, float* x_words, float* x_sums);
+void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
+                     float* x_sums);
 
 static inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;

@@ -2,6 +2,8 @@
 // check. Each weight is read once per block of rows; accumulation is in float32.
 #include <immintrin.h>
 
+#include <algorithm>
+
 
 #include "products.h"
 
@@ -128,74 +130,123 @@ inline __m256 word_values(__m256i words, int i) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(words, _mm256_set1_epi32(mask)));
 }
 
-template <int BITS, WeightType ST>
+// A block's scales: one group, or (4-bit with groups of 32) words 0-3 in one group and 4-7 in the next.
+template <WeightType ST, bool TWO_GROUPS>
+inline __m256 block_scales(const void* scales, size_t g) {
+  if constexpr (TWO_GROUPS) {
+    return _mm256_setr_m128(_mm_set1_ps(load_scalar(scales, g, ST)), _mm_set1_ps(load_scalar(scales, g + 1, ST)));
+  } else {
+    return _mm256_set1_ps(load_scalar(scales, g, ST));
+  }
+}
+
+// R rows (1-4, in registers) x one column over blocks [b0, b1) of 8 words: acc[r] += scale * sum(value * x_words).
+// The values of a block are unpacked once for all R rows.
+template <int BITS, WeightType ST, bool TWO_GROUPS, int R>
+inline void quant_strip(const uint32_t* column, const void* scales, size_t group_row, int group_shift,
+                        const float* x_words, int ldx, int b0, int b1, __m256* acc_out) {
+  constexpr int per_word = 32 / BITS, block = 8 * per_word;
+  // Far enough ahead that memory answers before the loop gets there, for the stream of this column and the next.
+  constexpr int kPrefetchWords = 512;
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) {
+    acc[r] = acc_out[r];
+  }
+  for (int b = b0; b < b1; b++) {
+    _mm_prefetch(reinterpret_cast<const char*>(column + b * 8 + kPrefetchWords), _MM_HINT_T0);
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + b * 8));
+    __m256 values[per_word];
+    for (int i = 0; i < per_word; i++) {
+      values[i] = word_values<BITS>(packed, i);
+    }
+    const __m256 scale = block_scales<ST, TWO_GROUPS>(scales, group_row + ((b * block) >> group_shift));
+    for (int r = 0; r < R; r++) {
+      const float* xw = x_words + size_t(r) * ldx + b * block;
+      __m256 dot0 = _mm256_mul_ps(values[0], _mm256_loadu_ps(xw));
+      __m256 dot1 = _mm256_mul_ps(values[1], _mm256_loadu_ps(xw + 8));
+      for (int i = 2; i < per_word; i += 2) {
+        dot0 = _mm256_fmadd_ps(values[i], _mm256_loadu_ps(xw + 8 * i), dot0);
+        dot1 = _mm256_fmadd_ps(values[i + 1], _mm256_loadu_ps(xw + 8 * i + 8), dot1);
+      }
+      acc[r] = _mm256_fmadd_ps(scale, _mm256_add_ps(dot0, dot1), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    acc_out[r] = acc[r];
+  }
+}
+
+template <int BITS, WeightType ST, bool TWO_GROUPS>
+void quant_strip_rows(int R, const uint32_t* column, const void* scales, size_t group_row, int group_shift,
+                      const float* x_words, int ldx, int b0, int b1, __m256* acc) {
+  switch (R) {
+    case 1:
+      return quant_strip<BITS, ST, TWO_GROUPS, 1>(column, scales, group_row, group_shift, x_words, ldx, b0, b1, acc);
+    case 2:
+      return quant_strip<BITS, ST, TWO_GROUPS, 2>(column, scales, group_row, group_shift, x_words, ldx, b0, b1, acc);
+    case 3:
+      return quant_strip<BITS, ST, TWO_GROUPS, 3>(column, scales, group_row, group_shift, x_words, ldx, b0, b1, acc);
+    default:
+      return quant_strip<BITS, ST, TWO_GROUPS, 4>(column, scales, group_row, group_shift, x_words, ldx, b0, b1, acc);
+  }
+}
+
+template <int BITS, WeightType ST, bool TWO_GROUPS>
 void quant_columns(const QuantProduct& p, int n0, int n1) {
   constexpr int per_word = 32 / BITS, block = 8 * per_word;
-  // Columns in tiles of 4 and K in chunks of 256 weights, so that the rows' x of a chunk stay in L1 for the tile.
-  constexpr int kTile = 4, kChunkBlocks = 256 / block;
+  constexpr int kTile = 4;
   const int words = p.K / per_word, blocks = words / 8, groups = p.K / p.group;
   const int group_shift = __builtin_ctz(p.group);  // group sizes are powers of two
-  const bool two_groups = block > p.group;  // 4-bit with groups of 32: lanes 0-3 and 4-7 differ
-  __m256 acc_scaled[kMaxRows][kTile], acc_bias[kMaxRows][kTile];
+  // K in chunks whose x_words (every row) fill at most half of L1, so that they stay there while a tile of columns
+  // passes over them; one row takes K whole.
+  const int chunk_blocks = std::max(1, 16384 / (p.rows * block * 4));
+  __m256 acc[kTile][kMaxRows];
   for (int n = n0; n < n1; n += kTile) {
     const int C = min_int(kTile, n1 - n);
-    for (int m = 0; m < p.rows; m++) {
-      for (int c = 0; c < kTile; c++) {
-        acc_scaled[m][c] = _mm256_setzero_ps();
-        acc_bias[m][c] = _mm256_setzero_ps();
+    for (int c = 0; c < kTile; c++) {
+      for (int m = 0; m < p.rows; m++) {
+        acc[c][m] = _mm256_setzero_ps();
       }
     }
-    for (int b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
-      const int b1 = min_int(blocks, b0 + kChunkBlocks);
+    for (int b0 = 0; b0 < blocks; b0 += chunk_blocks) {
+      const int b1 = min_int(blocks, b0 + chunk_blocks);
       for (int c = 0; c < C; c++) {
-        const uint32_t* row = p.w + size_t(n + c) * words;
-        const size_t group_row = size_t(n + c) * groups;
-        for (int b = b0; b < b1; b++) {
-          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 8));
-          __m256 values[per_word];
-          for (int i = 0; i < per_word; i++) {
-            values[i] = word_values<BITS>(packed, i);
-          }
-          const size_t g = group_row + ((b * block) >> group_shift);
-          __m256 scale, bias;
-          if (two_groups) {
-            scale = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.scales, g, ST)),
-                                     _mm_set1_ps(load_scalar(p.scales, g + 1, ST)));
-            bias = _mm256_setr_m128(_mm_set1_ps(load_scalar(p.biases, g, ST)),
-                                    _mm_set1_ps(load_scalar(p.biases, g + 1, ST)));
-          } else {
-            scale = _mm256_set1_ps(load_scalar(p.scales, g, ST));
-            bias = _mm256_set1_ps(load_scalar(p.biases, g, ST));
-          }
-          for (int m = 0; m < p.rows; m++) {
-            const float* xw = p.x_words + size_t(m) * p.ldx + b * block;
-            __m256 dot0 = _mm256_mul_ps(values[0], _mm256_loadu_ps(xw));
-            __m256 dot1 = _mm256_mul_ps(values[1], _mm256_loadu_ps(xw + 8));
-            for (int i = 2; i < per_word; i += 2) {
-              dot0 = _mm256_fmadd_ps(values[i], _mm256_loadu_ps(xw + 8 * i), dot0);
-              dot1 = _mm256_fmadd_ps(values[i + 1], _mm256_loadu_ps(xw + 8 * i + 8), dot1);
-            }
-            // Per word: scale * sum(value * x) + bias * sum(x).
-            acc_scaled[m][c] = _mm256_fmadd_ps(scale, _mm256_add_ps(dot0, dot1), acc_scaled[m][c]);
-            const __m256 x_sums = _mm256_loadu_ps(p.x_sums + size_t(m) * p.ldx + b * 8);
-            acc_bias[m][c] = _mm256_fmadd_ps(bias, x_sums, acc_bias[m][c]);
-          }
+        const uint32_t* column = p.w + size_t(n + c) * words;
+        for (int m = 0; m < p.rows; m += 4) {
+          quant_strip_rows<BITS, ST, TWO_GROUPS>(min_int(4, p.rows - m), column, p.scales, size_t(n + c) * groups,
+                                                  group_shift, p.x_words + size_t(m) * p.ldx, p.ldx, b0, b1,
+                                                  acc[c] + m);
         }
       }
     }
     for (int c = 0; c < C; c++) {
-      const uint32_t* row = p.w + size_t(n + c) * words;
+      const uint32_t* column = p.w + size_t(n + c) * words;
       const size_t group_row = size_t(n + c) * groups;
+      // The biases: sum over groups of bias * (the group's sum of x).
+      __m256 bias_acc[kMaxRows];
+      for (int m = 0; m < p.rows; m++) {
+        bias_acc[m] = _mm256_setzero_ps();
+      }
+      const int groups8 = groups & ~7;
+      for (int g = 0; g < groups8; g += 8) {
+        const __m256 bias = load8<ST>(p.biases, group_row + g);
+        for (int m = 0; m < p.rows; m++) {
+          bias_acc[m] = _mm256_fmadd_ps(bias, _mm256_loadu_ps(p.x_sums + size_t(m) * p.ldx + g), bias_acc[m]);
+        }
+      }
       float result[kMaxRows];
       for (int m = 0; m < p.rows; m++) {
-        result[m] = horizontal_sum(_mm256_add_ps(acc_scaled[m][c], acc_bias[m][c]));
+        result[m] = horizontal_sum(_mm256_add_ps(acc[c][m], bias_acc[m]));
+        for (int g = groups8; g < groups; g++) {
+          result[m] += load_scalar(p.biases, group_row + g, ST) * p.x_sums[size_t(m) * p.ldx + g];
+        }
       }
-      // Words after the last whole block of 8 (K a multiple of 32 but not of 64, in 4 bits).
+      // Words after the last whole block of 8 (K a multiple of 32 but not of 64, in 4 bits): scales here, biases
+      // above.
       for (int w = blocks * 8; w < words; w++) {
-        const size_t g = group_row + ((w * per_word) >> group_shift);
-        const float scale = load_scalar(p.scales, g, ST), bias = load_scalar(p.biases, g, ST);
+        const float scale = load_scalar(p.scales, group_row + ((w * per_word) >> group_shift), ST);
         for (int i = 0; i < per_word; i++) {
-          const float weight = scale * float((row[w] >> (BITS * i)) & ((1u << BITS) - 1)) + bias;
+          const float weight = scale * float((column[w] >> (BITS * i)) & ((1u << BITS) - 1));
           for (int m = 0; m < p.rows; m++) {
             result[m] += p.x[size_t(m) * p.ldx + w * per_word + i] * weight;
           }
@@ -208,15 +259,15 @@ void quant_columns(const QuantProduct& p, int n0, int n1) {
   }
 }
 
-template <int BITS>
-void quant_columns_bits(const QuantProduct& p, int n0, int n1) {
+template <int BITS, bool TWO_GROUPS>
+void quant_columns_groups(const QuantProduct& p, int n0, int n1) {
   switch (p.stype) {
     case kFloat32:
-      return quant_columns<BITS, kFloat32>(p, n0, n1);
+      return quant_columns<BITS, kFloat32, TWO_GROUPS>(p, n0, n1);
     case kBFloat16:
-      return quant_columns<BITS, kBFloat16>(p, n0, n1);
+      return quant_columns<BITS, kBFloat16, TWO_GROUPS>(p, n0, n1);
     default:
-      return quant_columns<BITS, kFloat16>(p, n0, n1);
+      return quant_columns<BITS, kFloat16, TWO_GROUPS>(p, n0, n1);
   }
 }
 
@@ -234,10 +285,12 @@ void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
 }
 
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
-  if (p.bits == 4) {
-    quant_columns_bits<4>(p, n0, n1);
+  if (p.bits == 8) {
+    quant_columns_groups<8, false>(p, n0, n1);
+  } else if (p.group == 32) {
+    quant_columns_groups<4, true>(p, n0, n1);
   } else {
-    quant_columns_bits<8>(p, n0, n1);
+    quant_columns_groups<4, false>(p, n0, n1);
   }
 }
 

@@ -66,7 +66,8 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
   }
 }
 
-void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, float* x_words, float* x_sums) {
+void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
+                     float* x_sums) {
   // A block of 8 words holds 8 * per_word weights; the AVX2 kernel takes value i of all 8 words at once (lane j =
   // word j), still shifted left by bits * i (only the top value is shifted down), so x is stored in that order and
   // scaled by 2^(-bits * i) to undo the shift exactly.
@@ -82,12 +83,12 @@ void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, float* 
         }
       }
     }
-    for (int w = 0; w < K / per_word; w++) {
+    for (int g = 0; g < K / group; g++) {
       float sum = 0;
-      for (int i = 0; i < per_word; i++) {
-        sum += xm[w * per_word + i];
+      for (int k = 0; k < group; k++) {
+        sum += xm[g * group + k];
       }
-      x_sums[size_t(m) * ldx + w] = sum;
+      x_sums[size_t(m) * ldx + g] = sum;
     }
   }
 }

@@ -52,7 +52,8 @@ def test_float_weights_match_matmul(dtype, rows):
 @pytest.mark.parametrize("rows", ROWS)
 def test_quantized_weights_match_quantized_matmul(bits, group_size, rows):
     mx.random.seed(bits * rows + group_size)
-    for K, N in [(group_size, 5), (3 * group_size, 67), (384, 129)]:
+    # K from one group to one that one row takes in several passes over its chunks of x (8320 = 65 * 128).
+    for K, N in [(group_size, 5), (3 * group_size, 67), (384, 129), (8320, 5)]:
         x = mx.random.normal((rows, K))
         for dtype in [mx.float32, mx.bfloat16]:
             w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size, bits)
