@@ -20,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
 
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+
+from loader import load_model  # noqa: E402
 from tools.t5_tokenizer import train_t5_tokenizer  # noqa: E402
 
 # Tiny configs covering each T5 variant transformers' T5ForConditionalGeneration loads.
@@ -148,3 +152,39 @@ def hf_model():
         return loaded[path]
 
     return load
+
+
+# The decoding tests' prompts and models: a main model and drafts that agree with it more or less often.
+
+PROMPTS = [
+    "translate English to German: The house is wonderful.",
+    "summarize: the function returns a list of the values",
+    "class attributes are looked up in the dictionary",
+    "a",
+    "The for statement is used to iterate over the elements of a sequence (such as a string, tuple or list)",
+    "if x < 0: raise ValueError",
+]
+
+
+def perturbed(path, noise, seed):
+    """The model at `path` with gaussian noise on every weight: a draft that agrees with it only part of the time."""
+    copy, _, _ = load_model(path)
+    mx.random.seed(seed)
+    copy.update(tree_map(lambda w: w + noise * mx.std(w) * mx.random.normal(w.shape), copy.parameters()))
+    mx.eval(copy.parameters())
+    return copy
+
+
+@pytest.fixture(scope="module")
+def main(converted):
+    # An untied random model: its greedy output varies (tied random T5s tend to repeat one token).
+    path = converted("t5-v1_1")
+    model, tokenizer, _ = load_model(path)
+    return model, tokenizer, path
+
+
+@pytest.fixture(scope="module")
+def drafts(main, converted):
+    """Drafts of the main model by how often they agree with it: a noisy copy, an unrelated model, itself."""
+    unrelated, _, _ = load_model(converted("t5-v1_1", seed=1))
+    return {"noisy": perturbed(main[2], 0.04, seed=0), "unrelated": unrelated, "self": main[0]}

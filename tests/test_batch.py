@@ -3,8 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import VARIANTS
-from test_decoder import PROMPTS, CountingTokenizer, chi_square, chi_square_critical, exact_marginals, perturbed
+from conftest import PROMPTS, VARIANTS, perturbed
+from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exact_marginals
 
 from decoder import SpeculativeDecoder, Stats
 from drafters import ModelDrafter
