@@ -9,6 +9,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import mlx.core as mx
 import pytest
 
+import experiment_sweep
 import experiments
 from experiment_prompts import PromptFileError, read_prompts, truncate
 from loader import load_model
@@ -169,7 +170,7 @@ def test_without_optional_packages_the_core_runs_and_says_what_is_skipped(withou
 
 
 def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, monkeypatch):
-    decode = experiments.decode
+    decode = experiment_sweep.decode
 
     def broken(pair, setting, prompts, *args):
         generations = decode(pair, setting, prompts, *args)
@@ -177,7 +178,7 @@ def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, mo
             generations[-1].tokens[-1] += 1
         return generations
 
-    monkeypatch.setattr(experiments, "decode", broken)
+    monkeypatch.setattr(experiment_sweep, "decode", broken)
     with pytest.raises(SystemExit) as exit:
         run(
             pair,
