@@ -2,9 +2,6 @@
 // check. Each weight is read once per block of rows; accumulation is in float32.
 #include <immintrin.h>
 
-#include <algorithm>
-
-
 #include "products.h"
 
 namespace t5kernels {
@@ -13,6 +10,10 @@ namespace {
 // Not std::min: a template instantiated here with AVX2 enabled could be picked by the linker for the portable path.
 inline int min_int(int a, int b) {
   return a < b ? a : b;
+}
+
+inline int max_int(int a, int b) {
+  return a > b ? a : b;
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -39,6 +40,7 @@ inline __m256 load8(const void* w, size_t index) {
 // R rows x C columns over k in [k0, k1) (multiples of 8), accumulating into acc[r][c].
 template <WeightType WT, int R, int C>
 void float_tile(const float* x, int ldx, int K, const void* w, int n, int k0, int k1, __m256 (*acc)[4]) {
+  constexpr int kBytes = WT == kFloat32 ? 4 : 2;
   __m256 a[R][C];
   for (int r = 0; r < R; r++) {
     for (int c = 0; c < C; c++) {
@@ -48,7 +50,11 @@ void float_tile(const float* x, int ldx, int K, const void* w, int n, int k0, in
   for (int k = k0; k < k1; k += 8) {
     __m256 wv[C];
     for (int c = 0; c < C; c++) {
-      wv[c] = load8<WT>(w, size_t(n + c) * K + k);
+      const size_t index = size_t(n + c) * K + k;
+      if ((k & (64 / kBytes - 1)) == 0) {  // once per cache line, 2 KB ahead
+        _mm_prefetch(static_cast<const char*>(w) + index * kBytes + 2048, _MM_HINT_T0);
+      }
+      wv[c] = load8<WT>(w, index);
     }
     for (int r = 0; r < R; r++) {
       __m256 xv = _mm256_loadu_ps(x + size_t(r) * ldx + k);
@@ -80,8 +86,9 @@ void float_tile_rows(int C, const float* x, int ldx, int K, const void* w, int n
 
 template <WeightType WT>
 void float_columns(const FloatProduct& p, int n0, int n1) {
-  // K in chunks so that a tile's weights stay in L1 while every group of rows passes over them.
-  constexpr int kChunk = 256;
+  // K in chunks so that a tile's weights stay in L1 while every group of 3 rows passes over them; one group takes
+  // up to 16 KB of x at once, so that each column's weights stream from memory in longer runs.
+  const int kChunk = p.rows <= 3 ? max_int(256, 16384 / (p.rows * 4) / 16 * 16) : 256;
   const int K8 = p.K & ~7;
   __m256 acc[kMaxRows][4];
   for (int n = n0; n < n1; n += 4) {
@@ -199,7 +206,7 @@ void quant_columns(const QuantProduct& p, int n0, int n1) {
   const int group_shift = __builtin_ctz(p.group);  // group sizes are powers of two
   // K in chunks whose x_words (every row) fill at most half of L1, so that they stay there while a tile of columns
   // passes over them; one row takes K whole.
-  const int chunk_blocks = std::max(1, 16384 / (p.rows * block * 4));
+  const int chunk_blocks = max_int(1, 16384 / (p.rows * block * 4));
   __m256 acc[kTile][kMaxRows];
   for (int n = n0; n < n1; n += kTile) {
     const int C = min_int(kTile, n1 - n);
