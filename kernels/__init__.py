@@ -11,6 +11,7 @@ T5_KERNELS=0 turns the native kernels off.
 import os
 import platform
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -39,7 +40,8 @@ def load() -> str:
     try:
         from kernels import _native
     except ImportError as e:
-        reason = "not built" if "_native" in str(e) and "No module" in str(e) else f"cannot be loaded ({e})"
+        built = any(Path(__file__).parent.glob("_native*.so"))
+        reason = f"cannot be loaded ({e})" if built else "not built"
         print(
             f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
             file=sys.stderr,

@@ -1,6 +1,7 @@
 """The native decode-shaped products against MLX's own matmul and quantized_matmul."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,13 @@ def test_kernels_that_cannot_load_fall_back_with_one_warning():
     assert active.startswith("mlx (native kernels") and result == str([[8.0] * 3] * 2)
     if sys.platform == "linux":
         assert out.stderr.count("warning:") == 1 and "python kernels/build.py" in out.stderr
+
+
+def test_kernels_not_built_say_so(tmp_path):
+    # The package without its compiled module, as in a fresh clone before `python kernels/build.py`.
+    shutil.copytree(REPO / "kernels", tmp_path / "kernels", ignore=shutil.ignore_patterns("_native*", "build"))
+    check = "import kernels; print(kernels.active)"
+    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, check=True)
+    if sys.platform == "linux":
+        assert out.stdout.strip() == "mlx (native kernels not built)"
+        assert out.stderr.strip().startswith("warning: native kernels not built;") and "circular" not in out.stderr
