@@ -55,12 +55,16 @@ class Pair:
     main_dir: Path  # HF checkpoint
     draft_dir: Path
     num_draft: int
+    # Both models in this dtype, here (converted to it) and in transformers (loaded in it).
+    dtype: str = "float32"
 
 
 def random_checkpoint(shape, path, tokenizer_dir, seed):
     """A random-initialised transformers T5 of a real shape (vocab 32128), saved with the demo tokenizer."""
     from transformers import T5Config, T5ForConditionalGeneration
 
+    if (path / "config.json").exists():  # made already for another pair (the same seed makes the same weights)
+        return path
     torch.manual_seed(seed)
     config = T5Config(vocab_size=32128, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES[shape])
     T5ForConditionalGeneration(config).save_pretrained(path)
@@ -108,8 +112,9 @@ def transformers_worker(job):
     from transformers import AutoModelForSeq2SeqLM
 
     torch.set_num_threads(job["threads"])
-    model = AutoModelForSeq2SeqLM.from_pretrained(job["main_dir"]).eval()
-    draft = AutoModelForSeq2SeqLM.from_pretrained(job["draft_dir"]).eval()
+    dtype = getattr(torch, job["dtype"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(job["main_dir"], dtype=dtype).eval()
+    draft = AutoModelForSeq2SeqLM.from_pretrained(job["draft_dir"], dtype=dtype).eval()
     # A fixed number of tokens: no stopping at EOS (this project's runs use ignore_eos).
     options = dict(max_new_tokens=job["max_tokens"], do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
     model.generation_config.eos_token_id = None
@@ -209,12 +214,12 @@ def memory_bandwidth(size=1 << 29, repeats=5):
 
 
 def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
-    main_mlx = convert.convert(str(pair.main_dir), mlx_path=str(work / f"{pair.name}-main"), force=True)
-    draft_mlx = convert.convert(str(pair.draft_dir), mlx_path=str(work / f"{pair.name}-draft"), force=True)
+    main_mlx = convert.convert(str(pair.main_dir), str(work / f"{pair.name}-main"), dtype=pair.dtype, force=True)
+    draft_mlx = convert.convert(str(pair.draft_dir), str(work / f"{pair.name}-draft"), dtype=pair.dtype, force=True)
     model, tokenizer, _ = load_model(main_mlx)
     draft, _, _ = load_model(draft_mlx)
     job = dict(main_dir=str(pair.main_dir), draft_dir=str(pair.draft_dir), input_ids=tokenizer(PROMPT).input_ids)
-    job.update(max_tokens=max_tokens, num_draft=pair.num_draft, threads=torch.get_num_threads())
+    job.update(max_tokens=max_tokens, num_draft=pair.num_draft, threads=torch.get_num_threads(), dtype=pair.dtype)
     prompts = benchmark_batch.demo_prompts(BATCH_PROMPTS)
     job.update(batch_input_ids=[tokenizer(prompt).input_ids for prompt in prompts], batch_size=BATCH_SIZE)
     worker = TransformersWorker(job)
@@ -223,23 +228,32 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
         methods["transformers generate"] = lambda: worker.run("generate")
         methods["transformers assisted"] = lambda: worker.run("assisted")
         runs = timed_rounds(methods, repeats)
-        batch_rows = benchmark_batch.against_transformers(
-            model,
-            draft,
-            tokenizer,
-            prompts,
-            pair,
-            max_tokens,
-            BATCH_SIZE,
-            repeats,
-            lambda: worker.run("generate batch"),
-        )
+        # The batched rows compare tokens with transformers in float32 (see transformers_worker).
+        batch_rows = []
+        if pair.dtype == "float32":
+            batch_rows = benchmark_batch.against_transformers(
+                model,
+                draft,
+                tokenizer,
+                prompts,
+                pair,
+                max_tokens,
+                BATCH_SIZE,
+                repeats,
+                lambda: worker.run("generate batch"),
+            )
     finally:
         worker.close()
 
     tokens = {name: result for name, (_, _, result) in runs.items()}
-    reference = tokens["transformers generate"]
-    same = {name: t == reference for name, t in tokens.items()}
+    same = {name: t == tokens["transformers generate"] for name, t in tokens.items()}
+    if pair.dtype != "float32":
+        # In a half type the two implementations round differently and may pick other tokens: each must agree with
+        # itself (speculative decoding with regular decoding, assisted generation with generate()).
+        same = {
+            name: t == tokens["transformers generate" if name.startswith("transformers") else "mlx regular"]
+            for name, t in tokens.items()
+        }
     step = decode_step_seconds(model, tokenizer)
     ceiling = benchmark_kernels.products_seconds(model)
     weight_bytes = benchmark_kernels.step_weight_bytes(model)
@@ -248,6 +262,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
         rows.append(
             dict(
                 pair=pair.name,
+                dtype=pair.dtype,
                 method=name,
                 num_draft=method_num_draft(name, pair.num_draft),
                 tokens=max_tokens,
@@ -262,6 +277,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
     best_fixed = max(fixed, key=lambda row: row["tokens_per_second"])
     summary = dict(
         pair=pair.name,
+        dtype=pair.dtype,
         regular_vs_transformers=round(speed["mlx regular"] / speed["transformers generate"], 3),
         speculative_vs_assisted=round(speed["mlx speculative"] / speed["transformers assisted"], 3),
         speculative_vs_regular=round(speed["mlx speculative"] / speed["mlx regular"], 3),
@@ -289,6 +305,10 @@ def pairs(work, tokenizer_dir, which):
         base = random_checkpoint("t5-base", work / "hf-t5-base", tokenizer_dir, seed=1)
         small = random_checkpoint("t5-small", work / "hf-t5-small-draft", tokenizer_dir, seed=0)
         found.append(Pair("t5-base + t5-small draft", base, small, num_draft=4))
+    if "base-small-bf16" in which:
+        base = random_checkpoint("t5-base", work / "hf-t5-base", tokenizer_dir, seed=1)
+        small = random_checkpoint("t5-small", work / "hf-t5-small-draft", tokenizer_dir, seed=0)
+        found.append(Pair("t5-base + t5-small draft, bfloat16", base, small, num_draft=4, dtype="bfloat16"))
     if "demo" in which and (DEMO / "main").is_dir():
         found.append(Pair("demo pair", DEMO / "main", DEMO / "draft", num_draft=1))
     return found
@@ -296,14 +316,15 @@ def pairs(work, tokenizer_dir, which):
 
 def print_table(rows, summaries):
     print(f"\nBLAS: {backend.active}; kernels: {kernels.active}; torch threads: {torch.get_num_threads()}")
-    print(f"{'pair':<28}{'method':<34}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
+    width = max([28] + [len(row["pair"]) + 2 for row in rows])
+    print(f"{'pair':<{width}}{'method':<34}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
     for row in rows:
         speed, median, spread = (
             "n/a" if row[name] is None else f"{row[name]:.{digits}f}"
             for name, digits in (("tokens_per_second", 1), ("median_seconds", 3), ("spread_seconds", 3))
         )
         print(
-            f"{row['pair']:<28}{row['method']:<34}{speed:>9}{median:>10}{spread:>10}  "
+            f"{row['pair']:<{width}}{row['method']:<34}{speed:>9}{median:>10}{spread:>10}  "
             f"{row['same_tokens_as_transformers']}"
         )
     print(
@@ -328,7 +349,9 @@ def setup_arg_parser():
         "--pairs",
         nargs="+",
         default=["small-self", "base-small", "demo"],
-        help="Pairs to measure (none: only the products)",
+        choices=["small-self", "base-small", "base-small-bf16", "demo", "none"],
+        help="Pairs to measure: random t5-small as its own draft, random t5-base with a t5-small draft (float32, or "
+        "bfloat16 here and in transformers), the demo pair; none: only the products",
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens generated per run (EOS ignored)")
     parser.add_argument(

@@ -38,3 +38,34 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     with open(out / "results.csv") as f:
         assert [row["method"] for row in csv.DictReader(f)] == [run["method"] for run in report["runs"]]
     assert "demo pair: regular" in result.stdout
+
+
+def test_bfloat16_pair_runs_both_sides_in_bfloat16(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "benchmark.py", "--pairs", "base-small-bf16", "--max-tokens", "6", "--repeats", "1"]
+        + ["--out", out, "--kernel-shape", "none", "--num-draft", "2"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "results.json").read_text())
+    # No batched rows: they compare with transformers in float32.
+    assert {run["method"] for run in report["runs"]} == {
+        "mlx regular",
+        "mlx speculative",
+        "mlx k=2",
+        "mlx auto",
+        "transformers generate",
+        "transformers assisted",
+    }
+    assert {run["dtype"] for run in report["runs"]} == {"bfloat16"}
+    # Each side agrees with itself: speculative decoding with regular decoding, assisted generation with generate().
+    assert all(run["same_tokens_as_transformers"] is True for run in report["runs"])
+    (summary,) = report["summaries"]
+    assert summary["dtype"] == "bfloat16" and summary["regular_vs_transformers"] > 0
+    # A bfloat16 decode step reads half the bytes of float32 weights: t5-base's decoder is 248 MB in bfloat16.
+    assert 200 < summary["decoder_weight_mb"] < 300
