@@ -1,4 +1,4 @@
-"""benchmark.py end to end on the bundled demo pair: every method runs, and all produce the same tokens."""
+"""benchmark.py end to end on the bundled demo pair and a bfloat16 pair: every method runs, and the tokens agree."""
 
 import csv
 import json
@@ -9,11 +9,11 @@ import sys
 from conftest import ROOT
 
 
-def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
-    out = tmp_path / "out"
+def run_benchmark(out, pair, max_tokens):
+    """benchmark.py on one pair, one round, no kernel sweep; returns (its output, results.json)."""
     result = subprocess.run(
-        [sys.executable, "benchmark.py", "--pairs", "demo", "--max-tokens", "12", "--repeats", "1", "--out", out]
-        + ["--kernel-shape", "none", "--num-draft", "2"],
+        [sys.executable, "benchmark.py", "--pairs", pair, "--max-tokens", str(max_tokens), "--repeats", "1"]
+        + ["--out", out, "--kernel-shape", "none", "--num-draft", "2"],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -21,7 +21,12 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / "results.json").read_text())
+    return result, json.loads((out / "results.json").read_text())
+
+
+def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
+    out = tmp_path / "out"
+    result, report = run_benchmark(out, "demo", 12)
     methods = {run["method"] for run in report["runs"]}
     batched = {"mlx regular", "mlx speculative", "transformers generate", "transformers assisted"}
     assert methods == batched | {"mlx k=2", "mlx auto"} | {f"{method}, batch 8" for method in batched}
@@ -41,18 +46,7 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
 
 
 def test_bfloat16_pair_runs_both_sides_in_bfloat16(tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "benchmark.py", "--pairs", "base-small-bf16", "--max-tokens", "6", "--repeats", "1"]
-        + ["--out", out, "--kernel-shape", "none", "--num-draft", "2"],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "results.json").read_text())
+    _, report = run_benchmark(tmp_path / "out", "base-small-bf16", 6)
     # No batched rows: they compare with transformers in float32.
     assert {run["method"] for run in report["runs"]} == {
         "mlx regular",
