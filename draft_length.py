@@ -16,6 +16,10 @@ from typing import Dict, List, Optional
 DECAY = 0.9  # weight of the past in an acceptance estimate, per new observation: about the last ten count
 COST_DECAY = 0.95  # the same for step times, which are noisier: about the last twenty count
 EXPLORE_EVERY = 8  # steps between tries of a length next to the best one, which keep its neighbours' estimates fresh
+# How much faster drafting must look than plain steps to be chosen. Near a tie (a draft that costs about what it
+# saves, such as a model drafting for itself) the estimates' noise alone would pick drafts, and plain steps in a row
+# also overlap with each other (the next is built while the last computes), which drafting steps give up.
+MIN_GAIN = 0.05
 
 
 class FixedDraftLength:
@@ -119,6 +123,8 @@ class AutoDraftLength:
             return 0
         rates = {k: self.expected_tokens(source, k) / max(self.step_seconds(source, k), 1e-9) for k in range(top + 1)}
         best = max(rates, key=rates.get)
+        if rates[best] < rates[0] * (1 + MIN_GAIN):
+            best = 0
         if self.steps % EXPLORE_EVERY == 0:
             # Alternate above and below the best.
             neighbour = best + 1 if (self.steps // EXPLORE_EVERY) % 2 else best - 1
