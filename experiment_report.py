@@ -104,9 +104,14 @@ def best_settings(rows, base, min_quality):
         best = max(lossless, key=lambda row: row["tokens_per_second"])
         lines.append(
             f"- Lossless (δ = 0, greedy), best: `{flags(best)}`, {best['tokens_per_second']:.0f} tokens/s, "
-            f"{best['speedup']:.2f}× regular decoding, acceptance {best['acceptance_rate']:.0%}, "
-            f"{best['mean_accepted']:.2f} drafts accepted and {best['mean_num_draft']:.2f} drafted per main-model call"
-            f", {best['lookup_share']:.0%} of drafts from lookup"
+            f"{best['speedup']:.2f}× regular decoding, "
+            + (
+                f"acceptance {best['acceptance_rate']:.0%}, {best['mean_accepted']:.2f} drafts accepted and "
+                f"{best['mean_num_draft']:.2f} drafted per main-model call, {best['lookup_share']:.0%} of drafts "
+                "from lookup"
+                if best["drafted"]
+                else "no drafts (auto judged that they do not pay)"
+            )
         )
         fixed = [row for row in lossless if row["num_draft"] != "auto" and row["drafter"] == base.drafter]
         auto = [row for row in lossless if row["num_draft"] == "auto"]

@@ -229,3 +229,24 @@ def test_truncation_keeps_the_task_prefix_and_the_last_tokens(pair):
     assert short.startswith("complete: ") and prompt.endswith(short[len("complete: ") :].strip())
     assert 0 < len(tokenizer(short[len("complete: ") :], add_special_tokens=False).input_ids) <= 4
     assert truncate(prompt, 0, tokenizer) == truncate(prompt, 1000, tokenizer) == prompt
+
+
+def test_summary_names_a_fastest_setting_that_drafted_nothing():
+    # Auto may keep to plain steps all run long and still come out fastest: it has no acceptance rate then.
+    from experiment_report import best_settings
+    from experiment_sweep import Setting
+
+    base = Setting(temperature=0.0, prompt_tokens=0, max_tokens=10, num_draft="auto", delta=0.0)
+    rates = dict(
+        acceptance_rate=None, mean_accepted=0.0, mean_num_draft=0.0, lookup_share=None, drafted=0, prompt_length=40
+    )
+    rows = [
+        dict(vars(base), num_draft=0, tokens_per_second=100.0, speedup=1.0, **rates),
+        dict(vars(base), num_draft=2, tokens_per_second=80.0, speedup=0.8, **rates)
+        | dict(acceptance_rate=0.25, mean_accepted=0.5, mean_num_draft=2.0, lookup_share=0.0, drafted=20),
+        dict(vars(base), tokens_per_second=101.0, speedup=1.01, **rates),
+    ]
+    lines = best_settings(rows, base, 0.95)
+    assert lines[0].startswith("- Lossless (δ = 0, greedy), best: `--num-draft auto`, 101 tokens/s")
+    assert "no drafts" in lines[0]
+    assert lines[1].startswith("- `--num-draft auto`: 101 tokens/s, 1.26× the best fixed length (`--num-draft 2`)")
