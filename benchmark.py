@@ -32,13 +32,10 @@ import convert
 import kernels
 from decoder import SpeculativeDecoder, Stats
 from loader import load_model
+from shapes import SHAPES, VOCAB_SIZE
 
 ROOT = Path(__file__).resolve().parent
 DEMO = ROOT / "models" / "demo"
-SHAPES = {
-    "t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64),
-    "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64),
-}
 PAUSE = 0.5  # seconds between timed runs
 # The batched rows: this many prompts (the demo pair's held-out ones), decoded this many at a time.
 BATCH_PROMPTS = 16
@@ -66,7 +63,7 @@ def random_checkpoint(shape, path, tokenizer_dir, seed):
     if (path / "config.json").exists():  # made already for another pair (the same seed makes the same weights)
         return path
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=32128, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES[shape])
+    config = T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES[shape])
     T5ForConditionalGeneration(config).save_pretrained(path)
     for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
         if (tokenizer_dir / file).exists():
@@ -373,7 +370,7 @@ def setup_arg_parser():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
     parser.add_argument(
         "--kernel-shape",
-        choices=[*benchmark_kernels.SHAPES, "none"],
+        choices=[*benchmark_kernels.KERNEL_SHAPES, "none"],
         default="t5-large",
         help="Model shape of the per-dtype decode steps and verifications (random weights); none skips them and the "
         "products' sweep",

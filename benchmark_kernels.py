@@ -9,11 +9,10 @@ from mlx.utils import tree_flatten, tree_map
 
 import kernels
 from model import T5, FusedLinear, ModelArgs
+from shapes import SHAPES, VOCAB_SIZE
 
-SHAPES = {
-    "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64),
-    "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16, d_kv=64),
-}
+# The shapes whose decode steps are timed in every dtype (float32 t5-large is 3 GB; larger ones outgrow a small box).
+KERNEL_SHAPES = ("t5-base", "t5-large")
 # (name, bits or None, dtype): the weights as convert.py writes them (quantized ones with groups of 64).
 DTYPES = [("float32", None, mx.float32), ("bfloat16", None, mx.bfloat16), ("8-bit", 8, None), ("4-bit", 4, None)]
 ROWS = [1, 2, 5, 8, 16, 32]
@@ -84,7 +83,7 @@ def product_sweep(bandwidth, repeats=7):
 
 def random_model(shape, bits, dtype):
     """A T5 of a real shape with random weights, held as load_model holds a converted directory on a CPU."""
-    model = T5(ModelArgs(vocab_size=32128, **SHAPES[shape]))
+    model = T5(ModelArgs(vocab_size=VOCAB_SIZE, **SHAPES[shape]))
     if bits:
         # As convert.py -q: every linear layer and the embedding, not the position bias tables.
         quantizable = lambda path, module: hasattr(module, "to_quantized") and "relative" not in path  # noqa: E731

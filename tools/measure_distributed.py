@@ -21,10 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16, d_kv=64),
-    "t5-11b": dict(d_model=1024, d_ff=65536, num_layers=24, num_heads=128, d_kv=128),
-}
+from shapes import SHAPES, VOCAB_SIZE  # noqa: E402  (a table: nothing large)
+
 # (conversion dtype, quantization) as convert.py writes them; float16 keeps wo in float32 and unquantized.
 LAYOUTS = {
     "float32": ("float32", None),
@@ -141,7 +139,7 @@ def all_sums_per_step(args, tokens: int = 1, itemsize: int = 4):
 def plan(shape):
     from model import ModelArgs
 
-    args = ModelArgs.from_dict({"vocab_size": 32128, "feed_forward_proj": "relu", **SHAPES[shape]})
+    args = ModelArgs.from_dict({"vocab_size": VOCAB_SIZE, "feed_forward_proj": "relu", **SHAPES[shape]})
     counts = [1, 2, 4, 8]
     print(f"{shape}: weight memory per rank (GB = 1e9 bytes)\n")
     print("| layout | " + " | ".join(f"{n} rank{'s' if n > 1 else ''}" for n in counts) + " |")
@@ -163,7 +161,7 @@ def build_model(work: Path):
     out = work / "t5-large-mlx"
     source = work / "t5-large-hf"
     torch.manual_seed(0)
-    config = T5Config(vocab_size=32128, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES["t5-large"])
+    config = T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES["t5-large"])
     T5ForConditionalGeneration(config).save_pretrained(source)
     for file in TOKENIZER:  # the bundled demo pair's tokenizer
         if (DEMO_MAIN / file).exists():
@@ -205,7 +203,7 @@ def main():
     run_parser.add_argument("--rounds", type=int, default=2, help="Rounds of (1 process, 2 ranks)")
     run_parser.add_argument("--max-tokens", type=int, default=32, help="Tokens decoded per run (EOS ignored)")
     plan_parser = commands.add_parser("plan", help="Per-rank weight memory from the shard plan")
-    plan_parser.add_argument("--shape", choices=list(SHAPES), default="t5-11b", help="Model shape")
+    plan_parser.add_argument("--shape", choices=["t5-large", "t5-11b"], default="t5-11b", help="Model shape")
     build_parser = commands.add_parser("build", help="Only write the random t5-large-shaped model into --work")
     build_parser.add_argument("--work", type=Path, required=True, help="Directory for the model")
     args = parser.parse_args()

@@ -24,13 +24,8 @@ from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 
-SHAPES = {
-    "t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_heads=8, d_kv=64),
-    "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64),
-    "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_heads=16, d_kv=64),
-    "t5-3b": dict(d_model=1024, d_ff=16384, num_layers=24, num_heads=32, d_kv=128),
-    "t5-11b": dict(d_model=1024, d_ff=65536, num_layers=24, num_heads=128, d_kv=128),
-}
+from shapes import SHAPES, VOCAB_SIZE  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FROM = ROOT / "models" / "demo" / "main"
 SHARD_BYTES = 1 << 30
@@ -38,28 +33,27 @@ SHARD_BYTES = 1 << 30
 
 def config_for(shape: str) -> T5Config:
     """The T5 v1.0 config (relu, tied embeddings) of a named shape, with T5's vocabulary size."""
-    return T5Config(vocab_size=32128, feed_forward_proj="relu", tie_word_embeddings=True, **SHAPES[shape])
+    return T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", tie_word_embeddings=True, **SHAPES[shape])
 
 
-def tensor_plan(config: T5Config, dtype: torch.dtype):
-    """(name, shape) of every tensor a checkpoint stores (tied copies of the embedding left out), from a model built
-    on the meta device, which allocates nothing."""
+def tensor_plan(config: T5Config, itemsize: int):
+    """(name, shape, bytes) of every tensor a checkpoint stores (tied copies of the embedding left out), from a model
+    built on the meta device, which allocates nothing."""
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
     tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
+    return [(name, tuple(t.shape), itemsize * t.numel()) for name, t in model.state_dict().items() if name not in tied]
 
 
-def shards(plan, itemsize: int):
+def shards(plan):
     """The plan split into consecutive shards of about SHARD_BYTES."""
     groups, current, size = [], [], 0
-    for name, shape in plan:
-        nbytes = itemsize * int(torch.Size(shape).numel())
-        if current and size + nbytes > SHARD_BYTES:
+    for entry in plan:
+        if current and size + entry[2] > SHARD_BYTES:
             groups.append(current)
             current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
+        current.append(entry)
+        size += entry[2]
     return groups + [current] if current else groups
 
 
@@ -74,10 +68,9 @@ def write(shape: str, out: Path, dtype_name: str, seed: int):
     config = config_for(shape)
     dtype = DTYPES[dtype_name]
     config.torch_dtype = dtype_name
-    plan = tensor_plan(config, dtype)
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    groups = shards(plan, itemsize)
-    total = sum(itemsize * int(torch.Size(shape).numel()) for _, shape in plan)
+    plan = tensor_plan(config, torch.tensor([], dtype=dtype).element_size())
+    groups = shards(plan)
+    total = sum(nbytes for _, _, nbytes in plan)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -88,10 +81,10 @@ def write(shape: str, out: Path, dtype_name: str, seed: int):
         for index, group in enumerate(groups):
             file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
             tensors = {}
-            for name, tensor_shape in group:
+            for name, tensor_shape, nbytes in group:
                 tensors[name] = random_tensor(name, tensor_shape, dtype, generator)
                 weight_map[name] = file
-                bar.update(tensors[name].numel() * itemsize)
+                bar.update(nbytes)
             save_file(tensors, str(partial / file), metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
