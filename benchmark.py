@@ -243,14 +243,14 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
         worker.close()
 
     tokens = {name: result for name, (_, _, result) in runs.items()}
-    same = {name: t == tokens["transformers generate"] for name, t in tokens.items()}
-    if pair.dtype != "float32":
-        # In a half type the two implementations round differently and may pick other tokens: each must agree with
-        # itself (speculative decoding with regular decoding, assisted generation with generate()).
-        same = {
-            name: t == tokens["transformers generate" if name.startswith("transformers") else "mlx regular"]
-            for name, t in tokens.items()
-        }
+    # transformers generate() is every method's reference in float32. In a half type the two implementations round
+    # differently and may pick other tokens: each must agree with itself (speculative decoding with regular decoding,
+    # assisted generation with generate()).
+    own = pair.dtype != "float32"
+    same = {
+        name: t == tokens["mlx regular" if own and name.startswith("mlx") else "transformers generate"]
+        for name, t in tokens.items()
+    }
     step = decode_step_seconds(model, tokenizer)
     ceiling = benchmark_kernels.products_seconds(model)
     weight_bytes = benchmark_kernels.step_weight_bytes(model)
