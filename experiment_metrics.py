@@ -9,6 +9,8 @@ import numpy as np
 # The optional packages of the metrics and the plots; the sweep runs without them.
 EXTRAS = "pip install -r requirements-experiments.txt"
 QUALITY = {"token_match": "token exact match", "rouge_l": "ROUGE-L F1", "cosine": "embedding cosine", "bleu": "BLEU"}
+# Against the prompts' true references (a prompt file's "reference" fields), not the main model's own output.
+TRUTH = {"exact_match": "exact match with the reference", "truth_bleu": "BLEU", "truth_chrf": "chrF"}
 
 
 class EmbeddingModelError(Exception):
@@ -63,6 +65,18 @@ class Quality:
             targets, hypotheses = zip(*translated)
             scores["bleu"] = self.bleu.corpus_score(list(hypotheses), [list(targets)]).score
         # Rounded so that identical outputs score exactly 1 (and 100) despite float rounding in the metrics.
+        return {name: None if value is None else round(value, 6) for name, value in scores.items()}
+
+    def truth_scores(self, truths, outputs):
+        """{exact_match, truth_bleu, truth_chrf} of `outputs` (Generations) against the true `truths` (strings)."""
+        texts = [output.text for output in outputs]
+        scores = dict(exact_match=statistics.mean(t == o for t, o in zip(truths, texts)), truth_bleu=None)
+        scores["truth_chrf"] = None
+        if self.bleu:
+            import sacrebleu
+
+            scores["truth_bleu"] = sacrebleu.corpus_bleu(texts, [list(truths)]).score
+            scores["truth_chrf"] = sacrebleu.corpus_chrf(texts, [list(truths)]).score
         return {name: None if value is None else round(value, 6) for name, value in scores.items()}
 
     def rouge_l(self, reference, output):

@@ -2,7 +2,7 @@
 
 from dataclasses import fields
 
-from experiment_metrics import EXTRAS, QUALITY, note
+from experiment_metrics import EXTRAS, QUALITY, TRUTH, note
 
 
 def on_axis(rows, base, axis):
@@ -137,6 +137,11 @@ def best_settings(rows, base, min_quality):
         lines.append(
             f"- Relaxed: `--delta {best['delta']:g}` (`--num-draft {base.num_draft}`), {best['speedup']:.2f}× regular "
             f"decoding against {at_zero['speedup']:.2f}× at δ = 0, every quality score ≥ {min_quality:g}: {scores}"
+            + (
+                f"; exact match with the references {best['exact_match']:.1%} against {at_zero['exact_match']:.1%}"
+                if best["exact_match"] is not None and at_zero["exact_match"] is not None
+                else ""
+            )
         )
     elif at_zero:
         lines.append(f"- Relaxed: no δ > 0 was faster than δ = 0 with every quality score ≥ {min_quality:g}")
@@ -164,7 +169,7 @@ def summary(rows, base, args, description, best):
         "tokens_per_second",
         "speedup",
     ]
-    shown += ["acceptance_rate", "mean_accepted", "mean_num_draft", "lookup_share", "main_calls", *QUALITY]
+    shown += ["acceptance_rate", "mean_accepted", "mean_num_draft", "lookup_share", "main_calls", *QUALITY, *TRUTH]
     table = ["| " + " | ".join(shown) + " |", "|" + " --- |" * len(shown)]
     table += ["| " + " | ".join(cell(row[name], digits=4) for name in shown) + " |" for row in rows]
     return "\n".join(
@@ -174,7 +179,8 @@ def summary(rows, base, args, description, best):
             f"{description}. Base setting: {base}; each axis is varied alone around it. Every setting ran once in "
             f"each of {args.repeats} rounds (the first after a warm-up run) and the fastest run of each prompt "
             "counts. Speedup: tokens/s over regular decoding of the same prompts in the same process. Quality: "
-            "against the main model's greedy output of the same prompts. prompt_tokens 0 is the whole prompt; "
+            "against the main model's greedy output of the same prompts; exact_match, truth_bleu and truth_chrf against the "
+            "prompt file's references (whole prompts only). prompt_tokens 0 is the whole prompt; "
             "num_draft 0 is regular decoding; auto chooses the draft length before every step.",
             "",
             "## Best settings",

@@ -20,15 +20,17 @@ from pathlib import Path
 import benchmark_batch
 import convert
 from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder
-from experiment_metrics import EmbeddingModelError, Quality, note
-from experiment_prompts import DEFAULT_PROMPTS, PromptFileError, read_prompts, truncate
+from experiment_metrics import TRUTH, EmbeddingModelError, Quality, note
+from experiment_prompts import PromptFileError, read_prompts, read_references, truncate
 from experiment_report import best_settings, cell, plot, summary
 from experiment_sweep import IdentityError, check_identity, speed, sweep, sweep_rounds
 from loader import ModelLoadError, load_model
 
 MODELS_DIR = Path("mlx_models")
-# The bundled demo pair (Python code continuation), converted into mlx_models/demo-{main,draft} on first use.
+# The bundled demo pair (English to German), converted into mlx_models/demo-{main,draft} on first use; its held-out
+# sentences, with their references, are the default prompts.
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+DEFAULT_PROMPT_FILE = DEMO_DIR / "prompts.txt"
 DEMO_NAMES = {"main": "demo-main", "draft": "demo-draft"}
 
 # What --quick changes: a small sweep for a first look (flags given explicitly still win).
@@ -46,7 +48,7 @@ QUICK = dict(
 COLUMNS = (
     "num_draft drafter delta temperature prompt_tokens max_tokens prompts prompt_length generated seconds "
     "tokens_per_second speedup acceptance_rate mean_accepted mean_num_draft lookup_share main_calls drafted accepted "
-    "token_match rouge_l cosine bleu"
+    "token_match rouge_l cosine bleu exact_match truth_bleu truth_chrf"
 ).split()
 
 
@@ -83,7 +85,8 @@ def setup_arg_parser():
         "--prompts",
         type=Path,
         help="Prompt file: one prompt per line, or JSON Lines (.jsonl, or every line an object) with a 'prompt' "
-        "field or a string per line; None: built-in held-out code prompts for the demo pair",
+        "field or a string per line, and optionally a 'reference' output to score against; default: the demo pair's "
+        "held-out sentences (models/demo/prompts.txt)",
     )
     parser.add_argument("--num-prompts", type=int, default=0, help="Use only the first N prompts; 0 uses all")
     parser.add_argument(
@@ -265,10 +268,12 @@ def main(argv=None):
     message = check_args(args)
     if message:
         fail(message)
+    prompt_file = args.prompts or DEFAULT_PROMPT_FILE
     try:
-        prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+        prompts = read_prompts(prompt_file)
     except PromptFileError as e:
         fail(e)
+    truths = read_references(prompt_file)
     prompts = prompts[: args.num_prompts or None]
     pair = load_pair(args)
     try:
@@ -290,6 +295,9 @@ def main(argv=None):
         row["speedup"] = row["tokens_per_second"] / rows[setting.baseline()]["tokens_per_second"]
         references = generations[setting.reference()]
         row.update(quality.scores(references, generations[setting], prompt_sets[setting.prompt_tokens]))
+        # Against the true references only where the prompts were not cut short.
+        whole = truths is not None and prompt_sets[setting.prompt_tokens] == prompts
+        row.update(quality.truth_scores(truths, generations[setting]) if whole else dict.fromkeys(TRUTH))
 
     table = [rows[setting] for setting in settings]
     description = f"main {Path(args.model_name).name}, draft {Path(args.draft_model_name).name}, {len(prompts)} prompts"

@@ -2,15 +2,19 @@
 
 import csv
 import io
+import json
 import shutil
 import sys
 from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
 
 import experiment_sweep
 import experiments
+from decoder import SpeculativeDecoder
+from experiment_metrics import Quality
 from experiment_prompts import PromptFileError, read_prompts, truncate
 from loader import load_model
 
@@ -250,3 +254,36 @@ def test_summary_names_a_fastest_setting_that_drafted_nothing():
     assert lines[0].startswith("- Lossless (δ = 0, greedy), best: `--num-draft auto`, 101 tokens/s")
     assert "no drafts" in lines[0]
     assert lines[1].startswith("- `--num-draft auto`: 101 tokens/s, 1.26× the best fixed length (`--num-draft 2`)")
+
+
+def test_truth_scores_count_exact_matches_and_score_against_the_references():
+    quality = Quality()
+    outputs = [SimpleNamespace(text=text) for text in ["Das Haus ist groß.", "Der Hund schläft.", "Ich bin müde."]]
+    truths = ["Das Haus ist groß.", "Der Hund schläft nicht.", "Ich bin müde."]
+    scores = quality.truth_scores(truths, outputs)
+    assert scores["exact_match"] == round(2 / 3, 6)
+    if installed("sacrebleu"):
+        assert 0 < scores["truth_bleu"] < 100 and 0 < scores["truth_chrf"] < 100
+        perfect = quality.truth_scores(truths, [SimpleNamespace(text=text) for text in truths])
+        assert perfect == dict(exact_match=1, truth_bleu=100, truth_chrf=100)
+
+
+def test_sweep_scores_outputs_against_the_prompt_files_references(pair, tmp_path):
+    model, tokenizer, _ = load_model(str(pair[0]))
+    decoder = SpeculativeDecoder(model, None, tokenizer)
+    greedy = [decoder.generate(p, max_tokens=10, regular=True, ignore_eos=True).text for p in PROMPTS]
+    # Two references are the main model's own greedy outputs, the third is not.
+    references = greedy[:2] + [greedy[2] + " (something else)"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(dict(prompt=p, reference=r)) + "\n" for p, r in zip(PROMPTS, references)))
+    argv = ["--model-name", str(pair[0]), "--draft-model-name", str(pair[1]), "--prompts", str(prompts)]
+    options = "--num-draft 0 2 --drafter model --delta 0 --prompt-tokens 0 4 --max-tokens 10 --temperature 0 "
+    options += "--base-num-draft 2 --base-max-tokens 10 --repeats 1 --ignore-eos --out " + str(tmp_path / "out")
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        experiments.main(argv + options.split())
+    with open(tmp_path / "out" / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    whole = [row for row in rows if row["prompt_tokens"] == "0"]
+    assert whole and all(float(row["exact_match"]) == round(2 / 3, 6) for row in whole)
+    # Prompts cut short have no reference to be scored against.
+    assert all(row["exact_match"] == "" for row in rows if row["prompt_tokens"] == "4")
