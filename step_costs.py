@@ -200,7 +200,8 @@ def measure(decoder, source: str, batch_size: int) -> List[float]:
     prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]
     start = time.perf_counter()
     rounds = 0
-    while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and time.perf_counter() - start < BUDGET):
+    # Every rank of a sharded model runs the same rounds (their steps wait for each other).
+    while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and decoder.agree_all(time.perf_counter() - start < BUDGET)):
         schedule.round()
         # Decoding without end (EOS ignored, no token limit) until the schedule is through.
         if batch_size == 1:
