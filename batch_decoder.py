@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
-from generation import Generation, Stats, count_accepted, step_tokens
+from generation import Generation, Stats, count_accepted, record_step, step_tokens
 
 
 @dataclass
@@ -39,29 +39,31 @@ def batch_generations(
     ignore_eos: bool = False,
     batch_size: int = 8,
     stats: Optional[Stats] = None,
+    drafter=None,
+    draft_length=None,
 ) -> Iterator[Tuple[int, Generation]]:
     """(prompt index, Generation) for each prompt as it finishes, decoded with `decoder`'s models and settings.
 
     Up to `batch_size` prompts decode together, each row exactly as `decoder.generate` decodes it alone (its own draft
     acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
     Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
-    counts batched forward passes, seconds the whole run.
+    counts batched forward passes (lookup_steps those that verified a lookup's drafts), seconds the whole run. The
+    batch drafter and draft-length policy are the decoder's own unless given.
     """
     decoder.check_drafter(regular)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     stats = Stats() if stats is None else stats
+    if not regular:
+        draft_length = draft_length or decoder.draft_length(stats, min(batch_size, max(len(prompts), 1)))
+        drafter = drafter or make_batch_drafter(decoder)
     start = time.perf_counter()
     model, eos = decoder.model, decoder.model.args.eos_token_id
     rows = Rows(model)
-    drafter = None if regular else make_batch_drafter(decoder)
     queue = deque(enumerate(prompts))
     seeds = mx.random.split(mx.random.key(decoder.seed), max(len(prompts), 1))
     active: List[Row] = []
     draws = not decoder.sampler.greedy or decoder.delta > 0
-    decoder.draft_length = decoder.draft_length or decoder.make_draft_length()
-    # auto sees a batch as one sequence whose steps yield each row's tokens: the same k maximises both.
-    source = "lookup" if decoder.drafter == "lookup" else "model"
     last_sync = time.perf_counter()
     while queue or active:
         if queue and len(active) < batch_size:
@@ -69,26 +71,27 @@ def batch_generations(
             joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
             ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]
             rows.add(ids)
-            if drafter is not None:
+            if not regular:
                 drafter.add(ids)
             seconds = time.perf_counter() - tick
             stats.encode_seconds += seconds
             for index, _ in joining:
                 row = Row(index, [model.args.decoder_start_token_id], seeds[index], time.perf_counter())
                 row.stats.encode_seconds = seconds
+                row.stats.costs_cached = stats.costs_cached
                 active.append(row)
 
         # One draft length for the whole batch: every row shares the verification pass. Never draft past the
         # longest remaining budget; rows with less left cut their tokens at max_tokens.
         limit = max(max_tokens - row.generated for row in active) - 1
-        num_draft = 0 if regular else decoder.draft_length.choose(source, limit)
+        sequences = [row.sequence for row in active]
+        num_draft = 0 if regular else draft_length.choose_batch(drafter.sources(sequences), limit)
         # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
         keys = row_keys(mx.stack([row.key for row in active]), 4) if draws else mx.zeros((len(active), 4, 2), mx.uint32)
-        sequences = [row.sequence for row in active]
-        lengths = [0] * len(active)
+        lengths, sources = [0] * len(active), [None] * len(active)
         draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
         if num_draft:
-            draft, lengths = drafter.propose(sequences, num_draft, keys[:, 1])
+            draft, lengths, sources = drafter.propose(sequences, num_draft, keys[:, 1])
             draft_tokens, draft_probs = draft.tokens, draft.probs
 
         # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
@@ -100,20 +103,26 @@ def batch_generations(
         # The one synchronisation per step.
         accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
         now = time.perf_counter()
-        decoder.draft_length.record_time(source, num_draft and max(lengths), decoder.agreed(now - last_sync))
+        if not regular:
+            # The step's time is the costlier source's: the draft model's if any row drafted with it.
+            cost_source = "model" if "model" in sources else "lookup" if "lookup" in sources else None
+            draft_length.record_time(cost_source, max(lengths), decoder.agreed(now - last_sync))
         last_sync = now
+        # The run's stats count batched passes; each row's, its own steps.
         stats.main_calls += 1
+        stats.lookup_steps += "lookup" in sources
 
         kept = []
         for b, row in enumerate(active):
             row.key = keys[b, 0]
-            row.stats.main_calls += 1
-            row.stats.drafted += lengths[b]
             num_accepted = count_accepted(accepted[b][: lengths[b]])
-            row.stats.accepted += num_accepted
-            decoder.draft_length.record_acceptance(source, lengths[b], num_accepted)
+            if regular:
+                row.stats.add_step(None, 0, 0)
+            else:
+                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted)
             stats.drafted += lengths[b]
             stats.accepted += num_accepted
+            stats.lookup_drafted += lengths[b] if sources[b] == "lookup" else 0
             new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
             row.sequence.extend(new_tokens)
             if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
@@ -123,14 +132,15 @@ def batch_generations(
                 kept.append(b)
         # Rewind every row to its accepted tokens (the newest is fed next step); finished rows leave.
         rows.rewind([len(sequence) - 1 for sequence in sequences])
-        if drafter is not None:
+        if not regular:
             drafter.rewind([len(sequence) for sequence in sequences])
         if len(kept) < len(active):
             active = [active[b] for b in kept]
             rows.keep(kept)
-            if drafter is not None:
+            if not regular:
                 drafter.keep(kept)
     stats.seconds = time.perf_counter() - start
+    decoder.remember_acceptance()
 
 
 def make_batch_drafter(decoder):

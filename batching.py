@@ -4,7 +4,7 @@ Rows come and go: a prompt that finishes leaves the batch (`keep`), and prompts 
 row keeps its own prompt length (a cross-attention mask) and its own decoded length (the cache's per-row offsets).
 """
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -89,8 +89,11 @@ class BatchModelDrafter:
     def keep(self, rows: List[int]):
         self.rows.keep(rows)
 
-    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int]]:
-        """k tokens (B, k) after each row's accepted sequence, and each row's draft length; keys: (B, 2)."""
+    def sources(self, sequences: List[List[int]]) -> List[str]:
+        return ["model"] * len(sequences)
+
+    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int], List[str]]:
+        """k tokens (B, k) after each row's accepted sequence, each row's draft length and source; keys: (B, 2)."""
         # Each row's cache holds a prefix of its sequence; feed the rest (one or two tokens), right-padded, and
         # rewind the padding.
         feeds = [sequence[offset:] for sequence, offset in zip(sequences, self.rows.cache[0].offsets)]
@@ -112,7 +115,7 @@ class BatchModelDrafter:
             mx.async_eval(token)
             tokens.append(token)
         draft = Draft(mx.stack(tokens, axis=1), mx.stack(probs, axis=1) if probs else None, "model")
-        return draft, [k] * len(sequences)
+        return draft, [k] * len(sequences), self.sources(sequences)
 
     def rewind(self, lengths: List[int]):
         # Row b keeps at most lengths[b] - 1 tokens: its sequence's last token is fed at the next proposal.
@@ -140,7 +143,11 @@ class RowDrafters:
     def keep(self, rows: List[int]):
         self.drafters = [self.drafters[row] for row in rows]
 
-    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int]]:
+    def sources(self, sequences: List[List[int]]) -> List[Optional[str]]:
+        """Where each row's next draft would come from (None: nowhere)."""
+        return [drafter.source(sequence) for drafter, sequence in zip(self.drafters, sequences)]
+
+    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int], List[Optional[str]]]:
         drafts = [drafter.propose(sequence, k, key) for drafter, sequence, key in zip(self.drafters, sequences, keys)]
         width = max(len(draft) for draft in drafts)
         tokens = mx.stack([pad_length(draft.tokens, width, axis=0) for draft in drafts])
@@ -148,8 +155,8 @@ class RowDrafters:
             one_hot(draft.tokens, self.vocab_size) if draft.probs is None else pad_vocab(draft.probs, self.vocab_size)
             for draft in drafts
         ]
-        draft = Draft(tokens, mx.stack([pad_length(p, width, axis=0) for p in probs]), drafts[0].source)
-        return draft, [len(d) for d in drafts]
+        draft = Draft(tokens, mx.stack([pad_length(p, width, axis=0) for p in probs]))
+        return draft, [len(d) for d in drafts], [d.source if len(d) else None for d in drafts]
 
     def rewind(self, lengths: List[int]):
         for drafter, length in zip(self.drafters, lengths):

@@ -15,9 +15,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 import batch_decoder
-from draft_length import AutoDraftLength, FixedDraftLength
+import step_costs
+from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
-from generation import Generation, Stats, count_accepted, step_tokens
+from generation import Generation, Stats, count_accepted, record_step, step_tokens
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -76,7 +77,8 @@ class SpeculativeDecoder:
         self.max_num_draft = max_num_draft
         self.drafter = drafter
         self.max_ngram = max_ngram
-        self.draft_length = None
+        self.draft_lengths = {}  # batch size -> the draft-length policy of this decoder's runs at that size
+        self.acceptance = None  # auto's acceptance estimates, shared by every batch size
         self.delta = delta
         self.sampler = Sampler(temperature, top_k, top_p)
         self.seed = seed
@@ -94,12 +96,16 @@ class SpeculativeDecoder:
         """Decode `prompt`; `stream` receives text as it is produced. regular=True uses the main model alone."""
         self.check_drafter(regular)
         stats = Stats()
+        draft_length = None if regular else self.draft_length(stats, batch_size=1)
         tokens: List[int] = []
         text = ""
         start = time.perf_counter()
         prompt_ids = mx.array(self.tokenizer(prompt).input_ids)[None]
-        steps = self.regular_tokens if regular else self.speculative_tokens
-        for new_tokens in steps(prompt_ids, max_tokens, ignore_eos, stats):
+        if regular:
+            steps = self.regular_tokens(prompt_ids, max_tokens, ignore_eos, stats)
+        else:
+            steps = self.speculative_tokens(prompt_ids, max_tokens, ignore_eos, stats, draft_length=draft_length)
+        for new_tokens in steps:
             tokens.extend(new_tokens)
             # Decode the whole prefix so that SentencePiece spacing comes out right; emit what is new.
             decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -108,6 +114,7 @@ class SpeculativeDecoder:
             text = decoded
         stats.generated = len(tokens)
         stats.seconds = time.perf_counter() - start
+        self.remember_acceptance()
         return Generation(text=text, tokens=tokens, stats=stats)
 
     def check_drafter(self, regular: bool):
@@ -128,11 +135,49 @@ class SpeculativeDecoder:
         model_drafter = ModelDrafter(self.draft_model, self.sampler)
         return HybridDrafter(lookup, model_drafter) if self.drafter == "hybrid" else model_drafter
 
-    def make_draft_length(self):
-        """How many tokens to draft, step by step, for one sequence."""
-        if self.num_draft == "auto":
-            return AutoDraftLength(self.max_num_draft)
-        return FixedDraftLength(self.num_draft)
+    def draft_sources(self):
+        """The sources of drafts this decoder's drafter uses."""
+        return {"model": ["model"], "lookup": ["lookup"], "hybrid": ["model", "lookup"]}[self.drafter]
+
+    def draft_length(self, stats: Stats, batch_size: int):
+        """The policy choosing how many tokens to draft per step, made on first use at each batch size (auto measures
+        step costs then, unless cached) and kept for later runs; `stats` records where its costs came from."""
+        if batch_size not in self.draft_lengths:
+            self.draft_lengths[batch_size] = self.make_draft_length(batch_size)
+        policy = self.draft_lengths[batch_size]
+        stats.costs_cached, stats.calibration_seconds = policy.costs_cached, policy.calibration_seconds
+        policy.calibration_seconds = 0.0  # reported by the first run only
+        return policy
+
+    def make_draft_length(self, batch_size: int = 1):
+        """How many tokens to draft, step by step, for one sequence or a batch of `batch_size`."""
+        if self.num_draft != "auto":
+            return FixedDraftLength(self.num_draft)
+        if self.acceptance is None:
+            self.acceptance = self.remembered_acceptance()
+        tick = time.perf_counter()
+        costs, cached = step_costs.step_costs(self, self.draft_sources(), batch_size)
+        policy = AutoDraftLength(self.max_num_draft, costs, self.acceptance)
+        policy.costs_cached, policy.calibration_seconds = cached, 0.0 if cached else time.perf_counter() - tick
+        return policy
+
+    def sharded(self) -> bool:
+        return self.model.group is not None and self.model.group.size() > 1
+
+    def remembered_acceptance(self) -> Acceptance:
+        """The acceptance estimates this pair, drafter and sampling ended their last run with; none when sharded (the
+        ranks' files might differ, and ranks that choose differently wait for each other forever)."""
+        remembered = None if self.sharded() else step_costs.read(step_costs.acceptance_path(self))
+        try:
+            return Acceptance(remembered["counts"]) if remembered else Acceptance()
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            step_costs.warn(step_costs.acceptance_path(self), "ignoring remembered acceptance in an unknown format")
+            return Acceptance()
+
+    def remember_acceptance(self):
+        """Keep auto's acceptance estimates for this pair's next run."""
+        if self.acceptance is not None and not self.sharded():
+            step_costs.write(step_costs.acceptance_path(self), dict(counts=self.acceptance.to_dict()))
 
     def generate_batch(
         self,
@@ -188,12 +233,13 @@ class SpeculativeDecoder:
             if token == self.model.args.eos_token_id and not ignore_eos:
                 return
 
-    def speculative_tokens(self, prompt_ids, max_tokens, ignore_eos, stats) -> Iterator[List[int]]:
-        """Accepted tokens, step by step: drafts accepted by the main model plus its own next token."""
-        model, drafter = self.model, self.make_drafter()
-        # One draft-length policy per decoder: what it measured on one prompt serves the next.
-        self.draft_length = self.draft_length or self.make_draft_length()
-        draft_length = self.draft_length
+    def speculative_tokens(
+        self, prompt_ids, max_tokens, ignore_eos, stats, drafter=None, draft_length=None
+    ) -> Iterator[List[int]]:
+        """Accepted tokens, step by step: drafts accepted by the main model plus its own next token. The drafter and
+        draft-length policy are the decoder's own unless given."""
+        model, drafter = self.model, drafter or self.make_drafter()
+        draft_length = draft_length or self.draft_length(stats, batch_size=1)
         key = mx.random.key(self.seed)
         tick = time.perf_counter()
         cross_kv, cache = self.prepare(prompt_ids)
@@ -233,15 +279,9 @@ class SpeculativeDecoder:
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
             num_accepted = count_accepted(accepted)
-            draft_length.record(draft.source, len(drafts), num_accepted, self.agreed(now - last_sync))
+            draft_length.record_time(draft.source, len(drafts), self.agreed(now - last_sync))
             last_sync = now
-            stats.main_calls += 1
-            stats.drafted += len(drafts)
-            if draft.source == "lookup" and drafts:
-                stats.lookup_drafted += len(drafts)
-                stats.lookup_steps += 1
-
-            stats.accepted += num_accepted
+            record_step(stats, draft_length, draft.source, len(drafts), num_accepted)
             new_tokens = step_tokens(
                 drafts, num_accepted, extra, model.args.eos_token_id, ignore_eos, max_tokens - generated
             )
@@ -259,10 +299,18 @@ class SpeculativeDecoder:
 
     def agreed(self, seconds: float) -> float:
         """A step's time as every rank of a sharded main model takes it (their mean), so that auto chooses alike."""
+        return self.agree([seconds])[0] if self.num_draft == "auto" else seconds
+
+    def agree(self, values: List[float]) -> List[float]:
+        """The ranks' mean of each value (the values themselves when the main model is not sharded)."""
+        if not self.sharded():
+            return list(values)
         group = self.model.group
-        if group is None or self.num_draft != "auto":
-            return seconds
-        return mx.distributed.all_sum(mx.array(seconds), group=group).item() / group.size()
+        return (mx.distributed.all_sum(mx.array(values), group=group) / group.size()).tolist()
+
+    def agree_all(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank."""
+        return self.agree([float(flag)])[0] == 1.0
 
     def step(self, last_token, draft, key, cross_kv, cache):
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the

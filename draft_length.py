@@ -4,26 +4,34 @@
 
     E(k) / T(k),   E(k) = 1 + sum_{j=1..k} prod_{i=1..j} alpha_i
 
-where alpha_i is the measured chance that draft i is accepted once drafts 1..i-1 were (per position, recency-weighted;
-with one alpha for all positions E(k) = (1 - alpha^(k+1)) / (1 - alpha), Leviathan et al. 2023), and T(k) is the
-measured wall time of a step with k drafts (drafting and verifying k + 1 tokens, as the decoder runs them: from one
-host synchronisation to the next), a line a + b k fitted to the recent steps' times. k = 0 is a plain decoding step,
-timed on its own. Estimates are kept per source of drafts (draft model or lookup), since they differ.
+where alpha_i is the chance that draft i is accepted once drafts 1..i-1 were (Leviathan et al. 2023, per position),
+and T(k) the time of a step with k drafts. T comes from a table measured once per setting (step_costs.py); while
+decoding only a common factor is tracked (a busier machine slows every step alike, which changes no choice). The
+alphas start from what the pair and drafter ended their last run with (step_costs.py keeps them), and follow each
+step's outcome, recency-weighted. A length longer than the best is tried only while its acceptance is uncertain enough
+that it might be better. A batch takes one length for all its rows: the one with the most tokens per second summed
+over the rows, each with its own source of drafts (draft model or lookup, estimated apart).
 """
 
-from typing import Dict, List, Optional
+import math
+from typing import Dict, List, Optional, Sequence
 
-DECAY = 0.9  # weight of the past in an acceptance estimate, per new observation: about the last ten count
-COST_DECAY = 0.95  # the same for step times, which are noisier: about the last twenty count
-EXPLORE_EVERY = 8  # steps between tries of a length next to the best one, which keep its neighbours' estimates fresh
-# How much faster drafting must look than plain steps to be chosen. Near a tie (a draft that costs about what it
-# saves, such as a model drafting for itself) the estimates' noise alone would pick drafts, and plain steps in a row
-# also overlap with each other (the next is built while the last computes), which drafting steps give up.
-MIN_GAIN = 0.05
+DECAY = 0.95  # weight of the past in an estimate per new observation of it: about the last twenty count
+PRIOR_WEIGHT = 2.0  # observations a position's prior (the position before it) counts as; 0.5 for the first
+MEMORY_WEIGHT = 20.0  # the most observations a remembered estimate counts as at the start of a run
+EXPLORE_EVERY = 4  # the fewest steps between tries of a longer length than the best
+OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
+# How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
+# next is built while the last computes), which a mix of drafting and plain steps partly gives up.
+MIN_GAIN = 0.03
 
 
 class FixedDraftLength:
     """Always the same number of drafts."""
+
+    costs_cached = None
+    calibration_seconds = 0.0
+    factor = None
 
     def __init__(self, num_draft: int):
         self.num_draft = num_draft
@@ -31,6 +39,9 @@ class FixedDraftLength:
     def choose(self, source: Optional[str], limit: int) -> int:
         return min(self.num_draft, limit) if source else 0
 
+    def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
+        return self.choose("any" if any(sources) else None, limit)
+
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         pass
 
@@ -41,95 +52,106 @@ class FixedDraftLength:
         pass
 
 
-class Decayed:
-    """A recency-weighted mean: each new observation counts 1, older ones DECAY times less per newer one."""
+class Acceptance:
+    """Per source of drafts and per draft position: recency-weighted counts [accepted, tried]."""
 
-    def __init__(self):
-        self.total = 0.0
-        self.weight = 0.0
+    def __init__(self, counts: Optional[Dict[str, List[List[float]]]] = None):
+        self.counts = {}
+        for source, positions in (counts or {}).items():
+            # A remembered estimate counts as at most MEMORY_WEIGHT observations.
+            self.counts[source] = [
+                [accepted * scale, tried * scale]
+                for accepted, tried in positions
+                for scale in [min(1.0, MEMORY_WEIGHT / tried) if tried > 0 else 0.0]
+            ]
 
-    def add(self, value: float):
-        self.total = DECAY * self.total + value
-        self.weight = DECAY * self.weight + 1.0
+    def observe(self, source: str, drafted: int, accepted: int):
+        """A step's outcome: `drafted` drafts from `source`, the first `accepted` of them accepted."""
+        positions = self.counts.setdefault(source, [])
+        # Position i was tried when drafts 1..i-1 were accepted: those and the first rejection, if any.
+        for i in range(min(drafted, accepted + 1)):
+            if i == len(positions):
+                positions.append([0.0, 0.0])
+            positions[i] = [DECAY * positions[i][0] + (i < accepted), DECAY * positions[i][1] + 1.0]
 
-    def mean(self, prior: float, prior_weight: float = 0.0) -> float:
-        return (
-            (self.total + prior * prior_weight) / (self.weight + prior_weight) if self.weight + prior_weight else prior
-        )
+    def estimates(self, source: str, k: int, optimism: float = 0.0) -> List[float]:
+        """alpha_1..alpha_k, each `optimism` standard deviations above its mean (capped at 1). A position's prior is
+        the one before it (acceptance changes slowly along a draft), the first one's 0.5 with little weight."""
+        positions = self.counts.get(source, [])
+        alphas, prior, prior_weight = [], 0.5, 0.5
+        for i in range(k):
+            accepted, tried = positions[i] if i < len(positions) else (0.0, 0.0)
+            weight = tried + prior_weight
+            mean = (accepted + prior * prior_weight) / weight
+            spread = math.sqrt(mean * (1 - mean) / (weight + 1))
+            alphas.append(min(1.0, mean + optimism * spread))
+            prior, prior_weight = mean, PRIOR_WEIGHT
+        return alphas
+
+    def to_dict(self) -> Dict[str, List[List[float]]]:
+        return {source: [list(p) for p in positions] for source, positions in self.counts.items()}
 
 
-class LineFit:
-    """A recency-weighted least-squares line seconds = a + b * k through (k, seconds) observations."""
-
-    def __init__(self):
-        self.sums = [0.0] * 5  # weight, k, k^2, seconds, k * seconds
-
-    def add(self, k: int, seconds: float):
-        self.sums = [COST_DECAY * total + value for total, value in zip(self.sums, (1, k, k * k, seconds, k * seconds))]
-
-    def at(self, k: int, plain: Optional[float]) -> float:
-        weight, sum_k, sum_kk, sum_t, sum_kt = self.sums
-        mean_k, mean_t = sum_k / weight, sum_t / weight
-        variance = sum_kk / weight - mean_k**2
-        if variance > 0.05:
-            slope = (sum_kt / weight - mean_k * mean_t) / variance
-        else:
-            # One length seen so far: the line through it and the plain step.
-            slope = (mean_t - plain) / mean_k if plain is not None else mean_t / mean_k
-        # More drafts never cost less.
-        return mean_t + max(slope, 0.0) * (k - mean_k)
+def expected_tokens(alphas: List[float]) -> float:
+    """E(k) for k = len(alphas): tokens a step yields, the main model's own token included."""
+    expected, reach = 1.0, 1.0
+    for alpha in alphas:
+        reach *= alpha
+        expected += reach
+    return expected
 
 
 class AutoDraftLength:
-    """Chooses the number of drafts per step from the acceptance and step times measured so far."""
+    """Chooses the number of drafts per step from measured step costs and the acceptance estimates.
 
-    def __init__(self, max_num_draft: int = 8):
+    costs: {source: [seconds of a step with k drafts from it, k = 0..max_num_draft]}, for one batch size.
+    """
+
+    def __init__(self, max_num_draft: int, costs: Dict[str, List[float]], acceptance: Acceptance):
         if max_num_draft < 1:
             raise ValueError(f"max_num_draft must be at least 1, got {max_num_draft}")
         self.max_num_draft = max_num_draft
-        self.acceptance: Dict[str, List[Decayed]] = {}  # source -> per draft position
-        self.overall: Dict[str, Decayed] = {}  # source -> every position together, the prior of the positions
-        self.plain = Decayed()  # seconds of a step without drafts
-        self.costs: Dict[str, LineFit] = {}  # source -> seconds of a step by its number of drafts
-        self.steps = 0
+        self.costs = costs
+        self.acceptance = acceptance
+        self.costs_cached = None  # whether the costs were read from the cache (set by whoever measured them)
+        self.calibration_seconds = 0.0
+        self.factor = 1.0  # measured step times / the table's, recency-weighted
+        self.factor_weight = 0.0
+        self.since_explored = 0
 
-    def expected_tokens(self, source: str, k: int) -> float:
-        """E(k): tokens a step with k drafts yields, the main model's own token included."""
-        prior = self.overall[source].mean(0.5, 1.0) if source in self.overall else 0.5
-        positions = self.acceptance.get(source, [])
-        expected, reach = 1.0, 1.0
-        for i in range(k):
-            alpha = positions[i].mean(prior, 1.0) if i < len(positions) else prior
-            reach *= alpha
-            expected += reach
-        return expected
+    def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
+        """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k)."""
+        drafting = [source for source in sources if source]
+        table = self.costs["model" if "model" in drafting else drafting[0]]
+        alphas = {source: self.acceptance.estimates(source, top, optimism) for source in set(drafting)}
+        rates = []
+        for k in range(top + 1):
+            tokens = len(sources) - len(drafting) + sum(expected_tokens(alphas[source][:k]) for source in drafting)
+            rates.append(tokens / table[k])
+        return rates
 
-    def step_seconds(self, source: Optional[str], k: int) -> float:
-        """T(k): the plain step's measured time for k = 0, else the line fitted to this source's steps' times."""
-        plain = self.plain.mean(0.0) if self.plain.weight else None
-        return plain if k == 0 else self.costs[source].at(k, plain)
-
-    def choose(self, source: Optional[str], limit: int) -> int:
-        """The number of drafts for the next step; `limit` bounds it (tokens left), source None means none."""
-        self.steps += 1
+    def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
+        """The number of drafts for the next step of rows whose drafts would come from `sources` (None: no draft for
+        that row); `limit` bounds it (tokens left)."""
         top = min(self.max_num_draft, limit)
-        if source is None or top == 0:
+        if top <= 0 or not any(sources):
             return 0
-        # Until a step of this source and a plain step were timed: one draft, then none. Longer drafts are tried one
-        # more at a time, by the exploration below, while they look worth it.
-        if source not in self.costs:
-            return 1
-        if not self.plain.weight:
-            return 0
-        rates = {k: self.expected_tokens(source, k) / max(self.step_seconds(source, k), 1e-9) for k in range(top + 1)}
-        best = max(rates, key=rates.get)
+        rates = self.rates(sources, top)
+        best = max(range(top + 1), key=lambda k: rates[k])
         if rates[best] < rates[0] * (1 + MIN_GAIN):
             best = 0
-        if self.steps % EXPLORE_EVERY == 0:
-            # Alternate above and below the best.
-            neighbour = best + 1 if (self.steps // EXPLORE_EVERY) % 2 else best - 1
-            best = neighbour if 0 <= neighbour <= top else best
+        self.since_explored += 1
+        if best < top and self.since_explored >= EXPLORE_EVERY:
+            # One longer: worth a try when its acceptance might, within its uncertainty, make it the best.
+            hopeful = self.rates(sources, best + 1, OPTIMISM)[best + 1]
+            if hopeful > rates[best] * (1 + (MIN_GAIN if best == 0 else 0.0)):
+                self.since_explored = 0
+                return best + 1
         return best
+
+    def choose(self, source: Optional[str], limit: int) -> int:
+        """The number of drafts for the next step of one sequence; source None means no draft."""
+        return self.choose_batch([source], limit)
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         """A step's outcome: `drafted` tokens from `source`, the first `accepted` of them accepted, in `seconds`."""
@@ -137,19 +159,10 @@ class AutoDraftLength:
         self.record_acceptance(source, drafted, accepted)
 
     def record_time(self, source: Optional[str], drafted: int, seconds: float):
-        if drafted:
-            self.costs.setdefault(source, LineFit()).add(drafted, seconds)
-        else:
-            self.plain.add(seconds)
+        table = self.costs.get(source) or next(iter(self.costs.values()))
+        self.factor_weight = DECAY * self.factor_weight + 1.0
+        self.factor += (seconds / table[min(drafted, self.max_num_draft)] - self.factor) / self.factor_weight
 
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
-        if not drafted:
-            return
-        positions = self.acceptance.setdefault(source, [])
-        overall = self.overall.setdefault(source, Decayed())
-        # Position i was tried when drafts 1..i-1 were accepted: those i and the first rejection, if any.
-        for i in range(min(drafted, accepted + 1)):
-            if i == len(positions):
-                positions.append(Decayed())
-            positions[i].add(float(i < accepted))
-            overall.add(float(i < accepted))
+        if drafted:
+            self.acceptance.observe(source, drafted, accepted)

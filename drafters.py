@@ -21,14 +21,14 @@ MAX_CONTINUATION = 64  # the most tokens a lookup proposes
 class Draft:
     tokens: mx.array  # (k,) int32, k <= the number asked for
     probs: Optional[mx.array] = None  # (k, vocab) the distributions they were drawn from; None: deterministic (one-hot)
-    source: str = "model"
+    source: Optional[str] = "model"  # None for no draft
 
     def __len__(self):
         return self.tokens.shape[0]
 
 
 def no_draft() -> Draft:
-    return Draft(mx.zeros((0,), dtype=mx.int32))
+    return Draft(mx.zeros((0,), dtype=mx.int32), None, None)
 
 
 class ModelDrafter:

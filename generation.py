@@ -2,7 +2,7 @@
 the single-prompt loops (decoder.py) and the batched loop (batch_decoder.py)."""
 
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 @dataclass
@@ -15,6 +15,19 @@ class Stats:
     lookup_steps: int = 0  # main-model calls that verified a lookup's drafts
     encode_seconds: float = 0.0  # the prompt through both encoders, and the cross-attention keys/values
     seconds: float = 0.0  # prompt in to last token out
+    # --num-draft auto: whether the step costs came from the cache (None: not auto), and the seconds spent measuring
+    # them before this run (not in `seconds`).
+    costs_cached: Optional[bool] = None
+    calibration_seconds: float = 0.0
+
+    def add_step(self, source: Optional[str], drafted: int, accepted: int):
+        """One main-model call of one sequence: `drafted` tokens from `source`, the first `accepted` kept."""
+        self.main_calls += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if source == "lookup" and drafted:
+            self.lookup_drafted += drafted
+            self.lookup_steps += 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -55,6 +68,12 @@ class Generation:
     text: str
     tokens: List[int]
     stats: Stats = field(default_factory=Stats)
+
+
+def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int):
+    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source)."""
+    stats.add_step(source, drafted, accepted)
+    draft_length.record_acceptance(source, drafted, accepted)
 
 
 def count_accepted(verdicts: List[bool]) -> int:

@@ -6,10 +6,13 @@ Pretrained weights cannot be downloaded here, so every reference is built locall
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# --num-draft auto's step costs and acceptance go to a directory of the test run's own, never the user's cache.
+os.environ["T5_SPECULATIVE_CACHE"] = tempfile.mkdtemp(prefix="t5-speculative-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -7,6 +7,7 @@ from conftest import PROMPTS, VARIANTS, perturbed
 from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exact_marginals
 
 from decoder import SpeculativeDecoder, Stats
+from draft_length import FixedDraftLength
 from drafters import ModelDrafter
 from loader import load_model
 
@@ -133,3 +134,34 @@ def test_every_drafter_and_auto_batched_equal_each_prompt_decoded_alone(drafter,
     generations = decoder.generate_batch(prompts, max_tokens=24, ignore_eos=True, batch_size=3, stats=stats)
     assert [generation.tokens for generation in generations] == expected
     assert stats.drafted > 0
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "hybrid"])
+def test_batched_rows_count_their_drafts_by_source_as_alone(drafter, converted):
+    # The run's drafts and lookups are its rows', each row's lookups among its drafts; the draft-length policy hears
+    # each row's acceptance under that row's own source. (A row's counts may differ from its prompt's alone only in
+    # its last steps, where the batch drafts to the longest remaining budget.)
+    class Heard(FixedDraftLength):
+        def __init__(self, num_draft):
+            super().__init__(num_draft)
+            self.heard = []
+
+        def record_acceptance(self, source, drafted, accepted):
+            self.heard.append(source if drafted else None)
+
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    decoder = SpeculativeDecoder(model, perturbed(converted("t5-v1_1"), 0.04, seed=0), tokenizer, drafter=drafter)
+    prompts = PROMPTS + ["a b a b a b a b a b a b", "x = x + 1; x = x + 1; x = x + 1; x = x + 1"]
+    decoder.draft_lengths[3] = policy = Heard(decoder.num_draft)
+    stats = Stats()
+    generations = decoder.generate_batch(prompts, max_tokens=24, ignore_eos=True, batch_size=3, stats=stats)
+    for name in "drafted", "accepted", "lookup_drafted":
+        assert getattr(stats, name) == sum(getattr(g.stats, name) for g in generations), name
+    assert all(0 < g.stats.lookup_steps <= g.stats.main_calls for g in generations[-2:])
+    assert all(g.stats.lookup_drafted <= g.stats.drafted for g in generations)
+    assert stats.lookup_drafted == sum(g.stats.lookup_drafted for g in generations) > 0
+    assert 0 < stats.lookup_steps <= stats.main_calls
+    assert policy.heard.count("lookup") == sum(g.stats.lookup_steps for g in generations)
+    assert policy.heard.count("model") == sum(g.stats.main_calls - g.stats.lookup_steps for g in generations) * (
+        drafter == "hybrid"
+    )

@@ -1,0 +1,249 @@
+"""What `--num-draft auto` knows before it decodes: each step's cost, measured once per setting, and each pair's
+acceptance from earlier runs, both kept in a user cache directory.
+
+Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
+size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
+k = 0..max, a few steps of each k in a row, every k in turn, a few rounds, each step's time from one host
+synchronisation to the next. The median per k is kept, keyed by all of the above; a change of any of them measures
+again. Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
+
+The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
+never the model's directory. A file that cannot be read is measured again and replaced, after one warning.
+"""
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+import backend
+import kernels
+from drafters import Draft, ModelDrafter, no_draft
+from generation import Stats
+
+ENV_VAR = "T5_SPECULATIVE_CACHE"
+ROOT = Path(__file__).resolve().parent
+# The code that decodes: a change to any of it may change the costs.
+SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batching.py", "drafters.py", "sampling.py")
+# Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
+PROMPT = "31415926535897932384626433832795028841971693993751"
+BLOCK = 3  # steps of one length in a row; the first is dropped (it follows a step of another length)
+MIN_ROUNDS, MAX_ROUNDS = 2, 5
+BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
+warned = set()  # paths already warned about, so that each is reported once
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "t5-speculative"
+
+
+def warn(path: Path, message: str):
+    if path not in warned:
+        warned.add(path)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def read(path: Path) -> Optional[dict]:
+    """The JSON object in `path`; None when there is none or it is unreadable (after a warning)."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (OSError, ValueError) as e:
+        warn(path, f"ignoring the unreadable cache file {path} ({e}); it will be measured again and replaced")
+        return None
+
+
+def write(path: Path, record: dict):
+    """Write `record` to `path` whole or not at all; a cache that cannot be written is only a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(record, indent=1))
+        os.replace(partial, path)
+    except OSError as e:
+        warn(path, f"cannot write the cache file {path} ({e}); set {ENV_VAR} to a writable directory")
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def shape_of(model) -> dict:
+    """What a model's step costs depend on: its configuration and every weight's shape and dtype."""
+    return dict(
+        args=vars(model.args),
+        weights=[(name, w.shape, str(w.dtype)) for name, w in tree_flatten(model.parameters())],
+    )
+
+
+def identity_of(model) -> str:
+    """What a model's acceptance depends on: its shape and its weights (a few values of each tensor)."""
+    weights = [w.reshape(-1)[:16].astype(mx.float32) for _, w in tree_flatten(model.parameters())]
+    values = np.array(mx.concatenate(weights)) if weights else np.zeros(0)
+    return digest([shape_of(model), hashlib.sha256(values.tobytes()).hexdigest()])
+
+
+def project_version() -> str:
+    return digest([(ROOT / name).read_bytes().hex() if (ROOT / name).exists() else None for name in SOURCES])
+
+
+def cost_key(decoder, sources: List[str], batch_size: int) -> dict:
+    return dict(
+        main=shape_of(decoder.model),
+        draft=shape_of(decoder.draft_model) if "model" in sources else None,
+        sources=sorted(sources),
+        max_num_draft=decoder.max_num_draft,
+        greedy=decoder.sampler.greedy,
+        batch_size=batch_size,
+        device=str(mx.default_device()),
+        kernels=kernels.active,
+        blas=backend.active,
+        threads=[os.cpu_count()]
+        + [os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "T5_KERNEL_THREADS")],
+        ranks=decoder.model.group.size() if decoder.model.group is not None else 1,
+        mlx=mx.__version__,
+        project=project_version(),
+    )
+
+
+def acceptance_path(decoder) -> Path:
+    """Where a pair's acceptance is remembered: per main model, draft, drafter and sampling settings."""
+    sampler = decoder.sampler
+    key = [
+        identity_of(decoder.model),
+        identity_of(decoder.draft_model) if decoder.draft_model is not None and decoder.drafter != "lookup" else None,
+        decoder.drafter,
+        decoder.max_ngram,
+        [sampler.temperature, sampler.top_k, sampler.top_p, decoder.delta],
+    ]
+    return cache_dir() / "acceptance" / f"{digest(key)}.json"
+
+
+class Done(Exception):
+    """The measuring schedule is through."""
+
+
+class Schedule:
+    """A draft-length policy that measures: every k in 0..max_num_draft for BLOCK steps in a row, in turn, each step's
+    time kept by k (the first of each block dropped)."""
+
+    def __init__(self, max_num_draft: int):
+        self.max_num_draft = max_num_draft
+        self.seconds: Dict[int, List[float]] = {k: [] for k in range(max_num_draft + 1)}
+
+    def round(self):
+        self.plan = [k for k in range(self.max_num_draft + 1) for _ in range(BLOCK)]
+        self.chosen = deque()  # (place in the plan, k) of the steps chosen and not yet timed
+        self.position = 0
+
+    def choose(self, source, limit):
+        if self.position == len(self.plan):
+            raise Done
+        self.chosen.append((self.position, self.plan[self.position]))
+        self.position += 1
+        return self.chosen[-1][1]
+
+    choose_batch = choose
+
+    def record_time(self, source, drafted, seconds):
+        place, k = self.chosen.popleft()
+        if place % BLOCK:
+            self.seconds[k].append(seconds)
+
+    def record_acceptance(self, source, drafted, accepted):
+        pass
+
+    def table(self) -> List[float]:
+        return [statistics.median(times) for _, times in sorted(self.seconds.items())]
+
+
+class RepeatDrafter:
+    """Drafts as a lookup does (no model, deterministic, chosen per sequence), always as many tokens as asked."""
+
+    reads_tokens = True
+
+    def prepare(self, prompt_ids):
+        pass
+
+    def source(self, sequence):
+        return "lookup"
+
+    def propose(self, sequence, k, key=None) -> Draft:
+        return Draft(mx.array(sequence[-1:] * k, dtype=mx.int32), None, "lookup") if k else no_draft()
+
+    def rewind(self, length):
+        pass
+
+
+def measure(decoder, source: str, batch_size: int) -> List[float]:
+    """Seconds of a decoding step with k = 0..max drafts from `source`, `batch_size` rows at a time."""
+    import batch_decoder
+    from batching import BatchModelDrafter, RowDrafters
+
+    schedule = Schedule(decoder.max_num_draft)
+    prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]
+    start = time.perf_counter()
+    rounds = 0
+    # Every rank of a sharded model runs the same rounds (their steps wait for each other).
+    while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and decoder.agree_all(time.perf_counter() - start < BUDGET)):
+        schedule.round()
+        # Decoding without end (EOS ignored, no token limit) until the schedule is through.
+        if batch_size == 1:
+            drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
+            steps = decoder.speculative_tokens(prompt_ids, 1 << 30, True, Stats(), drafter, schedule)
+        else:
+            if source == "lookup":
+                drafter = RowDrafters(RepeatDrafter, decoder.model.args.vocab_size)
+            else:
+                drafter = BatchModelDrafter(decoder.draft_model, decoder.sampler)
+            steps = batch_decoder.batch_generations(
+                decoder, [PROMPT] * batch_size, 1 << 30, False, True, batch_size, Stats(), drafter, schedule
+            )
+        try:
+            for _ in steps:
+                pass
+        except Done:
+            pass
+        rounds += 1
+    return schedule.table()
+
+
+def step_costs(decoder, sources: List[str], batch_size: int):
+    """({source: [seconds of a step with k drafts, k = 0..max]}, whether they came from the cache)."""
+    key = cost_key(decoder, sources, batch_size)
+    path = cache_dir() / "step-costs" / f"{digest(key)}.json"
+    record = read(path)
+    costs = record.get("seconds") if record else None
+    valid = isinstance(costs, dict) and set(costs) == set(sources)
+    valid = valid and all(
+        isinstance(table, list) and len(table) == decoder.max_num_draft + 1 and all(
+            isinstance(t, (int, float)) and t > 0 for t in table
+        )
+        for table in costs.values()
+    )
+    if record is not None and not valid:
+        warn(path, f"ignoring the cache file {path}, which does not hold step costs; measuring them again")
+    cached = decoder.agree_all(valid)
+    if not cached:
+        costs = {source: measure(decoder, source, batch_size) for source in sources}
+    # Every rank of a sharded model must choose alike: all take the ranks' mean costs.
+    costs = {source: decoder.agree(table) for source, table in costs.items()}
+    if not cached:
+        write(path, dict(key=key, seconds=costs))
+    return costs, cached

@@ -1,0 +1,99 @@
+"""--num-draft auto's cache: step costs measured once per setting and reused, measured again when the setting changes
+or the file is unreadable (one warning); acceptance remembered from one run to the next. Each test has a cache
+directory of its own."""
+
+import json
+
+import pytest
+from conftest import PROMPTS
+
+import step_costs
+from decoder import SpeculativeDecoder
+from draft_length import Acceptance, AutoDraftLength
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(step_costs.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(step_costs, "warned", set())
+    return tmp_path
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The settings step costs were measured for, in order."""
+    calls = []
+    measure = step_costs.measure
+
+    def counting(decoder, source, batch_size):
+        calls.append((source, batch_size))
+        return measure(decoder, source, batch_size)
+
+    monkeypatch.setattr(step_costs, "measure", counting)
+    return calls
+
+
+def auto_stats(main, draft_model, **options):
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft="auto", max_num_draft=3, **options)
+    return decoder.generate(PROMPTS[0], max_tokens=8, ignore_eos=True).stats
+
+
+def test_costs_are_measured_once_kept_and_reused(cache, measured, main, drafts):
+    first = auto_stats(main, drafts["noisy"])
+    assert first.costs_cached is False and first.calibration_seconds > 0
+    assert measured == [("model", 1)]
+    (path,) = (cache / "step-costs").iterdir()
+    seconds = json.loads(path.read_text())["seconds"]["model"]
+    assert len(seconds) == 4 and all(t > 0 for t in seconds)
+    # A new decoder (a new run) of the same setting reads them; so does a draft of the same shape.
+    again = auto_stats(main, drafts["unrelated"])
+    assert again.costs_cached is True and again.calibration_seconds == 0
+    assert measured == [("model", 1)]
+    # Regular decoding and fixed lengths neither measure nor say they did.
+    model, tokenizer, _ = main
+    assert SpeculativeDecoder(model, None, tokenizer).generate("a", 4, regular=True).stats.costs_cached is None
+
+
+def test_a_changed_setting_measures_again(cache, measured, main, drafts, monkeypatch):
+    auto_stats(main, drafts["noisy"])
+    auto_stats(main, drafts["noisy"], drafter="lookup")
+    monkeypatch.setenv("T5_KERNEL_THREADS", "1")
+    assert auto_stats(main, drafts["noisy"]).costs_cached is False
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft="auto", max_num_draft=3)
+    decoder.generate_batch(PROMPTS[:2], max_tokens=4, ignore_eos=True, batch_size=2)
+    assert measured == [("model", 1), ("lookup", 1), ("model", 1), ("model", 2)]
+    assert len(list((cache / "step-costs").iterdir())) == 4
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seconds": {"model": [0.1]}}'])
+def test_an_unreadable_cache_file_is_replaced_after_one_warning(content, cache, measured, main, drafts, capsys):
+    auto_stats(main, drafts["noisy"])
+    (path,) = (cache / "step-costs").iterdir()
+    path.write_text(content)
+    capsys.readouterr()
+    stats = auto_stats(main, drafts["noisy"])
+    assert stats.costs_cached is False and len(measured) == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(path) in warnings[0], warnings
+    assert len(json.loads(path.read_text())["seconds"]["model"]) == 4
+    assert auto_stats(main, drafts["noisy"]).costs_cached is True
+    assert not capsys.readouterr().err
+
+
+def test_acceptance_is_remembered_per_pair_and_drafter(cache, main, drafts):
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=3)
+    # Costs under which drafting pays, so that it drafts.
+    decoder.acceptance = Acceptance()
+    decoder.draft_lengths[1] = AutoDraftLength(3, {"model": [1.0, 1.1, 1.2, 1.3]}, decoder.acceptance)
+    decoder.generate(PROMPTS[4], max_tokens=40, ignore_eos=True)
+    counts = decoder.acceptance.to_dict()["model"]
+    assert counts and all(accepted == tried for accepted, tried in counts)  # the model drafting for itself
+    later = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=3)
+    assert later.remembered_acceptance().to_dict()["model"] == counts
+    # Another draft, or another drafter, starts afresh.
+    other = SpeculativeDecoder(model, drafts["unrelated"], tokenizer, num_draft="auto", max_num_draft=3)
+    lookup = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", drafter="hybrid")
+    assert other.remembered_acceptance().to_dict() == lookup.remembered_acceptance().to_dict() == {}
