@@ -364,6 +364,23 @@ class T5(nn.Module):
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
         return self.encoder(self.shared(input_ids), attention_mask)
 
+    def memory_needed(self, length: int, batch_size: int = 1, max_tokens: int = 0) -> int:
+        """Bytes beyond the weights that encoding `batch_size` prompts of `length` tokens and decoding `max_tokens`
+        for each takes, estimated from above: one encoder layer's activations (float32 at most) and its blocks of
+        attention scores, and every decoder layer's cross-attention keys and values and self-attention cache."""
+        args, size = self.args, 4
+        inner = args.num_heads * args.d_kv
+        tokens = batch_size * length
+        # x, its norm, q, k, v, the attention output, the residual sums; the feed-forward's inner units (two or three).
+        encoder = tokens * size * (4 * args.d_model + 5 * inner + (3 if args.is_gated else 2) * args.d_ff)
+        # A block's bias, scores and weights (at least one query row however long the prompt); the bias per distance.
+        rows = min(self.encoder.block_rows(batch_size, length), length)
+        attention = 3 * rows * batch_size * args.num_heads * length * size + 2 * length * (size + 8)
+        cross_kv = args.num_decoder_layers * 2 * inner * size * tokens
+        cache = args.num_decoder_layers * 2 * inner * size * batch_size * max_tokens
+        logits = 16 * batch_size * args.vocab_size * size  # a verification step's rows
+        return encoder + attention + cross_kv + cache + logits
+
     def cross_kv(self, encoder_output):
         """Each decoder layer's cross-attention keys and values, computed once per prompt."""
         return [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder.layers]
