@@ -199,6 +199,38 @@ def weight_headers(path: Path, config: dict) -> tuple[dict, dict]:
     return files, headers
 
 
+def check_sizes(config: dict, shapes: dict):
+    """config.json's sizes against the weights' shapes ({name: shape}, from the files' headers), before a model of
+    those sizes is built: the layers of each stack from the tensor names, and vocab_size, d_model, the attention's
+    width, d_ff and the buckets from the shapes of the tensors that have them (the rows alone where quantized)."""
+    args = ModelArgs.from_dict(config)
+    for stack, count in (("encoder", args.num_layers), ("decoder", args.num_decoder_layers)):
+        layers = {int(match[1]) for name in shapes if (match := re.match(rf"{stack}\.layers\.(\d+)\.", name))}
+        if max(layers, default=-1) >= count:
+            prefix = f"{stack}.layers."
+            unexpected = sorted(name for name in shapes if name.startswith(prefix) and int(name.split(".")[2]) >= count)
+            raise BrokenFile(f"config.json gives the {stack} {count} layers: unexpected {unexpected[:3]}")
+        if len(layers) < count:
+            raise BrokenFile(f"config.json gives the {stack} {count} layers, the weights hold {len(layers)}")
+    inner = args.num_heads * args.d_kv
+    feed_forward = "wi_0" if args.is_gated else "wi"
+    expected = {
+        "shared.weight": (args.vocab_size, args.d_model),
+        "encoder.final_norm.weight": (args.d_model,),
+        "encoder.layers.0.self_attn.q.weight": (inner, args.d_model),
+        f"encoder.layers.0.mlp.{feed_forward}.weight": (args.d_ff, args.d_model),
+        "encoder.relative_attention_bias.weight": (args.relative_attention_num_buckets, args.num_heads),
+    }
+    for name, shape in expected.items():
+        if name not in shapes:
+            continue
+        quantized = f"{name.removesuffix('.weight')}.scales" in shapes
+        if quantized and shapes[name][0] != shape[0]:
+            raise BrokenFile(f"{name} has shape {shapes[name]}, config.json implies {shape[0]} rows")
+        if not quantized and shapes[name] != shape:
+            raise BrokenFile(f"{name} has shape {shapes[name]}, config.json implies {shape}")
+
+
 def check_quantization(path: Path, headers: dict, quantization: Optional[dict]):
     """The packed weights, their scales and config.json's mlx.quantization must tell the same story."""
     scales = [name for name in headers if name.endswith(".scales")]

@@ -8,9 +8,11 @@ import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -189,6 +191,12 @@ def output_config(source_config: dict, has_lm_head: bool, mlx: dict) -> dict:
 
 def check_shapes(config: dict, shapes: dict):
     """Compare {MLX name: shape} with the parameters of the model `config` describes (allocating nothing)."""
+    from checks import BrokenFile, check_sizes  # here: checks.py imports this module
+
+    try:  # the sizes first, before a model of those sizes is built
+        check_sizes(config, shapes)
+    except BrokenFile as e:
+        raise ConversionError(f"the weights do not match config.json: {e}; use the checkpoint's own") from None
     model = T5(ModelArgs.from_dict(config))
     expected = {name: param.shape for name, param in tree_flatten(model.parameters())}
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -323,24 +331,80 @@ class PeakMemory:
         return f"peak RSS {maxrss / 2**20:.0f} MiB (maxrss, mapped files included)"
 
 
+# Each staging directory convert.py makes holds this file, naming the process that owns it (host, id, start time), so
+# that a later run can remove what a killed run left behind, and nothing else.
+OWNER_FILE = ".convert-owner"
+
+
+def process_start(pid: int):
+    """When process `pid` started (clock ticks after boot, from /proc); None where that cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mark_as_owned(directory: Path):
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
+    (directory / OWNER_FILE).write_text(json.dumps(owner))
+
+
+def owner_is_gone(owner) -> bool:
+    """Whether the convert.py process an owner file names has ended; False whenever that cannot be told."""
+    if not isinstance(owner, dict):
+        return False
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return False  # another machine's (a shared disk), or not written by convert.py
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    # A process with that id is alive: the owner, unless the id went to a process started since.
+    started = owner.get("started")
+    return started is not None and process_start(pid) not in (None, started)
+
+
+def remove_stale_staging(parent: Path):
+    """Remove the staging directories in `parent` of convert.py runs that ended without removing them (killed, or
+    their machine lost power): only directories marked as convert.py's whose process is gone."""
+    for entry in sorted([*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")]):
+        owner_file = entry / OWNER_FILE
+        if entry.is_symlink() or not entry.is_dir() or owner_file.is_symlink() or not owner_file.is_file():
+            continue
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if owner_is_gone(owner):
+            print(f"removing {entry}, left by a convert.py run that was stopped", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextmanager
 def staging_dir(out: Path, force: bool):
     """Yield an empty directory beside `out`; on success it is renamed to `out` (replacing it if `force`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
     # A fresh name every run, so a directory left by a killed run never collides.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        mark_as_owned(staging)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    holder = None
     if force and out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old.parent)
-    else:
-        staging.rename(out)
+        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        mark_as_owned(holder)
+        out.rename(holder / out.name)
+    (staging / OWNER_FILE).unlink()
+    staging.rename(out)
+    if holder is not None:
+        shutil.rmtree(holder)
 
 
 def convert(

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from checks import (
     BrokenFile,
+    check_sizes,
     check_tokenizer_files,
     convert_command,
     read_config,
@@ -73,6 +74,7 @@ def read_weights(path: Path, config: dict, group=None) -> tuple[T5, dict]:
     """The model `config` describes, shaped (quantized) like the weights, and the weights, all checked; sharded over
     `group` when it has several ranks, with only this rank's slices of the weights."""
     files, headers = weight_headers(path, config)
+    check_sizes(config, {name: shape for name, (_, shape) in headers.items()})
     quantization = config["mlx"]["quantization"]
     model = T5(ModelArgs.from_dict(config))
     if quantization:

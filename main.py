@@ -74,6 +74,18 @@ def setup_arg_parser():
         help="With --prompt-file: prompts decoded together; a finished one's place goes to the next in the file",
     )
     parser.add_argument(
+        "--output",
+        default=None,
+        help="With --prompt-file: write each prompt's result to this file as one JSON line (with the prompt's index "
+        "in the file) as soon as it is done, so that a stopped run keeps every finished result; the file must not "
+        "exist, unless --resume",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="With --output: skip the prompts whose results the file already holds, and append the others",
+    )
+    parser.add_argument(
         "--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate (per prompt)"
     )
     parser.add_argument(
@@ -132,6 +144,8 @@ def check_args(args):
     checks = [
         (args.prompt.strip(), "--prompt is empty; pass the text to translate or summarise"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
+        (not args.output or args.prompt_file, "--output writes the results of a --prompt-file run; pass --prompt-file"),
+        (not args.resume or args.output, "--resume continues an --output file; pass --output with the file to resume"),
         (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
         (
             args.num_draft == "auto" or (args.num_draft.isdigit() and int(args.num_draft) >= 1),
@@ -288,23 +302,198 @@ def print_stats(stats, regular):
     print(f"Backend: {backend_description()}")
 
 
-def run_prompt_file(decoder, prompts, args, options):
-    """Decode `prompts` in batches; text mode prints each output in prompt order as soon as it and those before it
-    are done (a progress bar on stderr), --json one object at the end. Returns (generations, run stats)."""
+def available_memory():
+    """Bytes of memory this process can still take: the kernel's MemAvailable, or what is left under a cgroup's limit
+    where that is less; None where neither can be read (not Linux)."""
+    amounts = []
+    try:
+        with open("/proc/meminfo") as f:
+            amounts += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            amounts.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(amounts) if amounts else None
+
+
+def memory_needed(models, length, batch_size, max_tokens):
+    return sum(model.memory_needed(length, batch_size, max_tokens) for model in models)
+
+
+def longest_fitting(models, batch_size, max_tokens, available):
+    """The most tokens each of `batch_size` prompts may have for them to fit in `available` bytes (0: none fits)."""
+    low, high = 0, 1
+    while memory_needed(models, high, batch_size, max_tokens) <= available and high < 1 << 40:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        fits = memory_needed(models, middle, batch_size, max_tokens) <= available
+        low, high = (middle, high) if fits else (low, middle)
+    return low
+
+
+def too_long(models, length, max_tokens, available):
+    """Why a prompt of `length` tokens cannot be decoded in `available` bytes of memory; None when it can."""
+    need = memory_needed(models, length, 1, max_tokens)
+    if available is None or need <= available:
+        return None
+    longest = longest_fitting(models, 1, max_tokens, available)
+    if not longest:
+        return (
+            f"decoding {max_tokens} tokens needs more than the {max(available, 0) / 2**30:.1f} GiB of memory "
+            "available, whatever the prompt; lower --max-tokens, or free memory"
+        )
+    return (
+        f"the prompt has {length} tokens, which need about {need / 2**30:.1f} GiB of memory to encode and decode; "
+        f"{max(available, 0) / 2**30:.1f} GiB is available, enough for prompts of up to {longest} tokens; shorten "
+        "the prompt, or free memory"
+    )
+
+
+def fitting_batch_size(models, lengths, batch_size, max_tokens, available):
+    """`batch_size`, or fewer where that many of the longest prompt would not fit in `available` bytes."""
+    longest = max(lengths, default=1)
+    while batch_size > 1 and available is not None:
+        if memory_needed(models, longest, batch_size, max_tokens) <= available:
+            break
+        batch_size -= 1
+    return batch_size
+
+
+def read_results(path, prompts):
+    """{index: result} of the lines an earlier --output run wrote to `path` for `prompts`. A line cut short by a
+    killed run is removed, so that the results appended next start on a line of their own."""
+    if not path.exists():
+        return {}
+    hint = "pass the --prompt-file it was written for, or another --output"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read {path} to resume it ({e}); {hint}")
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and not data[end:].startswith(RESULT_START):
+        fail(f"{path} does not end in a result written by --output; {hint}")
+    results = {}
+    for number, line in enumerate(data[:end].decode("utf-8", "replace").splitlines(), 1):
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            result = None
+        index = result.get("index") if isinstance(result, dict) else None
+        if not (isinstance(index, int) and 0 <= index < len(prompts) and result.get("prompt") == prompts[index]):
+            fail(f"{path} line {number} is not a result of --output for a prompt of this prompt file; {hint}")
+        results[index] = result
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return results
+
+
+# How every line of an --output file begins.
+RESULT_START = b'{"index": '
+
+
+class OutputFile:
+    """The --output file of a --prompt-file run: one JSON line per result, flushed as it is written."""
+
+    def __init__(self, path, total, done):
+        self.path, self.total, self.done, self.written = path, total, done, 0
+        try:
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            fail(f"cannot write {path} ({e}); pass an --output in a writable directory")
+
+    def write(self, result):
+        self.file.write(json.dumps(result) + "\n")
+        self.file.flush()
+        self.written += 1
+
+    def summary(self):
+        self.file.flush()
+        return (
+            f"{self.written} results written to {self.path} in this run, {self.done + self.written} of "
+            f"{self.total} prompts done"
+        )
+
+
+# The --prompt-file run in progress: (prompts done, prompts, --output file or None), for the line a Ctrl-C prints.
+progress_of_run = None
+
+
+def interrupted(signum, frame):
+    """Ctrl-C: exit at once with status 130 (a KeyboardInterrupt raised inside MLX's native code can vanish), with a
+    line saying what a --prompt-file run finished and kept."""
+    if progress_of_run is not None:
+        done, total, output = progress_of_run()
+        if output is not None:
+            print(f"\ninterrupted: {output.summary()}; add --resume to finish the rest", file=sys.stderr)
+        else:
+            print(f"\ninterrupted: {done} of {total} prompts done, none kept (--output keeps them)", file=sys.stderr)
+    os._exit(130)
+
+
+def run_prompt_file(decoder, prompts, args, options, results, output=None):
+    """Decode the `prompts` that `results` (index -> result) lacks, in batches; text mode prints each output in prompt
+    order as soon as it and those before it are done (a progress bar on stderr), --json nothing. A prompt too long for
+    the memory gets an "error" as its result. Each result also goes to `output` as soon as it is done. Returns (every
+    result in prompt order, run stats)."""
+    global progress_of_run
     stats = Stats()
-    generations = [None] * len(prompts)
+    results = dict(results)
     printed = 0
     progress = tqdm(total=len(prompts), unit="prompt", desc="prompts", file=sys.stderr, disable=args.json)
-    for index, generation in decoder.batch_generations(prompts, batch_size=args.batch_size, stats=stats, **options):
-        generations[index] = generation
+
+    def state():
+        return len(results), len(prompts), output
+
+    def finish(result):
+        results[result["index"]] = result
+        if output is not None:
+            output.write(result)
         progress.update()
-        while not args.json and printed < len(prompts) and generations[printed] is not None:
-            done = generations[printed]
-            progress.write(f"=== prompt {printed + 1}/{len(prompts)} ({done.stats.generated} tokens)", file=sys.stdout)
-            progress.write(done.text + "\n", file=sys.stdout)
+        print_ready()
+
+    def print_ready():
+        nonlocal printed
+        while not args.json and printed < len(prompts) and printed in results:
+            done = results[printed]
+            if "error" in done:
+                progress.write(f"=== prompt {printed + 1}/{len(prompts)}: error: {done['error']}\n", file=sys.stdout)
+            else:
+                tokens = len(done["tokens"])
+                progress.write(f"=== prompt {printed + 1}/{len(prompts)} ({tokens} tokens)", file=sys.stdout)
+                progress.write(done["text"] + "\n", file=sys.stdout)
             printed += 1
+
+    progress_of_run = state
+    progress.update(len(results))
+    print_ready()
+    models = [decoder.model] + ([decoder.draft_model] if decoder.draft_model is not None else [])
+    available = available_memory()
+    runnable, lengths = [], []
+    for index in (index for index in range(len(prompts)) if index not in results):
+        length = len(decoder.tokenizer(prompts[index]).input_ids)
+        message = too_long(models, length, args.max_tokens, available)
+        if message:
+            finish(dict(index=index, prompt=prompts[index], error=message))
+        else:
+            runnable.append(index)
+            lengths.append(length)
+    batch_size = fitting_batch_size(models, lengths, args.batch_size, args.max_tokens, available)
+    if batch_size < args.batch_size:
+        print(f"note: decoding {batch_size} prompts at a time: {args.batch_size} do not fit in memory", file=sys.stderr)
+    batch = decoder.batch_generations([prompts[i] for i in runnable], batch_size=batch_size, stats=stats, **options)
+    for position, generation in batch:
+        index = runnable[position]
+        result = dict(index=index, prompt=prompts[index], text=generation.text, tokens=generation.tokens)
+        finish({**result, "stats": generation.stats.to_dict()})
     progress.close()
-    return generations, stats
+    progress_of_run = None
+    return [results[index] for index in range(len(prompts))], stats
 
 
 def main(argv=None):
@@ -318,6 +507,13 @@ def main(argv=None):
     if message:
         fail(message)
     prompts = read_prompts(args.prompt_file) if args.prompt_file else None
+    earlier_results = {}
+    if args.output:
+        output_path = Path(args.output)
+        if output_path.exists() and not args.resume:
+            fail(f"{output_path} exists; add --resume to continue the run that wrote it, or pass another --output")
+        if args.resume:
+            earlier_results = read_results(output_path, prompts)
 
     default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
     demo = default_pair and not model_path(DEFAULT_MODEL).is_dir()
@@ -355,13 +551,11 @@ def main(argv=None):
 
     options = dict(max_tokens=args.max_tokens, regular=args.regular_decode, ignore_eos=args.ignore_eos)
     if prompts is not None:
-        generations, stats = run_prompt_file(decoder, prompts, args, options)
+        output = OutputFile(output_path, len(prompts), len(earlier_results)) if args.output else None
+        results, stats = run_prompt_file(decoder, prompts, args, options, earlier_results, output)
+        refused = sum("error" in result for result in results)
         if args.json:
-            results = [
-                dict(prompt=prompt, text=generation.text, tokens=generation.tokens, stats=generation.stats.to_dict())
-                for prompt, generation in zip(prompts, generations)
-            ]
-            run_stats = {**stats.to_dict(), "prompts": len(prompts), "batch_size": args.batch_size}
+            run_stats = {**stats.to_dict(), "prompts": len(prompts), "refused": refused, "batch_size": args.batch_size}
             result = dict(
                 results=results,
                 stats={**run_stats, "backend": backend_description(), "blas": backend.active},
@@ -372,8 +566,14 @@ def main(argv=None):
             print(json.dumps(result))
         else:
             print(f"Prompts: {len(prompts)}, {args.batch_size} at a time")
+            if refused:
+                print(f"Refused: {refused} (too long for the memory)")
             print_stats(stats, args.regular_decode)
         return
+    models = [model] + ([draft_model] if draft_model is not None else [])
+    message = too_long(models, len(tokenizer(args.prompt).input_ids), args.max_tokens, available_memory())
+    if message:
+        fail(message)
     stream = None if args.json else lambda piece: print(piece, end="", flush=True)
     generation = decoder.generate(args.prompt, stream=stream, **options)
 
@@ -400,6 +600,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Ctrl-C exits at once and quietly: a KeyboardInterrupt raised inside MLX's native code can vanish.
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    signal.signal(signal.SIGINT, interrupted)
     main()

@@ -14,6 +14,10 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 import kernels
 from cache import KVCache
 
+# The encoder's self-attention runs in blocks of query rows whose scores take about this many bytes (at least one
+# row), so that its memory grows linearly with the prompt's length beyond one block.
+ATTENTION_BLOCK_BYTES = 64 << 20
+
 # Activations transformers' T5 configs name in `feed_forward_proj` ("relu", "gated-gelu", ...).
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -132,8 +136,31 @@ class Attention(nn.Module):
                 keys, values = self.project_kv(x)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
+        return self.o(self.attend(queries, keys, values, bias).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, queries, keys, values, bias):
         # T5 attention has no 1/sqrt(d_kv) scaling.
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
+
+    def attend_in_blocks(self, x, bias_of, block):
+        """Self-attention of x over itself, `block` query rows at a time; bias_of(start, stop) is the additive bias
+        (B or 1, heads, stop - start, L) of queries start..stop-1, built per block so that none is (L, L) whole."""
+        B, L, _ = x.shape
+        if "qkv" in self:
+            queries, keys, values = map(self.heads, mx.split(self.qkv(x), 3, axis=-1))
+        else:
+            queries = self.heads(self.q(x))
+            keys, values = self.project_kv(x)
+        if block >= L:
+            out = self.attend(queries, keys, values, bias_of(0, L))
+        else:
+            blocks = []
+            for start in range(0, L, block):
+                stop = min(start + block, L)
+                blocks.append(self.attend(queries[:, :, start:stop], keys, values, bias_of(start, stop)))
+                # Evaluated now, so that one block's scores are freed before the next block's are made.
+                mx.eval(blocks[-1])
+            out = mx.concatenate(blocks, axis=2)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -204,8 +231,8 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.mlp_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
 
-    def __call__(self, x, bias):
-        x = clamp_fp16(x + self.self_attn(self.self_attn_norm(x), bias))
+    def __call__(self, x, bias_of, block):
+        x = clamp_fp16(x + self.self_attn.attend_in_blocks(self.self_attn_norm(x), bias_of, block))
         return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
 
 
@@ -245,21 +272,42 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(args) for _ in range(args.num_layers)]
         self.final_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
 
-    def position_bias(self, length):
-        positions = np.arange(length)
+    def distance_bias(self, length):
+        """(heads, 2L - 1): the bias of each key-minus-query distance -(L-1)..L-1, from the bucket of each."""
+        distances = np.arange(1 - length, length)
         buckets = relative_position_bucket(
-            positions[None, :] - positions[:, None],
+            distances,
             bidirectional=True,
             num_buckets=self.args.relative_attention_num_buckets,
             max_distance=self.args.relative_attention_max_distance,
         )
-        # (L, L, heads) -> (1, heads, L, L); computed once in the first layer and shared by all.
-        return self.relative_attention_bias(mx.array(buckets)).transpose(2, 0, 1)[None]
+        return self.relative_attention_bias(mx.array(buckets)).T
+
+    def block_rows(self, batch_size, length):
+        """Query rows per block of self-attention: scores of about ATTENTION_BLOCK_BYTES, at least one row."""
+        heads = self.relative_attention_bias.weight.shape[1]  # this rank's heads, once sharded
+        return max(1, ATTENTION_BLOCK_BYTES // (batch_size * heads * length * 4))
 
     def __call__(self, x, attention_mask):
-        bias = self.position_bias(x.shape[1]) + padding_bias(attention_mask, mx.float32)
+        B, L, _ = x.shape
+        distance_bias = self.distance_bias(L)
+        padding = padding_bias(attention_mask, mx.float32)
+        key_positions = mx.arange(L)
+
+        def bias_of(start, stop):
+            # (1 or B, heads, stop - start, L); the same for every layer (relative bias only in the first).
+            distance = key_positions - mx.arange(start, stop)[:, None] + L - 1
+            return distance_bias[:, distance][None] + padding
+
+        block = self.block_rows(B, L)
+        if block >= L:  # one block: its bias computed once and shared by all layers
+            whole = bias_of(0, L)
+
+            def whole_bias(start, stop):
+                return whole
+
         for layer in self.layers:
-            x = layer(x, bias)
+            x = layer(x, whole_bias if block >= L else bias_of, block)
         return self.final_norm(x)
 
 
@@ -315,6 +363,23 @@ class T5(nn.Module):
         if attention_mask is None:
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
         return self.encoder(self.shared(input_ids), attention_mask)
+
+    def memory_needed(self, length: int, batch_size: int = 1, max_tokens: int = 0) -> int:
+        """Bytes beyond the weights that encoding `batch_size` prompts of `length` tokens and decoding `max_tokens`
+        for each takes, estimated from above: one encoder layer's activations (float32 at most) and its blocks of
+        attention scores, and every decoder layer's cross-attention keys and values and self-attention cache."""
+        args, size = self.args, 4
+        inner = args.num_heads * args.d_kv
+        tokens = batch_size * length
+        # x, its norm, q, k, v, the attention output, the residual sums; the feed-forward's inner units (two or three).
+        encoder = tokens * size * (4 * args.d_model + 5 * inner + (3 if args.is_gated else 2) * args.d_ff)
+        # A block's bias, scores and weights (at least one query row however long the prompt); the bias per distance.
+        rows = min(self.encoder.block_rows(batch_size, length), length)
+        attention = 3 * rows * batch_size * args.num_heads * length * size + 2 * length * (size + 8)
+        cross_kv = args.num_decoder_layers * 2 * inner * size * tokens
+        cache = args.num_decoder_layers * 2 * inner * size * batch_size * max_tokens
+        logits = 16 * batch_size * args.vocab_size * size  # a verification step's rows
+        return encoder + attention + cross_kv + cache + logits
 
     def cross_kv(self, encoder_output):
         """Each decoder layer's cross-attention keys and values, computed once per prompt."""
