@@ -41,12 +41,14 @@ def batch_generations(
     stats: Optional[Stats] = None,
     drafter=None,
     draft_length=None,
+    streams: Optional[Tuple[Sequence[int], int]] = None,
 ) -> Iterator[Tuple[int, Generation]]:
     """(prompt index, Generation) for each prompt as it finishes, decoded with `decoder`'s models and settings.
 
     Up to `batch_size` prompts decode together, each row exactly as `decoder.generate` decodes it alone (its own draft
     acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
-    Row i samples with its own random stream, split from `seed`. `stats` receives the run's totals: main_calls
+    Row i samples with its own random stream, split from `seed`: stream i of len(prompts), or, given `streams`
+    (indices, count), stream indices[i] of count, so that a prompt draws the same wherever it stands in a run. `stats` receives the run's totals: main_calls
     counts batched forward passes (lookup_steps those that verified a lookup's drafts), seconds the whole run. The
     batch drafter and draft-length policy are the decoder's own unless given.
     """
@@ -61,7 +63,9 @@ def batch_generations(
     model, eos = decoder.model, decoder.model.args.eos_token_id
     rows = Rows(model)
     queue = deque(enumerate(prompts))
-    seeds = mx.random.split(mx.random.key(decoder.seed), max(len(prompts), 1))
+    indices, count = streams or (range(len(prompts)), len(prompts))
+    keys = mx.random.split(mx.random.key(decoder.seed), max(count, 1))
+    seeds = [keys[index] for index in indices]
     active: List[Row] = []
     draws = not decoder.sampler.greedy or decoder.delta > 0
     last_sync = time.perf_counter()

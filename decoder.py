@@ -202,10 +202,13 @@ class SpeculativeDecoder:
         ignore_eos: bool = False,
         batch_size: int = 8,
         stats: Optional[Stats] = None,
+        streams: Optional[Tuple[Sequence[int], int]] = None,
     ) -> Iterator[Tuple[int, Generation]]:
         """(prompt index, Generation) for each prompt as it finishes: up to `batch_size` prompts decode together, each
         row exactly as `generate` decodes it alone (batch_decoder.py)."""
-        return batch_decoder.batch_generations(self, prompts, max_tokens, regular, ignore_eos, batch_size, stats)
+        return batch_decoder.batch_generations(
+            self, prompts, max_tokens, regular, ignore_eos, batch_size, stats, streams=streams
+        )
 
     def regular_tokens(self, prompt_ids, max_tokens, ignore_eos, stats) -> Iterator[List[int]]:
         """The main model alone, one token per forward pass."""

@@ -23,7 +23,7 @@ from loader import ModelLoadError, load_model
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
-DEFAULT_PROMPT = "translate English to German: A small model drafts the text and a large model checks it."
+DEFAULT_PROMPT = "translate English to German: The house is wonderful."
 MODELS_DIR = Path("mlx_models")
 # A small main/draft pair trained by tools/train_demo_pair.py, run when the default pair is not converted.
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
@@ -59,7 +59,7 @@ def setup_arg_parser():
     parser.add_argument(
         "--prompt",
         default=DEFAULT_PROMPT,
-        help="Input text, with T5's task prefix (the bundled demo pair gets a held-out code snippet instead)",
+        help="Input text, with T5's task prefix",
     )
     parser.add_argument(
         "--prompt-file",
@@ -244,13 +244,10 @@ def demo_pair(args):
 
     print(
         f"no converted {DEFAULT_MODEL} in {MODELS_DIR}/, so running the bundled demo pair {DEMO_DIR} "
-        f"(Python code continuation); for the real pair: python convert.py --model {DEFAULT_MODEL} && "
+        f"(English to German, on a small vocabulary); for the real pair: python convert.py --model {DEFAULT_MODEL} && "
         f"python convert.py --model {DEFAULT_DRAFT_MODEL}",
         file=sys.stderr,
     )
-    if args.prompt == DEFAULT_PROMPT and not args.prompt_file:
-        args.prompt = (DEMO_DIR / "prompts.txt").read_text().splitlines()[0]
-        print(f"prompt: {args.prompt}", file=sys.stderr)
     pair = [(MODELS_DIR / f"demo-{role}", DEMO_DIR / role) for role in ("main", "draft")]
     # Converted again when the bundled weights are newer (retrained, or updated by git).
     stale = [(path, source) for path, source in pair if not converted_since(path, source)]
@@ -439,12 +436,13 @@ def interrupted(signum, frame):
 def run_prompt_file(decoder, prompts, args, options, results, output=None):
     """Decode the `prompts` that `results` (index -> result) lacks, in batches; text mode prints each output in prompt
     order as soon as it and those before it are done (a progress bar on stderr), --json nothing. A prompt too long for
-    the memory gets an "error" as its result. Each result also goes to `output` as soon as it is done. Returns (every
+    the memory gets an "error" as its result. Each result also goes to `output`, in prompt order, as soon as it and
+    those before it are done. Returns (every
     result in prompt order, run stats)."""
     global progress_of_run
     stats = Stats()
-    results = dict(results)
-    printed = 0
+    results, earlier = dict(results), set(results)
+    printed = written = 0
     progress = tqdm(total=len(prompts), unit="prompt", desc="prompts", file=sys.stderr, disable=args.json)
 
     def state():
@@ -452,10 +450,17 @@ def run_prompt_file(decoder, prompts, args, options, results, output=None):
 
     def finish(result):
         results[result["index"]] = result
-        if output is not None:
-            output.write(result)
+        write_ready()
         progress.update()
         print_ready()
+
+    def write_ready():
+        # In file order: a result that finished early waits for the ones before it.
+        nonlocal written
+        while output is not None and written < len(prompts) and written in results:
+            if written not in earlier:
+                output.write(results[written])
+            written += 1
 
     def print_ready():
         nonlocal printed
@@ -486,7 +491,11 @@ def run_prompt_file(decoder, prompts, args, options, results, output=None):
     batch_size = fitting_batch_size(models, lengths, args.batch_size, args.max_tokens, available)
     if batch_size < args.batch_size:
         print(f"note: decoding {batch_size} prompts at a time: {args.batch_size} do not fit in memory", file=sys.stderr)
-    batch = decoder.batch_generations([prompts[i] for i in runnable], batch_size=batch_size, stats=stats, **options)
+    # Each prompt samples from the random stream of its place in the file: the same in a resumed run.
+    streams = (runnable, len(prompts))
+    batch = decoder.batch_generations(
+        [prompts[i] for i in runnable], batch_size=batch_size, stats=stats, streams=streams, **options
+    )
     for position, generation in batch:
         index = runnable[position]
         result = dict(index=index, prompt=prompts[index], text=generation.text, tokens=generation.tokens)

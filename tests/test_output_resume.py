@@ -32,9 +32,9 @@ def prompt_file(tmp_path):
     return path
 
 
-def flags(main_model, prompt_file):
+def flags(main_model, prompt_file, *extra):
     common = ["--model-name", main_model, "--regular-decode", "--ignore-eos", "-m", 40, "--batch-size", 3]
-    return common + ["--prompt-file", prompt_file]
+    return common + ["--prompt-file", prompt_file, *extra]
 
 
 def results(path):
@@ -54,8 +54,10 @@ def uninterrupted(main_model, tmp_path_factory):
     assert [line["prompt"] for line in everything] == PROMPTS
     lines = results(output)
     assert len(lines) == len(PROMPTS)
-    # The lines are the results --json prints, in the order each finished.
+    # The lines are the results --json prints, in the prompt file's order.
     assert lines == sorted(tuple(json.dumps(line[field]) for field in FIELDS) for line in everything)
+    indices = [json.loads(line)["index"] for line in output.read_text().splitlines()]
+    assert indices == list(range(len(PROMPTS)))
     return lines
 
 
@@ -74,6 +76,9 @@ def test_a_stopped_run_resumed_gives_the_uninterrupted_results(stop, cut, main_m
     assert p.returncode == (130 if stop == signal.SIGINT else -signal.SIGKILL), stderr
     kept = output.read_text().count("\n")
     assert wanted <= kept < len(PROMPTS)
+    # What a stopped run kept is the first prompts of the file, in order.
+    kept_indices = [json.loads(line)["index"] for line in output.read_text().splitlines()[:kept]]
+    assert kept_indices == list(range(kept))
     if stop == signal.SIGINT:
         assert "Traceback" not in stderr
         summary = stderr.strip().splitlines()[-1]
@@ -84,6 +89,20 @@ def test_a_stopped_run_resumed_gives_the_uninterrupted_results(stop, cut, main_m
     resumed = run(*flags(main_model, prompt_file), "--output", output, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert results(output) == uninterrupted
+
+
+def test_a_sampled_run_resumed_draws_what_the_uninterrupted_run_drew(main_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:12]) + "\n")
+    sampled = ("--temperature", "1", "--seed", "3")
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    assert run(*flags(main_model, prompts, *sampled), "--output", whole).returncode == 0
+    # A run that got as far as the first five prompts, then resumed: the rest draw as they did in one go.
+    part.write_text("".join(whole.read_text().splitlines(keepends=True)[:5]))
+    assert run(*flags(main_model, prompts, *sampled), "--output", part, "--resume").returncode == 0
+    assert results(part) == results(whole)
+    texts = {json.loads(line)["text"] for line in whole.read_text().splitlines()}
+    assert len(texts) > 1  # sampled: the prompts differ, and so do their draws
 
 
 def test_resume_of_a_finished_run_decodes_nothing(main_model, prompt_file, uninterrupted):
