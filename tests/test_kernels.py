@@ -56,8 +56,9 @@ def test_quantized_weights_match_quantized_matmul(bits, group_size, rows):
     # K from one group to one that one row takes in several passes over its chunks of x (8320 = 65 * 128).
     for K, N in [(group_size, 5), (3 * group_size, 67), (384, 129), (8320, 5)]:
         x = mx.random.normal((rows, K))
-        for dtype in [mx.float32, mx.bfloat16]:
+        for dtype in [mx.float32, mx.bfloat16, mx.float16]:  # the scales' and biases' dtype
             w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size, bits)
+            assert scales.dtype == biases.dtype == dtype
             reference = mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
             ours = kernels.native.decode_matmul(x, w, scales, biases, group_size, bits)
             assert ours.dtype == reference.dtype and ours.shape == reference.shape
@@ -85,6 +86,41 @@ def test_user_errors_raise():
     w, scales, biases = mx.quantize(mx.zeros((4, 64)), 64, 4)
     with pytest.raises(ValueError):
         kernels.native.decode_matmul(mx.zeros((1, 64)), w, scales, biases, 32, 4)
+
+
+PORTABLE_SHAPES = """
+import mlx.core as mx, numpy as np, kernels
+assert kernels.native.isa() == "portable", kernels.native.isa()
+mx.random.seed(0)
+worst = 0.0
+for rows in (1, 3, 16, 17, 37):
+    for K, N in ((7, 9), (131, 61), (520, 203)):
+        x = mx.random.normal((rows, K))
+        for dtype in (mx.float32, mx.bfloat16, mx.float16):
+            w = mx.random.normal((N, K)).astype(dtype)
+            reference = np.array(x @ w.astype(mx.float32).T)
+            ours = np.array(kernels.native.decode_matmul(x, w))
+            worst = max(worst, float(np.abs(ours - reference).max()) / K**0.5)
+    for bits in (4, 8):
+        for group_size in (32, 64, 128):
+            for K, N in ((group_size, 5), (3 * group_size, 67), (8320, 5)):
+                x = mx.random.normal((rows, K))
+                for dtype in (mx.float32, mx.bfloat16, mx.float16):
+                    q = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size, bits)
+                    reference = np.array(mx.quantized_matmul(x, *q, True, group_size, bits).astype(mx.float32))
+                    ours = np.array(kernels.native.decode_matmul(x, *q, group_size, bits).astype(mx.float32))
+                    scale = np.abs(reference).max() + 1
+                    worst = max(worst, float(np.abs(ours - reference).max() / scale))
+print(worst)
+"""
+
+
+@native
+def test_portable_path_on_every_shape_dtype_and_quantization():
+    # The only path on a CPU without AVX2, forced here: the shapes of the tests above, every weight and scale dtype.
+    out = run_python(PORTABLE_SHAPES, env={"T5_KERNEL_PORTABLE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1e-3
 
 
 @native
