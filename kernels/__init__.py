@@ -49,15 +49,16 @@ def built_for() -> str | None:
 def trial_problem(module) -> str:
     """Why `module`'s products cannot be trusted ("" if a small float and 4-bit product each match MLX's)."""
     try:
-        x = mx.arange(2 * 64, dtype=mx.float32).reshape(2, 64) / 64
-        w = mx.cos(mx.arange(40 * 64, dtype=mx.float32)).reshape(40, 64)
-        quantized = mx.quantize(w, 64, 4)
-        for ours, reference in [
-            (module.decode_matmul(x, w), x @ w.T),
-            (module.decode_matmul(x, *quantized, 64, 4), mx.quantized_matmul(x, *quantized, True, 64, 4)),
-        ]:
-            if not mx.allclose(ours, reference, rtol=1e-4, atol=1e-4).item():
-                return "its trial product differs from MLX's"
+        with mx.stream(mx.cpu):  # the kernels' device, whichever is the default
+            x = mx.arange(2 * 64, dtype=mx.float32).reshape(2, 64) / 64
+            w = mx.cos(mx.arange(40 * 64, dtype=mx.float32)).reshape(40, 64)
+            quantized = mx.quantize(w, 64, 4)
+            for ours, reference in [
+                (module.decode_matmul(x, w), x @ w.T),
+                (module.decode_matmul(x, *quantized, 64, 4), mx.quantized_matmul(x, *quantized, True, 64, 4)),
+            ]:
+                if not mx.allclose(ours, reference, rtol=1e-4, atol=1e-4).item():
+                    return "its trial product differs from MLX's"
     except Exception as e:  # any failure of a foreign module means: do not use it
         return f"its trial product failed ({type(e).__name__}: {e})"
     return ""
