@@ -5,9 +5,11 @@ nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension
 read each weight once per block of up to 16 rows, in float32, bfloat16, float16, or MLX's affine 4- and 8-bit
 quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
 
-T5_KERNELS=0 turns the native kernels off.
+T5_KERNELS=0 turns the native kernels off. A module built for another MLX, or one whose trial product is wrong, is
+not used (one warning line says so and how to rebuild).
 """
 
+import importlib.machinery
 import os
 import platform
 import sys
@@ -25,6 +27,51 @@ native = None
 active = "mlx"
 # The kernels that have served a product since start-up, e.g. {"native 4-bit", "mlx float32"}.
 used = set()
+# Where bindings.cpp writes the MLX version it was compiled against, in the module file itself.
+VERSION_MARKER = b"t5-kernels-built-for-mlx:"
+FLOATS = (mx.float32, mx.bfloat16, mx.float16)
+
+
+def built_for() -> str | None:
+    """The MLX version the module Python would import was built for ("" if it names none); None if none is built."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).parent / f"_native{suffix}"
+        if path.exists():
+            data = path.read_bytes()
+            start = data.find(VERSION_MARKER)
+            if start < 0:
+                return ""
+            start += len(VERSION_MARKER)
+            return data[start : data.find(b"\n", start)].decode(errors="replace")
+    return None
+
+
+def trial_problem(module) -> str:
+    """Why `module`'s products cannot be trusted ("" if a small float and 4-bit product each match MLX's)."""
+    try:
+        with mx.stream(mx.cpu):  # the kernels' device, whichever is the default
+            x = mx.arange(2 * 64, dtype=mx.float32).reshape(2, 64) / 64
+            w = mx.cos(mx.arange(40 * 64, dtype=mx.float32)).reshape(40, 64)
+            quantized = mx.quantize(w, 64, 4)
+            for ours, reference in [
+                (module.decode_matmul(x, w), x @ w.T),
+                (module.decode_matmul(x, *quantized, 64, 4), mx.quantized_matmul(x, *quantized, True, 64, 4)),
+            ]:
+                if not mx.allclose(ours, reference, rtol=1e-4, atol=1e-4).item():
+                    return "its trial product differs from MLX's"
+    except Exception as e:  # any failure of a foreign module means: do not use it
+        return f"its trial product failed ({type(e).__name__}: {e})"
+    return ""
+
+
+def refuse(reason: str, summary: str) -> str:
+    global active
+    print(
+        f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
+        file=sys.stderr,
+    )
+    active = f"mlx (native kernels {summary})"
+    return active
 
 
 def load() -> str:
@@ -37,37 +84,58 @@ def load() -> str:
     if sys.platform != "linux":
         active = "mlx"
         return active
+    version = built_for()
+    if version is None:
+        return refuse("not built", "not built")
+    if version != mx.__version__:
+        # Loading it would put code compiled for one libmlx into another: refused before it is loaded.
+        built = f"MLX {version}" if version else "an unknown MLX"
+        return refuse(f"were built for {built}, not the installed {mx.__version__}", "stale")
     try:
         from kernels import _native
     except ImportError as e:
-        built = any(Path(__file__).parent.glob("_native*.so"))
-        reason = f"cannot be loaded ({e})" if built else "not built"
-        print(
-            f"warning: native kernels {reason}; MLX's slower CPU kernels are used (to build: {BUILD_COMMAND})",
-            file=sys.stderr,
-        )
-        active = f"mlx (native kernels {reason.split(' (')[0]})"
-        return active
+        return refuse(f"cannot be loaded ({e})", "cannot be loaded")
+    if getattr(_native, "mlx_version", None) != mx.__version__:
+        return refuse(f"were built for another MLX, not the installed {mx.__version__}", "stale")
+    problem = trial_problem(_native)
+    if problem:
+        return refuse(f"are not used: {problem}", "failed their trial")
     native = _native
     active = f"native {native.isa()}, {native.threads()} threads ({platform.machine()})"
     return active
 
 
-def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
-    """x (..., in) @ weight.T -> (..., out); with scales and biases, weight is MLX-quantized (affine)."""
-    rows = x.size // x.shape[-1]
-    if native is not None and mx.default_device() == mx.cpu:
-        if scales is None and (weight.dtype != mx.float32 or rows <= FLOAT32_MAX_ROWS):
+def native_takes(x, weight, scales, biases, group_size, bits, mode) -> bool:
+    """Whether the native kernels compute this product (the rest goes to MLX's kernels, which check their inputs)."""
+    if native is None or mx.default_device() != mx.cpu or x.dtype not in FLOATS or weight.ndim != 2:
+        return False
+    if scales is None:
+        rows = x.size // x.shape[-1]
+        return weight.dtype in FLOATS and (weight.dtype != mx.float32 or rows <= FLOAT32_MAX_ROWS)
+    return (
+        mode == "affine"
+        and biases is not None
+        and bits in (4, 8)
+        and group_size in (32, 64, 128)
+        and weight.dtype == mx.uint32
+        and scales.dtype in FLOATS
+        and biases.dtype == scales.dtype
+    )
+
+
+def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="affine"):
+    """x (..., in) @ weight.T -> (..., out); with scales, weight is MLX-quantized (`mode`, biases for affine)."""
+    if native_takes(x, weight, scales, biases, group_size, bits, mode):
+        if scales is None:
             used.add(f"native {weight.dtype}".replace("mlx.core.", ""))
             return native.decode_matmul(x, weight)
-        if scales is not None and bits in (4, 8) and group_size in (32, 64, 128):
-            used.add(f"native {bits}-bit")
-            return native.decode_matmul(x, weight, scales, biases, group_size, bits)
+        used.add(f"native {bits}-bit")
+        return native.decode_matmul(x, weight, scales, biases, group_size, bits)
     if scales is None:
         used.add(f"mlx {weight.dtype}".replace("mlx.core.", ""))
         return x @ weight.T
     used.add(f"mlx {bits}-bit")
-    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
 def description() -> str:

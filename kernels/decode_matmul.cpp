@@ -1,6 +1,11 @@
 #include "decode_matmul.h"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdio>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +26,7 @@ namespace {
 // Workers that wait for a job and take its tasks one at a time, as does the calling thread. The caller waits only for
 // tasks begun, never for a worker that has not woken yet (on a busy machine it may not run for a while): a job's
 // tasks are claimed from one counter tagged with the job's number, so a late worker cannot claim a later job's task.
+// One job runs at a time: callers on other threads (each MLX stream evaluates on its own) wait for the pool.
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) {
@@ -40,6 +46,7 @@ class ThreadPool {
       }
       return;
     }
+    std::lock_guard<std::mutex> one_job(run_mutex_);
     uint64_t job;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -47,7 +54,7 @@ class ThreadPool {
       task_ = &task;
       tasks_ = tasks;
       done_ = 0;
-      ticket_.store(job << 32);
+      ticket_.store(tag(job) << 32);
     }
     wake_.notify_all();
     run_tasks(job, &task, tasks);
@@ -55,13 +62,30 @@ class ThreadPool {
     finished_.wait(lock, [&] { return done_ == tasks; });
   }
 
+  // The number of jobs run so far; setting it lets a test cross the tag's wrap at 2^32 jobs.
+  uint64_t jobs() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return job_;
+  }
+  void set_jobs(uint64_t jobs) {
+    std::lock_guard<std::mutex> one_job(run_mutex_);
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_ = jobs;
+    tasks_ = 0;  // workers that wake for it find nothing to claim
+  }
+
  private:
+  // The ticket's high 32 bits: the job's number modulo 2^32.
+  static uint64_t tag(uint64_t job) {
+    return job & 0xffffffff;
+  }
+
   // Claim and run tasks of `job` while it has some left.
   void run_tasks(uint64_t job, const std::function<void(int)>* task, int tasks) {
     while (true) {
       uint64_t ticket = ticket_.load();
       do {
-        if ((ticket >> 32) != job || int(ticket & 0xffffffff) >= tasks) {
+        if ((ticket >> 32) != tag(job) || int(ticket & 0xffffffff) >= tasks) {
           return;
         }
       } while (!ticket_.compare_exchange_weak(ticket, ticket + 1));
@@ -90,6 +114,7 @@ class ThreadPool {
   }
 
   std::vector<std::thread> workers_;
+  std::mutex run_mutex_;  // held by the caller for a whole job
   std::mutex mutex_;
   std::condition_variable wake_, finished_;
   const std::function<void(int)>* task_ = nullptr;
@@ -99,6 +124,39 @@ class ThreadPool {
   std::atomic<uint64_t> ticket_{0};
 };
 
+// The CPUs this process may run on: its affinity mask, and a cgroup's CPU quota (a container's limit) if lower.
+int available_cpus() {
+  int cpus = std::max(1u, std::thread::hardware_concurrency());
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    cpus = std::max(1, CPU_COUNT(&set));
+  }
+#endif
+  double quota = 0, period = 0;
+  if (std::FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r")) {  // cgroup v2: "max 100000" or "200000 100000"
+    if (std::fscanf(f, "%lf %lf", &quota, &period) != 2) {
+      quota = 0;
+    }
+    std::fclose(f);
+  } else if (std::FILE* f = std::fopen("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "r")) {  // cgroup v1, -1: none
+    if (std::fscanf(f, "%lf", &quota) != 1) {
+      quota = 0;
+    }
+    std::fclose(f);
+    if (std::FILE* g = std::fopen("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "r")) {
+      if (std::fscanf(g, "%lf", &period) != 1) {
+        period = 0;
+      }
+      std::fclose(g);
+    }
+  }
+  if (quota > 0 && period > 0) {
+    cpus = std::min(cpus, std::max(1, int(std::ceil(quota / period))));
+  }
+  return cpus;
+}
+
 int configured_threads() {
   if (const char* value = std::getenv("T5_KERNEL_THREADS")) {
     int threads = std::atoi(value);
@@ -106,7 +164,7 @@ int configured_threads() {
       return threads;
     }
   }
-  return std::max(1u, std::thread::hardware_concurrency());
+  return available_cpus();
 }
 
 ThreadPool& pool() {
@@ -133,34 +191,37 @@ WeightType weight_type(mx::Dtype dtype) {
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
 
-// x (M, K) of any float dtype and strides -> float32, rows ldx apart.
-std::vector<float> x_as_float(const mx::array& x, int ldx) {
-  const int M = x.shape(0), K = x.shape(1);
+// Rows [r0, r0 + rows) of x (M, K), of any float dtype and strides (negative too) -> float32, rows ldx apart.
+void x_rows_as_float(const mx::array& x, int r0, int rows, int ldx, float* out) {
+  const int K = x.shape(1);
   const int64_t row_stride = x.strides()[0], col_stride = x.strides()[1];
-  std::vector<float> out(size_t(M) * ldx);
   const WeightType type = weight_type(x.dtype());
-  for (int m = 0; m < M; m++) {
-    float* row = out.data() + size_t(m) * ldx;
+  const char* base = static_cast<const char*>(x.data<void>());
+  for (int m = 0; m < rows; m++) {
+    float* row = out + size_t(m) * ldx;
+    const int64_t first = (r0 + m) * row_stride;
     if (type == kFloat32 && col_stride == 1) {
-      std::memcpy(row, x.data<float>() + m * row_stride, K * sizeof(float));
+      std::memcpy(row, x.data<float>() + first, K * sizeof(float));
       continue;
     }
     for (int k = 0; k < K; k++) {
-      row[k] = load_scalar(x.data<void>(), m * row_stride + k * col_stride, type);
+      // The element's address with signed arithmetic: load_scalar's index is unsigned.
+      row[k] = load_scalar(base + (first + k * col_stride) * int64_t(x.itemsize()), 0, type);
     }
   }
-  return out;
 }
 
-void store_output(const std::vector<float>& values, mx::array& out) {
+// Rows of float32 results -> out's rows [r0, r0 + rows) in bfloat16 or float16.
+void store_rows(const float* values, int r0, int rows, mx::array& out) {
+  const size_t N = out.shape(1), begin = size_t(r0) * N, count = size_t(rows) * N;
   if (out.dtype() == mx::bfloat16) {
-    auto* data = out.data<mx::bfloat16_t>();
-    for (size_t i = 0; i < values.size(); i++) {
+    auto* data = out.data<mx::bfloat16_t>() + begin;
+    for (size_t i = 0; i < count; i++) {
       data[i] = mx::bfloat16_t(values[i]);
     }
   } else {
-    auto* data = out.data<mx::float16_t>();
-    for (size_t i = 0; i < values.size(); i++) {
+    auto* data = out.data<mx::float16_t>() + begin;
+    for (size_t i = 0; i < count; i++) {
       data[i] = mx::float16_t(values[i]);
     }
   }
@@ -188,45 +249,53 @@ void run_product(const mx::array& x_in, const mx::array& w, const mx::array* sca
   // Rows of x 64 bytes more than a multiple of 8 floats apart: rows a power of two apart would fall into the same
   // L1 cache sets and evict each other when many rows pass over the same weights.
   const int ldx = (K + 7) / 8 * 8 + 16;
-  const std::vector<float> x_copy = x_as_float(x_in, ldx);
-  const float* x = x_copy.data();
-  std::vector<float> out_copy;
-  float* y = nullptr;
-  if (out.dtype() == mx::float32) {
-    y = out.data<float>();
-  } else {
-    out_copy.resize(size_t(M) * N);
-    y = out_copy.data();
-  }
   const bool avx2 = use_avx2();
-  if (bits == 0) {
-    for (int r = 0; r < M; r += kMaxRows) {
-      FloatProduct p{x + size_t(r) * ldx, ldx, std::min(kMaxRows, M - r), K, w.data<void>(), weight_type(w.dtype()),
-                     y + size_t(r) * N, N};
+  const bool float_out = out.dtype() == mx::float32;
+  // One block of rows at a time in float32 (x, and the results unless out is float32): a long prompt's x is never
+  // copied whole.
+  std::vector<float> x(size_t(std::min(M, kMaxRows)) * ldx), y_block(float_out ? 0 : size_t(std::min(M, kMaxRows)) * N);
+  std::vector<float> x_words, x_sums;
+  if (bits != 0 && avx2) {
+    x_words.resize(x.size());
+    x_sums.resize(x.size());
+  }
+  for (int r = 0; r < M; r += kMaxRows) {
+    const int rows = std::min(kMaxRows, M - r);
+    x_rows_as_float(x_in, r, rows, ldx, x.data());
+    float* y = float_out ? out.data<float>() + size_t(r) * N : y_block.data();
+    if (bits == 0) {
+      FloatProduct p{x.data(), ldx, rows, K, w.data<void>(), weight_type(w.dtype()), y, N};
       over_columns(N, [&](int n0, int n1) {
         avx2 ? float_columns_avx2(p, n0, n1) : float_columns_portable(p, n0, n1);
       });
-    }
-  } else {
-    std::vector<float> x_words, x_sums;
-    if (avx2) {
-      x_words.resize(size_t(M) * ldx);
-      x_sums.resize(size_t(M) * ldx);
-      prepare_quant_x(x, ldx, M, K, bits, group_size, x_words.data(), x_sums.data());
-    }
-    for (int r = 0; r < M; r += kMaxRows) {
-      QuantProduct p{x + size_t(r) * ldx, ldx, std::min(kMaxRows, M - r), K, w.data<uint32_t>(), scales->data<void>(),
-                     biases->data<void>(), weight_type(scales->dtype()), group_size, bits, y + size_t(r) * N, N,
-                     avx2 ? x_words.data() + size_t(r) * ldx : nullptr,
-                     avx2 ? x_sums.data() + size_t(r) * ldx : nullptr};
+    } else {
+      if (avx2) {
+        prepare_quant_x(x.data(), ldx, rows, K, bits, group_size, x_words.data(), x_sums.data());
+      }
+      QuantProduct p{x.data(), ldx, rows, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
+                     weight_type(scales->dtype()), group_size, bits, y, N,
+                     avx2 ? x_words.data() : nullptr, avx2 ? x_sums.data() : nullptr};
       over_columns(N, [&](int n0, int n1) {
         avx2 ? quant_columns_avx2(p, n0, n1) : quant_columns_portable(p, n0, n1);
       });
     }
+    if (!float_out) {
+      store_rows(y_block.data(), r, rows, out);
+    }
   }
-  if (out.dtype() != mx::float32) {
-    store_output(out_copy, out);
+}
+
+// A weight as the kernels read it: rows one after another. Already so for a model's (evaluated) weights; a slice, a
+// transpose or a pending result is copied in the graph.
+mx::array row_contiguous(const mx::array& a, mx::Stream stream) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
   }
+  return mx::contiguous(a, false, stream);
+}
+
+bool is_kernel_float(mx::Dtype dtype) {
+  return dtype == mx::float32 || dtype == mx::bfloat16 || dtype == mx::float16;
 }
 
 }  // namespace
@@ -239,40 +308,54 @@ int kernel_threads() {
   return pool().size();
 }
 
+uint64_t pool_jobs() {
+  return pool().jobs();
+}
+
+void set_pool_jobs(uint64_t jobs) {
+  pool().set_jobs(jobs);
+}
+
 mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
                         const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  // Everything the kernels cannot take is refused here, when the graph is built, not on the stream's thread.
   if (x.ndim() < 1 || w.ndim() != 2) {
     throw std::invalid_argument("decode_matmul: x must be (..., K) and w 2-D");
   }
   const bool quantized = scales.has_value();
   const int K = x.shape(-1);
   const int N = w.shape(0);
-  if (!mx::issubdtype(x.dtype(), mx::floating)) {
-    throw std::invalid_argument("decode_matmul: x must be floating point");
+  if (!is_kernel_float(x.dtype())) {
+    throw std::invalid_argument("decode_matmul: x must be float32, bfloat16 or float16");
   }
+  auto stream = mx::to_stream(s);
   mx::Dtype out_dtype = x.dtype();
   std::vector<mx::array> inputs;
   if (quantized) {
     if (!biases || (bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) {
       throw std::invalid_argument("decode_matmul: affine quantization with bits 4/8 and group size 32/64/128 only");
     }
+    if (!is_kernel_float(scales->dtype()) || biases->dtype() != scales->dtype()) {
+      throw std::invalid_argument("decode_matmul: scales and biases must share one float dtype");
+    }
     if (w.dtype() != mx::uint32 || K % group_size || w.shape(1) != K * bits / 32 ||
         scales->shape() != mx::Shape{N, K / group_size} || biases->shape() != scales->shape()) {
       throw std::invalid_argument("decode_matmul: quantized weight, scales or biases do not match x");
     }
     out_dtype = mx::promote_types(out_dtype, scales->dtype());
-    inputs = {w, *scales, *biases};
+    inputs = {row_contiguous(w, stream), row_contiguous(*scales, stream), row_contiguous(*biases, stream)};
   } else {
+    if (!is_kernel_float(w.dtype())) {
+      throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
+    }
     if (w.shape(1) != K) {
       throw std::invalid_argument("decode_matmul: x and w do not share K");
     }
     out_dtype = mx::promote_types(out_dtype, w.dtype());
-    inputs = {w};
+    inputs = {row_contiguous(w, stream)};
     bits = 0;
     group_size = 0;
   }
-  weight_type(out_dtype);  // float32, bfloat16 or float16
-  auto stream = mx::to_stream(s);
   // A copy only where x's dtype differs from the result's (MLX promotes the same way); weights stay as they are.
   auto x2 = mx::reshape(mx::astype(x, out_dtype, stream), {-1, K}, stream);
   inputs.insert(inputs.begin(), x2);
@@ -285,8 +368,8 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
 void DecodeMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   for (size_t i = 1; i < inputs.size(); i++) {
-    if (!inputs[i].flags().row_contiguous) {
-      throw std::invalid_argument("decode_matmul: weights must be row-contiguous");
+    if (!inputs[i].flags().row_contiguous) {  // decode_matmul makes them so
+      throw std::logic_error("decode_matmul: weights must be row-contiguous");
     }
   }
   out.set_data(mx::allocator::malloc(out.nbytes()));

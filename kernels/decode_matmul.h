@@ -1,6 +1,7 @@
 // x @ W^T as an MLX primitive: W (N, K) in float32, bfloat16 or float16, or MLX's affine 4/8-bit quantization.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -24,6 +25,10 @@ mx::array decode_matmul(
 // "avx2" or "portable", and the number of threads the products run on.
 std::string kernel_isa();
 int kernel_threads();
+
+// The products the thread pool has run (each a job); setting the count is a test's way to reach 2^32 jobs.
+uint64_t pool_jobs();
+void set_pool_jobs(uint64_t jobs);
 
 class DecodeMatmul : public mx::Primitive {
  public:

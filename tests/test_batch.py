@@ -6,6 +6,8 @@ import pytest
 from conftest import PROMPTS, VARIANTS, perturbed
 from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exact_marginals
 
+import batch_decoder
+from batching import RowDrafters
 from decoder import SpeculativeDecoder, Stats
 from draft_length import FixedDraftLength
 from drafters import ModelDrafter
@@ -35,19 +37,33 @@ def test_rows_equal_each_prompt_decoded_alone(variant, converted):
 
 
 @pytest.mark.parametrize("num_draft", [1, 4])
-def test_per_row_drafters_equal_the_batched_draft_model(num_draft, converted):
-    # Any drafter other than the draft model runs one per row; the draft model wrapped as such must agree.
+def test_per_row_drafters_equal_the_batched_draft_model(num_draft, converted, monkeypatch):
+    # Any drafter other than the draft model runs one per row (RowDrafters); the draft model run that way must agree.
+    made = []
+
     class WrappedDrafter(ModelDrafter):
-        pass
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
 
     model, tokenizer, _ = load_model(converted("t5-v1_1"))
     draft_model = perturbed(converted("t5-v1_1"), 0.04, seed=0)
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=num_draft)
     expected = alone(decoder, PROMPTS, max_tokens=20, ignore_eos=True)
-    decoder.make_drafter = lambda: WrappedDrafter(draft_model, decoder.sampler)
+    batched = Stats()
+    decoder.generate_batch(PROMPTS, max_tokens=20, ignore_eos=True, batch_size=4, stats=batched)
+    vocab_size = model.args.vocab_size
+    monkeypatch.setattr(
+        batch_decoder,
+        "make_batch_drafter",
+        lambda decoder: RowDrafters(lambda: WrappedDrafter(draft_model, decoder.sampler), vocab_size),
+    )
     stats = Stats()
     generations = decoder.generate_batch(PROMPTS, max_tokens=20, ignore_eos=True, batch_size=4, stats=stats)
+    assert len(made) >= 4  # the rows did draft through per-row drafters
     assert [generation.tokens for generation in generations] == expected
+    # The same drafts as the batched draft model's (greedy tokens would agree even with a row's drafter misplaced).
+    assert (stats.accepted, stats.drafted) == (batched.accepted, batched.drafted)
     assert 0 < stats.accepted < stats.drafted
     assert stats.generated == sum(len(tokens) for tokens in expected) == sum(g.stats.generated for g in generations)
 
@@ -89,14 +105,31 @@ ROWS = 2000
 POSITIONS = 3
 
 
-@pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.7, top_k=4)], ids=["t1", "top-k"])
-def test_each_row_samples_the_main_models_distribution(setting):
+SAMPLING = {
+    "t1": dict(temperature=1.0),
+    "top-k": dict(temperature=0.7, top_k=4),
+    "top-p": dict(temperature=1.3, top_p=0.8),
+}
+
+
+@pytest.mark.parametrize(
+    "setting, drafter",
+    [("t1", "model"), ("top-k", "model"), ("top-p", "model"), ("t1", "lookup"), ("top-p", "hybrid")],
+)
+def test_each_row_samples_the_main_models_distribution(setting, drafter):
     # Two prompts of different lengths, 2000 rows each, 500 at a time: every row's draws must follow the main model
-    # (a chi-square test per prompt and position at a false-failure rate of 1e-3; the seed is fixed).
+    # (a chi-square test per prompt and position at a false-failure rate of 1e-3; the seed is fixed). Lookup and
+    # hybrid drafts come one drafter per row, padded to one width with q = 0, lookup and model drafts side by side.
     main_model, draft_model = tiny_pair()
     prompts = ["31415", "2718281828"]
-    decoder = SpeculativeDecoder(main_model, draft_model, CountingTokenizer(12), num_draft=2, **setting)
-    generations = decoder.generate_batch(prompts * ROWS, max_tokens=POSITIONS, ignore_eos=True, batch_size=500)
+    decoder = SpeculativeDecoder(
+        main_model, draft_model, CountingTokenizer(12), num_draft=2, drafter=drafter, **SAMPLING[setting]
+    )
+    stats = Stats()
+    generations = decoder.generate_batch(
+        prompts * ROWS, max_tokens=POSITIONS, ignore_eos=True, batch_size=500, stats=stats
+    )
+    assert stats.drafted > 0
     for prompt_index, prompt in enumerate(prompts):
         prompt_ids = mx.array([[int(c) for c in prompt]])
         marginals = exact_marginals(main_model, prompt_ids, POSITIONS, decoder.sampler.distribution)
@@ -104,8 +137,47 @@ def test_each_row_samples_the_main_models_distribution(setting):
         for generation in generations[prompt_index :: len(prompts)]:
             counts[np.arange(POSITIONS), generation.tokens] += 1
         for position in range(POSITIONS):
+            forbidden = marginals[position] == 0
+            assert counts[position][forbidden].sum() == 0, (prompt, position, "forbidden tokens drawn")
             statistic, df = chi_square(counts[position], marginals[position])
             assert statistic < chi_square_critical(df), (prompt, position, statistic)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5])
+def test_a_rows_sampled_tokens_do_not_depend_on_the_batch_size(delta):
+    # Each row draws from its own keys (split from the seed by prompt index), whichever rows share its batch. Not in
+    # its last num_draft + 1 tokens: the batch drafts one length, capped by the longest budget left among its rows,
+    # so a row near its end drafts more in a larger batch (the same distribution, other draws).
+    main_model, draft_model = tiny_pair()
+    num_draft, max_tokens = 2, 12
+    decoder = SpeculativeDecoder(
+        main_model, draft_model, CountingTokenizer(12), num_draft, delta, temperature=1.0, top_p=0.9, seed=5
+    )
+    prompts = ["31415", "2718281828", "1414", "1732050807", "22360", "9"] * 2
+    kept = max_tokens - num_draft - 1
+    by_size = {
+        size: [
+            g.tokens[:kept]
+            for g in decoder.generate_batch(prompts, max_tokens=max_tokens, ignore_eos=True, batch_size=size)
+        ]
+        for size in (1, 4, 12)
+    }
+    assert by_size[1] == by_size[4] == by_size[12]
+    assert len({tuple(tokens) for tokens in by_size[1]}) > 6  # drawn, not all alike
+
+
+def test_delta_above_zero_in_a_batch_accepts_more_and_delta_one_keeps_every_draft():
+    # Lenient acceptance (delta) row by row, as generate() applies it to one sequence.
+    main_model, draft_model = tiny_pair()
+    accepted = {}
+    for delta in (0.0, 0.5, 1.0):
+        decoder = SpeculativeDecoder(
+            main_model, draft_model, CountingTokenizer(12), num_draft=3, delta=delta, temperature=1.0
+        )
+        stats = Stats()
+        decoder.generate_batch(["31415"] * 200, max_tokens=9, ignore_eos=True, batch_size=50, stats=stats)
+        accepted[delta] = stats.accepted / stats.drafted
+    assert accepted[0.0] < accepted[0.5] < accepted[1.0] == 1.0
 
 
 def test_the_per_row_check_detects_a_biased_sampler():

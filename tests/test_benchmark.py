@@ -32,14 +32,15 @@ def test_benchmark_runs_all_methods_and_checks_their_tokens(tmp_path):
     assert methods == batched | {"mlx k=2", "mlx auto"} | {f"{method}, batch 8" for method in batched}
     assert {run["num_draft"] for run in report["runs"] if run["method"].startswith("mlx")} == {0, 1, 2, "auto"}
     # transformers generate() is the reference the others are compared with, token for token (batched: its batched
-    # generate(); its assisted generation cannot batch).
-    for run in report["runs"]:
+    # generate(); its assisted generation cannot batch). The references themselves are left out: equal by definition.
+    references = {"transformers generate", "transformers generate, batch 8"}
+    compared = [run for run in report["runs"] if run["method"] not in references]
+    assert len(compared) == len(report["runs"]) - 2
+    for run in compared:
         expected = "cannot batch" if run["method"] == "transformers assisted, batch 8" else True
         assert run["same_tokens_as_transformers"] == expected, run
     (summary,) = report["summaries"]
     assert summary["all_tokens_identical"] and summary["pair"] == "demo pair"
-    assert 0 < summary["share_of_matmul_ceiling"] and 0 < summary["share_of_roofline"]
-    assert summary["best_fixed_num_draft"] in (1, 2) and summary["auto_vs_best_fixed"] > 0
     with open(out / "results.csv") as f:
         assert [row["method"] for row in csv.DictReader(f)] == [run["method"] for run in report["runs"]]
     assert "demo pair: regular" in result.stdout
@@ -57,8 +58,10 @@ def test_bfloat16_pair_runs_both_sides_in_bfloat16(tmp_path):
         "transformers assisted",
     }
     assert {run["dtype"] for run in report["runs"]} == {"bfloat16"}
-    # Each side agrees with itself: speculative decoding with regular decoding, assisted generation with generate().
-    assert all(run["same_tokens_as_transformers"] is True for run in report["runs"])
+    # Each side agrees with itself: speculative decoding with regular decoding, assisted generation with generate()
+    # (the two references left out).
+    compared = [run for run in report["runs"] if run["method"] not in ("mlx regular", "transformers generate")]
+    assert len(compared) == 4 and all(run["same_tokens_as_transformers"] is True for run in compared)
     (summary,) = report["summaries"]
     assert summary["dtype"] == "bfloat16" and summary["regular_vs_transformers"] > 0
     # A bfloat16 decode step reads half the bytes of float32 weights: t5-base's decoder is 248 MB in bfloat16.

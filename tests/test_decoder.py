@@ -8,6 +8,7 @@ import pytest
 from conftest import PROMPTS
 from mlx.utils import tree_flatten
 
+import decoder as decoder_module
 from decoder import IncompatibleDraftError, SpeculativeDecoder
 from loader import load_model
 from model import T5, ModelArgs
@@ -263,10 +264,25 @@ CASES = [(setting, "model", 2) for setting in SETTINGS] + [
 ]
 
 
+class SteadyClock:
+    """time.perf_counter for the decoder: a millisecond per reading, so that auto's choices do not follow the load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1e-3
+        return self.now
+
+
 @pytest.mark.parametrize("setting, drafter, num_draft", CASES)
-def test_speculative_sampling_matches_the_main_models_distribution(setting, drafter, num_draft, sampling_pair):
+def test_speculative_sampling_matches_the_main_models_distribution(
+    setting, drafter, num_draft, sampling_pair, monkeypatch
+):
     # Each position is a chi-square test at a false-failure rate of 1e-3 (3 positions x 6 cases: < 2% for the
-    # suite); seeds are fixed, so the outcome is deterministic. A lookup draft is deterministic (q one-hot).
+    # suite); seeds are fixed, and auto's step times too, so the outcome is deterministic. A lookup draft is
+    # deterministic (q one-hot).
+    monkeypatch.setattr(decoder_module, "time", SteadyClock())
     main_model, draft_model = sampling_pair
     settings = SETTINGS[setting]
     decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), **settings)
@@ -275,6 +291,9 @@ def test_speculative_sampling_matches_the_main_models_distribution(setting, draf
     if num_draft != "auto":  # (auto, over 3 tokens, seldom tries a lookup)
         assert (lookup_drafted > 0) == (drafter != "model")
     for position in range(POSITIONS):
+        # Tokens the distribution forbids (outside top-k / top-p) have no cell in the statistic: never drawn at all.
+        forbidden = marginals[position] == 0
+        assert counts[position][forbidden].sum() == 0, f"position {position + 1} drew forbidden tokens"
         statistic, df = chi_square(counts[position], marginals[position])
         print(
             f"{setting} {drafter} position {position + 1}: chi2 {statistic:.1f}, df {df}, "

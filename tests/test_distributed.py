@@ -2,12 +2,13 @@
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from distributed_worker import MAX_TOKENS, PROMPT, outputs
 
 import convert
-from loader import ModelLoadError, load_model
+from loader import ModelLoadError, load_model, read_rank_slices
 from tools.measure_distributed import PlanGroup, launch
 
 ENV = {"HF_HUB_OFFLINE": "1"}
@@ -69,3 +70,43 @@ def test_a_model_that_does_not_split_is_refused(models):
     # 4 heads over 3 ranks: refused while sharding, before any communication.
     with pytest.raises(ModelLoadError, match="cannot be split across 3 ranks"):
         load_model(models[0][0], group=PlanGroup(3))
+
+
+class ShardedShapes:
+    """Stands in for a sharded model: read_rank_slices asks it only for its parameters' shapes."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def parameters(self):
+        return {name: mx.zeros(shape) for name, shape in self.shapes.items()}
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_each_rank_reads_its_slices_in_every_dtype_and_over_several_chunks(dtype, tmp_path):
+    # Columns are read a few MB of rows at a time: 5000 rows of 1024 take 2-5 chunks, as real models' layers do.
+    mx.random.seed(0)
+    weights = {
+        "rows": mx.random.normal((6, 10)).astype(dtype),
+        "columns": mx.random.normal((5000, 1024)).astype(dtype),
+        "whole": mx.random.normal((7,)).astype(dtype),
+    }
+    path = tmp_path / "model.safetensors"
+    mx.save_safetensors(str(path), weights)
+    ranks = 4
+    for rank in range(ranks):
+        expected = {
+            "columns": weights["columns"][:, rank * 256 : (rank + 1) * 256],
+            "whole": weights["whole"],
+        }
+        model = ShardedShapes({"rows": (6, 10), "columns": (5000, 256), "whole": (7,)})
+        read = read_rank_slices([path], model, rank, ranks)
+        for name in ("columns", "whole"):
+            assert read[name].dtype == dtype, name
+            assert mx.array_equal(read[name], expected[name]).item(), (name, rank)
+    halves = ShardedShapes({"rows": (3, 10), "columns": (5000, 1024), "whole": (7,)})
+    for rank in range(2):
+        read = read_rank_slices([path], halves, rank, 2)
+        assert read["rows"].dtype == dtype
+        assert mx.array_equal(read["rows"], weights["rows"][rank * 3 : (rank + 1) * 3]).item()
+        assert mx.array_equal(read["columns"], weights["columns"]).item()

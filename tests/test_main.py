@@ -4,6 +4,7 @@ import backend
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -228,7 +229,12 @@ def test_interrupt_exits_quietly(main_model):
     args += ["-m", 1_000_000]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with subprocess.Popen(command(*args), cwd=ROOT, env=ENV, **pipes) as process:
-        process.stdout.read(1)  # text is streaming
+        # Text is streaming: wait for its first character, but not forever (a hang fails instead of stopping the run).
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        if not ready:
+            process.kill()
+            pytest.fail("no text streamed within 120 s")
+        process.stdout.read(1)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
