@@ -5,7 +5,9 @@ nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension
 read each weight once per block of up to 16 rows, in float32, bfloat16, float16, or MLX's affine 4- and 8-bit
 quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
 
-T5_KERNELS=0 turns the native kernels off.
+T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
+T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; see INTEGER_DEFAULT).
+T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this CPU runs by default).
 """
 
 import os
@@ -16,11 +18,16 @@ from pathlib import Path
 import mlx.core as mx
 
 ENV_VAR = "T5_KERNELS"
+ISA_ENV_VAR = "T5_KERNEL_ISA"
+# Whether quantized products take int8 activations unless T5_KERNELS says otherwise.
+INTEGER_DEFAULT = False
 BUILD_COMMAND = "python kernels/build.py"
 # Above this many rows a float32 product goes to OpenBLAS (measured by benchmark.py's product sweep).
 FLOAT32_MAX_ROWS = 16
 
 native = None
+# Quantized products with int8 activations (where the instruction set has integer kernels).
+integer = False
 # What serves the products, for reports: "native avx2, 2 threads", "mlx (...)".
 active = "mlx"
 # The kernels that have served a product since start-up, e.g. {"native 4-bit", "mlx float32"}.
@@ -29,9 +36,11 @@ used = set()
 
 def load() -> str:
     """Load the native kernels as the environment asks; return a description of what serves the products."""
-    global native, active
+    global native, active, integer
     native = None
-    if os.environ.get(ENV_VAR, "").lower() in ("0", "off", "none"):
+    integer = False
+    mode = os.environ.get(ENV_VAR, "").lower()
+    if mode in ("0", "off", "none"):
         active = f"mlx ({ENV_VAR}={os.environ[ENV_VAR]})"
         return active
     if sys.platform != "linux":
@@ -48,9 +57,29 @@ def load() -> str:
         )
         active = f"mlx (native kernels {reason.split(' (')[0]})"
         return active
+    requested = os.environ.get(ISA_ENV_VAR, "")
+    if requested:
+        if requested not in _native.isas():
+            print(
+                f"error: {ISA_ENV_VAR}={requested} is not an instruction set this CPU runs "
+                f"({', '.join(_native.isas())}); unset {ISA_ENV_VAR} to use the fastest",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        _native.set_isa(requested)
     native = _native
-    active = f"native {native.isa()}, {native.threads()} threads ({platform.machine()})"
+    integer = native.integer_products() and (mode == "integer" or (mode != "exact" and INTEGER_DEFAULT))
+    active = f"native {isa_description()}, {native.threads()} threads ({platform.machine()})"
     return active
+
+
+def isa_description() -> str:
+    """The native kernels' instruction set, its extensions in use and the quantized products' activations."""
+    features = native.features()
+    return (
+        f"{native.isa()}{f' ({features})' if features else ''}, "
+        f"quantized x {'int8' if integer else 'float'}"
+    )
 
 
 def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
@@ -62,7 +91,7 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
             return native.decode_matmul(x, weight)
         if scales is not None and bits in (4, 8) and group_size in (32, 64, 128):
             used.add(f"native {bits}-bit")
-            return native.decode_matmul(x, weight, scales, biases, group_size, bits)
+            return native.decode_matmul(x, weight, scales, biases, group_size, bits, integer=integer)
     if scales is None:
         used.add(f"mlx {weight.dtype}".replace("mlx.core.", ""))
         return x @ weight.T
