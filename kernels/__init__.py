@@ -6,7 +6,8 @@ read each weight once per block of up to 16 rows, in float32, bfloat16, float16,
 quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
 
 T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
-T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; see INTEGER_DEFAULT).
+T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for
+INTEGER_DEFAULT_BITS).
 T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this CPU runs by default).
 """
 
@@ -19,15 +20,18 @@ import mlx.core as mx
 
 ENV_VAR = "T5_KERNELS"
 ISA_ENV_VAR = "T5_KERNEL_ISA"
-# Whether quantized products take int8 activations unless T5_KERNELS says otherwise.
-INTEGER_DEFAULT = False
+# The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise: where their price
+# in quality (tools/measure_int8_activations.py, the demo pair) is at most a tenth of quantizing the weights. 8-bit
+# fails that (int8 activations cost 8.8x what 8-bit weights do), 4-bit passes (0.024x).
+INTEGER_DEFAULT_BITS = (4,)
 BUILD_COMMAND = "python kernels/build.py"
 # Above this many rows a float32 product goes to OpenBLAS (measured by benchmark.py's product sweep).
 FLOAT32_MAX_ROWS = 16
 
 native = None
-# Quantized products with int8 activations (where the instruction set has integer kernels).
-integer = False
+# Quantized products with int8 activations (where the instruction set has integer kernels): always, never, or None
+# for INTEGER_DEFAULT_BITS.
+integer = None
 # What serves the products, for reports: "native avx2, 2 threads", "mlx (...)".
 active = "mlx"
 # The kernels that have served a product since start-up, e.g. {"native 4-bit", "mlx float32"}.
@@ -38,7 +42,7 @@ def load() -> str:
     """Load the native kernels as the environment asks; return a description of what serves the products."""
     global native, active, integer
     native = None
-    integer = False
+    integer = None
     mode = os.environ.get(ENV_VAR, "").lower()
     if mode in ("0", "off", "none"):
         active = f"mlx ({ENV_VAR}={os.environ[ENV_VAR]})"
@@ -68,7 +72,7 @@ def load() -> str:
             raise SystemExit(2)
         _native.set_isa(requested)
     native = _native
-    integer = native.integer_products() and (mode == "integer" or (mode != "exact" and INTEGER_DEFAULT))
+    integer = {"integer": True, "exact": False}.get(mode)
     active = f"native {isa_description()}, {native.threads()} threads ({platform.machine()})"
     return active
 
@@ -76,10 +80,13 @@ def load() -> str:
 def isa_description() -> str:
     """The native kernels' instruction set, its extensions in use and the quantized products' activations."""
     features = native.features()
-    return (
-        f"{native.isa()}{f' ({features})' if features else ''}, "
-        f"quantized x {'int8' if integer else 'float'}"
-    )
+    if not native.integer_products():
+        activations = "float"
+    elif integer is None:
+        activations = f"int8 for {'/'.join(map(str, INTEGER_DEFAULT_BITS))}-bit"
+    else:
+        activations = "int8" if integer else "float"
+    return f"{native.isa()}{f' ({features})' if features else ''}, quantized x {activations}"
 
 
 def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
@@ -91,12 +98,17 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
             return native.decode_matmul(x, weight)
         if scales is not None and bits in (4, 8) and group_size in (32, 64, 128):
             used.add(f"native {bits}-bit")
-            return native.decode_matmul(x, weight, scales, biases, group_size, bits, integer=integer)
+            return native.decode_matmul(x, weight, scales, biases, group_size, bits, integer=int8_activations(bits))
     if scales is None:
         used.add(f"mlx {weight.dtype}".replace("mlx.core.", ""))
         return x @ weight.T
     used.add(f"mlx {bits}-bit")
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def int8_activations(bits) -> bool:
+    """Whether products of `bits`-bit weights quantize x to int8 (where the instruction set has integer products)."""
+    return integer if integer is not None else bits in INTEGER_DEFAULT_BITS
 
 
 def description() -> str:
