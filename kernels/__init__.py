@@ -2,8 +2,9 @@
 
 `linear(x, weight, ...)` is x @ weight.T with weight as nn.Linear holds it (out, in), or quantized as
 nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension built by `python kernels/build.py`)
-read each weight once per block of up to 16 rows, in float32, bfloat16, float16, or MLX's affine 4- and 8-bit
-quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
+read each weight from memory once per product (rows in blocks of 16 over stretches of columns that stay in L2), in
+float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a long prompt),
+which no longer need OpenBLAS.
 
 T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
 T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for
@@ -25,8 +26,6 @@ ISA_ENV_VAR = "T5_KERNEL_ISA"
 # fails that (int8 activations cost 8.8x what 8-bit weights do), 4-bit passes (0.024x).
 INTEGER_DEFAULT_BITS = (4,)
 BUILD_COMMAND = "python kernels/build.py"
-# Above this many rows a float32 product goes to OpenBLAS (measured by benchmark.py's product sweep).
-FLOAT32_MAX_ROWS = 16
 
 native = None
 # Quantized products with int8 activations (where the instruction set has integer kernels): always, never, or None
@@ -91,9 +90,8 @@ def isa_description() -> str:
 
 def linear(x, weight, scales=None, biases=None, group_size=64, bits=4):
     """x (..., in) @ weight.T -> (..., out); with scales and biases, weight is MLX-quantized (affine)."""
-    rows = x.size // x.shape[-1]
     if native is not None and mx.default_device() == mx.cpu:
-        if scales is None and (weight.dtype != mx.float32 or rows <= FLOAT32_MAX_ROWS):
+        if scales is None:
             used.add(f"native {weight.dtype}".replace("mlx.core.", ""))
             return native.decode_matmul(x, weight)
         if scales is not None and bits in (4, 8) and group_size in (32, 64, 128):

@@ -403,8 +403,8 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
   inputs.insert(inputs.begin(), x2);
   auto out_shape = x.shape();
   out_shape.back() = N;
-  auto out = mx::array({x2.shape(0), N}, out_dtype, std::make_shared<DecodeMatmul>(stream, group_size, bits, current_isa().load(),
-                                                                               integer && quantized), inputs);
+  auto primitive = std::make_shared<DecodeMatmul>(stream, group_size, bits, current_isa().load(), integer && quantized);
+  auto out = mx::array({x2.shape(0), N}, out_dtype, primitive, inputs);
   return mx::reshape(out, out_shape, stream);
 }
 

@@ -28,7 +28,8 @@ inline __m512 load16(const void* w, size_t index, __mmask16 valid) {
     return TAIL ? _mm512_maskz_loadu_ps(valid, p) : _mm512_loadu_ps(p);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(w) + index;
-    const __m256i half = TAIL ? _mm256_maskz_loadu_epi16(valid, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i half =
+        TAIL ? _mm256_maskz_loadu_epi16(valid, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     if constexpr (WT == kBFloat16) {
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
     } else {
