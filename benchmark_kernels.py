@@ -41,7 +41,7 @@ def product(x, arrays, bits, native):
     """One product x @ W.T by the native kernels or MLX's own (OpenBLAS for float32)."""
     if native:
         return (
-            kernels.native.decode_matmul(x, *arrays, 64, bits or 4)
+            kernels.native.decode_matmul(x, *arrays, 64, bits or 4, integer=kernels.int8_activations(bits))
             if bits
             else kernels.native.decode_matmul(x, arrays[0])
         )

@@ -2,11 +2,16 @@
 
 `linear(x, weight, ...)` is x @ weight.T with weight as nn.Linear holds it (out, in), or quantized as
 nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension built by `python kernels/build.py`)
-read each weight once per block of up to 16 rows, in float32, bfloat16, float16, or MLX's affine 4- and 8-bit
-quantization; float32 products of many rows stay with MLX (OpenBLAS), which is faster there.
+read each weight from memory once per product (rows in blocks of 16 over stretches of columns that stay in L2), in
+float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a long prompt),
+which no longer need OpenBLAS.
 
-T5_KERNELS=0 turns the native kernels off. A module built for another MLX, or one whose trial product is wrong, is
-not used (one warning line says so and how to rebuild).
+T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
+T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for
+INTEGER_DEFAULT_BITS).
+T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this CPU runs by default).
+A module built for another MLX, or one whose trial product is wrong, is not used (one warning line says so and how to
+rebuild).
 """
 
 import importlib.machinery
@@ -18,11 +23,17 @@ from pathlib import Path
 import mlx.core as mx
 
 ENV_VAR = "T5_KERNELS"
+ISA_ENV_VAR = "T5_KERNEL_ISA"
+# The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise: where their price
+# in quality (tools/measure_int8_activations.py, the demo pair) is at most a tenth of quantizing the weights. 8-bit
+# fails that (int8 activations cost 8.8x what 8-bit weights do), 4-bit passes (0.024x).
+INTEGER_DEFAULT_BITS = (4,)
 BUILD_COMMAND = "python kernels/build.py"
-# Above this many rows a float32 product goes to OpenBLAS (measured by benchmark.py's product sweep).
-FLOAT32_MAX_ROWS = 16
 
 native = None
+# Quantized products with int8 activations (where the instruction set has integer kernels): always, never, or None
+# for INTEGER_DEFAULT_BITS.
+integer = None
 # What serves the products, for reports: "native avx2, 2 threads", "mlx (...)".
 active = "mlx"
 # The kernels that have served a product since start-up, e.g. {"native 4-bit", "mlx float32"}.
@@ -76,9 +87,11 @@ def refuse(reason: str, summary: str) -> str:
 
 def load() -> str:
     """Load the native kernels as the environment asks; return a description of what serves the products."""
-    global native, active
+    global native, active, integer
     native = None
-    if os.environ.get(ENV_VAR, "").lower() in ("0", "off", "none"):
+    integer = None
+    mode = os.environ.get(ENV_VAR, "").lower()
+    if mode in ("0", "off", "none"):
         active = f"mlx ({ENV_VAR}={os.environ[ENV_VAR]})"
         return active
     if sys.platform != "linux":
@@ -100,9 +113,32 @@ def load() -> str:
     problem = trial_problem(_native)
     if problem:
         return refuse(f"are not used: {problem}", "failed their trial")
+    requested = os.environ.get(ISA_ENV_VAR, "")
+    if requested:
+        if requested not in _native.isas():
+            print(
+                f"error: {ISA_ENV_VAR}={requested} is not an instruction set this CPU runs "
+                f"({', '.join(_native.isas())}); unset {ISA_ENV_VAR} to use the fastest",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        _native.set_isa(requested)
     native = _native
-    active = f"native {native.isa()}, {native.threads()} threads ({platform.machine()})"
+    integer = {"integer": True, "exact": False}.get(mode)
+    active = f"native {isa_description()}, {native.threads()} threads ({platform.machine()})"
     return active
+
+
+def isa_description() -> str:
+    """The native kernels' instruction set, its extensions in use and the quantized products' activations."""
+    features = native.features()
+    if not native.integer_products():
+        activations = "float"
+    elif integer is None:
+        activations = f"int8 for {'/'.join(map(str, INTEGER_DEFAULT_BITS))}-bit"
+    else:
+        activations = "int8" if integer else "float"
+    return f"{native.isa()}{f' ({features})' if features else ''}, quantized x {activations}"
 
 
 def native_takes(x, weight, scales, biases, group_size, bits, mode) -> bool:
@@ -110,8 +146,7 @@ def native_takes(x, weight, scales, biases, group_size, bits, mode) -> bool:
     if native is None or mx.default_device() != mx.cpu or x.dtype not in FLOATS or weight.ndim != 2:
         return False
     if scales is None:
-        rows = x.size // x.shape[-1]
-        return weight.dtype in FLOATS and (weight.dtype != mx.float32 or rows <= FLOAT32_MAX_ROWS)
+        return weight.dtype in FLOATS
     return (
         mode == "affine"
         and biases is not None
@@ -130,12 +165,17 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
             used.add(f"native {weight.dtype}".replace("mlx.core.", ""))
             return native.decode_matmul(x, weight)
         used.add(f"native {bits}-bit")
-        return native.decode_matmul(x, weight, scales, biases, group_size, bits)
+        return native.decode_matmul(x, weight, scales, biases, group_size, bits, integer=int8_activations(bits))
     if scales is None:
         used.add(f"mlx {weight.dtype}".replace("mlx.core.", ""))
         return x @ weight.T
     used.add(f"mlx {bits}-bit")
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+def int8_activations(bits) -> bool:
+    """Whether products of `bits`-bit weights quantize x to int8 (where the instruction set has integer products)."""
+    return integer if integer is not None else bits in INTEGER_DEFAULT_BITS
 
 
 def description() -> str:

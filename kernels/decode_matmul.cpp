@@ -173,9 +173,16 @@ ThreadPool& pool() {
   return *instance;
 }
 
-bool use_avx2() {
-  static const bool avx2 = cpu_has_avx2() && std::getenv("T5_KERNEL_PORTABLE") == nullptr;
-  return avx2;
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+bool isa_available(Isa isa) {
+  return isa == kPortable || (isa == kAvx2 && cpu_has_avx2()) || (isa == kAvx512 && cpu_has_avx512());
+}
+
+// The instruction set new products run on: the best this CPU has unless set_kernel_isa chose another.
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kPortable};
+  return isa;
 }
 
 WeightType weight_type(mx::Dtype dtype) {
@@ -243,41 +250,128 @@ void over_columns(int N, F&& columns) {
   });
 }
 
-void run_product(const mx::array& x_in, const mx::array& w, const mx::array* scales, const mx::array* biases,
-                 int group_size, int bits, mx::array& out) {
+// Columns [n0, n1) for every row block, in stretches of columns whose weights fit in L2, so that all the rows of a
+// long input pass over each stretch while it is there: the weights come from memory once per product.
+template <class F>
+void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns) {
+  const int stretch = std::max(4, (256 * 1024 / std::max(1, column_bytes)) / 4 * 4);
+  for (int a = n0; a < n1; a += stretch) {
+    const int b = std::min(n1, a + stretch);
+    for (int r = 0; r < M; r += kMaxRows) {
+      rows_columns(r, std::min(kMaxRows, M - r), a, b);
+    }
+  }
+}
+
+void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int M, int K, const mx::array& w,
+                   float* y, int N) {
+  const WeightType wtype = weight_type(w.dtype());
+  const int column_bytes = K * (wtype == kFloat32 ? 4 : 2);
+  over_columns(N, [&](int n0, int n1) {
+    over_row_blocks(M, n0, n1, column_bytes, [&](int r, int rows, int a, int b) {
+      FloatProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<void>(), wtype, y + size_t(r) * N, N,
+                     x_bf16 ? x_bf16 + size_t(r) * ldx : nullptr};
+      if (isa == kAvx512) {
+        float_columns_avx512(p, a, b);
+      } else if (isa == kAvx2) {
+        float_columns_avx2(p, a, b);
+      } else {
+        float_columns_portable(p, a, b);
+      }
+    });
+  });
+}
+
+void quant_product(Isa isa, const float* x, int ldx, int M, int K, const mx::array& w, const mx::array& scales,
+                   const mx::array& biases, int group_size, int bits, float* y, int N) {
+  std::vector<float> x_words, x_sums;
+  const bool avx2 = isa != kPortable;  // AVX-512 takes the AVX2 kernel for float activations
+  if (avx2) {
+    x_words.resize(size_t(M) * ldx);
+    x_sums.resize(size_t(M) * ldx);
+    prepare_quant_x(x, ldx, M, K, bits, group_size, x_words.data(), x_sums.data());
+  }
+  over_columns(N, [&](int n0, int n1) {
+    over_row_blocks(M, n0, n1, K * bits / 8, [&](int r, int rows, int a, int b) {
+      QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                     weight_type(scales.dtype()), group_size, bits, y + size_t(r) * N, N,
+                     avx2 ? x_words.data() + size_t(r) * ldx : nullptr,
+                     avx2 ? x_sums.data() + size_t(r) * ldx : nullptr};
+      avx2 ? quant_columns_avx2(p, a, b) : quant_columns_portable(p, a, b);
+    });
+  });
+}
+
+}  // namespace
+
+bool has_integer_products(int isa) {
+  return isa == kPortable || (isa == kAvx512 && cpu_has_avx512_vnni());
+}
+
+void int_product(int isa_number, const float* x, int ldx, int M, int K, const uint32_t* w, const void* scales,
+                 const void* biases, WeightType stype, int group_size, int bits, float* y, int N, int32_t* dots) {
+  const Isa isa = Isa(isa_number);
+  const int ldq = (K + 127) / 128 * 128 + 128;  // rows not a power of two apart (see run_product)
+  const int groups = K / group_size, lds = groups + 16;
+  std::vector<int8_t> q(size_t(M) * ldq, 0);
+  std::vector<float> x_scales(size_t(M) * lds), x_sums(size_t(M) * lds);
+  quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
+  std::vector<float> x_lanes;
+  int ldl = 0;
+  if (isa == kAvx512) {
+    if (bits == 4) {
+      std::vector<int8_t> ordered(q.size(), 0);
+      order_for_nibbles(q.data(), ldq, M, K, ordered.data());
+      q.swap(ordered);
+    }
+    ldl = lane_scales(nullptr, lds, M, K, ldq, bits, group_size, nullptr);
+    x_lanes.resize(size_t(M) * ldl);
+    lane_scales(x_scales.data(), lds, M, K, ldq, bits, group_size, x_lanes.data());
+  }
+  over_columns(N, [&](int n0, int n1) {
+    over_row_blocks(M, n0, n1, K * bits / 8, [&](int r, int rows, int a, int b) {
+      IntProduct p{q.data() + size_t(r) * ldq, ldq, x_scales.data() + size_t(r) * lds,
+                   x_sums.data() + size_t(r) * lds, lds, rows, K, w, scales, biases, stype, group_size, bits,
+                   dots ? nullptr : y + size_t(r) * N, N, dots ? dots + size_t(r) * N * groups : nullptr,
+                   isa == kAvx512 ? x_lanes.data() + size_t(r) * ldl : nullptr, ldl};
+      isa == kAvx512 ? int_columns_avx512(p, a, b) : int_columns_portable(p, a, b);
+    });
+  });
+}
+
+namespace {
+
+void run_product(Isa isa, bool integer, const mx::array& x_in, const mx::array& w, const mx::array* scales,
+                 const mx::array* biases, int group_size, int bits, mx::array& out) {
   const int M = x_in.shape(0), K = x_in.shape(1), N = out.shape(1);
   // Rows of x 64 bytes more than a multiple of 8 floats apart: rows a power of two apart would fall into the same
   // L1 cache sets and evict each other when many rows pass over the same weights.
   const int ldx = (K + 7) / 8 * 8 + 16;
-  const bool avx2 = use_avx2();
   const bool float_out = out.dtype() == mx::float32;
-  // One block of rows at a time in float32 (x, and the results unless out is float32): a long prompt's x is never
-  // copied whole.
-  std::vector<float> x(size_t(std::min(M, kMaxRows)) * ldx), y_block(float_out ? 0 : size_t(std::min(M, kMaxRows)) * N);
-  std::vector<float> x_words, x_sums;
-  if (bits != 0 && avx2) {
-    x_words.resize(x.size());
-    x_sums.resize(x.size());
-  }
-  for (int r = 0; r < M; r += kMaxRows) {
-    const int rows = std::min(kMaxRows, M - r);
+  // x (and the results unless out is float32) in float32 a chunk of rows at a time: a long prompt's x is never
+  // copied whole, and each chunk's rows still pass over each stretch of weights together (over_row_blocks).
+  const int chunk = std::min(M, kChunkRows);
+  std::vector<float> x(size_t(chunk) * ldx), y_block(float_out ? 0 : size_t(chunk) * N);
+  // bfloat16 x and weights: pairs of bfloat16 multiplied exactly where the CPU can (x is exact in bfloat16).
+  const bool bf16_pairs = bits == 0 && isa == kAvx512 && x_in.dtype() == mx::bfloat16 &&
+                          w.dtype() == mx::bfloat16 && cpu_has_avx512_bf16();
+  std::vector<uint16_t> x_bf16(bf16_pairs ? x.size() : 0);
+  for (int r = 0; r < M; r += chunk) {
+    const int rows = std::min(chunk, M - r);
     x_rows_as_float(x_in, r, rows, ldx, x.data());
     float* y = float_out ? out.data<float>() + size_t(r) * N : y_block.data();
     if (bits == 0) {
-      FloatProduct p{x.data(), ldx, rows, K, w.data<void>(), weight_type(w.dtype()), y, N};
-      over_columns(N, [&](int n0, int n1) {
-        avx2 ? float_columns_avx2(p, n0, n1) : float_columns_portable(p, n0, n1);
-      });
-    } else {
-      if (avx2) {
-        prepare_quant_x(x.data(), ldx, rows, K, bits, group_size, x_words.data(), x_sums.data());
+      for (size_t i = 0; i < size_t(rows) * ldx && bf16_pairs; i++) {
+        uint32_t value;
+        std::memcpy(&value, &x[i], 4);
+        x_bf16[i] = uint16_t(value >> 16);
       }
-      QuantProduct p{x.data(), ldx, rows, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
-                     weight_type(scales->dtype()), group_size, bits, y, N,
-                     avx2 ? x_words.data() : nullptr, avx2 ? x_sums.data() : nullptr};
-      over_columns(N, [&](int n0, int n1) {
-        avx2 ? quant_columns_avx2(p, n0, n1) : quant_columns_portable(p, n0, n1);
-      });
+      float_product(isa, x.data(), ldx, bf16_pairs ? x_bf16.data() : nullptr, rows, K, w, y, N);
+    } else if (integer && has_integer_products(isa)) {
+      int_product(isa, x.data(), ldx, rows, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
+                  weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
+    } else {
+      quant_product(isa, x.data(), ldx, rows, K, w, *scales, *biases, group_size, bits, y, N);
     }
     if (!float_out) {
       store_rows(y_block.data(), r, rows, out);
@@ -301,7 +395,41 @@ bool is_kernel_float(mx::Dtype dtype) {
 }  // namespace
 
 std::string kernel_isa() {
-  return use_avx2() ? "avx2" : "portable";
+  return kIsaNames[current_isa().load()];
+}
+
+std::vector<std::string> kernel_isas() {
+  std::vector<std::string> names;
+  for (int isa = kPortable; isa <= kAvx512; isa++) {
+    if (isa_available(Isa(isa))) {
+      names.push_back(kIsaNames[isa]);
+    }
+  }
+  return names;
+}
+
+void set_kernel_isa(const std::string& name) {
+  for (int isa = kPortable; isa <= kAvx512; isa++) {
+    if (name == kIsaNames[isa] && isa_available(Isa(isa))) {
+      current_isa().store(isa);
+      return;
+    }
+  }
+  throw std::invalid_argument("decode_matmul: instruction set '" + name + "' is not one this CPU runs");
+}
+
+std::string kernel_features() {
+  const int isa = current_isa().load();
+  std::string features;
+  if (isa == kAvx512) {
+    features += cpu_has_avx512_vnni() ? "vnni" : "";
+    features += cpu_has_avx512_bf16() ? (features.empty() ? "bf16" : " bf16") : "";
+  }
+  return features;
+}
+
+bool integer_products() {
+  return has_integer_products(current_isa().load());
 }
 
 int kernel_threads() {
@@ -317,7 +445,8 @@ void set_pool_jobs(uint64_t jobs) {
 }
 
 mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                        const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+                        const std::optional<mx::array>& biases, int group_size, int bits, bool integer,
+                        mx::StreamOrDevice s) {
   // Everything the kernels cannot take is refused here, when the graph is built, not on the stream's thread.
   if (x.ndim() < 1 || w.ndim() != 2) {
     throw std::invalid_argument("decode_matmul: x must be (..., K) and w 2-D");
@@ -361,7 +490,8 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
   inputs.insert(inputs.begin(), x2);
   auto out_shape = x.shape();
   out_shape.back() = N;
-  auto out = mx::array({x2.shape(0), N}, out_dtype, std::make_shared<DecodeMatmul>(stream, group_size, bits), inputs);
+  auto primitive = std::make_shared<DecodeMatmul>(stream, group_size, bits, current_isa().load(), integer && quantized);
+  auto out = mx::array({x2.shape(0), N}, out_dtype, primitive, inputs);
   return mx::reshape(out, out_shape, stream);
 }
 
@@ -378,10 +508,10 @@ void DecodeMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
     encoder.set_input_array(input);
   }
   encoder.set_output_array(out);
-  encoder.dispatch([inputs, out, group_size = group_size_, bits = bits_]() mutable {
+  encoder.dispatch([inputs, out, group_size = group_size_, bits = bits_, isa = isa_, integer = integer_]() mutable {
     const mx::array* scales = inputs.size() > 2 ? &inputs[2] : nullptr;
     const mx::array* biases = inputs.size() > 3 ? &inputs[3] : nullptr;
-    run_product(inputs[0], inputs[1], scales, biases, group_size, bits, out);
+    run_product(Isa(isa), integer, inputs[0], inputs[1], scales, biases, group_size, bits, out);
   });
 }
 
@@ -395,7 +525,7 @@ std::vector<mx::Shape> DecodeMatmul::output_shapes(const std::vector<mx::array>&
 
 bool DecodeMatmul::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const DecodeMatmul&>(other);
-  return group_size_ == o.group_size_ && bits_ == o.bits_;
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && isa_ == o.isa_ && integer_ == o.integer_;
 }
 
 }  // namespace t5kernels

@@ -7,12 +7,15 @@
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "products.h"
 
 namespace t5kernels {
 
 namespace mx = mlx::core;
 
-// x (..., K) @ w.T -> (..., N); with scales and biases, w is quantized (bits 4 or 8, group_size 32/64/128).
+// x (..., K) @ w.T -> (..., N); with scales and biases, w is quantized (bits 4 or 8, group_size 32/64/128). With
+// `integer`, quantized products take x quantized to int8 per row and group where the instruction set has integer
+// kernels (see integer_products). A product runs on the instruction set current when it is built.
 mx::array decode_matmul(
     const mx::array& x,
     const mx::array& w,
@@ -20,20 +23,32 @@ mx::array decode_matmul(
     const std::optional<mx::array>& biases,
     int group_size,
     int bits,
+    bool integer,
     mx::StreamOrDevice s = {});
 
-// "avx2" or "portable", and the number of threads the products run on.
+// The instruction set new products run on ("avx512", "avx2" or "portable"), those this CPU runs, and the choice.
 std::string kernel_isa();
+std::vector<std::string> kernel_isas();
+void set_kernel_isa(const std::string& name);
+// The current instruction set's optional extensions in use ("vnni bf16"), and whether it has integer products.
+std::string kernel_features();
+bool integer_products();
+// The number of threads the products run on.
 int kernel_threads();
 
 // The products the thread pool has run (each a job); setting the count is a test's way to reach 2^32 jobs.
 uint64_t pool_jobs();
 void set_pool_jobs(uint64_t jobs);
+// The integer products on instruction set `isa` (0 portable, 2 avx512) for tests: x (M, K) float32 rows ldx apart,
+// y (M, N), or with `dots` the (M, N, K / group) group dot products before any scaling.
+bool has_integer_products(int isa);
+void int_product(int isa, const float* x, int ldx, int M, int K, const uint32_t* w, const void* scales,
+                 const void* biases, WeightType stype, int group_size, int bits, float* y, int N, int32_t* dots);
 
 class DecodeMatmul : public mx::Primitive {
  public:
-  DecodeMatmul(mx::Stream stream, int group_size, int bits)
-      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+  DecodeMatmul(mx::Stream stream, int group_size, int bits, int isa, bool integer)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), isa_(isa), integer_(integer) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -46,6 +61,8 @@ class DecodeMatmul : public mx::Primitive {
  private:
   int group_size_;
   int bits_;  // 0: unquantized weights
+  int isa_;
+  bool integer_;
 };
 
 }  // namespace t5kernels

@@ -1,5 +1,5 @@
 // Row-block matrix products x @ W^T for decoding: the kernels' plain interface (no MLX types), shared by the
-// portable and the AVX2 translation units.
+// portable, AVX2 and AVX-512 translation units.
 #pragma once
 
 #include <cstddef>
@@ -9,8 +9,14 @@ namespace t5kernels {
 
 enum WeightType { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// The instruction sets the kernels are built for, slowest first.
+enum Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
 // Rows per pass over the weights.
 constexpr int kMaxRows = 16;
+// Rows of x converted to float32 at a time: a long prompt's copy stays bounded, and each chunk's rows pass over each
+// stretch of weights together.
+constexpr int kChunkRows = 256;
 
 // out[m, n] = sum_k x[m, k] * w[n, k] for m < rows <= kMaxRows and n0 <= n < n1. x: (rows, K) float32 (row stride ldx), w: (N, K) of
 // `wtype`, out: (rows, N) float32.
@@ -23,6 +29,9 @@ struct FloatProduct {
   WeightType wtype;
   float* out;
   int N;
+  // x rounded to bfloat16 (rows ldx apart), where x is bfloat16 already and the AVX-512 kernel multiplies pairs of
+  // bfloat16 (vdpbf16ps); else null.
+  const uint16_t* x_bf16 = nullptr;
 };
 
 // MLX's affine quantization: w (N, K * bits / 32) uint32, value i of a word in bits [bits * i, bits * (i + 1)),
@@ -45,6 +54,46 @@ struct QuantProduct {
   const float* x_sums;  // (rows, K / group), rows ldx apart
 };
 
+// Integer products for quantized weights: each row of x quantized per group to int8 (x_scale = max|x| / 127), each
+// group's dot product with the weights' unsigned values in int32, then out = sum over groups of
+// w_scale * x_scale * dot + w_bias * sum(x). Every row is quantized alone, so a row's result never depends on others.
+struct IntProduct {
+  const int8_t* xq;  // (rows, ldq) in the kernel's order (see quantize_x), zero past K
+  int ldq;
+  const float* x_scales;  // (rows, K / group), rows lds apart
+  const float* x_sums;  // (rows, K / group), rows lds apart
+  int lds;
+  int rows;
+  int K;
+  const uint32_t* w;
+  const void* scales;
+  const void* biases;
+  WeightType stype;
+  int group;
+  int bits;
+  float* out;  // (rows, N); or, with dots set, null
+  int N;
+  int32_t* dots;  // for tests: (rows, N, K / group) group dot products instead of out
+  // For the AVX-512 kernel: each row's x_scales repeated per lane of its steps (see lane_scales), rows ldl apart.
+  const float* x_lane_scales;
+  int ldl;
+};
+
+// x's rows quantized per group: q (rows, K) in k order, each group's scale and the sum of its (unquantized) values.
+void quantize_rows(const float* x, int ldx, int rows, int K, int group, int8_t* q, int ldq, float* x_scales,
+                   float* x_sums, int lds);
+// q in the order the AVX-512 integer kernel reads 4-bit weights: byte j of the weights holds k = 2j and 2j + 1, so
+// per 64 bytes of weights (128 values) the 64 even k come first, then the 64 odd k; zero past K. ldq: a multiple of
+// 128 that holds K.
+void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out);
+
+// The AVX-512 integer kernel's per-lane x scales: a step (one 64-byte block of weights, or one group where a group
+// spans more) has 16 lanes of 32 / bits consecutive k each; lane l of step s takes its group's scale (zero past K).
+// Returns the floats per row (ldl) for a given ldq; out null: only that.
+int lane_scales(const float* x_scales, int lds, int rows, int K, int ldq, int bits, int group, float* out);
+
+void int_columns_portable(const IntProduct& p, int n0, int n1);
+
 void float_columns_portable(const FloatProduct& p, int n0, int n1);
 void quant_columns_portable(const QuantProduct& p, int n0, int n1);
 
@@ -52,6 +101,13 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1);
 bool cpu_has_avx2();
 void float_columns_avx2(const FloatProduct& p, int n0, int n1);
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1);
+// The AVX-512 kernels (F, BW, VL, DQ); integer products need VNNI, bfloat16 pairs BF16.
+bool cpu_has_avx512();
+bool cpu_has_avx512_vnni();
+bool cpu_has_avx512_bf16();
+void float_columns_avx512(const FloatProduct& p, int n0, int n1);
+void int_columns_avx512(const IntProduct& p, int n0, int n1);
+
 void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
                      float* x_sums);
 

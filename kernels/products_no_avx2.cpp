@@ -12,3 +12,16 @@ void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
 }
 
 }  // namespace t5kernels
+
+namespace t5kernels {
+
+// Never called: cpu_has_avx512() is false on other architectures.
+void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
+  float_columns_portable(p, n0, n1);
+}
+
+void int_columns_avx512(const IntProduct& p, int n0, int n1) {
+  int_columns_portable(p, n0, n1);
+}
+
+}  // namespace t5kernels

@@ -106,4 +106,120 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+}  // namespace t5kernels
+
+namespace t5kernels {
+
+void quantize_rows(const float* x, int ldx, int rows, int K, int group, int8_t* q, int ldq, float* x_scales,
+                   float* x_sums, int lds) {
+  for (int m = 0; m < rows; m++) {
+    const float* xm = x + size_t(m) * ldx;
+    for (int g = 0; g < K / group; g++) {
+      float largest = 0, sum = 0;
+      for (int k = g * group; k < (g + 1) * group; k++) {
+        largest = std::fmax(largest, std::fabs(xm[k]));
+        sum += xm[k];
+      }
+      const float inverse = largest > 0 ? 127.0f / largest : 0.0f;
+      for (int k = g * group; k < (g + 1) * group; k++) {
+        // Round half to even, as the reference's numpy.rint; |x * inverse| <= 127 up to rounding.
+        const float value = std::nearbyint(xm[k] * inverse);
+        q[size_t(m) * ldq + k] = int8_t(std::fmax(-127.0f, std::fmin(127.0f, value)));
+      }
+      x_scales[size_t(m) * lds + g] = largest / 127.0f;
+      x_sums[size_t(m) * lds + g] = sum;
+    }
+  }
+}
+
+void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out) {
+  for (int m = 0; m < rows; m++) {
+    const int8_t* row = q + size_t(m) * ldq;
+    int8_t* ordered = out + size_t(m) * ldq;
+    for (int k0 = 0; k0 < K; k0 += 128) {
+      for (int j = 0; j < 64; j++) {
+        ordered[k0 + j] = k0 + 2 * j < K ? row[k0 + 2 * j] : 0;
+        ordered[k0 + 64 + j] = k0 + 2 * j + 1 < K ? row[k0 + 2 * j + 1] : 0;
+      }
+    }
+  }
+}
+
+void int_columns_portable(const IntProduct& p, int n0, int n1) {
+  const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
+  const uint32_t mask = (1u << p.bits) - 1;
+  for (int n = n0; n < n1; n++) {
+    const uint32_t* column = p.w + size_t(n) * words;
+    for (int m = 0; m < p.rows; m++) {
+      const int8_t* q = p.xq + size_t(m) * p.ldq;
+      float result = 0;
+      for (int g = 0; g < groups; g++) {
+        int32_t dot = 0;
+        for (int k = g * p.group; k < (g + 1) * p.group; k++) {
+          dot += int32_t((column[k / per_word] >> (p.bits * (k % per_word))) & mask) * q[k];
+        }
+        if (p.dots) {
+          p.dots[(size_t(m) * p.N + n) * groups + g] = dot;
+          continue;
+        }
+        const size_t group_index = size_t(n) * groups + g;
+        const float x_scale = p.x_scales[size_t(m) * p.lds + g], x_sum = p.x_sums[size_t(m) * p.lds + g];
+        result += load_scalar(p.scales, group_index, p.stype) * x_scale * float(dot) +
+                  load_scalar(p.biases, group_index, p.stype) * x_sum;
+      }
+      if (!p.dots) {
+        p.out[size_t(m) * p.N + n] = result;
+      }
+    }
+  }
+}
+
+}  // namespace t5kernels
+
+namespace t5kernels {
+
+int lane_scales(const float* x_scales, int lds, int rows, int K, int ldq, int bits, int group, float* out) {
+  const int values_per_lane = 32 / bits, lanes_per_group = group / values_per_lane;
+  const int lanes_per_step = lanes_per_group > 16 ? lanes_per_group : 16;
+  const int ldl = ldq / values_per_lane / lanes_per_step * 16;
+  if (out == nullptr) {
+    return ldl;
+  }
+  for (int m = 0; m < rows; m++) {
+    for (int i = 0; i < ldl; i++) {
+      // lane i of the row's steps covers k from (i / 16 * lanes_per_step + i % 16) * values_per_lane
+      const int step = i / 16, lane = i % 16;
+      const int k = (step * lanes_per_step + (lanes_per_group > 16 ? 0 : lane)) * values_per_lane;
+      out[size_t(m) * ldl + i] = k < K ? x_scales[size_t(m) * lds + k / group] : 0.0f;
+    }
+  }
+  return ldl;
+}
+
 }  // namespace t5kernels

@@ -118,7 +118,7 @@ print(worst)
 @native
 def test_portable_path_on_every_shape_dtype_and_quantization():
     # The only path on a CPU without AVX2, forced here: the shapes of the tests above, every weight and scale dtype.
-    out = run_python(PORTABLE_SHAPES, env={"T5_KERNEL_PORTABLE": "1"}, timeout=300)
+    out = run_python(PORTABLE_SHAPES, env={"T5_KERNEL_ISA": "portable", "T5_KERNELS": "exact"}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-3
 
@@ -133,7 +133,7 @@ def test_portable_path_and_switch_off():
         "mx.abs(kernels.linear(x, *q, 32, 4) - mx.quantized_matmul(x, *q, True, 32, 4)).max(); "
         "print(kernels.active, '|', kernels.native and kernels.native.isa(), '|', d.item())"
     )
-    env = {**os.environ, "T5_KERNEL_PORTABLE": "1"}
+    env = {**os.environ, "T5_KERNEL_ISA": "portable", "T5_KERNELS": "exact"}
     out = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     active, isa, difference = out.stdout.strip().split(" | ")
     assert active.startswith("native") and isa == "portable" and float(difference) < 1e-3

@@ -1,0 +1,388 @@
+// AVX-512 kernels (F, BW, VL, DQ; VNNI for the integer products, BF16 for pairs of bfloat16); this file alone is
+// compiled with those flags and is called only after a run-time check. Each weight is read from memory once per
+// block of rows and from L1 once per group of rows; every row is computed in the same order whatever the rows beside
+// it, so a row's result never depends on the others.
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "products.h"
+
+namespace t5kernels {
+namespace {
+
+// Not std::min: a template instantiated here with AVX-512 enabled could be picked by the linker for another path.
+inline int min_int(int a, int b) {
+  return a < b ? a : b;
+}
+
+inline int max_int(int a, int b) {
+  return a > b ? a : b;
+}
+
+// 16 weights from index on, the first `valid` only (the rest zero) where TAIL.
+template <WeightType WT, bool TAIL>
+inline __m512 load16(const void* w, size_t index, __mmask16 valid) {
+  if constexpr (WT == kFloat32) {
+    const float* p = static_cast<const float*>(w) + index;
+    return TAIL ? _mm512_maskz_loadu_ps(valid, p) : _mm512_loadu_ps(p);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w) + index;
+    const __m256i half =
+        TAIL ? _mm256_maskz_loadu_epi16(valid, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (WT == kBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    } else {
+      return _mm512_cvtph_ps(half);
+    }
+  }
+}
+
+// R rows x C columns over k in [k0, k1) (k1 - k0 a multiple of 16 but where k1 = K), accumulating into acc[r][c].
+template <WeightType WT, int R, int C>
+void float_tile(const float* x, int ldx, int K, const void* w, int n, int k0, int k1, __m512 (*acc)[4]) {
+  constexpr int kBytes = WT == kFloat32 ? 4 : 2;
+  __m512 a[R][C];
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      a[r][c] = acc[r][c];
+    }
+  }
+  auto step = [&](int k, auto tail, __mmask16 valid) {
+    constexpr bool TAIL = decltype(tail)::value;
+    __m512 wv[C];
+    for (int c = 0; c < C; c++) {
+      const size_t index = size_t(n + c) * K + k;
+      if (!TAIL && (k & (64 / kBytes - 1)) == 0) {  // once per cache line, 2 KB ahead
+        _mm_prefetch(static_cast<const char*>(w) + index * kBytes + 2048, _MM_HINT_T0);
+      }
+      wv[c] = load16<WT, TAIL>(w, index, valid);
+    }
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + size_t(r) * ldx + k;
+      const __m512 xv = TAIL ? _mm512_maskz_loadu_ps(valid, xr) : _mm512_loadu_ps(xr);
+      for (int c = 0; c < C; c++) {
+        a[r][c] = _mm512_fmadd_ps(xv, wv[c], a[r][c]);
+      }
+    }
+  };
+  int k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    step(k, std::false_type{}, 0xffff);
+  }
+  if (k < k1) {
+    step(k, std::true_type{}, __mmask16((1u << (k1 - k)) - 1));
+  }
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      acc[r][c] = a[r][c];
+    }
+  }
+}
+
+// The same with bfloat16 weights and bfloat16 x, 32 at a time in pairs (vdpbf16ps: products exact, sums in float32).
+template <int R, int C>
+void pair_tile(const uint16_t* x, int ldx, int K, const uint16_t* w, int n, int k0, int k1, __m512 (*acc)[4]) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      a[r][c] = acc[r][c];
+    }
+  }
+  auto step = [&](int k, auto tail, __mmask32 valid) {
+    constexpr bool TAIL = decltype(tail)::value;
+    __m512i wv[C];
+    for (int c = 0; c < C; c++) {
+      const uint16_t* p = w + size_t(n + c) * K + k;
+      if (!TAIL && (k & 31) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+      }
+      wv[c] = TAIL ? _mm512_maskz_loadu_epi16(valid, p) : _mm512_loadu_si512(p);
+    }
+    for (int r = 0; r < R; r++) {
+      const uint16_t* xr = x + size_t(r) * ldx + k;
+      const __m512i xv = TAIL ? _mm512_maskz_loadu_epi16(valid, xr) : _mm512_loadu_si512(xr);
+      for (int c = 0; c < C; c++) {
+        a[r][c] = _mm512_dpbf16_ps(a[r][c], (__m512bh)xv, (__m512bh)wv[c]);
+      }
+    }
+  };
+  int k = k0;
+  for (; k + 32 <= k1; k += 32) {
+    step(k, std::false_type{}, 0xffffffffu);
+  }
+  if (k < k1) {
+    step(k, std::true_type{}, __mmask32((1ull << (k1 - k)) - 1));
+  }
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      acc[r][c] = a[r][c];
+    }
+  }
+}
+
+template <WeightType WT, bool PAIRS, int R>
+void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m512 (*acc)[4]) {
+  auto run = [&](auto columns) {
+    constexpr int kC = decltype(columns)::value;
+    if constexpr (PAIRS) {
+      pair_tile<R, kC>(p.x_bf16 + size_t(r) * p.ldx, p.ldx, p.K, static_cast<const uint16_t*>(p.w), n, k0, k1,
+                       acc + r);
+    } else {
+      float_tile<WT, R, kC>(p.x + size_t(r) * p.ldx, p.ldx, p.K, p.w, n, k0, k1, acc + r);
+    }
+  };
+  switch (C) {
+    case 1:
+      return run(std::integral_constant<int, 1>{});
+    case 2:
+      return run(std::integral_constant<int, 2>{});
+    case 3:
+      return run(std::integral_constant<int, 3>{});
+    default:
+      return run(std::integral_constant<int, 4>{});
+  }
+}
+
+template <WeightType WT, bool PAIRS>
+void float_columns(const FloatProduct& p, int n0, int n1) {
+  // K in chunks whose x (every row) fills at most a third of L1, so that a tile's weights stay in L1 while each
+  // group of 4 rows passes over them; up to 4 rows take K whole.
+  const int kChunk = p.rows <= 4 ? p.K : max_int(64, 16384 / (p.rows * 4) / 64 * 64);
+  __m512 acc[kMaxRows][4];
+  for (int n = n0; n < n1; n += 4) {
+    const int C = min_int(4, n1 - n);
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int k0 = 0; k0 < p.K; k0 += kChunk) {
+      const int k1 = min_int(p.K, k0 + kChunk);
+      for (int r = 0; r < p.rows; r += 4) {
+        switch (min_int(4, p.rows - r)) {
+          case 1:
+            tile_rows<WT, PAIRS, 1>(C, p, r, n, k0, k1, acc);
+            break;
+          case 2:
+            tile_rows<WT, PAIRS, 2>(C, p, r, n, k0, k1, acc);
+            break;
+          case 3:
+            tile_rows<WT, PAIRS, 3>(C, p, r, n, k0, k1, acc);
+            break;
+          default:
+            tile_rows<WT, PAIRS, 4>(C, p, r, n, k0, k1, acc);
+        }
+      }
+    }
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < C; c++) {
+        p.out[size_t(r) * p.N + n + c] = _mm512_reduce_add_ps(acc[r][c]);
+      }
+    }
+  }
+}
+
+// The integer products. A block is 64 bytes of one column's weights: 64 values of 8 bits or 128 of 4 bits, and lane
+// l of vpdpbusd sums the 4 products of bytes 4l..4l+3, so a lane holds 4 (8-bit) or 8 (4-bit) consecutive k and a
+// group spans group * bits / 32 lanes. A step is one block where a group spans at most 16 lanes, else one group.
+template <int BITS, int GROUP>
+struct Layout {
+  static constexpr int kLanesPerGroup = GROUP * BITS / 32;
+  static constexpr int kBlocksPerStep = kLanesPerGroup > 16 ? kLanesPerGroup / 16 : 1;
+  static constexpr int kGroupsPerStep = kLanesPerGroup > 16 ? 1 : 16 / kLanesPerGroup;
+  static constexpr int kValuesPerBlock = 512 / BITS;
+};
+
+// The weights' scales of a step's groups, one per lane; groups past the last (a partial step) zero.
+template <WeightType ST, int GROUPS, int LANES_PER_GROUP>
+inline __m512 step_scales(const void* scales, size_t first, int valid) {
+  if constexpr (GROUPS == 1) {
+    return _mm512_set1_ps(load_scalar(scales, first, ST));
+  } else {
+    const __mmask8 mask = __mmask8((1u << min_int(valid, GROUPS)) - 1);
+    __m128 values;
+    if constexpr (ST == kFloat32) {
+      values = _mm_maskz_loadu_ps(mask, static_cast<const float*>(scales) + first);
+    } else {
+      const __m128i half = _mm_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(scales) + first);
+      if constexpr (ST == kBFloat16) {
+        values = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(half), 16));
+      } else {
+        values = _mm_cvtph_ps(half);
+      }
+    }
+    // lane l takes group l / LANES_PER_GROUP
+    const __m512i index = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            __builtin_ctz(LANES_PER_GROUP));
+    return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(values));
+  }
+}
+
+// Rows [0, R) of a row group against one column over steps [s0, s1): integer dots per step, then
+// facc[r] += float(dot) * w_scale * x_scale per lane, or (DOTS) the dots added to p.dots.
+template <int BITS, int GROUP, WeightType ST, bool DOTS, int R>
+void int_strip(const IntProduct& p, int n, int m0, int s0, int s1, __m512* facc) {
+  using L = Layout<BITS, GROUP>;
+  const int groups = p.K / GROUP, words = p.K * BITS / 32;
+  const int full_blocks = words / 16, tail_bytes = (words % 16) * 4;
+  const char* column = reinterpret_cast<const char*>(p.w + size_t(n) * words);
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+  __m512 a[R];
+  for (int r = 0; r < R; r++) {
+    a[r] = facc[r];
+  }
+  for (int s = s0; s < s1; s++) {
+    __m512i dot[R];
+    for (int r = 0; r < R; r++) {
+      dot[r] = _mm512_setzero_si512();
+    }
+    for (int j = 0; j < L::kBlocksPerStep; j++) {
+      const int b = s * L::kBlocksPerStep + j;
+      const char* block = column + size_t(b) * 64;
+      _mm_prefetch(block + 1024, _MM_HINT_T0);
+      const __m512i packed = b < full_blocks ? _mm512_loadu_si512(block)
+                                             : _mm512_maskz_loadu_epi8(__mmask64((1ull << tail_bytes) - 1), block);
+      if constexpr (BITS == 8) {
+        for (int r = 0; r < R; r++) {
+          const int8_t* q = p.xq + size_t(m0 + r) * p.ldq + size_t(b) * 64;
+          dot[r] = _mm512_dpbusd_epi32(dot[r], packed, _mm512_loadu_si512(q));
+        }
+      } else {
+        const __m512i even = _mm512_and_si512(packed, low_nibbles);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+        for (int r = 0; r < R; r++) {
+          const int8_t* q = p.xq + size_t(m0 + r) * p.ldq + size_t(b) * 128;
+          dot[r] = _mm512_dpbusd_epi32(dot[r], even, _mm512_loadu_si512(q));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], odd, _mm512_loadu_si512(q + 64));
+        }
+      }
+    }
+    const int first_group = s * L::kGroupsPerStep;
+    if constexpr (DOTS) {
+      for (int r = 0; r < R; r++) {
+        alignas(64) int32_t lanes[16];
+        _mm512_store_si512(lanes, dot[r]);
+        int32_t* out = p.dots + (size_t(m0 + r) * p.N + n) * groups;
+        for (int l = 0; l < 16; l++) {
+          const int g = first_group + (L::kGroupsPerStep == 1 ? 0 : l / L::kLanesPerGroup);
+          if (g < groups) {
+            out[g] += lanes[l];
+          }
+        }
+      }
+    } else {
+      const __m512 w_scales = step_scales<ST, L::kGroupsPerStep, (L::kLanesPerGroup < 16 ? L::kLanesPerGroup : 16)>(
+          p.scales, size_t(n) * groups + first_group, groups - first_group);
+      for (int r = 0; r < R; r++) {
+        const __m512 x_scales = _mm512_loadu_ps(p.x_lane_scales + size_t(m0 + r) * p.ldl + s * 16);
+        a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(w_scales, x_scales), a[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    facc[r] = a[r];
+  }
+}
+
+template <int BITS, int GROUP, WeightType ST, bool DOTS>
+void int_columns(const IntProduct& p, int n0, int n1) {
+  using L = Layout<BITS, GROUP>;
+  constexpr int kRowGroup = 8;
+  const int groups = p.K / GROUP;
+  const int blocks = (p.K * BITS / 8 + 63) / 64;
+  const int steps = (blocks + L::kBlocksPerStep - 1) / L::kBlocksPerStep;
+  // Steps in chunks whose x (every row) fills at most a third of L1, so that the column's chunk stays in L1 while
+  // each group of 8 rows passes over it.
+  const int step_bytes = 64 * L::kBlocksPerStep * 8 / BITS;
+  const int chunk = max_int(1, 16384 / (p.rows * step_bytes));
+  __m512 facc[kMaxRows];
+  for (int n = n0; n < n1; n++) {
+    for (int r = 0; r < p.rows; r++) {
+      facc[r] = _mm512_setzero_ps();
+    }
+    for (int s0 = 0; s0 < steps; s0 += chunk) {
+      const int s1 = min_int(steps, s0 + chunk);
+      for (int m = 0; m < p.rows; m += kRowGroup) {
+        switch (min_int(kRowGroup, p.rows - m)) {
+#define T5_ROWS(R)                                               \
+  case R:                                                        \
+    int_strip<BITS, GROUP, ST, DOTS, R>(p, n, m, s0, s1, facc + m); \
+    break;
+          T5_ROWS(1)
+          T5_ROWS(2)
+          T5_ROWS(3)
+          T5_ROWS(4)
+          T5_ROWS(5)
+          T5_ROWS(6)
+          T5_ROWS(7)
+          T5_ROWS(8)
+#undef T5_ROWS
+        }
+      }
+    }
+    if constexpr (!DOTS) {
+      // The biases: sum over groups of w_bias * (the group's sum of x), 16 groups at a time.
+      const size_t group_row = size_t(n) * groups;
+      for (int m = 0; m < p.rows; m++) {
+        __m512 bias_acc = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g += 16) {
+          const __mmask16 valid = groups - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (groups - g)) - 1);
+          const __m512 bias = load16<ST, true>(p.biases, group_row + g, valid);
+          bias_acc = _mm512_fmadd_ps(bias, _mm512_maskz_loadu_ps(valid, p.x_sums + size_t(m) * p.lds + g), bias_acc);
+        }
+        p.out[size_t(m) * p.N + n] = _mm512_reduce_add_ps(facc[m]) + _mm512_reduce_add_ps(bias_acc);
+      }
+    }
+  }
+}
+
+template <int BITS, int GROUP, bool DOTS>
+void int_columns_scales(const IntProduct& p, int n0, int n1) {
+  switch (p.stype) {
+    case kFloat32:
+      return int_columns<BITS, GROUP, kFloat32, DOTS>(p, n0, n1);
+    case kBFloat16:
+      return int_columns<BITS, GROUP, kBFloat16, DOTS>(p, n0, n1);
+    default:
+      return int_columns<BITS, GROUP, kFloat16, DOTS>(p, n0, n1);
+  }
+}
+
+template <bool DOTS>
+void int_columns_any(const IntProduct& p, int n0, int n1) {
+  const int key = p.bits * 1000 + p.group;
+  switch (key) {
+    case 4032:
+      return int_columns_scales<4, 32, DOTS>(p, n0, n1);
+    case 4064:
+      return int_columns_scales<4, 64, DOTS>(p, n0, n1);
+    case 4128:
+      return int_columns_scales<4, 128, DOTS>(p, n0, n1);
+    case 8032:
+      return int_columns_scales<8, 32, DOTS>(p, n0, n1);
+    case 8064:
+      return int_columns_scales<8, 64, DOTS>(p, n0, n1);
+    default:
+      return int_columns_scales<8, 128, DOTS>(p, n0, n1);
+  }
+}
+
+}  // namespace
+
+void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
+  switch (p.wtype) {
+    case kFloat32:
+      return float_columns<kFloat32, false>(p, n0, n1);
+    case kBFloat16:
+      return p.x_bf16 ? float_columns<kBFloat16, true>(p, n0, n1) : float_columns<kBFloat16, false>(p, n0, n1);
+    default:
+      return float_columns<kFloat16, false>(p, n0, n1);
+  }
+}
+
+void int_columns_avx512(const IntProduct& p, int n0, int n1) {
+  p.dots ? int_columns_any<true>(p, n0, n1) : int_columns_any<false>(p, n0, n1);
+}
+
+}  // namespace t5kernels
