@@ -134,19 +134,30 @@ WeightType weight_type(mx::Dtype dtype) {
 }
 
 // x (M, K) of any float dtype and strides -> float32, rows ldx apart.
+// Where row m of x, an (..., K) array read as (rows, K), starts: its leading indices taken from m, last one first.
+int64_t row_offset(const mx::array& x, int64_t m) {
+  int64_t offset = 0;
+  for (int d = int(x.ndim()) - 2; d >= 0; d--) {
+    offset += (m % x.shape(d)) * x.strides()[d];
+    m /= x.shape(d);
+  }
+  return offset;
+}
+
 std::vector<float> x_as_float(const mx::array& x, int ldx) {
-  const int M = x.shape(0), K = x.shape(1);
-  const int64_t row_stride = x.strides()[0], col_stride = x.strides()[1];
+  const int K = x.shape(-1), M = int(x.size() / K);
+  const int64_t col_stride = x.strides().back();
   std::vector<float> out(size_t(M) * ldx);
   const WeightType type = weight_type(x.dtype());
   for (int m = 0; m < M; m++) {
     float* row = out.data() + size_t(m) * ldx;
+    const int64_t start = row_offset(x, m);
     if (type == kFloat32 && col_stride == 1) {
-      std::memcpy(row, x.data<float>() + m * row_stride, K * sizeof(float));
+      std::memcpy(row, x.data<float>() + start, K * sizeof(float));
       continue;
     }
     for (int k = 0; k < K; k++) {
-      row[k] = load_scalar(x.data<void>(), m * row_stride + k * col_stride, type);
+      row[k] = load_scalar(x.data<void>(), start + k * col_stride, type);
     }
   }
   return out;
@@ -184,7 +195,8 @@ void over_columns(int N, F&& columns) {
 
 void run_product(const mx::array& x_in, const mx::array& w, const mx::array* scales, const mx::array* biases,
                  int group_size, int bits, mx::array& out) {
-  const int M = x_in.shape(0), K = x_in.shape(1), N = out.shape(1);
+  // x (..., K) and out (..., N), both read as rows.
+  const int K = x_in.shape(-1), M = int(x_in.size() / K), N = out.shape(-1);
   // Rows of x 64 bytes more than a multiple of 8 floats apart: rows a power of two apart would fall into the same
   // L1 cache sets and evict each other when many rows pass over the same weights.
   const int ldx = (K + 7) / 8 * 8 + 16;
@@ -273,13 +285,13 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
   }
   weight_type(out_dtype);  // float32, bfloat16 or float16
   auto stream = mx::to_stream(s);
-  // A copy only where x's dtype differs from the result's (MLX promotes the same way); weights stay as they are.
-  auto x2 = mx::reshape(mx::astype(x, out_dtype, stream), {-1, K}, stream);
-  inputs.insert(inputs.begin(), x2);
+  // A copy only where x's dtype differs from the result's (MLX promotes the same way); weights stay as they are. x
+  // keeps its shape and strides, and the result its leading dimensions: no reshapes around the product, which would
+  // each cost an operation of scheduling in a decode step.
+  inputs.insert(inputs.begin(), mx::astype(x, out_dtype, stream));
   auto out_shape = x.shape();
   out_shape.back() = N;
-  auto out = mx::array({x2.shape(0), N}, out_dtype, std::make_shared<DecodeMatmul>(stream, group_size, bits), inputs);
-  return mx::reshape(out, out_shape, stream);
+  return mx::array(out_shape, out_dtype, std::make_shared<DecodeMatmul>(stream, group_size, bits), inputs);
 }
 
 void DecodeMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -307,7 +319,9 @@ void DecodeMatmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array
 }
 
 std::vector<mx::Shape> DecodeMatmul::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
 }
 
 bool DecodeMatmul::is_equivalent(const mx::Primitive& other) const {
