@@ -122,7 +122,8 @@ class Attention(nn.Module):
         return self.heads(self.k(source)), self.heads(self.v(source))
 
     def __call__(self, x, bias, keys=None, values=None, cache=None):
-        """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive."""
+        """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive (None:
+        every key is attended to)."""
         B, L, _ = x.shape
         if "qkv" in self:  # the decoding layout: one product for all three projections
             queries, keys, values = map(self.heads, mx.split(self.qkv(x), 3, axis=-1))
@@ -133,7 +134,8 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         # T5 attention has no 1/sqrt(d_kv) scaling.
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
+        mask = None if bias is None else bias.astype(queries.dtype)
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -326,10 +328,8 @@ class T5(nn.Module):
 
     def decode(self, decoder_ids, cross_kv, cache, attention_mask=None):
         """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""
-        if attention_mask is None:
-            cross_bias = mx.zeros((1, 1, 1, 1), dtype=mx.float32)
-        else:
-            cross_bias = padding_bias(attention_mask, mx.float32)
+        # Without padding no cross-attention bias: adding zeros would cost operations and change nothing.
+        cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         x = self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache)
         if self.args.scale_decoder_outputs:
             # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
