@@ -214,8 +214,8 @@ def pair_sources(name, work):
 def measure_pair(name, work, prompts, max_tokens, repeats):
     main_dir, draft_dir, lines = pair_sources(name, work)
     prompts = [lines[i % len(lines)] for i in range(prompts)]
-    model, tokenizer, _ = load_model(convert.convert(str(main_dir), str(work / f"{name}-main"), dtype="float32", force=True))
-    draft_model, _, _ = load_model(convert.convert(str(draft_dir), str(work / f"{name}-draft"), dtype="float32", force=True))
+    model, tokenizer, _ = load_model(convert.convert(str(main_dir), str(work / f"{name}-main"), force=True))
+    draft_model, _, _ = load_model(convert.convert(str(draft_dir), str(work / f"{name}-draft"), force=True))
     row = dict(pair=name, kernels=kernels.active)
     row.update(model_steps(model, "main"))
     row.update(model_steps(draft_model, "draft"))

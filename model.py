@@ -89,6 +89,13 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     return buckets + np.where(is_small, relative_position, large)
 
 
+@mx.compile
+def rms_norm(x, weight, eps: float):
+    # Accumulate in float32 (transformers does), then cast to the weight's dtype. Compiled: on a CPU the norm is a
+    # chain of a dozen small operations, which compile fuses into three.
+    return weight * mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(weight.dtype)
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: no mean subtraction, no bias; the result takes the weight's dtype when it is half."""
 
@@ -98,9 +105,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        # Accumulate in float32 (transformers does), then cast to the weight's dtype.
-        y = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps)
-        return self.weight * y.astype(self.weight.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -265,6 +270,11 @@ class Encoder(nn.Module):
         return self.final_norm(x)
 
 
+# The decoder's table of self-attention biases grows by this many positions, up to this many bytes.
+BIAS_TABLE_STEP = 256
+BIAS_TABLE_BYTES = 64 << 20
+
+
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -280,12 +290,33 @@ class Decoder(nn.Module):
                 distances, False, args.relative_attention_num_buckets, args.relative_attention_max_distance
             )
         )
+        self._bias_table = (None, None)  # (the bias of every position up to a size, the weights it came from)
 
     def position_bias(self, offsets, length):
         """Causal bias (rows, heads, L, S) for each row's queries at positions offset..offset+L-1 over keys
         0..S-1 (S: the longest row's offset + L); one row stands for all when every row is at the same offset."""
         if len(set(offsets)) == 1:
+            table = self.bias_table(offsets[0] + length)
+            if table is not None:
+                return table[:, :, offsets[0] : offsets[0] + length, : offsets[0] + length]
             offsets = offsets[:1]
+        return self.compute_position_bias(offsets, length)
+
+    def bias_table(self, end):
+        """The causal bias of every query over every key up to a multiple of BIAS_TABLE_STEP positions past `end`,
+        (1, heads, C, C), kept for the steps that follow (a slice of it is one operation, computing a step's bias
+        about twenty); None where it would take more than BIAS_TABLE_BYTES."""
+        weight = self.relative_attention_bias.weight
+        table, source = self._bias_table
+        if table is None or source is not weight or table.shape[-1] < end:
+            size = -(-end // BIAS_TABLE_STEP) * BIAS_TABLE_STEP
+            if weight.shape[1] * size * size * 4 > BIAS_TABLE_BYTES:
+                return None
+            table = self.compute_position_bias([0], size)
+            self._bias_table = (table, weight)  # rebuilt when the weights are replaced
+        return table
+
+    def compute_position_bias(self, offsets, length):
         end = max(offsets) + length
         # (rows, L, S): query position minus key position
         distance = (mx.array(offsets)[:, None, None] + mx.arange(length)[:, None]) - mx.arange(end)

@@ -57,7 +57,8 @@ def test_operations_grow_by_one_layers_worth_per_decoder_layer(hf_checkpoint, tm
 
     counts = []
     for layers in (1, 2, 3):
-        path = convert.convert(str(hf_checkpoint("t5", num_decoder_layers=layers)), mlx_path=str(tmp_path / f"{layers}"))
+        checkpoint = hf_checkpoint("t5", num_decoder_layers=layers)
+        path = convert.convert(str(checkpoint), mlx_path=str(tmp_path / f"{layers}"))
         counts.append(sum(benchmark_step.operation_count(load_model(path)[0]).values()))
     assert counts[0] > 0 and counts[2] - counts[1] == counts[1] - counts[0] > 0
 
