@@ -218,8 +218,7 @@ class SpeculativeDecoder:
         stats.encode_seconds += time.perf_counter() - tick
 
         def step(token, key):
-            logits = self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1]
-            return self.sampler.sample(self.sampler.distribution(logits), key)
+            return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
 
         # Build and start step i + 1 before waiting for token i, so graph building overlaps computation.
         keys = mx.random.split(key, max_tokens)

@@ -93,6 +93,13 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     return buckets + np.where(is_small, relative_position, large)
 
 
+@mx.compile
+def rms_norm(x, weight, eps: float):
+    # Accumulate in float32 (transformers does), then cast to the weight's dtype. Compiled: on a CPU the norm is a
+    # chain of a dozen small operations, which compile fuses into three.
+    return weight * mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(weight.dtype)
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: no mean subtraction, no bias; the result takes the weight's dtype when it is half."""
 
@@ -102,9 +109,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        # Accumulate in float32 (transformers does), then cast to the weight's dtype.
-        y = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps)
-        return self.weight * y.astype(self.weight.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -126,7 +131,8 @@ class Attention(nn.Module):
         return self.heads(self.k(source)), self.heads(self.v(source))
 
     def __call__(self, x, bias, keys=None, values=None, cache=None):
-        """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive."""
+        """Attend from x to itself, or to precomputed `keys`/`values` (cross-attention). `bias` is additive (None:
+        every key is attended to)."""
         B, L, _ = x.shape
         if "qkv" in self:  # the decoding layout: one product for all three projections
             queries, keys, values = map(self.heads, mx.split(self.qkv(x), 3, axis=-1))
@@ -140,7 +146,8 @@ class Attention(nn.Module):
 
     def attend(self, queries, keys, values, bias):
         # T5 attention has no 1/sqrt(d_kv) scaling.
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=bias.astype(queries.dtype))
+        mask = None if bias is None else bias.astype(queries.dtype)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
 
     def attend_in_blocks(self, x, bias_of, block):
         """Self-attention of x over itself, `block` query rows at a time; bias_of(start, stop) is the additive bias
@@ -311,6 +318,11 @@ class Encoder(nn.Module):
         return self.final_norm(x)
 
 
+# The decoder's table of self-attention biases grows by this many positions, up to this many bytes.
+BIAS_TABLE_STEP = 256
+BIAS_TABLE_BYTES = 64 << 20
+
+
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -326,12 +338,33 @@ class Decoder(nn.Module):
                 distances, False, args.relative_attention_num_buckets, args.relative_attention_max_distance
             )
         )
+        self._bias_table = (None, None)  # (the bias of every position up to a size, the weights it came from)
 
     def position_bias(self, offsets, length):
         """Causal bias (rows, heads, L, S) for each row's queries at positions offset..offset+L-1 over keys
         0..S-1 (S: the longest row's offset + L); one row stands for all when every row is at the same offset."""
         if len(set(offsets)) == 1:
+            table = self.bias_table(offsets[0] + length)
+            if table is not None:
+                return table[:, :, offsets[0] : offsets[0] + length, : offsets[0] + length]
             offsets = offsets[:1]
+        return self.compute_position_bias(offsets, length)
+
+    def bias_table(self, end):
+        """The causal bias of every query over every key up to a multiple of BIAS_TABLE_STEP positions past `end`,
+        (1, heads, C, C), kept for the steps that follow (a slice of it is one operation, computing a step's bias
+        about twenty); None where it would take more than BIAS_TABLE_BYTES."""
+        weight = self.relative_attention_bias.weight
+        table, source = self._bias_table
+        if table is None or source is not weight or table.shape[-1] < end:
+            size = -(-end // BIAS_TABLE_STEP) * BIAS_TABLE_STEP
+            if weight.shape[1] * size * size * 4 > BIAS_TABLE_BYTES:
+                return None
+            table = self.compute_position_bias([0], size)
+            self._bias_table = (table, weight)  # rebuilt when the weights are replaced
+        return table
+
+    def compute_position_bias(self, offsets, length):
         end = max(offsets) + length
         # (rows, L, S): query position minus key position
         distance = (mx.array(offsets)[:, None, None] + mx.arange(length)[:, None]) - mx.arange(end)
@@ -391,10 +424,8 @@ class T5(nn.Module):
 
     def decode(self, decoder_ids, cross_kv, cache, attention_mask=None):
         """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""
-        if attention_mask is None:
-            cross_bias = mx.zeros((1, 1, 1, 1), dtype=mx.float32)
-        else:
-            cross_bias = padding_bias(attention_mask, mx.float32)
+        # Without padding no cross-attention bias: adding zeros would cost operations and change nothing.
+        cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         x = self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache)
         if self.args.scale_decoder_outputs:
             # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).

@@ -87,6 +87,12 @@ class Sampler:
     def sample(self, probs, key):
         return sample(probs, key, greedy=self.greedy)
 
+    def next_token(self, logits, key):
+        """A token drawn from (..., vocab) logits; greedy: their argmax, the one-hot distribution's token, directly."""
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        return self.sample(self.distribution(logits), key)
+
     def judge(self, logits, drafts, draft_probs: Optional[mx.array], delta: float, accept_key, extra_key):
         """Which drafts the main model accepts, and the token it adds after each number accepted.
 
@@ -95,15 +101,19 @@ class Sampler:
         at each token: acceptance min(1, p(x)), residual norm(max(0, p - q))). Returns (accepted (k,) booleans,
         extra (k + 1,) tokens): extra[i] follows i accepted drafts, a correction for i < k and a bonus for i = k.
         """
-        uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
+        if drafts.size == 0:
+            return mx.zeros((0,), dtype=mx.bool_), self.next_token(logits, extra_key)
         if self.greedy:
             # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0; the
             # residual after a rejection is one-hot at the main model's argmax.
             choices = mx.argmax(logits, axis=-1)
-            return accept_drafts((choices[:-1] == drafts).astype(mx.float32), 1.0, uniform, delta), choices
+            agree = choices[:-1] == drafts
+            if delta == 0:
+                return agree, choices  # u <= p(x) / q(x) for u in (0, 1] holds exactly where the ratio is 1
+            uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
+            return accept_drafts(agree.astype(mx.float32), 1.0, uniform, delta), choices
+        uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
         main_probs = self.distribution(logits)
-        if drafts.size == 0:
-            return mx.zeros((0,), dtype=mx.bool_), self.sample(main_probs, extra_key)
         # A draft model's vocabulary may be wider than the main model's; deterministic drafts are tokenizer ids.
         width = max(main_probs.shape[-1], 0 if draft_probs is None else draft_probs.shape[-1])
         main_probs = pad_vocab(main_probs, width)

@@ -198,15 +198,26 @@ WeightType weight_type(mx::Dtype dtype) {
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
 
-// Rows [r0, r0 + rows) of x (M, K), of any float dtype and strides (negative too) -> float32, rows ldx apart.
+// Where row m of x, an (..., K) array read as (rows, K), starts: its leading indices taken from m, last one first.
+int64_t row_offset(const mx::array& x, int64_t m) {
+  int64_t offset = 0;
+  for (int d = int(x.ndim()) - 2; d >= 0; d--) {
+    offset += (m % x.shape(d)) * x.strides()[d];
+    m /= x.shape(d);
+  }
+  return offset;
+}
+
+// Rows [r0, r0 + rows) of x (..., K) read as (M, K), of any float dtype and strides (negative too) -> float32, rows
+// ldx apart.
 void x_rows_as_float(const mx::array& x, int r0, int rows, int ldx, float* out) {
-  const int K = x.shape(1);
-  const int64_t row_stride = x.strides()[0], col_stride = x.strides()[1];
+  const int K = x.shape(-1);
+  const int64_t col_stride = x.strides().back();
   const WeightType type = weight_type(x.dtype());
   const char* base = static_cast<const char*>(x.data<void>());
   for (int m = 0; m < rows; m++) {
     float* row = out + size_t(m) * ldx;
-    const int64_t first = (r0 + m) * row_stride;
+    const int64_t first = row_offset(x, r0 + m);
     if (type == kFloat32 && col_stride == 1) {
       std::memcpy(row, x.data<float>() + first, K * sizeof(float));
       continue;
@@ -220,7 +231,7 @@ void x_rows_as_float(const mx::array& x, int r0, int rows, int ldx, float* out) 
 
 // Rows of float32 results -> out's rows [r0, r0 + rows) in bfloat16 or float16.
 void store_rows(const float* values, int r0, int rows, mx::array& out) {
-  const size_t N = out.shape(1), begin = size_t(r0) * N, count = size_t(rows) * N;
+  const size_t N = out.shape(-1), begin = size_t(r0) * N, count = size_t(rows) * N;
   if (out.dtype() == mx::bfloat16) {
     auto* data = out.data<mx::bfloat16_t>() + begin;
     for (size_t i = 0; i < count; i++) {
@@ -343,7 +354,8 @@ namespace {
 
 void run_product(Isa isa, bool integer, const mx::array& x_in, const mx::array& w, const mx::array* scales,
                  const mx::array* biases, int group_size, int bits, mx::array& out) {
-  const int M = x_in.shape(0), K = x_in.shape(1), N = out.shape(1);
+  // x (..., K) and out (..., N), both read as rows.
+  const int K = x_in.shape(-1), M = int(x_in.size() / K), N = out.shape(-1);
   // Rows of x 64 bytes more than a multiple of 8 floats apart: rows a power of two apart would fall into the same
   // L1 cache sets and evict each other when many rows pass over the same weights.
   const int ldx = (K + 7) / 8 * 8 + 16;
@@ -485,14 +497,14 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
     bits = 0;
     group_size = 0;
   }
-  // A copy only where x's dtype differs from the result's (MLX promotes the same way); weights stay as they are.
-  auto x2 = mx::reshape(mx::astype(x, out_dtype, stream), {-1, K}, stream);
-  inputs.insert(inputs.begin(), x2);
+  // A copy only where x's dtype differs from the result's (MLX promotes the same way); weights stay as they are. x
+  // keeps its shape and strides, and the result its leading dimensions: no reshapes around the product, which would
+  // each cost an operation of scheduling in a decode step.
+  inputs.insert(inputs.begin(), mx::astype(x, out_dtype, stream));
   auto out_shape = x.shape();
   out_shape.back() = N;
   auto primitive = std::make_shared<DecodeMatmul>(stream, group_size, bits, current_isa().load(), integer && quantized);
-  auto out = mx::array({x2.shape(0), N}, out_dtype, primitive, inputs);
-  return mx::reshape(out, out_shape, stream);
+  return mx::array(out_shape, out_dtype, primitive, inputs);
 }
 
 void DecodeMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -520,7 +532,9 @@ void DecodeMatmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array
 }
 
 std::vector<mx::Shape> DecodeMatmul::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
 }
 
 bool DecodeMatmul::is_equivalent(const mx::Primitive& other) const {

@@ -80,6 +80,29 @@ def test_batched_strided_inputs_and_graph_transforms():
 
 
 @native
+@pytest.mark.parametrize("bits", [None, 4])
+def test_any_leading_shape_in_one_operation(bits, tmp_path):
+    w = mx.random.normal((12, 64))
+    arrays = (w,) if bits is None else (*mx.quantize(w, 32, bits), 32, bits)
+    reference = (lambda a: a @ w.T) if bits is None else (lambda a: mx.quantized_matmul(a, *arrays[:3], True, 32, bits))
+    # Heads transposed back to (B, L, heads, d_kv) and flattened lazily, a single row, a 4-D batch.
+    for x in [
+        mx.random.normal((2, 4, 3, 16)).transpose(0, 2, 1, 3).reshape(2, 3, 64),
+        mx.random.normal((3, 2, 64)).transpose(1, 0, 2),
+        mx.random.normal((64,)),
+        mx.random.normal((2, 2, 3, 64))[:, 1:],
+    ]:
+        ours = kernels.native.decode_matmul(x, *arrays)
+        assert ours.shape == (*x.shape[:-1], 12)
+        assert_close(ours, reference(x), 64)
+    # The product is the graph's only operation: no reshapes of x or of the result around it.
+    x = mx.random.normal((2, 3, 64))
+    mx.eval(x)
+    mx.export_to_dot(str(tmp_path / "graph.dot"), kernels.native.decode_matmul(x, *arrays))
+    assert (tmp_path / "graph.dot").read_text().count("shape=rectangle") == 1
+
+
+@native
 def test_user_errors_raise():
     with pytest.raises(ValueError):
         kernels.native.decode_matmul(mx.zeros((1, 8)), mx.zeros((4, 9)))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import VARIANTS
+from transformers import AutoModelForSeq2SeqLM
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from cache import KVCache
@@ -235,3 +236,33 @@ def test_dropped_rows_leave_the_others_unchanged(converted):
     assert cache[0].offsets == [10, 8]
     np.testing.assert_allclose(np.array(first), np.array(full[:, :4]), atol=1e-5)
     np.testing.assert_allclose(np.array(rest[0]), np.array(full[2, 4:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("table_bytes", [0, None])  # the bias computed per step, or sliced from the growing table
+def test_step_by_step_logits_match_transformers_as_the_bias_table_grows(
+    table_bytes, hf_checkpoint, converted, monkeypatch
+):
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "BIAS_TABLE_STEP", 4)  # the table grows every 4 positions
+    if table_bytes is not None:
+        monkeypatch.setattr(model_module, "BIAS_TABLE_BYTES", table_bytes)
+    reference = AutoModelForSeq2SeqLM.from_pretrained(hf_checkpoint("t5-3b-shape")).eval()
+    model, _, _ = load_model(converted("t5-3b-shape"))
+    input_ids = torch.randint(3, model.args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    decoder_ids = torch.randint(3, model.args.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    cross_kv = model.cross_kv(model.encode(to_mx(input_ids)))
+    for replaced in (False, True):
+        if replaced:  # new position-bias weights, here and in the reference: the table follows them
+            weight = torch.randn(reference.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape)
+            reference.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.data = weight
+            model.decoder.relative_attention_bias.weight = mx.array(weight.numpy())
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, decoder_input_ids=decoder_ids).logits
+        cache, start, pieces = model.make_cache(), 0, []
+        for size in [1, 1, 5, 2, 1, 6, 1, 1, 3, 9]:  # as regular steps and verifications feed them
+            pieces.append(model.decode(to_mx(decoder_ids[:, start : start + size]), cross_kv, cache))
+            start += size
+        assert max_abs_diff(mx.concatenate(pieces, axis=1), expected) < TOLERANCE
+    table, _ = model.decoder._bias_table
+    assert (table is None) == (table_bytes == 0) and (table is None or table.shape[-1] == 32)

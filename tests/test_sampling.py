@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from sampling import accept_drafts, probabilities, residual
+from sampling import Sampler, accept_drafts, probabilities, residual
 
 
 def test_accept_drafts_rule():
@@ -37,3 +37,17 @@ def test_probabilities_follow_temperature_top_k_top_p():
     assert p[0] + p[1] < 0.9 < p[0] + p[1] + p[2]
     nucleus = np.array([p[0], p[1], p[2], 0])
     np.testing.assert_allclose(np.array(probabilities(logits, 1.0, top_p=0.9))[0], nucleus / nucleus.sum(), rtol=1e-6)
+
+
+def test_greedy_judgement_accepts_the_drafts_equal_to_the_argmax():
+    logits = mx.random.normal((5, 7), key=mx.random.key(0))
+    choices = np.argmax(np.array(logits), axis=-1).tolist()
+    drafts = mx.array([choices[0], (choices[1] + 1) % 7, choices[2], choices[3]], dtype=mx.int32)
+    key = mx.random.key(1)
+    accepted, extra = Sampler(0.0).judge(logits, drafts, None, 0.0, key, key)
+    assert accepted.tolist() == [True, False, True, True] and extra.tolist() == choices
+    # delta = 1 keeps every draft (u - 1 <= 0 for u in (0, 1]); no drafts: the argmax of the one row.
+    assert Sampler(0.0).judge(logits, drafts, None, 1.0, key, key)[0].tolist() == [True] * 4
+    accepted, extra = Sampler(0.0).judge(logits[:1], drafts[:0], None, 0.0, key, key)
+    assert accepted.size == 0 and extra.tolist() == choices[:1]
+    assert Sampler(0.0).next_token(logits, key).tolist() == choices

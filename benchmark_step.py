@@ -1,0 +1,297 @@
+"""Where a decoding step's time goes, and the decoding loop against CTranslate2's greedy decoding, in one run.
+
+Per pair, float32:
+- the main and the draft model's decoder step (`model.decode` of one row, of the k + 1 rows of a verification, of a
+  batch of rows at their own lengths), the time of its matrix products alone (what the kernels cost) and the number
+  of MLX operations it builds (what each costs a few microseconds of scheduling);
+- the decoding loop's share beyond the model's steps: a run's time (encoders excluded) over the sum of its steps, each
+  call of the main and draft model timed alone at the shape the run made it;
+- regular decoding and main.py's default speculative decoding against CTranslate2's greedy decoding of the main model
+  on the same prompts (the pair's held-out ones), EOS ignored, tokens compared; methods alternate round by round.
+
+    python benchmark_step.py --pairs demo small-self --out benchmark_out
+"""
+
+import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import mlx.core as mx
+
+import benchmark_kernels
+import convert
+import kernels
+from decoder import SpeculativeDecoder, Stats
+from loader import load_model
+
+ROOT = Path(__file__).resolve().parent
+DEMO = ROOT / "models" / "demo"
+PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
+BATCH_ROWS = 8
+VERIFY_ROWS = 5  # k + 1 for main.py's typical draft lengths
+
+
+def median_seconds(run, repeats):
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_setup(model, rows, prompt_length, context):
+    """Cross-attention keys/values of `rows` prompts and a cache holding `context` tokens of each (the rows of a batch
+    at their own lengths: row b holds context + b)."""
+    cross_kv = model.cross_kv(model.encode(mx.full((rows, prompt_length), 3)))
+    cache = model.make_cache(rows)
+    mx.eval(model.decode(mx.full((rows, context + rows - 1), 3), cross_kv, cache))
+    for layer_cache in cache:
+        layer_cache.trim_rows(list(range(rows - 1, -1, -1)))
+    return cross_kv, cache
+
+
+def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=50):
+    """Median seconds of one `model.decode` call of `tokens` new tokens for each of `rows` rows, evaluated, the cache
+    rewound after each call."""
+    cross_kv, cache = step_setup(model, rows, prompt_length, context)
+    inputs = mx.full((rows, tokens), 3)
+
+    def call():
+        mx.eval(model.decode(inputs, cross_kv, cache))
+        for layer_cache in cache:
+            layer_cache.trim(tokens)
+
+    return median_seconds(call, repeats)
+
+
+def operation_count(model, rows=1, tokens=1):
+    """The MLX operations one decode call builds, by kind."""
+    cross_kv, cache = step_setup(model, rows, 32, 32)
+    logits = model.decode(mx.full((rows, tokens), 3), cross_kv, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "graph.dot"
+        mx.export_to_dot(str(path), logits)
+        kinds = Counter(re.findall(r'label ="(\w+)", shape=rectangle', path.read_text()))
+    mx.eval(logits)
+    return kinds
+
+
+def model_steps(model, name):
+    """Step times (ms) of one model: one row, a verification's rows, a batch; its products alone; its operations."""
+    steps = dict(
+        one_row_ms=step_seconds(model) * 1e3,
+        verify_ms=step_seconds(model, tokens=VERIFY_ROWS) * 1e3,
+        batch_ms=step_seconds(model, rows=BATCH_ROWS) * 1e3,
+        products_ms=benchmark_kernels.products_seconds(model, 1, 50) * 1e3,
+        operations=sum(operation_count(model).values()),
+    )
+    return {f"{name}_{key}": round(value, 3) for key, value in steps.items()}
+
+
+class CallLog:
+    """Records the shape (rows, tokens) of every decode call of a model, to time each alone afterwards."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.decode = model, Counter(), model.decode
+
+    def __enter__(self):
+        def logged(decoder_ids, *args, **kwargs):
+            self.calls[tuple(decoder_ids.shape)] += 1
+            return self.decode(decoder_ids, *args, **kwargs)
+
+        self.model.decode = logged
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.decode
+
+
+def steps_seconds(model, calls, context):
+    """The sum of the calls' step times, each timed alone at its shape."""
+    return sum(count * step_seconds(model, rows, tokens, context=context) for (rows, tokens), count in calls.items())
+
+
+def loop_share(decoder, prompt, max_tokens, regular):
+    """A run's time (encoders excluded) over the sum of its model steps timed alone, minus 1; and its stats."""
+    decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's step costs
+    logs = [CallLog(decoder.model)] + ([CallLog(decoder.draft_model)] if not regular else [])
+    for log in logs:
+        log.__enter__()
+    try:
+        generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
+    finally:
+        for log in logs:
+            log.__exit__()
+    # The logged calls add a little Python of their own; time the run again without them.
+    time.sleep(PAUSE)
+    stats = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).stats
+    loop = stats.seconds - stats.encode_seconds
+    steps = sum(steps_seconds(log.model, log.calls, context=max_tokens // 2) for log in logs)
+    return loop / steps - 1, generation.stats
+
+
+class CTranslate2Greedy:
+    """CTranslate2's greedy decoding of a transformers checkpoint, converted once, in float32 on the CPU."""
+
+    def __init__(self, checkpoint, work, tokenizer):
+        import ctranslate2
+
+        path = work / "ct2"
+        if not (path / "model.bin").exists():
+            ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(
+                str(path), quantization="float32", force=True
+            )
+        threads = kernels.native.threads() if kernels.native else os.cpu_count()
+        self.translator = ctranslate2.Translator(
+            str(path), device="cpu", compute_type="float32", inter_threads=1, intra_threads=threads
+        )
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt, max_tokens):
+        """The token ids of greedy decoding for exactly max_tokens tokens: the decoder start token (never chosen by a
+        trained model) ends decoding instead of EOS, so EOS is decoded past as this project's ignore_eos does."""
+        source = self.tokenizer.convert_ids_to_tokens(self.tokenizer(prompt).input_ids)
+        result = self.translator.translate_batch(
+            [source],
+            beam_size=1,
+            max_decoding_length=max_tokens,
+            end_token=self.tokenizer.pad_token,
+            return_end_token=True,
+        )
+        return self.tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])
+
+
+def against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats):
+    """tok/s of regular and default speculative decoding and of CTranslate2's greedy decoding over all prompts,
+    methods alternating round by round; whether each produced CTranslate2's tokens."""
+
+    def mlx_run(regular):
+        return lambda prompt: decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
+
+    methods = {
+        "regular": mlx_run(True),
+        "speculative": mlx_run(False),
+        "ctranslate2 greedy": lambda prompt: ctranslate2_greedy.generate(prompt, max_tokens),
+    }
+    times = {name: [] for name in methods}
+    tokens = {name: [run(prompt) for prompt in prompts] for name, run in methods.items()}  # warm-up
+    for _ in range(repeats):
+        for name, run in methods.items():
+            time.sleep(PAUSE)
+            start = time.perf_counter()
+            tokens[name] = [run(prompt) for prompt in prompts]
+            times[name].append(time.perf_counter() - start)
+    total = len(prompts) * max_tokens
+    speed = {name: total / statistics.median(t) for name, t in times.items()}
+    same = {name: tokens[name] == tokens["ctranslate2 greedy"] for name in methods}
+    return speed, same
+
+
+def pair_sources(name, work):
+    """(main checkpoint, draft checkpoint, prompts) of a pair, as transformers checkpoints."""
+    lines = (DEMO / "prompts.txt").read_text().splitlines()
+    if name == "demo":
+        return DEMO / "main", DEMO / "draft", lines
+    from benchmark import random_checkpoint
+
+    small = random_checkpoint("t5-small", work / "hf-t5-small", DEMO / "main", seed=0)
+    return small, small, lines
+
+
+def measure_pair(name, work, prompts, max_tokens, repeats):
+    main_dir, draft_dir, lines = pair_sources(name, work)
+    prompts = [lines[i % len(lines)] for i in range(prompts)]
+    model, tokenizer, _ = load_model(convert.convert(str(main_dir), str(work / f"{name}-main"), force=True))
+    draft_model, _, _ = load_model(convert.convert(str(draft_dir), str(work / f"{name}-draft"), force=True))
+    row = dict(pair=name, kernels=kernels.active)
+    row.update(model_steps(model, "main"))
+    row.update(model_steps(draft_model, "draft"))
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft="auto")  # main.py's settings
+    regular_share, _ = loop_share(decoder, prompts[0], max_tokens, regular=True)
+    speculative_share, stats = loop_share(decoder, prompts[0], max_tokens, regular=False)
+    row.update(
+        regular_loop_share=round(regular_share, 3),
+        speculative_loop_share=round(speculative_share, 3),
+        speculative_mean_num_draft=round(stats.mean_num_draft, 2),
+    )
+    ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer)
+    speed, same = against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats)
+    row.update({f"{method}_tok_s": round(value, 1) for method, value in speed.items()})
+    row.update(
+        regular_vs_ctranslate2=round(speed["regular"] / speed["ctranslate2 greedy"], 3),
+        speculative_vs_ctranslate2=round(speed["speculative"] / speed["ctranslate2 greedy"], 3),
+        regular_same_tokens=same["regular"],
+        speculative_same_tokens=same["speculative"],
+    )
+    return row
+
+
+def print_row(row):
+    print(f"\n{row['pair']} (float32; kernels: {row['kernels']})")
+    for model in ("main", "draft"):
+        print(
+            f"  {model:<6} step: one row {row[f'{model}_one_row_ms']:.3f} ms, {VERIFY_ROWS} tokens "
+            f"{row[f'{model}_verify_ms']:.3f} ms, {BATCH_ROWS} rows {row[f'{model}_batch_ms']:.3f} ms; products alone "
+            f"{row[f'{model}_products_ms']:.3f} ms; {row[f'{model}_operations']} operations"
+        )
+    print(
+        f"  loop beyond the steps: regular {row['regular_loop_share']:+.1%}, speculative "
+        f"{row['speculative_loop_share']:+.1%} (mean {row['speculative_mean_num_draft']} drafts per step)"
+    )
+    print(
+        f"  tok/s: regular {row['regular_tok_s']:.1f} ({row['regular_vs_ctranslate2']:.2f}x CTranslate2), "
+        f"speculative {row['speculative_tok_s']:.1f} ({row['speculative_vs_ctranslate2']:.2f}x), "
+        f"CTranslate2 greedy {row['ctranslate2 greedy_tok_s']:.1f}; same tokens as CTranslate2: regular "
+        f"{row['regular_same_tokens']}, speculative {row['speculative_same_tokens']}"
+    )
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=["demo"],
+        choices=["demo", "small-self"],
+        help="Pairs to measure: the bundled demo pair, random t5-small as its own draft (default: demo)",
+    )
+    parser.add_argument("--prompts", type=int, default=4, help="Prompts per timed run (default: 4)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt, EOS ignored (default: 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed rounds of every method in turn (default: 3)")
+    parser.add_argument("--out", type=Path, default=Path("benchmark_out"), help="Directory for step.json")
+    return parser
+
+
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if min(args.prompts, args.max_tokens, args.repeats) < 1:
+        print("error: --prompts, --max-tokens and --repeats must be at least 1", file=sys.stderr)
+        sys.exit(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.pairs:
+            rows.append(measure_pair(name, Path(tmp), args.prompts, args.max_tokens, args.repeats))
+            print_row(rows[-1])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nresults in {args.out / 'step.json'}")
+    if not all(row["regular_same_tokens"] and row["speculative_same_tokens"] for row in rows):
+        print("error: a method's tokens differ from CTranslate2's", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

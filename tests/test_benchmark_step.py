@@ -1,0 +1,70 @@
+"""benchmark_step.py's parts on tiny random models: CTranslate2's greedy tokens against transformers', the decode
+calls a run makes, and the operations a decode step builds."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import benchmark_step
+from conftest import PROMPTS, ROOT
+from decoder import SpeculativeDecoder
+from loader import load_model
+
+
+def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_model, tmp_path):
+    pytest.importorskip("ctranslate2")
+    import convert
+
+    # CTranslate2 knows the tokenizer's ids only: the model has no others.
+    path = hf_checkpoint("t5-v1_1", vocab_size=350)
+    model, tokenizer, _ = load_model(convert.convert(str(path), mlx_path=str(tmp_path / "mlx")))
+    assert len(tokenizer) == 350
+    reference = hf_model(path)
+    greedy = benchmark_step.CTranslate2Greedy(path, tmp_path, tokenizer)
+    decoder = SpeculativeDecoder(model, None, tokenizer)
+    for prompt in PROMPTS:
+        input_ids = torch.tensor([tokenizer(prompt).input_ids])
+        with torch.no_grad():
+            expected = reference.generate(
+                input_ids, max_new_tokens=40, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0
+            )[0, 1:].tolist()
+        assert greedy.generate(prompt, 40) == expected
+        assert decoder.generate(prompt, max_tokens=40, regular=True, ignore_eos=True).tokens == expected
+
+
+def test_call_log_sees_every_decode_call(main, drafts):
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
+    with benchmark_step.CallLog(model) as main_log, benchmark_step.CallLog(drafts["noisy"]) as draft_log:
+        stats = decoder.generate(PROMPTS[0], max_tokens=10, ignore_eos=True).stats
+    assert sum(main_log.calls.values()) == stats.main_calls
+    # Each verification is one row of its drafts and the token before them.
+    assert sum(tokens * count for (_, tokens), count in main_log.calls.items()) == stats.main_calls + stats.drafted
+    assert sum(draft_log.calls.values()) == stats.drafted
+    assert "decode" not in vars(model)  # the model's own method again
+
+
+def test_regular_loop_share_is_measured_against_its_steps(main):
+    model, tokenizer, _ = main
+    share, stats = benchmark_step.loop_share(SpeculativeDecoder(model, None, tokenizer), PROMPTS[1], 8, regular=True)
+    assert stats.main_calls == 8 and share > -1
+
+
+def test_operations_grow_by_one_layers_worth_per_decoder_layer(hf_checkpoint, tmp_path):
+    import convert
+
+    counts = []
+    for layers in (1, 2, 3):
+        checkpoint = hf_checkpoint("t5", num_decoder_layers=layers)
+        path = convert.convert(str(checkpoint), mlx_path=str(tmp_path / f"{layers}"))
+        counts.append(sum(benchmark_step.operation_count(load_model(path)[0]).values()))
+    assert counts[0] > 0 and counts[2] - counts[1] == counts[1] - counts[0] > 0
+
+
+def test_bad_arguments_are_one_line_errors():
+    result = subprocess.run(
+        [sys.executable, "benchmark_step.py", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
