@@ -143,27 +143,48 @@ def test_each_row_samples_the_main_models_distribution(setting, drafter):
             assert statistic < chi_square_critical(df), (prompt, position, statistic)
 
 
-@pytest.mark.parametrize("delta", [0.0, 0.5])
-def test_a_rows_sampled_tokens_do_not_depend_on_the_batch_size(delta):
-    # Each row draws from its own keys (split from the seed by prompt index), whichever rows share its batch. Not in
-    # its last num_draft + 1 tokens: the batch drafts one length, capped by the longest budget left among its rows,
-    # so a row near its end drafts more in a larger batch (the same distribution, other draws).
+BATCH_SIZE_SETTINGS = {
+    "greedy": dict(),
+    "greedy-delta": dict(delta=0.5),
+    "t1": dict(temperature=1.0),
+    "top-k-delta": dict(temperature=0.7, top_k=4, delta=0.3),
+    "top-p-delta": dict(temperature=1.3, top_p=0.8, delta=0.5),
+}
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup", "hybrid"])
+@pytest.mark.parametrize("setting", list(BATCH_SIZE_SETTINGS))
+def test_a_rows_tokens_do_not_depend_on_the_batch_size(setting, drafter):
+    # Each row draws from its own keys (split from the seed by prompt index), one per token position, whichever rows
+    # share its batch: every token, to the last, is the same at any batch size, also where a row drafts less than
+    # the others (near its max_tokens, or a shorter lookup) and its drafts are padded to theirs.
     main_model, draft_model = tiny_pair()
-    num_draft, max_tokens = 2, 12
     decoder = SpeculativeDecoder(
-        main_model, draft_model, CountingTokenizer(12), num_draft, delta, temperature=1.0, top_p=0.9, seed=5
+        main_model, draft_model, CountingTokenizer(12), 3, drafter=drafter, seed=5, **BATCH_SIZE_SETTINGS[setting]
     )
-    prompts = ["31415", "2718281828", "1414", "1732050807", "22360", "9"] * 2
-    kept = max_tokens - num_draft - 1
-    by_size = {
-        size: [
-            g.tokens[:kept]
-            for g in decoder.generate_batch(prompts, max_tokens=max_tokens, ignore_eos=True, batch_size=size)
-        ]
-        for size in (1, 4, 12)
-    }
-    assert by_size[1] == by_size[4] == by_size[12]
-    assert len({tuple(tokens) for tokens in by_size[1]}) > 6  # drawn, not all alike
+    prompts = ["31415926", "1212121212", "2718281828", "9", "1414", "777777", "22360", "1732050807", "123123123"]
+    for ignore_eos in (True, False):
+        stats = Stats()
+        by_size = {
+            size: [
+                g.tokens
+                for g in decoder.generate_batch(prompts, 12, ignore_eos=ignore_eos, batch_size=size, stats=stats)
+            ]
+            for size in (1, 2, 3, 8)
+        }
+        for size in (2, 3, 8):
+            assert by_size[size] == by_size[1], (ignore_eos, size)
+        assert stats.drafted > 0
+        # Lookups in the long runs (with EOS, the tiny models' outputs are mostly too short to repeat themselves).
+        assert (stats.lookup_drafted > 0) == (drafter != "model") or not ignore_eos
+        if decoder.sampler.greedy and decoder.delta == 0:
+            assert by_size[1] == alone(decoder, prompts, max_tokens=12, ignore_eos=ignore_eos, regular=True)
+        elif decoder.sampler.greedy and ignore_eos:
+            # delta > 0 keeps drafts the main model would not have chosen.
+            assert by_size[1] != alone(decoder, prompts, max_tokens=12, ignore_eos=True, regular=True)
+        elif ignore_eos:
+            assert len({tuple(tokens) for tokens in by_size[1]}) > 6  # drawn, not all alike
+    assert len({len(tokens) for tokens in by_size[1]}) > 1  # with EOS, rows finish at different steps
 
 
 def test_delta_above_zero_in_a_batch_accepts_more_and_delta_one_keeps_every_draft():
@@ -211,8 +232,7 @@ def test_every_drafter_and_auto_batched_equal_each_prompt_decoded_alone(drafter,
 @pytest.mark.parametrize("drafter", ["lookup", "hybrid"])
 def test_batched_rows_count_their_drafts_by_source_as_alone(drafter, converted):
     # The run's drafts and lookups are its rows', each row's lookups among its drafts; the draft-length policy hears
-    # each row's acceptance under that row's own source. (A row's counts may differ from its prompt's alone only in
-    # its last steps, where the batch drafts to the longest remaining budget.)
+    # each row's acceptance under that row's own source.
     class Heard(FixedDraftLength):
         def __init__(self, num_draft):
             super().__init__(num_draft)
