@@ -12,6 +12,7 @@ from decoder import SpeculativeDecoder, Stats
 from draft_length import FixedDraftLength
 from drafters import ModelDrafter
 from loader import load_model
+from sampling import residual
 
 
 def alone(decoder, prompts, **options):
@@ -185,6 +186,15 @@ def test_a_rows_tokens_do_not_depend_on_the_batch_size(setting, drafter):
         elif ignore_eos:
             assert len({tuple(tokens) for tokens in by_size[1]}) > 6  # drawn, not all alike
     assert len({len(tokens) for tokens in by_size[1]}) > 1  # with EOS, rows finish at different steps
+
+
+def test_a_padded_position_draws_from_p_itself():
+    # Where a row drafted nothing (q = 0: padding to the batch's width), its token is drawn from p exactly, as after
+    # its own last draft alone; p renormalised would differ in its last bits and change a draw near a tie.
+    p = mx.array([[0.1, 0.2, 0.3, 0.2], [0.1, 0.2, 0.3, 0.3]])  # (not normalised: p itself, not p / sum(p))
+    q = mx.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.3, 0.3]])
+    assert residual(p, q).tolist()[0] == p.tolist()[0]
+    assert np.allclose(residual(p, q).tolist()[1], [1 / 3, 2 / 3, 0.0, 0.0])
 
 
 def test_delta_above_zero_in_a_batch_accepts_more_and_delta_one_keeps_every_draft():
