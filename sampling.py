@@ -117,12 +117,16 @@ class Sampler:
         extra (k + 1,) tokens): extra[i] follows i accepted drafts, a correction for i < k and a bonus for i = k.
         """
         # Each draw takes its position's key: a row's tokens do not depend on how far a batch pads its drafts.
-        uniform = uniforms(accept_key, drafts.shape[0])
         if self.greedy:
-            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0; the
-            # residual after a rejection is one-hot at the main model's argmax.
+            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0 (at delta 0,
+            # whatever u is drawn); the residual after a rejection is one-hot at the main model's argmax.
             choices = mx.argmax(logits, axis=-1)
-            return accept_drafts((choices[:-1] == drafts).astype(mx.float32), 1.0, uniform, delta), choices
+            matches = choices[:-1] == drafts
+            if delta == 0:
+                return matches, choices
+            uniform = uniforms(accept_key, drafts.shape[0])
+            return accept_drafts(matches.astype(mx.float32), 1.0, uniform, delta), choices
+        uniform = uniforms(accept_key, drafts.shape[0])
         main_probs = self.distribution(logits)
         if drafts.size == 0:
             return mx.zeros((0,), dtype=mx.bool_), self.sample_each(main_probs, extra_key)
