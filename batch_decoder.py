@@ -1,7 +1,8 @@
 """Batched decoding: many prompts decoded together, each row exactly as `SpeculativeDecoder.generate` decodes it alone.
 
-The speculative step of decoder.py with a batch dimension: one draft length for the whole batch, every row's drafts
-verified in one forward pass, and each row with its own acceptance, cache length, EOS, max_tokens and random stream. A
+The speculative step of decoder.py with a batch dimension: one draft length for the whole batch (each row capped at its
+own budget, padded to the longest), every row's drafts verified in one forward pass, and each row with its own
+acceptance, cache length, EOS, max_tokens and random stream, so that its tokens do not depend on the batch size. A
 finished row's place goes to the next prompt in the queue. The rows' state and drafting for every row are batching.py's.
 """
 
@@ -85,17 +86,18 @@ def batch_generations(
                 row.stats.costs_cached = stats.costs_cached
                 active.append(row)
 
-        # One draft length for the whole batch: every row shares the verification pass. Never draft past the
-        # longest remaining budget; rows with less left cut their tokens at max_tokens.
-        limit = max(max_tokens - row.generated for row in active) - 1
+        # One draft length for the whole batch: every row shares the verification pass. A row never drafts past its
+        # own max_tokens (the main model adds one token after the drafts), as alone; shorter drafts are padded.
+        limits = [max_tokens - row.generated - 1 for row in active]
         sequences = [row.sequence for row in active]
-        num_draft = 0 if regular else draft_length.choose_batch(drafter.sources(sequences), limit)
+        num_draft = 0 if regular else draft_length.choose_batch(drafter.sources(sequences), max(limits))
         # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
         keys = row_keys(mx.stack([row.key for row in active]), 4) if draws else mx.zeros((len(active), 4, 2), mx.uint32)
         lengths, sources = [0] * len(active), [None] * len(active)
         draft_tokens, draft_probs = mx.zeros((len(active), 0), dtype=mx.int32), None
         if num_draft:
-            draft, lengths, sources = drafter.propose(sequences, num_draft, keys[:, 1])
+            counts = [min(num_draft, limit) for limit in limits]
+            draft, lengths, sources = drafter.propose(sequences, counts, keys[:, 1])
             draft_tokens, draft_probs = draft.tokens, draft.probs
 
         # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
@@ -159,10 +161,6 @@ def make_batch_drafter(decoder):
 def judge_rows(sampler, delta, logits, drafts, draft_probs, accept_keys, extra_keys):
     """The sampler's judgement of each row on its own, with its own keys: (B, k) verdicts, (B, k + 1) tokens."""
     judge = sampler.judge
-    if drafts.shape[1] == 0:
-        # The main model's own next token (and MLX cannot vmap a categorical draw over (1, vocab) rows).
-        extra = mx.vmap(sampler.sample)(sampler.distribution(logits[:, -1]), extra_keys)
-        return mx.zeros(drafts.shape, dtype=mx.bool_), extra[:, None]
     if draft_probs is None:
         return mx.vmap(lambda lg, dr, ak, ek: judge(lg, dr, None, delta, ak, ek))(
             logits, drafts, accept_keys, extra_keys

@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Tuple
 import mlx.core as mx
 
 from drafters import Draft
-from sampling import Sampler, one_hot, pad_vocab
+from sampling import Sampler, one_hot, pad_vocab, position_keys
 
 
 class Rows:
@@ -92,8 +92,10 @@ class BatchModelDrafter:
     def sources(self, sequences: List[List[int]]) -> List[str]:
         return ["model"] * len(sequences)
 
-    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int], List[str]]:
-        """k tokens (B, k) after each row's accepted sequence, each row's draft length and source; keys: (B, 2)."""
+    def propose(self, sequences: List[List[int]], counts: List[int], keys) -> Tuple[Draft, List[int], List[str]]:
+        """counts[b] tokens after row b's accepted sequence, padded to (B, max(counts)) with q = 0, each row's draft
+        length and source; keys: (B, 2), row b's token i drawn with position i's key as a row drafting alone."""
+        k = max(counts)
         # Each row's cache holds a prefix of its sequence; feed the rest (one or two tokens), right-padded, and
         # rewind the padding.
         feeds = [sequence[offset:] for sequence, offset in zip(sequences, self.rows.cache[0].offsets)]
@@ -102,7 +104,7 @@ class BatchModelDrafter:
         self.rows.rewind([len(sequence) for sequence in sequences])
         last = mx.array([len(feed) - 1 for feed in feeds])
         logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        step_keys = row_keys(keys, k)
+        step_keys = mx.vmap(lambda key: position_keys(key, k))(keys)
         tokens, probs = [], []
         for step in range(k):
             if step:
@@ -114,8 +116,13 @@ class BatchModelDrafter:
                 token = mx.vmap(self.sampler.sample)(probs[-1], step_keys[:, step]).astype(mx.int32)
             mx.async_eval(token)
             tokens.append(token)
-        draft = Draft(mx.stack(tokens, axis=1), mx.stack(probs, axis=1) if probs else None, "model")
-        return draft, [k] * len(sequences), self.sources(sequences)
+        draft_probs = None
+        if probs:
+            # A row's tokens past its count are padding: q = 0 there, as RowDrafters pads.
+            drafted = mx.arange(k)[None, :] < mx.array(counts)[:, None]
+            draft_probs = mx.stack(probs, axis=1) * drafted[..., None]
+        draft = Draft(mx.stack(tokens, axis=1), draft_probs, "model")
+        return draft, list(counts), ["model" if count else None for count in counts]
 
     def rewind(self, lengths: List[int]):
         # Row b keeps at most lengths[b] - 1 tokens: its sequence's last token is fed at the next proposal.
@@ -147,8 +154,13 @@ class RowDrafters:
         """Where each row's next draft would come from (None: nowhere)."""
         return [drafter.source(sequence) for drafter, sequence in zip(self.drafters, sequences)]
 
-    def propose(self, sequences: List[List[int]], k: int, keys) -> Tuple[Draft, List[int], List[Optional[str]]]:
-        drafts = [drafter.propose(sequence, k, key) for drafter, sequence, key in zip(self.drafters, sequences, keys)]
+    def propose(
+        self, sequences: List[List[int]], counts: List[int], keys
+    ) -> Tuple[Draft, List[int], List[Optional[str]]]:
+        drafts = [
+            drafter.propose(sequence, count, key)
+            for drafter, sequence, count, key in zip(self.drafters, sequences, counts, keys)
+        ]
         width = max(len(draft) for draft in drafts)
         tokens = mx.stack([pad_length(draft.tokens, width, axis=0) for draft in drafts])
         probs = [

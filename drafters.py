@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from sampling import Sampler
+from sampling import Sampler, position_keys
 
 MAX_CONTINUATION = 64  # the most tokens a lookup proposes
 
@@ -56,7 +56,7 @@ class ModelDrafter:
         # built, so building the next step (and the verification) overlaps it; nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
         tokens, probs = [], []
-        for step_key in mx.random.split(key, k):
+        for step_key in position_keys(key, k):
             logits = self.model.decode(draft_input, self.cross_kv, self.cache)[0, -1]
             if self.sampler.greedy:
                 token = mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)

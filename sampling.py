@@ -5,6 +5,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+KEYS_PER_LINK = 8  # position_keys: keys split at once from each link of a chain of splits
+
 
 def probabilities(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
     """The distribution the decoder samples from: (..., vocab) logits -> probabilities.
@@ -51,10 +53,29 @@ def accept_drafts(p, q, uniform, delta: float):
 
 
 def residual(main_probs, draft_probs):
-    """Where to sample after a rejection: norm(max(0, p - q)), or p itself where that is empty."""
+    """Where to sample after a rejection: norm(max(0, p - q)), or p itself where that is empty or q is 0 (a padded
+    position, where a row drafted nothing: p exactly, as after the row's own last draft)."""
     leftover = mx.maximum(main_probs - draft_probs, 0.0)
     total = leftover.sum(axis=-1, keepdims=True)
-    return mx.where(total > 0, leftover / mx.maximum(total, 1e-30), main_probs)
+    drafted = draft_probs.max(axis=-1, keepdims=True) > 0
+    return mx.where((total > 0) & drafted, leftover / mx.maximum(total, 1e-30), main_probs)
+
+
+def position_keys(key, count):
+    """(count, 2) random keys, one per token position: the i-th depends on `key` and i alone (the i-th of
+    mx.random.split(key, count) depends on count too), so a row draws the same however far its drafts are padded."""
+    blocks = []
+    for _ in range(-(-count // KEYS_PER_LINK)):
+        key, block = mx.random.split(key)
+        blocks.append(mx.random.split(block, KEYS_PER_LINK))
+    return mx.concatenate(blocks)[:count] if blocks else mx.zeros((0, 2), dtype=mx.uint32)
+
+
+def uniforms(key, count):
+    """(count,) draws from (0, 1], one per position, each with its position's key."""
+    if count == 0:
+        return mx.zeros((0,))  # (vmap over no keys at all fails)
+    return 1.0 - mx.vmap(lambda position_key: mx.random.uniform(key=position_key))(position_keys(key, count))
 
 
 def pad_vocab(probs, size):
@@ -101,19 +122,20 @@ class Sampler:
         at each token: acceptance min(1, p(x)), residual norm(max(0, p - q))). Returns (accepted (k,) booleans,
         extra (k + 1,) tokens): extra[i] follows i accepted drafts, a correction for i < k and a bonus for i = k.
         """
-        if drafts.size == 0:
-            return mx.zeros((0,), dtype=mx.bool_), self.next_token(logits, extra_key)
+        # Each draw takes its position's key: a row's tokens do not depend on how far a batch pads its drafts.
         if self.greedy:
-            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0; the
-            # residual after a rejection is one-hot at the main model's argmax.
+            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0 (at delta 0,
+            # whatever u is drawn); the residual after a rejection is one-hot at the main model's argmax.
             choices = mx.argmax(logits, axis=-1)
-            agree = choices[:-1] == drafts
+            matches = choices[:-1] == drafts
             if delta == 0:
-                return agree, choices  # u <= p(x) / q(x) for u in (0, 1] holds exactly where the ratio is 1
-            uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
-            return accept_drafts(agree.astype(mx.float32), 1.0, uniform, delta), choices
-        uniform = 1.0 - mx.random.uniform(shape=drafts.shape, key=accept_key)
+                return matches, choices
+            uniform = uniforms(accept_key, drafts.shape[0])
+            return accept_drafts(matches.astype(mx.float32), 1.0, uniform, delta), choices
+        uniform = uniforms(accept_key, drafts.shape[0])
         main_probs = self.distribution(logits)
+        if drafts.size == 0:
+            return mx.zeros((0,), dtype=mx.bool_), self.sample_each(main_probs, extra_key)
         # A draft model's vocabulary may be wider than the main model's; deterministic drafts are tokenizer ids.
         width = max(main_probs.shape[-1], 0 if draft_probs is None else draft_probs.shape[-1])
         main_probs = pad_vocab(main_probs, width)
@@ -121,4 +143,8 @@ class Sampler:
         p = mx.take_along_axis(main_probs[:-1], drafts[:, None], axis=-1)[:, 0]
         q = mx.take_along_axis(draft_probs, drafts[:, None], axis=-1)[:, 0]
         fallback = mx.concatenate([residual(main_probs[:-1], draft_probs), main_probs[-1:]])
-        return accept_drafts(p, q, uniform, delta), self.sample(fallback, extra_key)
+        return accept_drafts(p, q, uniform, delta), self.sample_each(fallback, extra_key)
+
+    def sample_each(self, probs, key):
+        """A token from each row of (n, vocab) probabilities, row i drawn with position i's key."""
+        return mx.vmap(self.sample)(probs, position_keys(key, probs.shape[0]))
