@@ -218,7 +218,7 @@ def plot(rows, path, description):
 
 def demo_prompts(count):
     """`count` held-out prompts of the demo pair, cycling through them when more are asked for."""
-    lines = (DEMO / "prompts.txt").read_text().splitlines()
+    lines = [json.loads(line)["prompt"] for line in (DEMO / "prompts.txt").read_text().splitlines()]
     return [lines[i % len(lines)] for i in range(count)]
 
 

@@ -1,4 +1,4 @@
-"""The bundled demo pair (models/demo): a trained HF checkpoint, converted and run the way a user runs it."""
+"""The bundled demo pair (models/demo): an English-German translation pair, converted and run the way a user runs it."""
 
 import json
 import os
@@ -12,12 +12,17 @@ import torch
 from conftest import ROOT
 
 import convert
-from decoder import SpeculativeDecoder
+from decoder import DRAFTERS, SpeculativeDecoder
 from loader import load_model
 
+sys.path.insert(0, str(ROOT / "tools"))
+import demo_data  # noqa: E402
+
 DEMO_DIR = ROOT / "models" / "demo"
-PROMPTS = (DEMO_DIR / "prompts.txt").read_text().splitlines()
+EXAMPLES = [json.loads(line) for line in (DEMO_DIR / "prompts.txt").read_text().splitlines()]
+PROMPTS = [example["prompt"] for example in EXAMPLES]
 TOLERANCE = 1e-4  # max abs difference of the logits, float32
+SEED_PROMPT = "translate English to German: The house is wonderful."
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +43,24 @@ def reference():
 
 def test_the_pair_is_small_and_shares_one_vocabulary(demo):
     size = sum(file.stat().st_size for file in DEMO_DIR.rglob("*") if file.is_file())
-    assert size <= 40 * 2**20
+    assert size <= 60 * 2**20
     (main, tokenizer, _), (draft, draft_tokenizer, _) = demo["main"], demo["draft"]
     assert tokenizer.get_vocab() == draft_tokenizer.get_vocab()
     assert main.args.vocab_size == draft.args.vocab_size >= len(tokenizer)
-    assert len(PROMPTS) == 20 and all(prompt.startswith("complete: ") for prompt in PROMPTS)
-    # The draft is much cheaper per token: one narrower decoder layer against the main model's eight.
-    assert draft.args.d_model < main.args.d_model and draft.args.d_ff < main.args.d_ff
+    # German letters are pieces of the vocabulary, not unknown tokens.
+    assert tokenizer.unk_token_id not in tokenizer("Die Brücke über den Fluss ist schön.").input_ids
+    assert len(PROMPTS) == 100 and all(prompt.startswith("translate English to German: ") for prompt in PROMPTS)
+    # Every shipped prompt is held out: the training data never had it.
+    assert all(demo_data.is_held_out(prompt.removeprefix(demo_data.PREFIX)) for prompt in PROMPTS)
+    # The draft is much cheaper per token: one decoder layer against the main model's eight (of the same width, so
+    # that it starts from the main model's weights).
     assert draft.args.num_decoder_layers * 8 <= main.args.num_decoder_layers
 
 
 def test_logits_and_greedy_output_match_transformers(demo, reference):
     model, tokenizer, _ = demo["main"]
     batch = tokenizer(PROMPTS[:3], padding=True, return_tensors="pt")
-    decoder_ids = torch.tensor([[0] + tokenizer(prompt).input_ids[:24] for prompt in PROMPTS[3:6]])
+    decoder_ids = torch.tensor([[0] + tokenizer(prompt).input_ids[:10] for prompt in PROMPTS[3:6]])
     with torch.no_grad():
         expected = reference(**batch, decoder_input_ids=decoder_ids).logits
     logits = model(*(mx.array(t.numpy()) for t in (batch.input_ids, decoder_ids, batch.attention_mask)))
@@ -69,26 +78,36 @@ def test_logits_and_greedy_output_match_transformers(demo, reference):
         assert decoder.generate(prompt, regular=True).tokens == generated[0, 1:].tolist()
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, 6])
-def test_speculative_greedy_equals_regular_greedy(demo, num_draft):
+def test_the_main_model_translates_held_out_sentences(demo):
+    model, tokenizer, _ = demo["main"]
+    decoder = SpeculativeDecoder(model, None, tokenizer)
+    assert decoder.generate(SEED_PROMPT, regular=True).text == "Das Haus ist wunderbar."
+    examples = EXAMPLES[:40]
+    exact = sum(decoder.generate(e["prompt"], regular=True).text == e["reference"] for e in examples) / len(examples)
+    # 88% over the first 50 held-out prompts, 85% over 300 other held-out sentences (models/demo/README.md)
+    assert exact >= 0.8
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("num_draft", [1, 4, "auto"])
+def test_speculative_greedy_equals_regular_greedy(demo, drafter, num_draft):
     (model, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
-    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft)
+    decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=num_draft, drafter=drafter)
     for prompt in PROMPTS[:4]:
         regular = decoder.generate(prompt, regular=True)
         speculative = decoder.generate(prompt)
-        assert len(regular.tokens) >= 32  # a few dozen tokens: room to speculate
+        assert len(regular.tokens) >= 5  # a sentence: room to speculate
         assert speculative.tokens == regular.tokens and speculative.text == regular.text
 
 
 def test_acceptance_rate_is_realistic(demo):
     (model, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
     decoder = SpeculativeDecoder(model, draft, tokenizer, num_draft=1)
-    runs = [decoder.generate(prompt).stats for prompt in PROMPTS[:5]]
-    # With one draft per call: how often the draft's greedy choice is the main model's (0.952 on these five prompts,
-    # 0.825 over all 20: tools/measure_demo_pair.py). Untrained pairs sit near 0, or near 1 where both only repeat one
-    # token; a draft trained on the data alone, not distilled, agreed about half the time.
+    runs = [decoder.generate(prompt).stats for prompt in PROMPTS[:10]]
+    # With one draft per call: how often the draft's greedy choice is the main model's (0.934 over the first 50
+    # held-out prompts). Untrained pairs sit near 0, or near 1 where both only repeat one token.
     rate = sum(stats.accepted for stats in runs) / sum(stats.drafted for stats in runs)
-    assert 0.75 <= rate <= 0.99
+    assert 0.85 <= rate <= 0.995
 
 
 def test_bare_command_runs_the_demo_pair(tmp_path):
@@ -105,15 +124,15 @@ def test_bare_command_runs_the_demo_pair(tmp_path):
     assert "bundled demo pair" in stderr and "python convert.py --model t5-11b" in stderr
     assert "converting" in stderr and "Traceback" not in stderr
     assert (first["model"], first["draft_model"]) == ("mlx_models/demo-main", "mlx_models/demo-draft")
-    assert first["prompt"] == PROMPTS[0] and first["text"].strip() and len(first["tokens"]) == 24
-    assert first["stats"]["drafted"] > 0
-    # The draft length is chosen step by step unless given.
+    # The seed's own prompt, translated; the draft length is chosen step by step unless given.
+    assert first["prompt"] == SEED_PROMPT and first["text"] == "Das Haus ist wunderbar."
     assert first["settings"]["num_draft"] == "auto"
+    drafted, stderr = run("--json", "-m", "24", "--num-draft", "3")
+    assert drafted["text"] == first["text"] and drafted["stats"]["drafted"] > 0
 
     # Converted once, and again where the bundled weights are newer than the conversion (here: made older).
     os.utime(tmp_path / "mlx_models" / "demo-main" / "config.json", (0, 0))
-    second, stderr = run("--json", "-m", "24", "--regular-decode", "--num-draft", "3")
+    second, stderr = run("--json", "-m", "24", "--regular-decode", "--num-draft", "3", "--prompt", PROMPTS[0])
     assert "converting the demo pair into mlx_models/demo-main\n" in stderr
-    # The main model alone writes the same tokens.
-    assert second["tokens"] == first["tokens"] and second["draft_model"] is None
+    assert second["text"] == EXAMPLES[0]["reference"] and second["draft_model"] is None
     assert second["settings"]["num_draft"] == 3

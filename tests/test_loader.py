@@ -334,7 +334,7 @@ def test_the_demo_pair_leaves_a_directory_of_the_users_alone(tmp_path):
     (own / "notes.txt").write_text("the user's own")
     result = run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    # After the lines saying that the demo pair runs, and on which prompt.
+    # After the line saying that the demo pair runs.
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
     assert "mlx_models/demo-main is in the way of the bundled demo pair" in lines[-1]

@@ -1,15 +1,18 @@
-"""Measure the bundled demo pair on its 20 held-out prompts: draft cost, acceptance rate and speedup.
+"""Measure the bundled demo pair on its held-out sentences: translation quality, draft cost, acceptance, speedup.
 
     python tools/measure_demo_pair.py                       # the draft model at 1..6 drafts per step and auto
     python tools/measure_demo_pair.py --drafter lookup hybrid --num-draft 2 4 auto
-    python tools/measure_demo_pair.py --prompts sweep       # experiments.py's 14 other held-out snippets
+    python tools/measure_demo_pair.py --temperature 1       # sampled: exact match, regular against speculative
 
-Greedy decoding at delta = 0, so every speculative run must reproduce the regular run token for token
+Quality first: the exact match and BLEU of the main and the draft model's greedy translations against the
+references. Then speed, greedy at delta = 0, so every speculative run must reproduce the regular run token for token
 (checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
 on the machine slows some runs, never speeds one up.
 """
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +27,6 @@ import mlx.core as mx  # noqa: E402
 
 import convert  # noqa: E402
 from decoder import DRAFTERS, SpeculativeDecoder  # noqa: E402
-from experiment_prompts import DEFAULT_PROMPTS  # noqa: E402
 from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
@@ -59,6 +61,30 @@ def fastest_runs(decoders, prompts, repeats, **options):
     return {name: [min(tries, key=lambda g: g.stats.seconds) for tries in zip(*r)] for name, r in runs.items()}
 
 
+def quality(decoder, examples, regular=True, **options):
+    """(exact match, BLEU or None without sacrebleu) of `decoder`'s outputs against the references."""
+    outputs = [decoder.generate(e["prompt"], regular=regular, **options).text for e in examples]
+    references = [e["reference"] for e in examples]
+    exact = sum(o == r for o, r in zip(outputs, references)) / len(examples)
+    try:
+        import sacrebleu
+    except ImportError:
+        return exact, None
+    return exact, sacrebleu.corpus_bleu(outputs, [references]).score
+
+
+def sampled_quality(main_model, draft_model, tokenizer, examples, temperature, seeds):
+    """Exact match of sampled translations, regular against speculative (delta 0), each over `seeds`."""
+    for name, regular in (("regular", True), ("speculative", False)):
+        rates = []
+        for seed in seeds:
+            decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, temperature=temperature, seed=seed)
+            rates.append(quality(decoder, examples, regular=regular)[0])
+        spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        print(f"{name:11s} sampling at temperature {temperature}: exact match {statistics.mean(rates):.1%} "
+              f"(± {spread:.1%} over {len(seeds)} seeds)")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -71,8 +97,16 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--prompts", choices=["held-out", "sweep"], default="held-out", help="models/demo/prompts.txt or experiments.py's"
+        "--prompts",
+        type=Path,
+        default=DEMO_DIR / "prompts.txt",
+        help='JSON Lines of {"prompt", "reference"}: held-out sentences',
     )
+    parser.add_argument("--num-prompts", type=int, default=50, help="How many of the file's prompts to use")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="Above 0: measure sampled exact match instead of speed"
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="With --temperature: seeds per decoding method")
     args = parser.parse_args()
 
     try:
@@ -81,7 +115,16 @@ def main():
         print("error: " + " ".join(str(e).split()) + f"; restore {DEMO_DIR} with git checkout", file=sys.stderr)
         sys.exit(2)
     print(f"BLAS: {backend.active}")
-    prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines() if args.prompts == "held-out" else DEFAULT_PROMPTS
+    examples = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    examples = examples[: args.num_prompts]
+    prompts = [e["prompt"] for e in examples]
+    if args.temperature > 0:
+        sampled_quality(main_model, draft_model, tokenizer, examples, args.temperature, range(args.seeds))
+        return
+    for name, model in (("main", main_model), ("draft", draft_model)):
+        exact, bleu = quality(SpeculativeDecoder(model, None, tokenizer), examples)
+        print(f"{name:5s}: exact match {exact:.1%}, BLEU {'-' if bleu is None else f'{bleu:.1f}'} "
+              f"over {len(examples)} held-out sentences")  # fmt: skip
     options = dict(max_tokens=args.max_tokens, regular=True)
     # Warm up both models once, so that no measurement pays for first-call allocations.
     for model in (main_model, draft_model):

@@ -16,6 +16,7 @@ import backend  # noqa: F401, E402  (before mlx: loads an optimized BLAS on Linu
 
 import argparse  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
@@ -50,7 +51,7 @@ def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=str(DEMO / "main"), help="main model directory (MLX or transformers)")
     parser.add_argument("--draft-model", default=str(DEMO / "draft"), help="draft model directory (MLX or transformers)")
-    parser.add_argument("--prompt-file", default=str(DEMO / "prompts.txt"), help="one prompt per line")
+    parser.add_argument("--prompt-file", default=str(DEMO / "prompts.txt"), help="one prompt per line, or JSON Lines with a \"prompt\" field")
     parser.add_argument("--minutes", type=float, default=30, help="how long to decode")
     parser.add_argument("--warm-up", type=float, default=2, help="minutes before the memory baseline is taken")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded at once")
@@ -67,11 +68,13 @@ def main(argv=None):
         print("error: --warm-up must be at least 0 and below --minutes (> 0); pass e.g. --minutes 30", file=sys.stderr)
         return 2
     try:
-        prompts = [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        # One prompt a line, or JSON Lines with a "prompt" field (as models/demo/prompts.txt)
+        prompts = [json.loads(line)["prompt"] if line.startswith("{") else line for line in lines]
         with tempfile.TemporaryDirectory() as scratch:
             model, tokenizer = load(args.model, Path(scratch))
             draft_model, _ = load(args.draft_model, Path(scratch))
-    except (OSError, UnicodeDecodeError, ModelLoadError, convert.ConversionError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, ModelLoadError, convert.ConversionError) as e:
         print(f"error: {e}; pass existing --model, --draft-model and --prompt-file", file=sys.stderr)
         return 2
     if not prompts:

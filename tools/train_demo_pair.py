@@ -3,9 +3,10 @@ from it. The data comes from tools/demo_data.py's grammar, so this runs offline 
 
     python tools/train_demo_pair.py            # writes models/demo/{main,draft} and models/demo/prompts.txt
 
-The main model learns from the data; the draft is then distilled from it: at every target position of the same
-sentences, teacher-forced, it learns the main model's whole next-token distribution (KL divergence), which is what
-makes it agree with the main model's greedy choices. Sentences whose English hashes into the held-out set are never
+The main model learns from the data; the draft starts from the main model's embeddings, encoder and first decoder
+layer and is then distilled from it: at every target position of the same sentences, teacher-forced, it learns the
+main model's whole next-token distribution (KL divergence), which is what makes it agree with the main model's greedy
+choices. Sentences whose English hashes into the held-out set are never
 trained on; the held-out exact match of both models' greedy translations, and how often the draft's greedy choice is
 the main model's, are printed at the end. The run is seeded: the same torch and thread count give the same weights.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from demo_data import PREFIX, sample
 from t5_tokenizer import train_t5_tokenizer
-from transformers import Adafactor, T5Config, T5ForConditionalGeneration
+from transformers import Adafactor, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
@@ -47,8 +48,8 @@ MODELS = {
 }
 # T5's own optimizer: each step is relative to the scale of the weight it updates.
 LEARNING_RATE = 1e-2
-MAIN_STEPS = 3000
-DRAFT_STEPS = 1200
+MAIN_STEPS = 2000
+DRAFT_STEPS = 600
 BATCH_SIZE = 48
 WARMUP = 100
 
@@ -92,6 +93,13 @@ def train(name, data, steps, teacher=None):
     (teacher-forced on the same sentences); returns it in eval mode."""
     torch.manual_seed(SEED)
     model = T5ForConditionalGeneration(T5Config(**COMMON, **MODELS[name]))
+    if teacher is not None:
+        # The draft starts from what it shares with the main model (same width): the embeddings, the encoder, the
+        # first decoder layer (with the position bias) and the final norm; distillation then fits its one layer.
+        own = model.state_dict()
+        shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(shared, strict=False)
+        print(f"  {len(shared)} of {len(own)} tensors start from the main model's", flush=True)
     optimizer = Adafactor(model.parameters(), lr=LEARNING_RATE, scale_parameter=True, relative_step=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
     params = sum(p.numel() for p in model.parameters())
@@ -157,7 +165,12 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "demo", help="Output directory")
     parser.add_argument("--main-steps", type=int, default=MAIN_STEPS, help="Training steps of the main model")
     parser.add_argument("--draft-steps", type=int, default=DRAFT_STEPS, help="Distillation steps of the draft")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the weights depend on it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the weights depend on it)")
+    parser.add_argument(
+        "--draft-only",
+        action="store_true",
+        help="Keep the main model in --out (from an earlier run) and distill only the draft from it",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -188,14 +201,20 @@ def main():
     data, results, teacher = Sentences(tokenizer, SEED + 1), {}, None
     for name in MODELS:  # the main model first: the draft is distilled from it
         tick = time.perf_counter()
-        model = train(name, data, getattr(args, f"{name}_steps"), teacher)
+        if name == "main" and args.draft_only:
+            model = T5ForConditionalGeneration.from_pretrained(args.out / name, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(args.out / name)
+            data = Sentences(tokenizer, SEED + 1)
+        else:
+            model = train(name, data, getattr(args, f"{name}_steps"), teacher)
         minutes = (time.perf_counter() - tick) / 60
         outputs = greedy(model, tokenizer, [e["prompt"] for e in evaluation])
         exact = sum(o == e["reference"] for o, e in zip(outputs, evaluation)) / len(evaluation)
         agrees = None if teacher is None else agreement(model, teacher, tokenizer, evaluation)
         results[name] = (exact, agrees, minutes)
-        model.to(torch.bfloat16).save_pretrained(args.out / name)
-        tokenizer.save_pretrained(args.out / name)
+        if not (name == "main" and args.draft_only):
+            model.to(torch.bfloat16).save_pretrained(args.out / name)
+            tokenizer.save_pretrained(args.out / name)
         teacher = model.float()  # as shipped: its weights were rounded to bfloat16
         misses = [(o, e["reference"]) for o, e in zip(outputs, evaluation) if o != e["reference"]]
         for output, reference in misses[:5]:
