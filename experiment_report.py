@@ -179,8 +179,8 @@ def summary(rows, base, args, description, best):
             f"{description}. Base setting: {base}; each axis is varied alone around it. Every setting ran once in "
             f"each of {args.repeats} rounds (the first after a warm-up run) and the fastest run of each prompt "
             "counts. Speedup: tokens/s over regular decoding of the same prompts in the same process. Quality: "
-            "against the main model's greedy output of the same prompts; exact_match, truth_bleu and truth_chrf against the "
-            "prompt file's references (whole prompts only). prompt_tokens 0 is the whole prompt; "
+            "against the main model's greedy output of the same prompts; exact_match, truth_bleu and truth_chrf "
+            "against the prompt file's references (whole prompts only). prompt_tokens 0 is the whole prompt; "
             "num_draft 0 is regular decoding; auto chooses the draft length before every step.",
             "",
             "## Best settings",

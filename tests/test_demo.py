@@ -73,7 +73,10 @@ def test_logits_and_greedy_output_match_transformers(demo, reference):
         with torch.no_grad():
             generated = reference.generate(
                 # No cache: transformers sizes generate()'s cache by the encoder's layer count, not the decoder's (8).
-                **tokenizer(prompt, return_tensors="pt"), max_new_tokens=100, do_sample=False, use_cache=False
+                **tokenizer(prompt, return_tensors="pt"),
+                max_new_tokens=100,
+                do_sample=False,
+                use_cache=False,
             )
         assert decoder.generate(prompt, regular=True).tokens == generated[0, 1:].tolist()
 

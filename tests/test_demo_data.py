@@ -10,8 +10,17 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import demo_data  # noqa: E402
-from demo_data import ADVERB_LIST, NOUN_LIST, PREPOSITION_LIST, SAYING_LIST, VERB_LIST, Clause, Phrase  # noqa: E402
-from demo_data import PrepPhrase, translate  # noqa: E402
+from demo_data import (  # noqa: E402  # noqa: E402
+    ADVERB_LIST,
+    NOUN_LIST,
+    PREPOSITION_LIST,
+    SAYING_LIST,
+    VERB_LIST,
+    Clause,
+    Phrase,
+    PrepPhrase,
+    translate,
+)
 from demo_lexicon import ADJECTIVES, table  # noqa: E402
 
 
@@ -38,7 +47,11 @@ def check(structure, english, german):
 
 
 def test_the_seed_sentence():
-    check(Clause(noun("house"), predicate=("wonderful", "wunderbar")), "The house is wonderful.", "Das Haus ist wunderbar.")
+    check(
+        Clause(noun("house"), predicate=("wonderful", "wunderbar")),
+        "The house is wonderful.",
+        "Das Haus ist wunderbar.",
+    )
 
 
 def test_gender_and_case_of_articles():
@@ -51,7 +64,11 @@ def test_gender_and_case_of_articles():
         "The woman gives the child a ball.",
         "Die Frau gibt dem Kind einen Ball.",
     )
-    check(Clause(noun("dog", "my"), verb("see"), (noun("cat", "this"),)), "My dog sees this cat.", "Mein Hund sieht diese Katze.")
+    check(
+        Clause(noun("dog", "my"), verb("see"), (noun("cat", "this"),)),
+        "My dog sees this cat.",
+        "Mein Hund sieht diese Katze.",
+    )
 
 
 def test_adjective_endings_weak_mixed_strong():
@@ -100,13 +117,25 @@ def test_verb_second_after_a_fronted_adverb():
 
 def test_verb_last_in_subordinate_clauses():
     laughs, plays = Clause(noun("child"), verb("laugh")), Clause(noun("dog"), verb("play"))
-    check(("because", laughs, plays, "because"), "The child laughs because the dog plays.", "Das Kind lacht, weil der Hund spielt.")
+    check(
+        ("because", laughs, plays, "because"),
+        "The child laughs because the dog plays.",
+        "Das Kind lacht, weil der Hund spielt.",
+    )
     seen = Clause(noun("man"), verb("see"), (noun("dog"),), tense="perfect")
     says = next(entry for entry in SAYING_LIST if entry[0] == "say")
-    check(("that", Phrase(name="Anna"), seen, says), "Anna says that the man has seen the dog.", "Anna sagt, dass der Mann den Hund gesehen hat.")
+    check(
+        ("that", Phrase(name="Anna"), seen, says),
+        "Anna says that the man has seen the dog.",
+        "Anna sagt, dass der Mann den Hund gesehen hat.",
+    )
     knows = next(entry for entry in SAYING_LIST if entry[0] == "know")
     sleeps = Clause(noun("cat"), verb("sleep"), negated=True)
-    check(("that", Phrase(pronoun="I"), sleeps, knows), "I know that the cat does not sleep.", "Ich weiß, dass die Katze nicht schläft.")
+    check(
+        ("that", Phrase(pronoun="I"), sleeps, knows),
+        "I know that the cat does not sleep.",
+        "Ich weiß, dass die Katze nicht schläft.",
+    )
 
 
 def test_perfect_with_the_participle_last_and_sein_for_motion():
@@ -135,8 +164,12 @@ def test_future_with_the_infinitive_last():
 def test_questions():
     check(Clause(noun("dog"), verb("sleep"), asked="yes"), "Does the dog sleep?", "Schläft der Hund?")
     check(Clause(noun("cat"), asked="where"), "Where is the cat?", "Wo ist die Katze?")
-    check(Clause(noun("man"), verb("see"), (noun("dog"),), asked="what"), "What does the man see?", "Was sieht der Mann?")
-    check(Clause(Phrase(name="Tom"), verb("see"), (noun("dog"),), asked="who"), "Who sees the dog?", "Wer sieht den Hund?")
+    check(
+        Clause(noun("man"), verb("see"), (noun("dog"),), asked="what"), "What does the man see?", "Was sieht der Mann?"
+    )
+    check(
+        Clause(Phrase(name="Tom"), verb("see"), (noun("dog"),), asked="who"), "Who sees the dog?", "Wer sieht den Hund?"
+    )
     check(
         Clause(noun("man"), verb("see"), (noun("dog"),), tense="past", asked="yes"),
         "Did the man see the dog?",
@@ -161,7 +194,11 @@ def test_negation_nicht_and_kein():
         "The man does not buy apples.",
         "Der Mann kauft keine Äpfel.",
     )
-    check(Clause(noun("house"), predicate=("big", "groß"), negated=True), "The house is not big.", "Das Haus ist nicht groß.")
+    check(
+        Clause(noun("house"), predicate=("big", "groß"), negated=True),
+        "The house is not big.",
+        "Das Haus ist nicht groß.",
+    )
     check(
         Clause(noun("man"), verb("see"), (Phrase(pronoun="he"),), tense="perfect", negated=True),
         "The man has not seen him.",
@@ -183,18 +220,40 @@ def test_plurals_and_dative_plural():
 
 
 def test_contractions_of_preposition_and_article():
-    check(Clause(noun("dog"), verb("sleep"), place=place("in", noun("house"))), "The dog sleeps in the house.", "Der Hund schläft im Haus.")
-    check(Clause(noun("girl"), verb("go"), place=place("to", noun("school"))), "The girl goes to the school.", "Das Mädchen geht zur Schule.")
-    check(Clause(noun("girl"), verb("come"), place=place("from", noun("park"))), "The girl comes from the park.", "Das Mädchen kommt vom Park.")
+    check(
+        Clause(noun("dog"), verb("sleep"), place=place("in", noun("house"))),
+        "The dog sleeps in the house.",
+        "Der Hund schläft im Haus.",
+    )
+    check(
+        Clause(noun("girl"), verb("go"), place=place("to", noun("school"))),
+        "The girl goes to the school.",
+        "Das Mädchen geht zur Schule.",
+    )
+    check(
+        Clause(noun("girl"), verb("come"), place=place("from", noun("park"))),
+        "The girl comes from the park.",
+        "Das Mädchen kommt vom Park.",
+    )
     # no contraction with another determiner
-    check(Clause(noun("dog"), verb("sleep"), place=place("in", noun("house", "a"))), "The dog sleeps in a house.", "Der Hund schläft in einem Haus.")
+    check(
+        Clause(noun("dog"), verb("sleep"), place=place("in", noun("house", "a"))),
+        "The dog sleeps in a house.",
+        "Der Hund schläft in einem Haus.",
+    )
 
 
 def test_names_and_numbers_are_copied_through():
-    check(Clause(Phrase(name="Anna"), verb("see"), (noun("dog", "", number=17, plural=True),)), "Anna sees 17 dogs.", "Anna sieht 17 Hunde.")
+    check(
+        Clause(Phrase(name="Anna"), verb("see"), (noun("dog", "", number=17, plural=True),)),
+        "Anna sees 17 dogs.",
+        "Anna sieht 17 Hunde.",
+    )
     for example in demo_data.sample(300, seed=11):
         english = example["prompt"].removeprefix(demo_data.PREFIX)
-        copied = [word.strip(".,?") for word in english.split() if word.strip(".,?").isdigit() or word in demo_data.NAMES]
+        copied = [
+            word.strip(".,?") for word in english.split() if word.strip(".,?").isdigit() or word in demo_data.NAMES
+        ]
         german = example["reference"].replace(",", " ").replace(".", " ").replace("?", " ").split()
         assert all(word in german for word in copied), example
 

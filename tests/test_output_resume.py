@@ -68,7 +68,9 @@ def test_a_stopped_run_resumed_gives_the_uninterrupted_results(stop, cut, main_m
     # Stopped once the output holds a random number of results: some done, most not.
     wanted = random.Random(f"{stop}{cut}").randrange(1, len(PROMPTS) // 2)
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with subprocess.Popen(command(*flags(main_model, prompt_file), "--output", output), cwd=ROOT, env=ENV, **pipes) as p:
+    with subprocess.Popen(
+        command(*flags(main_model, prompt_file), "--output", output), cwd=ROOT, env=ENV, **pipes
+    ) as p:
         while p.poll() is None and (not output.exists() or output.read_text().count("\n") < wanted):
             time.sleep(0.002)
         p.send_signal(stop)

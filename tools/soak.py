@@ -50,8 +50,14 @@ def load(path: str, scratch: Path):
 def setup_arg_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=str(DEMO / "main"), help="main model directory (MLX or transformers)")
-    parser.add_argument("--draft-model", default=str(DEMO / "draft"), help="draft model directory (MLX or transformers)")
-    parser.add_argument("--prompt-file", default=str(DEMO / "prompts.txt"), help="one prompt per line, or JSON Lines with a \"prompt\" field")
+    parser.add_argument(
+        "--draft-model", default=str(DEMO / "draft"), help="draft model directory (MLX or transformers)"
+    )
+    parser.add_argument(
+        "--prompt-file",
+        default=str(DEMO / "prompts.txt"),
+        help='one prompt per line, or JSON Lines with a "prompt" field',
+    )
     parser.add_argument("--minutes", type=float, default=30, help="how long to decode")
     parser.add_argument("--warm-up", type=float, default=2, help="minutes before the memory baseline is taken")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded at once")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from demo_data import PREFIX, sample
+from demo_data import sample
 from t5_tokenizer import train_t5_tokenizer
 from transformers import Adafactor, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
@@ -191,9 +191,10 @@ def main():
     prompts, evaluation = held_out[:NUM_PROMPTS], held_out[NUM_PROMPTS:]
     print(f"tokenizer trained in {time.perf_counter() - start:.0f} s on {len(lines)} lines", flush=True)
     for example in prompts:  # the text round-trips through the tokenizer
-        assert tokenizer.decode(tokenizer(example["reference"]).input_ids, skip_special_tokens=True) == example[
-            "reference"
-        ], example
+        assert (
+            tokenizer.decode(tokenizer(example["reference"]).input_ids, skip_special_tokens=True)
+            == example["reference"]
+        ), example
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "prompts.txt", "w") as file:
