@@ -10,7 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import demo_data  # noqa: E402
-from demo_data import (  # noqa: E402  # noqa: E402
+from demo_data import (  # noqa: E402
     ADVERB_LIST,
     NOUN_LIST,
     PREPOSITION_LIST,
