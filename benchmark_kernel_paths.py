@@ -8,12 +8,11 @@ interleaved round by round so that a busy machine weighs on all alike.
 import argparse
 import json
 import os
-import time
 
 import mlx.core as mx
 
 import kernels
-from benchmark_kernels import DTYPES, product, weight_arrays
+from benchmark_kernels import DTYPES, product, seconds, weight_arrays
 
 
 def settings():
@@ -25,16 +24,6 @@ def settings():
         if kernels.native.integer_products():
             out.append((f"{isa} int8", isa, True))
     return out
-
-
-def timed(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def sweep(rows_list, rounds, repeats):
@@ -56,7 +45,7 @@ def sweep(rows_list, rounds, repeats):
                     kernels.native.set_isa(isa)
                     kernels.integer = integer
                     run = lambda: mx.eval([product(x, a, bits, True) for x, a in zip(inputs, matrices)])  # noqa: E731
-                    s = timed(run, repeats)
+                    s = seconds(run, repeats)
                     key = (name, rows, label)
                     results[key] = min(results.get(key, s), s)
             for label, _, integer in settings():

@@ -32,7 +32,7 @@ import mlx.core as mx
 import benchmark_kernels
 import convert
 import kernels
-from decoder import SpeculativeDecoder, Stats
+from decoder import SpeculativeDecoder
 from loader import load_model
 
 ROOT = Path(__file__).resolve().parent
@@ -40,16 +40,6 @@ DEMO = ROOT / "models" / "demo"
 PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
 BATCH_ROWS = 8
 VERIFY_ROWS = 5  # k + 1 for main.py's typical draft lengths
-
-
-def median_seconds(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def step_setup(model, rows, prompt_length, context):
@@ -74,7 +64,7 @@ def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=
         for layer_cache in cache:
             layer_cache.trim(tokens)
 
-    return median_seconds(call, repeats)
+    return benchmark_kernels.seconds(call, repeats)
 
 
 def operation_count(model, rows=1, tokens=1):
