@@ -44,7 +44,7 @@ def test_two_ranks_match_one_process(models, tmp_path):
         expected = outputs(model, tokenizer, *load_model(draft_dir)[:2])
         sharded = np.load(tmp_path / f"{i}.npz")
         assert (sharded["ranks"], sharded["heads"]) == (2, model.args.num_heads // 2)
-        np.testing.assert_allclose(sharded["logits"], expected["logits"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(sharded["logits"], expected["logits"], atol=1e-4, rtol=0, err_msg=str(i))
         assert sharded["regular"].tolist() == expected["regular"].tolist()
         assert sharded["speculative"].tolist() == expected["speculative"].tolist()
         assert sharded["sampled"].tolist() == expected["sampled"].tolist()
