@@ -395,22 +395,27 @@ RESULT_START = b'{"index": '
 
 
 class OutputFile:
-    """The --output file of a --prompt-file run: one JSON line per result, flushed as it is written."""
+    """The --output file of a --prompt-file run: one JSON line per result, on disk as soon as it is written. Each line
+    goes out in one unbuffered write with Ctrl-C held off, so the line a Ctrl-C prints counts exactly the lines kept."""
 
     def __init__(self, path, total, done):
         self.path, self.total, self.done, self.written = path, total, done, 0
         try:
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open(path, "ab", buffering=0)
         except OSError as e:
             fail(f"cannot write {path} ({e}); pass an --output in a writable directory")
 
     def write(self, result):
-        self.file.write(json.dumps(result) + "\n")
-        self.file.flush()
-        self.written += 1
+        line = (json.dumps(result) + "\n").encode("utf-8")
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            while line:
+                line = line[self.file.write(line) :]
+            self.written += 1
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def summary(self):
-        self.file.flush()
         return (
             f"{self.written} results written to {self.path} in this run, {self.done + self.written} of "
             f"{self.total} prompts done"
