@@ -8,8 +8,8 @@ where alpha_i is the chance that draft i is accepted once drafts 1..i-1 were (Le
 and T(k) the time of a step with k drafts. T comes from a table measured once per setting (step_costs.py); while
 decoding only a common factor is tracked (a busier machine slows every step alike, which changes no choice). The
 alphas start from what the pair and drafter ended their last run with (step_costs.py keeps them), and follow each
-step's outcome, recency-weighted. A length longer than the best is tried only while its acceptance is uncertain enough
-that it might be better. A batch takes one length for all its rows: the one with the most tokens per second summed
+step's outcome, recency-weighted. Another length is tried only while its acceptance is uncertain enough that it might
+be better. A batch takes one length for all its rows: the one with the most tokens per second summed
 over the rows, each with its own source of drafts (draft model or lookup, estimated apart).
 """
 
@@ -17,9 +17,12 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 DECAY = 0.95  # weight of the past in an estimate per new observation of it: about the last twenty count
-PRIOR_WEIGHT = 2.0  # observations a position's prior (the position before it) counts as; 0.5 for the first
+PRIOR_WEIGHT = 2.0  # observations a position's prior (the position before it) counts as
+FIRST_PRIOR_WEIGHT = 1.0  # observations the first position's prior (0.5) counts as: one rejection does not settle it
 MEMORY_WEIGHT = 20.0  # the most observations a remembered estimate counts as at the start of a run
-EXPLORE_EVERY = 4  # the fewest steps between tries of a longer length than the best
+EXPLORE_EVERY = 4  # the fewest steps between tries of another length than the best
+# Steps between tries, at most: the gap doubles after each try that leaves the best length as it was.
+EXPLORE_MAX_GAP = 16
 OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
@@ -78,7 +81,7 @@ class Acceptance:
         """alpha_1..alpha_k, each `optimism` standard deviations above its mean (capped at 1). A position's prior is
         the one before it (acceptance changes slowly along a draft), the first one's 0.5 with little weight."""
         positions = self.counts.get(source, [])
-        alphas, prior, prior_weight = [], 0.5, 0.5
+        alphas, prior, prior_weight = [], 0.5, FIRST_PRIOR_WEIGHT
         for i in range(k):
             accepted, tried = positions[i] if i < len(positions) else (0.0, 0.0)
             weight = tried + prior_weight
@@ -118,6 +121,8 @@ class AutoDraftLength:
         self.factor = 1.0  # measured step times / the table's, recency-weighted
         self.factor_weight = 0.0
         self.since_explored = 0
+        self.explore_gap = EXPLORE_EVERY
+        self.explored = None  # (length tried, the best length before it), until the next choice
 
     def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
         """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k)."""
@@ -140,13 +145,24 @@ class AutoDraftLength:
         best = max(range(top + 1), key=lambda k: rates[k])
         if rates[best] < rates[0] * (1 + MIN_GAIN):
             best = 0
+        if self.explored is not None:
+            # A try that changed nothing makes the next one wait twice as long; one that did, the next one soon.
+            changed = best != self.explored[1]
+            self.explore_gap = EXPLORE_EVERY if changed else min(2 * self.explore_gap, EXPLORE_MAX_GAP)
+            self.explored = None
         self.since_explored += 1
-        if best < top and self.since_explored >= EXPLORE_EVERY:
-            # One longer: worth a try when its acceptance might, within its uncertainty, make it the best.
-            hopeful = self.rates(sources, best + 1, OPTIMISM)[best + 1]
-            if hopeful > rates[best] * (1 + (MIN_GAIN if best == 0 else 0.0)):
+        if self.since_explored >= self.explore_gap:
+            # The length nearest the best (the longer of two) that might beat it, were its acceptance as high as its
+            # uncertainty allows. Not only one longer: when the first draft is dear (drafting at all stops the host
+            # building ahead) one draft may never pay where three do.
+            hopeful = self.rates(sources, top, OPTIMISM)
+            bar = rates[best] * (1 + (MIN_GAIN if best == 0 else 0.0))
+            trials = [k for k in range(1, top + 1) if k != best and hopeful[k] > bar]
+            if trials:
+                trial = min(trials, key=lambda k: (abs(k - best), -k))
                 self.since_explored = 0
-                return best + 1
+                self.explored = (trial, best)
+                return trial
         return best
 
     def choose(self, source: Optional[str], limit: int) -> int:

@@ -121,6 +121,9 @@ CASES = {
     "right at first, then not": ([0.9, 0.2] + [0.1] * 6, [1.0 + 0.1 * k for k in range(9)]),
     "never right": ([0.0] * 8, [1.0 + 0.01 * k for k in range(9)]),
     "drafting for itself": ([1.0] * 8, [1.0 + 1.02 * k for k in range(9)]),
+    # A step that drafts at all costs twice a plain one (the host no longer builds ahead): one draft never pays, three
+    # do, so trying one more than the best would never get there.
+    "drafting dear, long drafts pay": ([0.93] * 8, [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]),
 }
 
 
@@ -128,16 +131,18 @@ CASES = {
 def test_auto_converges_to_the_best_length_on_a_simulated_clock(case):
     alphas, costs = CASES[case]
     rates = tokens_per_second(alphas, costs)
-    # The best k, and any within 3% of it (a near tie that twenty steps' acceptance cannot tell apart).
-    best = {k for k in range(len(costs)) if rates[k] >= 0.97 * rates.max()}
-    for seed in range(3):
+    # The best k, and any within 4% of it: a near tie that twenty steps' acceptance cannot tell apart (at alpha 0.5 an
+    # estimate from twenty steps is off by 0.1 typically, which moves E(k) by more than that).
+    best = {k for k in range(len(costs)) if rates[k] >= 0.96 * rates.max()}
+    for seed in range(10):
         rng = np.random.default_rng(seed)
         policy = AutoDraftLength(8, {"model": costs}, Acceptance())
         # The machine slows down threefold halfway: every step alike, so the best length stays the same.
         chosen = simulate(policy, alphas, costs, 200, rng) + simulate(policy, alphas, costs, 200, rng, slowdown=3.0)
         settled = chosen[100:]
         assert max(set(settled), key=settled.count) in best, (best, chosen)
-        assert np.mean(rates[settled]) >= 0.98 * rates.max(), (best, chosen)
+        # The bar auto is held to: at least 0.97x the best fixed length.
+        assert np.mean(rates[settled]) >= 0.97 * rates.max(), (best, chosen)
         assert policy.factor == pytest.approx(3.0, rel=0.1)
         # The next run starts from this one's acceptance: it chooses well from the start.
         remembered = AutoDraftLength(8, {"model": costs}, Acceptance(policy.acceptance.to_dict()))
