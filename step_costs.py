@@ -4,8 +4,9 @@ acceptance from earlier runs, both kept in a user cache directory.
 Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
 size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
 k = 0..max, a few steps of each k in a row, every k in turn, a few rounds, each step's time from one host
-synchronisation to the next. The median per k is kept, keyed by all of the above; a change of any of them measures
-again. Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
+synchronisation to the next. A first round warms up untimed (first runs of each shape are slow); each block's mean
+step time counts once (plain steps in a row alternate long and short, as each is built while the one before computes),
+and the median of the blocks per k is kept, keyed by all of the above; a change of any of them measures again. Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
 never the model's directory. A file that cannot be read is measured again and replaced, after one warning.
@@ -36,8 +37,8 @@ ROOT = Path(__file__).resolve().parent
 SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batching.py", "drafters.py", "sampling.py")
 # Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
 PROMPT = "31415926535897932384626433832795028841971693993751"
-BLOCK = 3  # steps of one length in a row; the first is dropped (it follows a step of another length)
-MIN_ROUNDS, MAX_ROUNDS = 2, 5
+BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
+MIN_ROUNDS, MAX_ROUNDS = 3, 8  # timed rounds, after one untimed warm-up round
 BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
 warned = set()  # paths already warned about, so that each is reported once
 
@@ -140,17 +141,19 @@ class Done(Exception):
 
 
 class Schedule:
-    """A draft-length policy that measures: every k in 0..max_num_draft for BLOCK steps in a row, in turn, each step's
-    time kept by k (the first of each block dropped)."""
+    """A draft-length policy that measures: every k in 0..max_num_draft for BLOCK steps in a row, in turn; each block's
+    mean step time kept by k (its first step dropped), unless the round is a warm-up."""
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
         self.seconds: Dict[int, List[float]] = {k: [] for k in range(max_num_draft + 1)}
 
-    def round(self):
+    def round(self, warm_up: bool = False):
         self.plan = [k for k in range(self.max_num_draft + 1) for _ in range(BLOCK)]
         self.chosen = deque()  # (place in the plan, k) of the steps chosen and not yet timed
         self.position = 0
+        self.warm_up = warm_up
+        self.block: List[float] = []
 
     def choose(self, source, limit):
         if self.position == len(self.plan):
@@ -164,7 +167,11 @@ class Schedule:
     def record_time(self, source, drafted, seconds):
         place, k = self.chosen.popleft()
         if place % BLOCK:
-            self.seconds[k].append(seconds)
+            self.block.append(seconds)
+        if place % BLOCK == BLOCK - 1:
+            if not self.warm_up:
+                self.seconds[k].append(statistics.fmean(self.block))
+            self.block = []
 
     def record_acceptance(self, source, drafted, accepted):
         pass
@@ -201,8 +208,10 @@ def measure(decoder, source: str, batch_size: int) -> List[float]:
     start = time.perf_counter()
     rounds = 0
     # Every rank of a sharded model runs the same rounds (their steps wait for each other).
-    while rounds < MIN_ROUNDS or (rounds < MAX_ROUNDS and decoder.agree_all(time.perf_counter() - start < BUDGET)):
-        schedule.round()
+    while rounds <= MIN_ROUNDS or (rounds <= MAX_ROUNDS and decoder.agree_all(time.perf_counter() - start < BUDGET)):
+        schedule.round(warm_up=rounds == 0)
+        if rounds == 1:
+            start = time.perf_counter()
         # Decoding without end (EOS ignored, no token limit) until the schedule is through.
         if batch_size == 1:
             drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
