@@ -49,9 +49,10 @@ def batch_generations(
     Up to `batch_size` prompts decode together, each row exactly as `decoder.generate` decodes it alone (its own draft
     acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
     Row i samples with its own random stream, split from `seed`: stream i of len(prompts), or, given `streams`
-    (indices, count), stream indices[i] of count, so that a prompt draws the same wherever it stands in a run. `stats` receives the run's totals: main_calls
-    counts batched forward passes (lookup_steps those that verified a lookup's drafts), seconds the whole run. The
-    batch drafter and draft-length policy are the decoder's own unless given.
+    (indices, count), stream indices[i] of count, so that a prompt draws the same wherever it stands in a run.
+    `stats` receives the run's totals: main_calls counts batched forward passes (lookup_steps those that verified a
+    lookup's drafts), seconds the whole run. The batch drafter and draft-length policy are the decoder's own unless
+    given.
     """
     decoder.check_drafter(regular)
     if batch_size < 1:

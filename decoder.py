@@ -292,8 +292,10 @@ class SpeculativeDecoder:
             # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step, or was fed
             # already by the step built ahead).
             sequence.extend(new_tokens)
-            for layer_cache in cache:
-                layer_cache.trim(layer_cache.offset - (len(sequence) - (0 if ahead else 1)))
+            rejected = cache[0].offset - (len(sequence) - (0 if ahead else 1))
+            if rejected:  # every layer holds the same positions
+                for layer_cache in cache:
+                    layer_cache.trim(rejected)
             drafter.rewind(len(sequence))
             yield new_tokens
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:

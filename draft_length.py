@@ -60,6 +60,7 @@ class Acceptance:
 
     def __init__(self, counts: Optional[Dict[str, List[List[float]]]] = None):
         self.counts = {}
+        self.version = 0  # counts every observation, so that what is computed from the estimates can be kept
         for source, positions in (counts or {}).items():
             # A remembered estimate counts as at most MEMORY_WEIGHT observations.
             self.counts[source] = [
@@ -70,6 +71,7 @@ class Acceptance:
 
     def observe(self, source: str, drafted: int, accepted: int):
         """A step's outcome: `drafted` drafts from `source`, the first `accepted` of them accepted."""
+        self.version += 1
         positions = self.counts.setdefault(source, [])
         # Position i was tried when drafts 1..i-1 were accepted: those and the first rejection, if any.
         for i in range(min(drafted, accepted + 1)):
@@ -122,10 +124,21 @@ class AutoDraftLength:
         self.factor_weight = 0.0
         self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
+        self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
+        self.kept_version = None
         self.explored = None  # (length tried, the best length before it), until the next choice
 
     def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
-        """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k)."""
+        """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k). Kept until the
+        acceptance changes: a run of plain steps observes nothing, and asks again every step."""
+        if self.kept_version != self.acceptance.version:
+            self.kept_rates, self.kept_version = {}, self.acceptance.version
+        key = (tuple(sources), top, optimism)
+        if key not in self.kept_rates:
+            self.kept_rates[key] = self.compute_rates(sources, top, optimism)
+        return self.kept_rates[key]
+
+    def compute_rates(self, sources: Sequence[Optional[str]], top: int, optimism: float) -> List[float]:
         drafting = [source for source in sources if source]
         table = self.costs["model" if "model" in drafting else drafting[0]]
         alphas = {source: self.acceptance.estimates(source, top, optimism) for source in set(drafting)}

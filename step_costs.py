@@ -6,11 +6,14 @@ size and project and MLX versions is used, the decoding loop itself is timed for
 k = 0..max, a few steps of each k in a row, every k in turn, a few rounds, each step's time from one host
 synchronisation to the next. A first round warms up untimed (first runs of each shape are slow); each block's mean
 step time counts once (plain steps in a row alternate long and short, as each is built while the one before computes),
-and the median of the blocks per k is kept, keyed by all of the above; a change of any of them measures again. Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
+and the median of the blocks per k is kept, keyed by all of the above; a change of any of them measures again.
+Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
 never the model's directory. A file that cannot be read is measured again and replaced, after one warning.
 """
+
+import backend
 
 import hashlib
 import json
@@ -26,7 +29,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-import backend
 import kernels
 from drafters import Draft, ModelDrafter, no_draft
 from generation import Stats
@@ -241,9 +243,9 @@ def step_costs(decoder, sources: List[str], batch_size: int):
     costs = record.get("seconds") if record else None
     valid = isinstance(costs, dict) and set(costs) == set(sources)
     valid = valid and all(
-        isinstance(table, list) and len(table) == decoder.max_num_draft + 1 and all(
-            isinstance(t, (int, float)) and t > 0 for t in table
-        )
+        isinstance(table, list)
+        and len(table) == decoder.max_num_draft + 1
+        and all(isinstance(t, (int, float)) and t > 0 for t in table)
         for table in costs.values()
     )
     if record is not None and not valid:

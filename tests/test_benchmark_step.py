@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import PROMPTS, ROOT
 
 import benchmark_step
-from conftest import PROMPTS, ROOT
 from decoder import SpeculativeDecoder
 from loader import load_model
 
