@@ -41,9 +41,9 @@ class ModelDrafter:
         self.sampler = sampler
 
     def prepare(self, prompt_ids):
-        """prompt_ids: (1, L). Encodes the prompt once; its cross-attention keys/values serve every step."""
-        self.cross_kv = self.model.cross_kv(self.model.encode(prompt_ids))
-        mx.eval(self.cross_kv)
+        """prompt_ids: (1, L). The prompt is encoded at the first draft, once; its cross-attention keys/values serve
+        every step (a run that never drafts, as auto with a draft that does not pay, never encodes it)."""
+        self.prompt_ids, self.cross_kv = prompt_ids, None
         self.cache = self.model.make_cache()
 
     def source(self, sequence: List[int]) -> str:
@@ -52,6 +52,8 @@ class ModelDrafter:
     def propose(self, sequence: List[int], k: int, key) -> Draft:
         if k == 0:
             return no_draft()
+        if self.cross_kv is None:
+            self.cross_kv = self.model.cross_kv(self.model.encode(self.prompt_ids))
         # The cache holds a prefix of the sequence; feed the rest. Each token starts computing as soon as its step is
         # built, so building the next step (and the verification) overlaps it; nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
