@@ -11,6 +11,8 @@ The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculativ
 never the model's directory. A file that cannot be read is measured again and replaced, after one warning.
 """
 
+import blas
+
 import hashlib
 import json
 import os
@@ -25,7 +27,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-import backend
 import kernels
 from drafters import Draft, ModelDrafter, no_draft
 from generation import Stats
@@ -33,7 +34,7 @@ from generation import Stats
 ENV_VAR = "T5_SPECULATIVE_CACHE"
 ROOT = Path(__file__).resolve().parent
 # The code that decodes: a change to any of it may change the costs.
-SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batching.py", "drafters.py", "sampling.py")
+SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batch_rows.py", "drafters.py", "sampling.py")
 # Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
 PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 3  # steps of one length in a row; the first is dropped (it follows a step of another length)
@@ -113,7 +114,7 @@ def cost_key(decoder, sources: List[str], batch_size: int) -> dict:
         batch_size=batch_size,
         device=str(mx.default_device()),
         kernels=kernels.active,
-        blas=backend.active,
+        blas=blas.active,
         threads=[os.cpu_count()]
         + [os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "T5_KERNEL_THREADS")],
         ranks=decoder.model.group.size() if decoder.model.group is not None else 1,
@@ -194,7 +195,7 @@ class RepeatDrafter:
 def measure(decoder, source: str, batch_size: int) -> List[float]:
     """Seconds of a decoding step with k = 0..max drafts from `source`, `batch_size` rows at a time."""
     import batch_decoder
-    from batching import BatchModelDrafter, RowDrafters
+    from batch_rows import BatchModelDrafter, RowDrafters
 
     schedule = Schedule(decoder.max_num_draft)
     prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]

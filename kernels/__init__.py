@@ -25,7 +25,7 @@ import mlx.core as mx
 ENV_VAR = "T5_KERNELS"
 ISA_ENV_VAR = "T5_KERNEL_ISA"
 # The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise. Their price in
-# quality (tools/measure_int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
+# quality (benchmarks/int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
 # 4-bit (0.024x) and not for 8-bit (8.8x); but a 4-bit model sharded over two ranks gives other logits with int8
 # activations than whole (tests/test_distributed.py, up to 0.07), which is not understood yet: none by default.
 INTEGER_DEFAULT_BITS = ()

@@ -1,6 +1,6 @@
 """The command line, run as a user runs it: a subprocess on tiny converted checkpoints."""
 
-import backend
+import blas
 
 import json
 import os
@@ -110,9 +110,9 @@ def test_json_speculative_and_regular_greedy_agree(main_model, draft_model):
 
 def test_json_stats_name_the_active_blas(main_model):
     common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
-    # This process chose its BLAS by the same rules (tests import backend first).
-    assert last_json(run(*common))["stats"]["blas"] == backend.active
-    opted_out = last_json(run(*common, env={**ENV, backend.ENV_VAR: "none"}))["stats"]
+    # This process chose its BLAS by the same rules (tests import blas first).
+    assert last_json(run(*common))["stats"]["blas"] == blas.active
+    opted_out = last_json(run(*common, env={**ENV, blas.ENV_VAR: "none"}))["stats"]
     assert opted_out["blas"] == "bundled reference BLAS (T5_BLAS=none)"
     assert opted_out["backend"].startswith("cpu, BLAS " + opted_out["blas"]) or opted_out["backend"] == "gpu"
 
