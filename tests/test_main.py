@@ -117,12 +117,17 @@ def test_json_stats_name_the_active_blas(main_model):
     assert opted_out["backend"].startswith("cpu, BLAS " + opted_out["blas"]) or opted_out["backend"] == "gpu"
 
 
-def test_json_stats_name_the_kernels_that_ran(main_model):
-    common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
-    stats = last_json(run(*common))["stats"]
+@pytest.mark.parametrize("source", ["prompt", "prompt file"])
+def test_json_stats_name_the_kernels_that_ran(main_model, tmp_path, source):
+    common = ["--model-name", main_model, "--regular-decode", "-m", 4, "--json"]
+    if source == "prompt file":
+        (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+        common += ["--prompt-file", tmp_path / "prompts.txt"]
+    stats = last_json(run(*common, "--prompt", PROMPT))["stats"]
     assert stats["kernels"] == kernels.active and f"kernels {stats['kernels']}" in stats["backend"]
+    assert stats["blas"] == blas.active
     if kernels.native is not None:
-        # One row at a time: the decoder's float32 products run natively.
+        # A few rows at a time: the decoder's float32 products run natively.
         assert "native float32" in stats["kernels_ran"]
     switched_off = last_json(run(*common, env={**ENV, kernels.ENV_VAR: "0"}))["stats"]
     assert switched_off["kernels"] == "mlx (T5_KERNELS=0)"
