@@ -1,10 +1,10 @@
 """Matrix products for decoding: native kernels on a Linux CPU where they are built, MLX's own everywhere else.
 
 `linear(x, weight, ...)` is x @ weight.T with weight as nn.Linear holds it (out, in), or quantized as
-nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension built by `python kernels/build.py`)
-read each weight from memory once per product (rows in blocks of 16 over stretches of columns that stay in L2), in
-float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a long prompt),
-which no longer need OpenBLAS.
+nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension that `pip install .` builds with
+kernels/build.py) read each weight from memory once per product (rows in blocks of 16 over stretches of columns that
+stay in L2), in float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a
+long prompt), which no longer need OpenBLAS.
 
 T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
 T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for

@@ -1,1 +1,1 @@
-"""Training the demo pair, its data, and the fixtures tests and benchmarks build (random checkpoints of real shapes)."""
+"""Training the demo pair and its data, random checkpoints of real shapes, a soak test: python -m tools.<name>."""
