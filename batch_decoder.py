@@ -3,7 +3,7 @@
 The speculative step of decoder.py with a batch dimension: one draft length for the whole batch (each row capped at its
 own budget, padded to the longest), every row's drafts verified in one forward pass, and each row with its own
 acceptance, cache length, EOS, max_tokens and random stream, so that its tokens do not depend on the batch size. A
-finished row's place goes to the next prompt in the queue. The rows' state and drafting for every row are batching.py's.
+finished row's place goes to the next prompt in the queue. The rows' state and drafting for every row: batch_rows.py.
 """
 
 import time
@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from batching import BatchModelDrafter, RowDrafters, Rows, row_keys
+from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
 from generation import Generation, Stats, count_accepted, record_step, step_tokens
 
 

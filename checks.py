@@ -12,9 +12,17 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Union, get_args, get_origin
 
-from convert import TOKENIZER_FILES
 from model import ModelArgs
 
+# The tokenizer's files (and generation settings) that convert.py copies beside the weights.
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "spiece.model",
+    "added_tokens.json",
+    "generation_config.json",
+]
 # Keys every config.json that convert.py writes has: they set the shapes of the weights.
 CONFIG_KEYS = ["vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "feed_forward_proj", "mlx"]
 TOKEN_IDS = {"decoder_start_token_id", "eos_token_id", "pad_token_id"}

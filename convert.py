@@ -4,7 +4,7 @@ Tensors stream one at a time from memory-mapped source files into output shards 
 front, so memory stays near the size of the largest tensor rather than that of the model.
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import json
@@ -27,19 +27,12 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 from tqdm import tqdm
 
+from checks import TOKENIZER_FILES
 from model import ACTIVATIONS, T5, ModelArgs
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 ARCHITECTURES = {"T5ForConditionalGeneration", "MT5ForConditionalGeneration"}
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "spiece.model",
-    "added_tokens.json",
-    "generation_config.json",
-]
 # (single file, index of a sharded checkpoint), in order of preference.
 WEIGHT_LAYOUTS = [
     ("model.safetensors", "model.safetensors.index.json"),

@@ -7,7 +7,7 @@ The number of drafts is fixed or chosen step by step (draft_length.py). Many pro
 same step with a batch dimension (batch_decoder.py).
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union

@@ -4,7 +4,7 @@ Every file is checked before it is used (checks.py), so that a directory that is
 conversion at all (a transformers checkpoint) is reported as such, with the command that fixes it.
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import json
 import math

@@ -1,6 +1,6 @@
 """Translate or summarise with T5 on MLX: a small draft T5 proposes tokens, the large T5 verifies them."""
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import io
@@ -20,6 +20,7 @@ import kernels
 from checks import is_conversion, recorded_source
 from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder, Stats
 from loader import ModelLoadError, load_model
+from prompt_file import PromptFileError, read_prompts
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
@@ -167,40 +168,6 @@ def check_args(args):
     return next((message for ok, message in checks if not ok), None)
 
 
-def read_prompts(path):
-    """The prompts in the file at `path`, in order; exits with an `error:` line when there are none to read."""
-    path = Path(path)
-    hint = 'write one prompt per line, or JSON Lines with a "prompt" field'
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        fail(f"no prompt file at {path}; pass an existing file to --prompt-file ({hint})")
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read the prompt file {path}: {e}; pass a UTF-8 text file ({hint})")
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
-        fail(f"the prompt file {path} has no prompts; {hint}")
-    if path.suffix != ".jsonl" and not is_json_object(numbered[0][1]):
-        return [line for _, line in numbered]
-    prompts = []
-    for number, line in numbered:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path} line {number} is not JSON ({e.msg}); {hint}")
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            fail(f'{path} line {number} has no "prompt" text; {hint}')
-        prompts.append(record["prompt"])
-    return prompts
-
-
-def is_json_object(line):
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
 def is_path(name):
     """Whether `name` names a directory rather than a Hub model."""
     parent = Path(name).parent
@@ -285,7 +252,15 @@ def backend_description():
     device = mx.default_device()
     if device != mx.cpu:
         return device.type.name
-    return f"cpu, BLAS {backend.active}, kernels {kernels.description()}"
+    return f"cpu, BLAS {blas.active}, kernels {kernels.description()}"
+
+
+def print_json(report, model_dir, draft_dir):
+    """Print `report` (its "stats" with what computed them: backend, BLAS, kernels) and the models as one JSON line."""
+    computed_by = dict(backend=backend_description(), blas=blas.active, kernels=kernels.active)
+    stats = {**report["stats"], **computed_by, "kernels_ran": sorted(kernels.used)}
+    models = dict(model=str(model_dir), draft_model=str(draft_dir) if draft_dir else None)
+    print(json.dumps({**report, "stats": stats, **models}))
 
 
 def print_stats(stats, regular):
@@ -520,7 +495,10 @@ def main(argv=None):
     message = check_args(args)
     if message:
         fail(message)
-    prompts = read_prompts(args.prompt_file) if args.prompt_file else None
+    try:
+        prompts = read_prompts(args.prompt_file) if args.prompt_file else None
+    except PromptFileError as e:
+        fail(f"{e}")
     earlier_results = {}
     if args.output:
         output_path = Path(args.output)
@@ -570,14 +548,10 @@ def main(argv=None):
         refused = sum("error" in result for result in results)
         if args.json:
             run_stats = {**stats.to_dict(), "prompts": len(prompts), "refused": refused, "batch_size": args.batch_size}
-            result = dict(
-                results=results,
-                stats={**run_stats, "backend": backend_description(), "blas": backend.active},
-                model=str(model_dir),
-                draft_model=str(draft_dir) if draft_dir else None,
-                settings={**settings, **options, "batch_size": args.batch_size},
+            report = dict(
+                results=results, stats=run_stats, settings={**settings, **options, "batch_size": args.batch_size}
             )
-            print(json.dumps(result))
+            print_json(report, model_dir, draft_dir)
         else:
             print(f"Prompts: {len(prompts)}, {args.batch_size} at a time")
             if refused:
@@ -592,22 +566,8 @@ def main(argv=None):
     generation = decoder.generate(args.prompt, stream=stream, **options)
 
     if args.json:
-        result = dict(
-            text=generation.text,
-            tokens=generation.tokens,
-            stats={
-                **generation.stats.to_dict(),
-                "backend": backend_description(),
-                "blas": backend.active,
-                "kernels": kernels.active,
-                "kernels_ran": sorted(kernels.used),
-            },
-            model=str(model_dir),
-            draft_model=str(draft_dir) if draft_dir else None,
-            prompt=args.prompt,
-            settings={**settings, **options},
-        )
-        print(json.dumps(result))
+        report = dict(text=generation.text, tokens=generation.tokens, stats=generation.stats.to_dict())
+        print_json({**report, "prompt": args.prompt, "settings": {**settings, **options}}, model_dir, draft_dir)
     else:
         print()
         print_stats(generation.stats, args.regular_decode)

@@ -1,6 +1,6 @@
 """A T5 encoder-decoder in MLX, exact to transformers' T5ForConditionalGeneration for every T5 variant."""
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import math
 from dataclasses import dataclass, field, fields

@@ -13,7 +13,7 @@ The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculativ
 never the model's directory. A file that cannot be read is measured again and replaced, after one warning.
 """
 
-import backend
+import blas
 
 import hashlib
 import json
@@ -36,7 +36,7 @@ from generation import Stats
 ENV_VAR = "T5_SPECULATIVE_CACHE"
 ROOT = Path(__file__).resolve().parent
 # The code that decodes: a change to any of it may change the costs.
-SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batching.py", "drafters.py", "sampling.py")
+SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batch_rows.py", "drafters.py", "sampling.py")
 # Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
 PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
@@ -116,7 +116,7 @@ def cost_key(decoder, sources: List[str], batch_size: int) -> dict:
         batch_size=batch_size,
         device=str(mx.default_device()),
         kernels=kernels.active,
-        blas=backend.active,
+        blas=blas.active,
         threads=[os.cpu_count()]
         + [os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "T5_KERNEL_THREADS")],
         ranks=decoder.model.group.size() if decoder.model.group is not None else 1,
@@ -203,7 +203,7 @@ class RepeatDrafter:
 def measure(decoder, source: str, batch_size: int) -> List[float]:
     """Seconds of a decoding step with k = 0..max drafts from `source`, `batch_size` rows at a time."""
     import batch_decoder
-    from batching import BatchModelDrafter, RowDrafters
+    from batch_rows import BatchModelDrafter, RowDrafters
 
     schedule = Schedule(decoder.max_num_draft)
     prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]

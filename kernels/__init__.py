@@ -1,10 +1,10 @@
 """Matrix products for decoding: native kernels on a Linux CPU where they are built, MLX's own everywhere else.
 
 `linear(x, weight, ...)` is x @ weight.T with weight as nn.Linear holds it (out, in), or quantized as
-nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension built by `python kernels/build.py`)
-read each weight from memory once per product (rows in blocks of 16 over stretches of columns that stay in L2), in
-float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a long prompt),
-which no longer need OpenBLAS.
+nn.QuantizedLinear holds it. The native kernels (kernels/*.cpp, an MLX extension that `pip install .` builds with
+kernels/build.py) read each weight from memory once per product (rows in blocks of 16 over stretches of columns that
+stay in L2), in float32, bfloat16, float16, or MLX's affine 4- and 8-bit quantization; products of many rows too (a
+long prompt), which no longer need OpenBLAS.
 
 T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating point for quantized weights and
 T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for
@@ -25,7 +25,7 @@ import mlx.core as mx
 ENV_VAR = "T5_KERNELS"
 ISA_ENV_VAR = "T5_KERNEL_ISA"
 # The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise. Their price in
-# quality (tools/measure_int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
+# quality (benchmarks/int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
 # 4-bit (0.024x) and not for 8-bit (8.8x); but a 4-bit model sharded over two ranks gives other logits with int8
 # activations than whole (tests/test_distributed.py, up to 0.07), which is not understood yet: none by default.
 INTEGER_DEFAULT_BITS = ()

@@ -1,24 +1,38 @@
-"""Build the native kernels in place (kernels/_native*.so) against the installed MLX; never fails the install.
+"""Build the native kernels in place (kernels/_native*.so) against MLX; never fails the install.
 
-Where they cannot be built (no compiler, cmake or nanobind; another platform) this prints one warning line and exits
-0: everything then runs on MLX's own kernels. A module from an earlier build is removed first, so that a failed
-rebuild (after an upgrade of MLX, say) leaves nothing stale to load.
+`pip install .` runs this as the project's build backend (pyproject.toml): the kernels are built against the MLX of
+pip's build environment (the version requirements.txt pins), and the wheel holds only the project's metadata, so
+that its dependencies are installed and no module lands in site-packages: the product runs from this directory.
+`python kernels/build.py` rebuilds them against the MLX of the running interpreter.
+
+Where they cannot be built (no compiler, cmake or nanobind; another platform) this prints one warning line and the
+install goes on: everything then runs on MLX's own kernels, and kernels/__init__.py says so once per run. A module
+from an earlier build is removed first, so that a failed rebuild (after an upgrade of MLX, say) leaves nothing stale
+to load.
 """
 
+import base64
+import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NAME, VERSION = "t5_speculative", "0.1.0"
+SUMMARY = "Speculative decoding for T5 encoder-decoder models on MLX"
 
 
 def mlx_version() -> str:
+    """The version and place of the MLX the build compiles against: pip's build environments differ in place."""
     try:
         import mlx.core as mx
     except ImportError:
         return "none"
-    return mx.__version__
+    return f"{mx.__version__} at {Path(mx.__file__).parent}"
 
 
 def cached_environment(build_dir: Path) -> str:
@@ -47,6 +61,8 @@ def build() -> str:
     cmake = str(beside) if beside.exists() else shutil.which("cmake")
     if cmake is None:
         return "cmake not found (pip install -r requirements.txt installs it)"
+    if not (os.environ.get("CXX") or any(shutil.which(name) for name in ("c++", "g++", "clang++"))):
+        return "no C++ compiler found (install g++ or clang++, then run python kernels/build.py)"
     build_dir = HERE / "build"
     environment = f"{sys.executable}|{mlx_version()}"
     if cached_environment(build_dir) != environment:
@@ -67,8 +83,10 @@ def build() -> str:
     for step in steps:
         result = subprocess.run(step, capture_output=True, text=True)
         if result.returncode != 0:
-            lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-            return lines[-1] if lines else f"{step[1]} failed"
+            lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+            errors = [i for i, line in enumerate(lines) if "error" in line.lower()]
+            # The first error and the line that says what it is ("CMake Error at ...:", "The C++ compiler ...").
+            return " ".join(lines[errors[0] : errors[0] + 2]) if errors else (lines[-1] if lines else "cmake failed")
     return ""
 
 
@@ -78,6 +96,47 @@ def main():
         print(f"warning: native kernels not built: {problem}; MLX's own kernels will be used", file=sys.stderr)
     else:
         print(f"native kernels built in {HERE}")
+
+
+# The build backend's hooks (PEP 517): a wheel of metadata alone, its dependencies those of requirements.txt.
+
+
+def requirements():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def metadata() -> str:
+    fields = [("Metadata-Version", "2.1"), ("Name", NAME), ("Version", VERSION), ("Summary", SUMMARY)]
+    fields += [("Requires-Python", ">=3.10")] + [("Requires-Dist", line) for line in requirements()]
+    return "".join(f"{key}: {value}\n" for key, value in fields)
+
+
+def write_wheel(wheel_directory) -> str:
+    files = {
+        "METADATA": metadata(),
+        "WHEEL": "Wheel-Version: 1.0\nGenerator: kernels/build.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    dist_info = f"{NAME}-{VERSION}.dist-info"
+    record = []
+    name = f"{NAME}-{VERSION}-py3-none-any.whl"
+    with zipfile.ZipFile(Path(wheel_directory) / name, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for file, text in files.items():
+            data = text.encode()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            wheel.writestr(f"{dist_info}/{file}", data)
+            record.append(f"{dist_info}/{file},sha256={digest},{len(data)}")
+        wheel.writestr(f"{dist_info}/RECORD", "\n".join(record + [f"{dist_info}/RECORD,,"]) + "\n")
+    return name
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    main()
+    return write_wheel(wheel_directory)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    return build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
 if __name__ == "__main__":

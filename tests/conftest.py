@@ -5,7 +5,6 @@ Pretrained weights cannot be downloaded here, so every reference is built locall
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402

@@ -1,22 +1,20 @@
 """One rank of the distributed tests: load each model sharded over the launch's ranks, decode, and (rank 0) save.
 
-python tests/distributed_worker.py OUT MAIN_DIR DRAFT_DIR [MAIN_DIR DRAFT_DIR ...], run on every rank; writes
+python -m tests.distributed_worker OUT MAIN_DIR DRAFT_DIR [MAIN_DIR DRAFT_DIR ...], run on every rank; writes
 OUT/<i>.npz for the i-th pair: the full-forward logits, the greedy tokens (regular and speculative), sampled tokens,
 a batch's tokens, the number of ranks and the heads each rank holds.
 """
 
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mlx.core as mx
+import numpy as np
 
-import backend  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from decoder import SpeculativeDecoder  # noqa: E402
-from loader import load_model  # noqa: E402
+from decoder import SpeculativeDecoder
+from loader import load_model
 
 PROMPT = "def f(x): return x"
 MAX_TOKENS = 12

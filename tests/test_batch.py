@@ -7,7 +7,7 @@ from conftest import PROMPTS, VARIANTS, perturbed
 from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exact_marginals
 
 import batch_decoder
-from batching import RowDrafters
+from batch_rows import RowDrafters
 from decoder import SpeculativeDecoder, Stats
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import ModelDrafter

@@ -14,9 +14,7 @@ from conftest import ROOT
 import convert
 from decoder import DRAFTERS, SpeculativeDecoder
 from loader import load_model
-
-sys.path.insert(0, str(ROOT / "tools"))
-import demo_data  # noqa: E402
+from tools import demo_data
 
 DEMO_DIR = ROOT / "models" / "demo"
 EXAMPLES = [json.loads(line) for line in (DEMO_DIR / "prompts.txt").read_text().splitlines()]

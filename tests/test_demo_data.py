@@ -8,9 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "tools"))
-import demo_data  # noqa: E402
-from demo_data import (  # noqa: E402
+from tools import demo_data
+from tools.demo_data import (
     ADVERB_LIST,
     NOUN_LIST,
     PREPOSITION_LIST,
@@ -21,7 +20,7 @@ from demo_data import (  # noqa: E402
     PrepPhrase,
     translate,
 )
-from demo_lexicon import ADJECTIVES, table  # noqa: E402
+from tools.demo_lexicon import ADJECTIVES, table
 
 
 def noun(english, determiner="the", adjective=None, plural=False, number=None):
@@ -279,13 +278,13 @@ def test_sampling_is_seeded_and_held_out_sentences_never_reach_training():
 
 
 def test_command_prints_json_lines():
-    script = ROOT / "tools" / "demo_data.py"
-    result = subprocess.run([sys.executable, script, "--sample", "3", "--seed", "5"], capture_output=True, text=True)
+    script = [sys.executable, "-m", "tools.demo_data"]
+    result = subprocess.run([*script, "--sample", "3", "--seed", "5"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines == demo_data.sample(3, seed=5)
     assert all(line["prompt"].startswith("translate English to German: ") and line["reference"] for line in lines)
-    counted = subprocess.run([sys.executable, script, "--count"], capture_output=True, text=True)
+    counted = subprocess.run([*script, "--count"], cwd=ROOT, capture_output=True, text=True)
     assert counted.returncode == 0 and "sentences" in counted.stdout
 
 

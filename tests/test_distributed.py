@@ -8,8 +8,8 @@ import pytest
 from distributed_worker import MAX_TOKENS, PROMPT, outputs
 
 import convert
+from benchmarks.distributed import PlanGroup, launch
 from loader import ModelLoadError, load_model, read_rank_slices
-from tools.measure_distributed import PlanGroup, launch
 
 ENV = {"HF_HUB_OFFLINE": "1"}
 
@@ -38,7 +38,7 @@ def models(tmp_path_factory, hf_checkpoint, converted):
 
 
 def test_two_ranks_match_one_process(models, tmp_path):
-    run_ranks("tests/distributed_worker.py", tmp_path, *(path for pair in models for path in pair))
+    run_ranks("-m", "tests.distributed_worker", tmp_path, *(path for pair in models for path in pair))
     for i, (main_dir, draft_dir) in enumerate(models):
         model, tokenizer, _ = load_model(main_dir)
         expected = outputs(model, tokenizer, *load_model(draft_dir)[:2])

@@ -1,4 +1,4 @@
-"""experiments.py: a tiny sweep end to end, its CSV and plots, the δ = 0 greedy identity, and its errors."""
+"""experiments/run.py: a tiny sweep end to end, its CSV and plots, the δ = 0 greedy identity, and its errors."""
 
 import csv
 import io
@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
-import experiment_sweep
-import experiments
+import experiments.run
+import experiments.sweep
 from decoder import SpeculativeDecoder
-from experiment_metrics import Quality
-from experiment_prompts import PromptFileError, read_prompts, truncate
+from experiments.metrics import Quality
+from experiments.prompts import truncate
 from loader import load_model
 
 # Module names of the optional packages of requirements-experiments.txt.
@@ -56,7 +56,7 @@ def pair(converted, tmp_path_factory):
 
 
 def run(pair, out, options=SWEEP, blocked=()):
-    """Run experiments.main in-process with `blocked` modules made unimportable; returns (CSV rows, stderr)."""
+    """Run experiments.run.main in-process with `blocked` modules made unimportable; returns (CSV rows, stderr)."""
     prompts = out / "prompts.txt"
     out.mkdir(parents=True, exist_ok=True)
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -65,7 +65,7 @@ def run(pair, out, options=SWEEP, blocked=()):
     with pytest.MonkeyPatch.context() as patch, redirect_stderr(stderr), redirect_stdout(io.StringIO()):
         for module in blocked:
             patch.setitem(sys.modules, module, None)
-        experiments.main(argv + ["--out", str(out)] + options.split())
+        experiments.run.main(argv + ["--out", str(out)] + options.split())
     with open(out / "runs.csv", newline="") as f:
         return list(csv.DictReader(f)), stderr.getvalue()
 
@@ -95,7 +95,7 @@ def settings(rows):
 def test_csv_has_every_column_and_one_row_per_setting(with_installed):
     out, rows, _ = with_installed
     with open(out / "runs.csv", newline="") as f:
-        assert next(csv.reader(f)) == experiments.COLUMNS
+        assert next(csv.reader(f)) == experiments.run.COLUMNS
     assert settings(rows) == {
         (3, "model", 0, 0, 0, 10),
         (0, "model", 0, 0, 0, 10),
@@ -174,7 +174,7 @@ def test_without_optional_packages_the_core_runs_and_says_what_is_skipped(withou
 
 
 def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, monkeypatch):
-    decode = experiment_sweep.decode
+    decode = experiments.sweep.decode
 
     def broken(pair, setting, prompts, *args):
         generations = decode(pair, setting, prompts, *args)
@@ -182,7 +182,7 @@ def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, mo
             generations[-1].tokens[-1] += 1
         return generations
 
-    monkeypatch.setattr(experiment_sweep, "decode", broken)
+    monkeypatch.setattr(experiments.sweep, "decode", broken)
     with pytest.raises(SystemExit) as exit:
         run(
             pair,
@@ -202,28 +202,16 @@ def test_a_delta_0_greedy_output_that_differs_fails_the_sweep(pair, tmp_path, mo
         (["--max-num-draft", "0"], "--max-num-draft must be at least 1"),
         (["--base-num-draft", "0"], "--base-num-draft must be at least 1"),
         (["--batch-size", "4", "0"], "--batch-size values must be at least 1"),
-        (["--prompts", "/nonexistent/prompts.txt"], "cannot read the prompt file"),
+        (["--prompts", "/nonexistent/prompts.txt"], "no prompt file at /nonexistent/prompts.txt"),
         (["--model-name", "/nonexistent/model"], "no converted main model at"),
     ],
 )
 def test_user_errors_are_one_line(options, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        experiments.main(options)
+        experiments.run.main(options)
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
-
-
-def test_prompt_files_are_lines_or_json_lines(tmp_path):
-    lines = tmp_path / "prompts.txt"
-    lines.write_text("complete: a = 1\n\nsummarize: {not json}\n")
-    assert read_prompts(lines) == ["complete: a = 1", "summarize: {not json}"]
-    jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text('{"prompt": "complete: a = 1", "id": 3}\n"summarize: b"\n')
-    assert read_prompts(jsonl) == ["complete: a = 1", "summarize: b"]
-    jsonl.write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(PromptFileError, match="prompts.jsonl:1 has no prompt"):
-        read_prompts(jsonl)
 
 
 def test_truncation_keeps_the_task_prefix_and_the_last_tokens(pair):
@@ -237,8 +225,8 @@ def test_truncation_keeps_the_task_prefix_and_the_last_tokens(pair):
 
 def test_summary_names_a_fastest_setting_that_drafted_nothing():
     # Auto may keep to plain steps all run long and still come out fastest: it has no acceptance rate then.
-    from experiment_report import best_settings
-    from experiment_sweep import Setting
+    from experiments.report import best_settings
+    from experiments.sweep import Setting
 
     base = Setting(temperature=0.0, prompt_tokens=0, max_tokens=10, num_draft="auto", delta=0.0)
     rates = dict(
@@ -280,7 +268,7 @@ def test_sweep_scores_outputs_against_the_prompt_files_references(pair, tmp_path
     options = "--num-draft 0 2 --drafter model --delta 0 --prompt-tokens 0 4 --max-tokens 10 --temperature 0 "
     options += "--base-num-draft 2 --base-max-tokens 10 --repeats 1 --ignore-eos --out " + str(tmp_path / "out")
     with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
-        experiments.main(argv + options.split())
+        experiments.run.main(argv + options.split())
     with open(tmp_path / "out" / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     whole = [row for row in rows if row["prompt_tokens"] == "0"]

@@ -178,7 +178,7 @@ def test_kernels_that_cannot_load_fall_back_with_one_warning():
 
 
 def test_kernels_not_built_say_so(tmp_path):
-    # The package without its compiled module, as in a fresh clone before `python kernels/build.py`.
+    # The package without its compiled module, as in a fresh clone before `pip install .`.
     shutil.copytree(REPO / "kernels", tmp_path / "kernels", ignore=shutil.ignore_patterns("_native*", "build"))
     check = "import kernels; print(kernels.active)"
     out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -321,7 +321,7 @@ def test_a_failed_rebuild_leaves_no_module_and_a_foreign_cmake_cache_is_not_reus
     )
     # The rebuild fails (here: at configuration).
     with open(copied / "CMakeLists.txt", "a") as f:
-        f.write("\nmessage(FATAL_ERROR \"this build fails\")\n")
+        f.write('\nmessage(FATAL_ERROR "this build fails")\n')
     out = subprocess.run([sys.executable, str(copied / "build.py")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stderr.startswith("warning: native kernels not built")
     assert list(copied.glob("_native*")) == []

@@ -1,6 +1,6 @@
 """The command line, run as a user runs it: a subprocess on tiny converted checkpoints."""
 
-import backend
+import blas
 
 import json
 import os
@@ -110,19 +110,24 @@ def test_json_speculative_and_regular_greedy_agree(main_model, draft_model):
 
 def test_json_stats_name_the_active_blas(main_model):
     common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
-    # This process chose its BLAS by the same rules (tests import backend first).
-    assert last_json(run(*common))["stats"]["blas"] == backend.active
-    opted_out = last_json(run(*common, env={**ENV, backend.ENV_VAR: "none"}))["stats"]
+    # This process chose its BLAS by the same rules (tests import blas first).
+    assert last_json(run(*common))["stats"]["blas"] == blas.active
+    opted_out = last_json(run(*common, env={**ENV, blas.ENV_VAR: "none"}))["stats"]
     assert opted_out["blas"] == "bundled reference BLAS (T5_BLAS=none)"
     assert opted_out["backend"].startswith("cpu, BLAS " + opted_out["blas"]) or opted_out["backend"] == "gpu"
 
 
-def test_json_stats_name_the_kernels_that_ran(main_model):
-    common = ["--model-name", main_model, "--regular-decode", "--prompt", PROMPT, "-m", 4, "--json"]
-    stats = last_json(run(*common))["stats"]
+@pytest.mark.parametrize("source", ["prompt", "prompt file"])
+def test_json_stats_name_the_kernels_that_ran(main_model, tmp_path, source):
+    common = ["--model-name", main_model, "--regular-decode", "-m", 4, "--json"]
+    if source == "prompt file":
+        (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
+        common += ["--prompt-file", tmp_path / "prompts.txt"]
+    stats = last_json(run(*common, "--prompt", PROMPT))["stats"]
     assert stats["kernels"] == kernels.active and f"kernels {stats['kernels']}" in stats["backend"]
+    assert stats["blas"] == blas.active
     if kernels.native is not None:
-        # One row at a time: the decoder's float32 products run natively.
+        # A few rows at a time: the decoder's float32 products run natively.
         assert "native float32" in stats["kernels_ran"]
     switched_off = last_json(run(*common, env={**ENV, kernels.ENV_VAR: "0"}))["stats"]
     assert switched_off["kernels"] == "mlx (T5_KERNELS=0)"

@@ -1,15 +1,12 @@
 """tools/random_checkpoint.py: a sharded random checkpoint that transformers and convert.py both read."""
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from transformers import T5ForConditionalGeneration
 
-sys.path.insert(0, str(ROOT / "tools"))
-import random_checkpoint  # noqa: E402
+from tools import random_checkpoint
 
 
 @pytest.fixture

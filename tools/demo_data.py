@@ -1,7 +1,7 @@
 """English sentences and their German translations, generated together from one structure: the demo pair's data.
 
-    python tools/demo_data.py --sample 5 --seed 1        # five JSON lines {"prompt": ..., "reference": ...}
-    python tools/demo_data.py --count                    # how many sentences the grammar can make
+    python -m tools.demo_data --sample 5 --seed 1        # five JSON lines {"prompt": ..., "reference": ...}
+    python -m tools.demo_data --count                    # how many sentences the grammar can make
 
 A sentence is drawn as a structure (who does what to whom, tense, negation, question, clauses) and then written out
 in each language by its own rules. German differs where a small model has to learn it: gender and case of articles
@@ -19,7 +19,7 @@ import random
 import zlib
 from dataclasses import dataclass, replace
 
-from demo_lexicon import ADJECTIVES, ADVERBS, NAMES, NOUNS, PREPOSITIONS, SAYING_VERBS, VERBS, table
+from tools.demo_lexicon import ADJECTIVES, ADVERBS, NAMES, NOUNS, PREPOSITIONS, SAYING_VERBS, VERBS, table
 
 PREFIX = "translate English to German: "
 HELD_OUT_EVERY = 20  # one English sentence in twenty

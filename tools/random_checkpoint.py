@@ -1,6 +1,6 @@
 """Write a transformers T5 checkpoint of a real model's shape with random weights, one tensor at a time.
 
-    python tools/random_checkpoint.py --shape t5-11b --out /tmp/t5-11b-random      # 22 GB of bfloat16
+    python -m tools.random_checkpoint --shape t5-11b --out /tmp/t5-11b-random      # 22 GB of bfloat16
     python convert.py --model /tmp/t5-11b-random --mlx-path /tmp/t5-11b-q4 -q --q-bits 4
     python main.py --model-name /tmp/t5-11b-q4 --regular-decode --prompt "..." -m 16 --json
 
@@ -16,15 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import T5Config, T5ForConditionalGeneration
+
+from tools.shapes import SHAPES, VOCAB_SIZE
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
-
-from shapes import SHAPES, VOCAB_SIZE  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FROM = ROOT / "models" / "demo" / "main"
@@ -33,7 +32,13 @@ SHARD_BYTES = 1 << 30
 
 def config_for(shape: str) -> T5Config:
     """The T5 v1.0 config (relu, tied embeddings) of a named shape, with T5's vocabulary size."""
-    return T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", tie_word_embeddings=True, **SHAPES[shape])
+    return T5Config(
+        vocab_size=VOCAB_SIZE,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        decoder_start_token_id=0,
+        **SHAPES[shape],
+    )
 
 
 def tensor_plan(config: T5Config, itemsize: int):
@@ -64,10 +69,10 @@ def random_tensor(name: str, shape, dtype: torch.dtype, generator: torch.Generat
     return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std).to(dtype)
 
 
-def write(shape: str, out: Path, dtype_name: str, seed: int):
+def write(shape: str, out: Path, dtype_name: str, seed: int, tokenizer_dir: Path = TOKENIZER_FROM):
     config = config_for(shape)
     dtype = DTYPES[dtype_name]
-    config.torch_dtype = dtype_name
+    config.dtype = dtype_name
     plan = tensor_plan(config, torch.tensor([], dtype=dtype).element_size())
     groups = shards(plan)
     total = sum(nbytes for _, _, nbytes in plan)
@@ -89,10 +94,19 @@ def write(shape: str, out: Path, dtype_name: str, seed: int):
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(partial)
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_FROM / file, partial / file)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        if (tokenizer_dir / file).exists():
+            shutil.copy(tokenizer_dir / file, partial / file)
     partial.rename(out)
     print(f"wrote {out} ({total / 1e9:.1f} GB, {len(plan)} tensors in {len(groups)} shards)", file=sys.stderr)
+
+
+def reuse_or_write(shape: str, out: Path, seed: int, tokenizer_dir: Path = TOKENIZER_FROM) -> Path:
+    """`out` as a float32 checkpoint, written unless an earlier run made it (the same shape and seed make the same
+    weights)."""
+    if not (out / "config.json").exists():
+        write(shape, out, "float32", seed, tokenizer_dir)
+    return out
 
 
 def main(argv=None):

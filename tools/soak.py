@@ -4,28 +4,25 @@ Every pass must give the tokens of the first, token for token, and resident memo
 grow by more than `--max-growth` after the warm-up minutes. Prints one line a minute and a summary; exit code 1 when
 either fails. Outside the test suite: it is meant to run for half an hour.
 
-    python tools/soak.py --minutes 30
+    python -m tools.soak --minutes 30
 """
 
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
+import argparse
+import io
+import json
 import sys
+import tempfile
+import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import backend  # noqa: F401, E402  (before mlx: loads an optimized BLAS on Linux)
-
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
-
-import convert  # noqa: E402
-import kernels  # noqa: E402
-from checks import is_conversion  # noqa: E402
-from decoder import SpeculativeDecoder  # noqa: E402
-from loader import ModelLoadError, load_model  # noqa: E402
+import convert
+import kernels
+from checks import is_conversion
+from decoder import SpeculativeDecoder
+from loader import ModelLoadError, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"

@@ -1,7 +1,7 @@
 """Train the bundled demo pair: a main T5 that translates English to German and a much smaller draft T5 distilled
 from it. The data comes from tools/demo_data.py's grammar, so this runs offline anywhere:
 
-    python tools/train_demo_pair.py            # writes models/demo/{main,draft} and models/demo/prompts.txt
+    python -m tools.train_demo_pair            # writes models/demo/{main,draft} and models/demo/prompts.txt
 
 The main model learns from the data; the draft starts from the main model's embeddings, encoder and first decoder
 layer and is then distilled from it: at every target position of the same sentences, teacher-forced, it learns the
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from demo_data import sample
-from t5_tokenizer import train_t5_tokenizer
 from transformers import Adafactor, AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+from tools.demo_data import sample
+from tools.t5_tokenizer import train_t5_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 0

@@ -6,11 +6,11 @@ an empty cache (its step costs measured first; the measuring is reported apart, 
 with the costs and acceptance kept from the runs before. --draft random drafts with a model of the draft's shape and
 random weights (never accepted); --draft self has the main model draft for itself (no length pays).
 
-    python benchmark_auto.py                     # the demo pair on its held-out prompts
-    python benchmark_auto.py --draft random --drafters model
+    python -m benchmarks.auto_draft                     # the demo pair on its held-out prompts
+    python -m benchmarks.auto_draft --draft random --drafters model
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import os
@@ -24,18 +24,18 @@ from mlx.utils import tree_map
 
 import step_costs
 from decoder import SpeculativeDecoder
-from experiments import model_dir
+from experiments.run import model_dir
 from loader import load_model
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup_arg_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--model-name", default="demo-main", help="Main model (as experiments.py)")
-    parser.add_argument("--draft-model-name", default="demo-draft", help="Draft model (as experiments.py)")
+    parser.add_argument("--model-name", default="demo-main", help="Main model (as experiments/run.py)")
+    parser.add_argument("--draft-model-name", default="demo-draft", help="Draft model (as experiments/run.py)")
     parser.add_argument("--draft", choices=["trained", "random", "self"], default="trained", help="What drafts")
     parser.add_argument("--drafters", nargs="+", default=["model", "lookup"], help="Drafters to measure")
     parser.add_argument("--prompts", type=Path, default=ROOT / "models" / "demo" / "prompts.txt", help="One per line")
@@ -99,8 +99,11 @@ def main(argv=None):
     fixed = [name for name, _, k in settings if isinstance(k, int) and k and name.startswith("k=")]
     for name in rates:
         ratios = [rate / base for rate, base in zip(rates[name], regular)]
-        line = f"{name:24s} " + " ".join(f"{r:7.1f}" for r in rates[name]) + "   vs regular " + " ".join(
-            f"{r:.2f}x" for r in ratios
+        line = (
+            f"{name:24s} "
+            + " ".join(f"{r:7.1f}" for r in rates[name])
+            + "   vs regular "
+            + " ".join(f"{r:.2f}x" for r in ratios)
         )
         if fixed and "model auto" in name:
             best = [max(rates[f][i] for f in fixed) for i in range(args.rounds)]

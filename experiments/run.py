@@ -7,7 +7,7 @@ against the main model's own greedy output of the same prompts; at delta 0 and g
 sweep fails if it is not.
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import csv
@@ -17,19 +17,20 @@ import signal
 import sys
 from pathlib import Path
 
-import benchmark_batch
 import convert
+from benchmarks import batch_sizes
 from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder
-from experiment_metrics import TRUTH, EmbeddingModelError, Quality, note
-from experiment_prompts import PromptFileError, read_prompts, read_references, truncate
-from experiment_report import best_settings, cell, plot, summary
-from experiment_sweep import IdentityError, check_identity, speed, sweep, sweep_rounds
+from experiments.metrics import TRUTH, EmbeddingModelError, Quality, note
+from experiments.prompts import read_references, truncate
+from experiments.report import best_settings, cell, plot, summary
+from experiments.sweep import IdentityError, check_identity, speed, sweep, sweep_rounds
 from loader import ModelLoadError, load_model
+from prompt_file import PromptFileError, read_prompts
 
 MODELS_DIR = Path("mlx_models")
 # The bundled demo pair (English to German), converted into mlx_models/demo-{main,draft} on first use; its held-out
 # sentences, with their references, are the default prompts.
-DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 DEFAULT_PROMPT_FILE = DEMO_DIR / "prompts.txt"
 DEMO_NAMES = {"main": "demo-main", "draft": "demo-draft"}
 
@@ -236,9 +237,9 @@ def load_pair(args):
 
 
 def batch_size_axis(pair, prompts, args, description):
-    """Tokens/s against batch size, regular and speculative (benchmark_batch.py); returns the files written."""
+    """Tokens/s against batch size, regular and speculative (benchmarks/batch_sizes.py); returns the files written."""
     model, draft_model, tokenizer = pair
-    rows = benchmark_batch.measure(
+    rows = batch_sizes.measure(
         model,
         draft_model,
         tokenizer,
@@ -251,9 +252,9 @@ def batch_size_axis(pair, prompts, args, description):
     )
     if not all(row["same_tokens"] for row in rows):
         fail("batched decoding did not reproduce one-at-a-time greedy decoding (see batch_size.csv)", status=1)
-    paths = benchmark_batch.write_rows(rows, args.out)
+    paths = batch_sizes.write_rows(rows, args.out)
     title = f"{len(prompts)} prompts, {args.base_max_tokens} tokens each, {args.base_num_draft} drafts per step"
-    return paths + [path for path in [benchmark_batch.plot(rows, args.out / "batch_size.png", title)] if path]
+    return paths + [path for path in [batch_sizes.plot(rows, args.out / "batch_size.png", title)] if path]
 
 
 def write_csv(rows, path):

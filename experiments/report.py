@@ -2,7 +2,7 @@
 
 from dataclasses import fields
 
-from experiment_metrics import EXTRAS, QUALITY, TRUTH, note
+from experiments.metrics import EXTRAS, QUALITY, TRUTH, note
 
 
 def on_axis(rows, base, axis):

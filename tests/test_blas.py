@@ -9,13 +9,13 @@ from conftest import ROOT
 
 # Load the backend, then check a matrix product in MLX against numpy; print what is active.
 PROBE = """
-import backend
+import blas
 import mlx.core as mx
 import numpy as np
 a = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
 b = np.random.default_rng(1).standard_normal((48, 32)).astype(np.float32)
 assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-4)
-print(backend.active)
+print(blas.active)
 """
 
 
@@ -44,20 +44,20 @@ def test_opting_out_keeps_the_bundled_blas_silently():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the BLAS loader only acts on Linux")
 def test_no_candidate_found_is_not_an_error(capsys):
-    import backend
+    import blas
 
-    before = backend.active
+    before = blas.active
     try:
-        assert backend.load(choice="", paths=[]) == "bundled reference BLAS"
+        assert blas.load(choice="", paths=[]) == "bundled reference BLAS"
         assert "libopenblas0-pthread" in capsys.readouterr().err
     finally:
-        backend.active = before  # the report of what this process really uses
+        blas.active = before  # the report of what this process really uses
 
 
 def test_found_library_is_used_when_present():
-    import backend
+    import blas
 
-    present = [path for path in backend.candidates() if os.path.exists(path)]
+    present = [path for path in blas.candidates() if os.path.exists(path)]
     if sys.platform != "linux" or not present:
         pytest.skip("no OpenBLAS installed here")
     result = probe(T5_BLAS="")

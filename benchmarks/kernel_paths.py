@@ -2,8 +2,10 @@
 cost of k rows over one, for every path this CPU runs (and, for quantized weights, float and int8 activations),
 interleaved round by round so that a busy machine weighs on all alike.
 
-    python benchmark_kernel_paths.py [--rows 1 5 8 16 512] [--rounds 3]
+    python -m benchmarks.kernel_paths [--rows 1 5 8 16 512] [--rounds 3]
 """
+
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import json
@@ -12,7 +14,7 @@ import os
 import mlx.core as mx
 
 import kernels
-from benchmark_kernels import DTYPES, product, seconds, weight_arrays
+from benchmarks.matmul import DTYPES, product, seconds, weight_arrays
 
 
 def settings():

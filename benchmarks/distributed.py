@@ -1,7 +1,7 @@
 """Tensor parallelism measured: main.py on 1 process and on 2 ranks over loopback, and per-rank memory from the plan.
 
-    python tools/measure_distributed.py run --work /tmp/tp      # a random t5-large-shaped float32 model
-    python tools/measure_distributed.py plan --shape t5-11b     # per-rank weight memory for 1, 2, 4, 8 ranks
+    python -m benchmarks.distributed run --work /tmp/tp      # a random t5-large-shaped float32 model
+    python -m benchmarks.distributed plan --shape t5-11b     # per-rank weight memory for 1, 2, 4, 8 ranks
 
 `run` starts the ranks as `mlx.launch -n 2 --backend ring` does on one machine (MLX_HOSTFILE, MLX_RANK), so that it can
 read each rank's peak resident memory when it exits. One process and two ranks alternate round by round. This process
@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.shapes import SHAPES, VOCAB_SIZE  # (a table: nothing large)
 
-from shapes import SHAPES, VOCAB_SIZE  # noqa: E402  (a table: nothing large)
+ROOT = Path(__file__).resolve().parent.parent
 
 # (conversion dtype, quantization) as convert.py writes them; float16 keeps wo in float32 and unquantized.
 LAYOUTS = {
@@ -31,8 +30,6 @@ LAYOUTS = {
     "bfloat16 8-bit": ("bfloat16", {"group_size": 64, "bits": 8}),
     "bfloat16 4-bit": ("bfloat16", {"group_size": 64, "bits": 4}),
 }
-DEMO_MAIN = ROOT / "models" / "demo" / "main"
-TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 PROMPT = "translate English to German: The house is wonderful and the garden is large."
 
 
@@ -153,26 +150,17 @@ def plan(shape):
 
 def build_model(work: Path):
     """A random t5-large-shaped checkpoint (transformers), converted to float32 into work/t5-large-mlx."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-
     import convert
+    from tools.random_checkpoint import reuse_or_write
 
-    out = work / "t5-large-mlx"
-    source = work / "t5-large-hf"
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES["t5-large"])
-    T5ForConditionalGeneration(config).save_pretrained(source)
-    for file in TOKENIZER:  # the bundled demo pair's tokenizer
-        if (DEMO_MAIN / file).exists():
-            (source / file).write_bytes((DEMO_MAIN / file).read_bytes())
-    convert.convert(str(source), mlx_path=str(out))
+    source = reuse_or_write("t5-large", work / "t5-large-hf", seed=0)
+    convert.convert(str(source), mlx_path=str(work / "t5-large-mlx"))
 
 
 def run(work: Path, rounds: int, max_tokens: int):
     model_dir = work / "t5-large-mlx"
     if not (model_dir / "config.json").exists():
-        subprocess.run([sys.executable, __file__, "build", "--work", work], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.distributed", "build", "--work", work], cwd=ROOT, check=True)
     flags = ["--model-name", model_dir, "--prompt", PROMPT, "-m", max_tokens, "--ignore-eos", "--regular-decode"]
     rows = []
     for round_ in range(rounds):

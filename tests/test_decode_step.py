@@ -1,5 +1,5 @@
-"""benchmark_step.py's parts on tiny random models: CTranslate2's greedy tokens against transformers', the decode
-calls a run makes, and the operations a decode step builds."""
+"""benchmarks/decode_step.py's parts on tiny random models: CTranslate2's greedy tokens against transformers', the
+decode calls a run makes, and the operations a decode step builds."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import PROMPTS, ROOT
 
-import benchmark_step
+from benchmarks import decode_step
 from decoder import SpeculativeDecoder
 from loader import load_model
 
@@ -22,7 +22,7 @@ def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_m
     model, tokenizer, _ = load_model(convert.convert(str(path), mlx_path=str(tmp_path / "mlx")))
     assert len(tokenizer) == 350
     reference = hf_model(path)
-    greedy = benchmark_step.CTranslate2Greedy(path, tmp_path, tokenizer)
+    greedy = decode_step.CTranslate2Greedy(path, tmp_path, tokenizer)
     decoder = SpeculativeDecoder(model, None, tokenizer)
     for prompt in PROMPTS:
         input_ids = torch.tensor([tokenizer(prompt).input_ids])
@@ -37,7 +37,7 @@ def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_m
 def test_call_log_sees_every_decode_call(main, drafts):
     model, tokenizer, _ = main
     decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
-    with benchmark_step.CallLog(model) as main_log, benchmark_step.CallLog(drafts["noisy"]) as draft_log:
+    with decode_step.CallLog(model) as main_log, decode_step.CallLog(drafts["noisy"]) as draft_log:
         stats = decoder.generate(PROMPTS[0], max_tokens=10, ignore_eos=True).stats
     assert sum(main_log.calls.values()) == stats.main_calls
     # Each verification is one row of its drafts and the token before them.
@@ -48,7 +48,7 @@ def test_call_log_sees_every_decode_call(main, drafts):
 
 def test_regular_loop_share_is_measured_against_its_steps(main):
     model, tokenizer, _ = main
-    share, stats = benchmark_step.loop_share(SpeculativeDecoder(model, None, tokenizer), PROMPTS[1], 8, regular=True)
+    share, stats = decode_step.loop_share(SpeculativeDecoder(model, None, tokenizer), PROMPTS[1], 8, regular=True)
     assert stats.main_calls == 8 and share > -1
 
 
@@ -59,12 +59,16 @@ def test_operations_grow_by_one_layers_worth_per_decoder_layer(hf_checkpoint, tm
     for layers in (1, 2, 3):
         checkpoint = hf_checkpoint("t5", num_decoder_layers=layers)
         path = convert.convert(str(checkpoint), mlx_path=str(tmp_path / f"{layers}"))
-        counts.append(sum(benchmark_step.operation_count(load_model(path)[0]).values()))
+        counts.append(sum(decode_step.operation_count(load_model(path)[0]).values()))
     assert counts[0] > 0 and counts[2] - counts[1] == counts[1] - counts[0] > 0
 
 
 def test_bad_arguments_are_one_line_errors():
     result = subprocess.run(
-        [sys.executable, "benchmark_step.py", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "benchmarks.decode_step", "--repeats", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -1,14 +1,16 @@
 """Measure the bundled demo pair on its held-out sentences: translation quality, draft cost, acceptance, speedup.
 
-    python tools/measure_demo_pair.py                       # the draft model at 1..6 drafts per step and auto
-    python tools/measure_demo_pair.py --drafter lookup hybrid --num-draft 2 4 auto
-    python tools/measure_demo_pair.py --temperature 1       # sampled: exact match, regular against speculative
+    python -m benchmarks.demo_pair                       # the draft model at 1..6 drafts per step and auto
+    python -m benchmarks.demo_pair --drafter lookup hybrid --num-draft 2 4 auto
+    python -m benchmarks.demo_pair --temperature 1       # sampled: exact match, regular against speculative
 
 Quality first: the exact match and BLEU of the main and the draft model's greedy translations against the
 references. Then speed, greedy at delta = 0, so every speculative run must reproduce the regular run token for token
 (checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
 on the machine slows some runs, never speeds one up.
 """
+
+import blas  # (before mlx)
 
 import argparse
 import json
@@ -18,16 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
+
+import convert
+from decoder import DRAFTERS, SpeculativeDecoder
+from loader import load_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import backend  # noqa: E402  (before mlx)
-
-import mlx.core as mx  # noqa: E402
-
-import convert  # noqa: E402
-from decoder import DRAFTERS, SpeculativeDecoder  # noqa: E402
-from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
 
@@ -114,7 +113,7 @@ def main():
     except convert.ConversionError as e:  # a damaged models/demo; a fresh conversion always loads
         print("error: " + " ".join(str(e).split()) + f"; restore {DEMO_DIR} with git checkout", file=sys.stderr)
         sys.exit(2)
-    print(f"BLAS: {backend.active}")
+    print(f"BLAS: {blas.active}")
     examples = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     examples = examples[: args.num_prompts]
     prompts = [e["prompt"] for e in examples]

@@ -2,13 +2,14 @@
 
 The same prompts are decoded one at a time (`generate`, the single-sequence path) and `batch_size` at a time
 (`generate_batch`), greedy with a fixed number of tokens per prompt; every method must produce the same tokens.
-Methods alternate round by round, so a slow spell of the shared machine falls on all of them alike. benchmark.py uses
-this for its batched rows and experiments.py for its batch-size axis; run alone it measures the demo pair:
+Methods alternate round by round, so a slow spell of the shared machine falls on all of them alike.
+benchmarks/end_to_end.py uses this for its batched rows and experiments/run.py for its batch-size axis; run alone it
+measures the demo pair:
 
-    python benchmark_batch.py --batch-sizes 1 2 4 8 16 --out benchmark_out
+    python -m benchmarks.batch_sizes --batch-sizes 1 2 4 8 16 --out benchmark_out
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import csv
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from decoder import SpeculativeDecoder, Stats
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
 BATCH_SIZES = [1, 2, 4, 8, 16]
 PAUSE = 0.5  # seconds between timed runs: the BLAS threads of the run before stop spinning
@@ -104,9 +105,9 @@ def measure(model, draft_model, tokenizer, prompts, num_draft, max_tokens, batch
 
 
 def against_transformers(model, draft_model, tokenizer, prompts, pair, max_tokens, batch_size, repeats, transformers):
-    """benchmark.py's batched rows: this project's regular and speculative decoding `batch_size` prompts at a time
-    against transformers' batched generate() (`transformers`: fn() -> (seconds, tokens of every prompt)) on the same
-    prompts; transformers' assisted generation has no batched row, as it raises for a batch of more than one."""
+    """benchmarks/end_to_end.py's batched rows: this project's regular and speculative decoding `batch_size` prompts at
+    a time against transformers' batched generate() (`transformers`: fn() -> (seconds, tokens of every prompt)) on the
+    same prompts; transformers' assisted generation has no batched row, as it raises for a batch of more than one."""
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=pair.num_draft)
     methods = {
         f"mlx {kind}": fn
@@ -147,9 +148,9 @@ def transformers_generate(model, prompts, batch_size, options):
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids in chunk])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-        tokens += model.generate(
-            input_ids=input_ids, attention_mask=mask, past_key_values=growing_cache(), **options
-        )[:, 1:].tolist()
+        tokens += model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=growing_cache(), **options)[
+            :, 1:
+        ].tolist()
     return tokens
 
 
@@ -223,18 +224,18 @@ def demo_prompts(count):
 
 
 def pair_models(name, work):
-    """(description, main model, draft model, tokenizer, num_draft) of a pair benchmark.py also measures: the demo
-    pair, or t5-base with a t5-small draft (random weights of those shapes, the demo tokenizer)."""
+    """(description, main model, draft model, tokenizer, num_draft) of a pair benchmarks/end_to_end.py also measures:
+    the demo pair, or t5-base with a t5-small draft (random weights of those shapes, the demo tokenizer)."""
     import convert
-    from benchmark import random_checkpoint
     from loader import load_model
+    from tools.random_checkpoint import reuse_or_write
 
     if name == "demo":
         sources, description, num_draft = [DEMO / "main", DEMO / "draft"], "demo pair", 1
     else:
         sources = [
-            random_checkpoint("t5-base", work / "hf-base", DEMO / "main", seed=1),
-            random_checkpoint("t5-small", work / "hf-small", DEMO / "main", seed=0),
+            reuse_or_write("t5-base", work / "hf-base", seed=1),
+            reuse_or_write("t5-small", work / "hf-small", seed=0),
         ]
         description, num_draft = "t5-base + t5-small draft (random)", 4
     models = [

@@ -1,5 +1,8 @@
-"""benchmark.py's measurements of the matrix products: GB/s of the decode-shaped products per dtype against the
-memory bandwidth, a decode step's share of its roofline per dtype, and the cost of verifying k + 1 tokens over one."""
+"""The end-to-end benchmark's measurements of the matrix products: GB/s of the decode-shaped products per dtype against
+the memory bandwidth, a decode step's share of its roofline per dtype, and the cost of verifying k + 1 tokens over
+one."""
+
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import time
 
@@ -9,7 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import kernels
 from model import T5, FusedLinear, ModelArgs
-from shapes import SHAPES, VOCAB_SIZE
+from tools.shapes import SHAPES, VOCAB_SIZE
 
 # The shapes whose decode steps are timed in every dtype (float32 t5-large is 3 GB; larger ones outgrow a small box).
 KERNEL_SHAPES = ("t5-base", "t5-large")

@@ -1,4 +1,4 @@
-"""benchmark.py end to end on the bundled demo pair and a bfloat16 pair: every method runs, and the tokens agree."""
+"""benchmarks/end_to_end.py on the bundled demo pair and a bfloat16 pair: every method runs, and the tokens agree."""
 
 import csv
 import json
@@ -10,9 +10,19 @@ from conftest import ROOT
 
 
 def run_benchmark(out, pair, max_tokens):
-    """benchmark.py on one pair, one round, no kernel sweep; returns (its output, results.json)."""
+    """benchmarks/end_to_end.py on one pair, one round, no kernel sweep; returns (its output, results.json)."""
     result = subprocess.run(
-        [sys.executable, "benchmark.py", "--pairs", pair, "--max-tokens", str(max_tokens), "--repeats", "1"]
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.end_to_end",
+            "--pairs",
+            pair,
+            "--max-tokens",
+            str(max_tokens),
+            "--repeats",
+            "1",
+        ]
         + ["--out", out, "--kernel-shape", "none", "--num-draft", "2"],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -9,10 +9,10 @@ Per pair, float32:
 - regular decoding and main.py's default speculative decoding against CTranslate2's greedy decoding of the main model
   on the same prompts (the pair's held-out ones), EOS ignored, tokens compared; methods alternate round by round.
 
-    python benchmark_step.py --pairs demo small-self --out benchmark_out
+    python -m benchmarks.decode_step --pairs demo small-self --out benchmark_out
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
 import json
@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.core as mx
 
-import benchmark_kernels
 import convert
 import kernels
+from benchmarks import matmul
 from decoder import SpeculativeDecoder
 from loader import load_model
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
 PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
 BATCH_ROWS = 8
@@ -64,7 +64,7 @@ def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=
         for layer_cache in cache:
             layer_cache.trim(tokens)
 
-    return benchmark_kernels.seconds(call, repeats)
+    return matmul.seconds(call, repeats)
 
 
 def operation_count(model, rows=1, tokens=1):
@@ -85,7 +85,7 @@ def model_steps(model, name):
         one_row_ms=step_seconds(model) * 1e3,
         verify_ms=step_seconds(model, tokens=VERIFY_ROWS) * 1e3,
         batch_ms=step_seconds(model, rows=BATCH_ROWS) * 1e3,
-        products_ms=benchmark_kernels.products_seconds(model, 1, 50) * 1e3,
+        products_ms=matmul.products_seconds(model, 1, 50) * 1e3,
         operations=sum(operation_count(model).values()),
     )
     return {f"{name}_{key}": round(value, 3) for key, value in steps.items()}
@@ -195,9 +195,9 @@ def pair_sources(name, work):
     lines = (DEMO / "prompts.txt").read_text().splitlines()
     if name == "demo":
         return DEMO / "main", DEMO / "draft", lines
-    from benchmark import random_checkpoint
+    from tools.random_checkpoint import reuse_or_write
 
-    small = random_checkpoint("t5-small", work / "hf-t5-small", DEMO / "main", seed=0)
+    small = reuse_or_write("t5-small", work / "hf-t5-small", seed=0)
     return small, small, lines
 
 

@@ -8,8 +8,10 @@ with int8 activations against the same model with float activations. The integer
 most a tenth of the first. Greedy agreement alongside: the share of teacher-forced positions where the two argmaxes
 agree, and the share of prompts whose greedy outputs (--max-tokens) are identical.
 
-    python tools/measure_int8_activations.py [--max-tokens 64] [--json out.json]
+    python -m benchmarks.int8_activations [--max-tokens 64] [--json out.json]
 """
+
+import blas  # noqa: F401  (before mlx)
 
 import argparse
 import json
@@ -17,17 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
+
+import convert
+import kernels
+from decoder import SpeculativeDecoder
+from loader import load_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import backend  # noqa: E402, F401  (before mlx)
-
-import mlx.core as mx  # noqa: E402
-
-import convert  # noqa: E402
-import kernels  # noqa: E402
-from decoder import SpeculativeDecoder  # noqa: E402
-from loader import load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "demo"
 # The criterion: int8 activations may cost at most this share of what quantizing the weights costs.
@@ -60,8 +59,11 @@ def main():
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file")
     args = parser.parse_args()
     if kernels.native is None or not kernels.native.integer_products():
-        print(f"error: no integer products here ({kernels.active}); build the kernels on a CPU with AVX-512 VNNI "
-              "or run with T5_KERNEL_ISA=portable", file=sys.stderr)
+        print(
+            f"error: no integer products here ({kernels.active}); build the kernels on a CPU with AVX-512 VNNI "
+            "or run with T5_KERNEL_ISA=portable",
+            file=sys.stderr,
+        )
         sys.exit(2)
     prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines()
     print(f"kernels: {kernels.active}; {len(prompts)} prompts, {args.max_tokens} tokens each")
@@ -78,7 +80,10 @@ def main():
         del reference
         for bits in (8, 4):
             path = convert.convert(
-                str(DEMO_DIR / "main"), mlx_path=f"{out}/q{bits}", quantize=True, q_bits=bits,
+                str(DEMO_DIR / "main"),
+                mlx_path=f"{out}/q{bits}",
+                quantize=True,
+                q_bits=bits,
                 q_group_size=args.group_size,
             )
             # A model per setting: the activations are fixed in a model's compiled graphs when first traced.

@@ -7,7 +7,7 @@ matrix products of one main-model decode step alone in MLX (the ceiling for this
 bandwidth (the physical ceiling: bytes of weights a decode step reads / bandwidth).
 """
 
-import backend  # noqa: F401  (before mlx: loads an optimized BLAS)
+import blas  # noqa: F401  (before mlx: loads an optimized BLAS)
 
 import argparse
 import csv
@@ -26,15 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlx.core as mx
 import torch
 
-import benchmark_batch
-import benchmark_kernels
 import convert
 import kernels
+from benchmarks import batch_sizes, matmul
 from decoder import SpeculativeDecoder, Stats
 from loader import load_model
-from shapes import SHAPES, VOCAB_SIZE
+from tools.random_checkpoint import reuse_or_write
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
 PAUSE = 0.5  # seconds between timed runs
 # The batched rows: this many prompts (the demo pair's held-out ones), decoded this many at a time.
@@ -56,31 +55,17 @@ class Pair:
     dtype: str = "float32"
 
 
-def random_checkpoint(shape, path, tokenizer_dir, seed):
-    """A random-initialised transformers T5 of a real shape (vocab 32128), saved with the demo tokenizer."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    if (path / "config.json").exists():  # made already for another pair (the same seed makes the same weights)
-        return path
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=VOCAB_SIZE, feed_forward_proj="relu", decoder_start_token_id=0, **SHAPES[shape])
-    T5ForConditionalGeneration(config).save_pretrained(path)
-    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
-        if (tokenizer_dir / file).exists():
-            (path / file).write_bytes((tokenizer_dir / file).read_bytes())
-    return path
-
-
 class TransformersWorker:
     """transformers generate() and assisted generation, timed in a process of their own: an OpenBLAS loaded globally
-    for MLX (backend.py) also serves torch's BLAS calls and makes torch ~5x slower, which would flatter this project.
+    for MLX (blas.py) also serves torch's BLAS calls and makes torch ~5x slower, which would flatter this project.
     The process stays up, so that its runs can alternate with this process's runs."""
 
     def __init__(self, job):
         self.errors = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--transformers-worker", json.dumps(job)],
-            env={**os.environ, backend.ENV_VAR: "none"},
+            [sys.executable, "-m", "benchmarks.end_to_end", "--transformers-worker", json.dumps(job)],
+            cwd=ROOT,
+            env={**os.environ, blas.ENV_VAR: "none"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.errors,
@@ -131,11 +116,11 @@ def transformers_worker(job):
                 if "float32" not in loaded:
                     loaded["float32"] = AutoModelForSeq2SeqLM.from_pretrained(job["main_dir"], dtype=torch.float32)
                     loaded["float32"].generation_config.eos_token_id = None
-                tokens = benchmark_batch.transformers_generate(
+                tokens = batch_sizes.transformers_generate(
                     loaded["float32"].eval(), job["batch_input_ids"], job["batch_size"], options
                 )
             else:
-                cache = benchmark_batch.growing_cache()
+                cache = batch_sizes.growing_cache()
                 tokens = model.generate(input_ids=input_ids, past_key_values=cache, **options, **extra[method.strip()])
                 tokens = tokens[0, 1:].tolist()
         print(json.dumps(dict(seconds=time.perf_counter() - start, tokens=tokens)), flush=True)
@@ -217,7 +202,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
     draft, _, _ = load_model(draft_mlx)
     job = dict(main_dir=str(pair.main_dir), draft_dir=str(pair.draft_dir), input_ids=tokenizer(PROMPT).input_ids)
     job.update(max_tokens=max_tokens, num_draft=pair.num_draft, threads=torch.get_num_threads(), dtype=pair.dtype)
-    prompts = benchmark_batch.demo_prompts(BATCH_PROMPTS)
+    prompts = batch_sizes.demo_prompts(BATCH_PROMPTS)
     job.update(batch_input_ids=[tokenizer(prompt).input_ids for prompt in prompts], batch_size=BATCH_SIZE)
     worker = TransformersWorker(job)
     try:
@@ -228,7 +213,7 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
         # The batched rows compare tokens with transformers in float32 (see transformers_worker).
         batch_rows = []
         if pair.dtype == "float32":
-            batch_rows = benchmark_batch.against_transformers(
+            batch_rows = batch_sizes.against_transformers(
                 model,
                 draft,
                 tokenizer,
@@ -252,8 +237,8 @@ def benchmark_pair(pair, work, max_tokens, repeats, bandwidth, num_drafts):
         for name, t in tokens.items()
     }
     step = decode_step_seconds(model, tokenizer)
-    ceiling = benchmark_kernels.products_seconds(model)
-    weight_bytes = benchmark_kernels.step_weight_bytes(model)
+    ceiling = matmul.products_seconds(model)
+    weight_bytes = matmul.step_weight_bytes(model)
     rows = []
     for name, (median, spread, _) in runs.items():
         rows.append(
@@ -296,15 +281,15 @@ def pairs(work, tokenizer_dir, which):
     """The model pairs to measure: random real-shaped ones, and the bundled demo pair when present."""
     found = []
     if "small-self" in which:
-        small = random_checkpoint("t5-small", work / "hf-t5-small", tokenizer_dir, seed=0)
+        small = reuse_or_write("t5-small", work / "hf-t5-small", seed=0, tokenizer_dir=tokenizer_dir)
         found.append(Pair("t5-small (own draft)", small, small, num_draft=4))
     if "base-small" in which:
-        base = random_checkpoint("t5-base", work / "hf-t5-base", tokenizer_dir, seed=1)
-        small = random_checkpoint("t5-small", work / "hf-t5-small-draft", tokenizer_dir, seed=0)
+        base = reuse_or_write("t5-base", work / "hf-t5-base", seed=1, tokenizer_dir=tokenizer_dir)
+        small = reuse_or_write("t5-small", work / "hf-t5-small-draft", seed=0, tokenizer_dir=tokenizer_dir)
         found.append(Pair("t5-base + t5-small draft", base, small, num_draft=4))
     if "base-small-bf16" in which:
-        base = random_checkpoint("t5-base", work / "hf-t5-base", tokenizer_dir, seed=1)
-        small = random_checkpoint("t5-small", work / "hf-t5-small-draft", tokenizer_dir, seed=0)
+        base = reuse_or_write("t5-base", work / "hf-t5-base", seed=1, tokenizer_dir=tokenizer_dir)
+        small = reuse_or_write("t5-small", work / "hf-t5-small-draft", seed=0, tokenizer_dir=tokenizer_dir)
         found.append(Pair("t5-base + t5-small draft, bfloat16", base, small, num_draft=4, dtype="bfloat16"))
     if "demo" in which and (DEMO / "main").is_dir():
         found.append(Pair("demo pair", DEMO / "main", DEMO / "draft", num_draft=1))
@@ -312,7 +297,7 @@ def pairs(work, tokenizer_dir, which):
 
 
 def print_table(rows, summaries):
-    print(f"\nBLAS: {backend.active}; kernels: {kernels.active}; torch threads: {torch.get_num_threads()}")
+    print(f"\nBLAS: {blas.active}; kernels: {kernels.active}; torch threads: {torch.get_num_threads()}")
     width = max([28] + [len(row["pair"]) + 2 for row in rows])
     print(f"{'pair':<{width}}{'method':<34}{'tok/s':>9}{'median s':>10}{'spread s':>10}  same tokens")
     for row in rows:
@@ -370,7 +355,7 @@ def setup_arg_parser():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for transformers")
     parser.add_argument(
         "--kernel-shape",
-        choices=[*benchmark_kernels.KERNEL_SHAPES, "none"],
+        choices=[*matmul.KERNEL_SHAPES, "none"],
         default="t5-large",
         help="Model shape of the per-dtype decode steps and verifications (random weights); none skips them and the "
         "products' sweep",
@@ -410,13 +395,13 @@ def main(argv=None):
         print_table(rows, summaries)
     sweep, roofline = [], []
     if args.kernel_shape != "none":
-        sweep = benchmark_kernels.product_sweep(bandwidth)
-        roofline = benchmark_kernels.decode_roofline(args.kernel_shape, bandwidth)
-        benchmark_kernels.print_report(sweep, roofline, bandwidth)
+        sweep = matmul.product_sweep(bandwidth)
+        roofline = matmul.decode_roofline(args.kernel_shape, bandwidth)
+        matmul.print_report(sweep, roofline, bandwidth)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(
-        blas=backend.active,
+        blas=blas.active,
         kernels=kernels.active,
         memory_bandwidth_gb_s=round(bandwidth / 1e9, 2),
         max_tokens=args.max_tokens,

@@ -49,7 +49,7 @@ def load(choice=None, paths=None) -> str:
         paths = [choice]
     found = next((path for path in (candidates() if paths is None else paths) if os.path.exists(path)), None)
     if found and "mlx.core" in sys.modules:
-        warn("backend was imported after mlx; MLX keeps its reference BLAS")
+        warn("blas was imported after mlx; MLX keeps its reference BLAS")
         active = "bundled reference BLAS (mlx imported first)"
         return active
     if found:
