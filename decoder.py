@@ -319,13 +319,22 @@ class SpeculativeDecoder:
     def step(self, last_token, draft, key, cross_kv, cache):
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
         main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for."""
-        accept_key, extra_key = mx.random.split(key)
         last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
+        if not draft.tokens.size and self.sampler.greedy and self.delta == 0:
+            # A plain greedy step is regular decoding's step: nothing to judge, no keys to split.
+            extra = mx.argmax(self.model.decode(last_token.astype(mx.int32)[None], cross_kv, cache)[0], axis=-1)
+            mx.async_eval(extra)
+            return draft, NO_ACCEPTANCE, extra
+        accept_key, extra_key = mx.random.split(key)
         verify_input = mx.concatenate([last_token.astype(mx.int32), draft.tokens])[None]
         logits = self.model.decode(verify_input, cross_kv, cache)[0]
         accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
+
+
+# What a step without drafts accepted.
+NO_ACCEPTANCE = mx.zeros((0,), dtype=mx.bool_)
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):
