@@ -216,24 +216,29 @@ class SpeculativeDecoder:
         tick = time.perf_counter()
         cross_kv, cache = self.prepare(prompt_ids)
         stats.encode_seconds += time.perf_counter() - tick
-
-        def step(token, key):
-            return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
-
-        # Build and start step i + 1 before waiting for token i, so graph building overlaps computation.
-        keys = mx.random.split(key, max_tokens)
-        next_token = step(mx.array(self.model.args.decoder_start_token_id), keys[0])
-        mx.async_eval(next_token)
-        for i in range(max_tokens):
-            token = next_token
-            if i + 1 < max_tokens:
-                next_token = step(token, keys[i + 1])
-                mx.async_eval(next_token)
-            token = token.item()
+        for token in self.plain_tokens(self.model.args.decoder_start_token_id, max_tokens, key, cross_kv, cache):
             stats.main_calls += 1
             yield [token]
             if token == self.model.args.eos_token_id and not ignore_eos:
                 return
+
+    def plain_tokens(self, token: int, count: int, key, cross_kv, cache) -> Iterator[int]:
+        """`count` tokens of the main model alone after `token` (fed first; the cache holds what came before it).
+        Step i + 1 is built and started before waiting for token i, so graph building overlaps computation; nothing is
+        built past the last."""
+
+        def step(token, key):
+            return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
+
+        keys = mx.random.split(key, count)
+        next_token = step(mx.array(token), keys[0])
+        mx.async_eval(next_token)
+        for i in range(count):
+            token = next_token
+            if i + 1 < count:
+                next_token = step(token, keys[i + 1])
+                mx.async_eval(next_token)
+            yield token.item()
 
     def speculative_tokens(
         self, prompt_ids, max_tokens, ignore_eos, stats, drafter=None, draft_length=None
@@ -262,7 +267,20 @@ class SpeculativeDecoder:
                 # Never draft past max_tokens: the main model adds one token after the drafts.
                 limit = max_tokens - generated - 1
                 num_draft = draft_length.choose(drafter.source(sequence), limit) if planned is None else planned
+                run = draft_length.plain_run(limit + 1) if num_draft == 0 and not drafter.reads_tokens else 1
                 key, step_key = mx.random.split(key)
+                if run > 1:
+                    # A run of plain steps, as regular decoding takes them; the policy asks again after it.
+                    for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache):
+                        record_step(stats, draft_length, None, 0, 0)
+                        generated += 1
+                        sequence.append(token)
+                        yield [token]
+                        if not ignore_eos and token == model.args.eos_token_id:
+                            return
+                    drafter.rewind(len(sequence))
+                    last_sync, planned = time.perf_counter(), None
+                    continue
                 step = self.step(
                     sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache
                 )

@@ -45,6 +45,9 @@ class FixedDraftLength:
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         return self.choose("any" if any(sources) else None, limit)
 
+    def plain_run(self, limit: int) -> int:
+        return 1
+
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         pass
 
@@ -181,6 +184,17 @@ class AutoDraftLength:
     def choose(self, source: Optional[str], limit: int) -> int:
         """The number of drafts for the next step of one sequence; source None means no draft."""
         return self.choose_batch([source], limit)
+
+    def plain_run(self, limit: int) -> int:
+        """Plain steps to take in a row, at most `limit`, once the choice was none: until the next try of a length is
+        due, or all of them when a try was due and none was worth it (plain steps observe no acceptance, so no later
+        choice would differ). One choice stands for them all."""
+        steps = self.explore_gap - self.since_explored
+        if steps < 2:
+            steps = limit
+        steps = max(1, min(steps, limit))
+        self.since_explored += steps - 1
+        return steps
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         """A step's outcome: `drafted` tokens from `source`, the first `accepted` of them accepted, in `seconds`."""

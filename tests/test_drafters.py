@@ -80,13 +80,18 @@ def test_auto_drafts_the_most_with_an_always_right_draft_and_none_with_a_wrong_o
     decoder = SpeculativeDecoder(model, drafts[draft_name], tokenizer, num_draft="auto", max_num_draft=6)
     policy = Recording(6, {"model": [1.0 + 0.2 * k for k in range(7)]}, Acceptance())
     decoder.draft_lengths[1] = policy
-    stats = decoder.generate(PROMPTS[4], max_tokens=150, ignore_eos=True).stats
+    generation = decoder.generate(PROMPTS[4], max_tokens=150, ignore_eos=True)
+    stats = generation.stats
+    assert generation.tokens == decoder.generate(PROMPTS[4], max_tokens=150, ignore_eos=True, regular=True).tokens
     settled = policy.chosen[8:-1]  # after the first tries, before the last step (cut short by max_tokens)
     if draft_name == "self":
         assert stats.accepted == stats.drafted
         assert settled.count(6) >= 0.8 * len(settled), policy.chosen
     else:
+        # Plain steps, most of them in runs that one choice stands for: few steps draft, and every step counts.
         assert settled.count(0) >= 0.9 * len(settled), policy.chosen
+        assert sum(1 for k in policy.chosen if k) <= 8 + 0.1 * stats.main_calls, policy.chosen
+        assert stats.main_calls == 150 - stats.accepted and stats.generated == 150
 
 
 def tokens_per_second(alphas, costs):
