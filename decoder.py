@@ -79,6 +79,7 @@ class SpeculativeDecoder:
         self.max_ngram = max_ngram
         self.draft_lengths = {}  # batch size -> the draft-length policy of this decoder's runs at that size
         self.acceptance = None  # auto's acceptance estimates, shared by every batch size
+        self.acceptance_file = None  # where they are kept between runs, once found
         self.delta = delta
         self.sampler = Sampler(temperature, top_k, top_p)
         self.seed = seed
@@ -167,17 +168,20 @@ class SpeculativeDecoder:
     def remembered_acceptance(self) -> Acceptance:
         """The acceptance estimates this pair, drafter and sampling ended their last run with; none when sharded (the
         ranks' files might differ, and ranks that choose differently wait for each other forever)."""
-        remembered = None if self.sharded() else step_costs.read(step_costs.acceptance_path(self))
+        # Where this pair's acceptance is kept, found once: it hashes both models' weights.
+        self.acceptance_file = step_costs.acceptance_path(self)
+        remembered = None if self.sharded() else step_costs.read(self.acceptance_file)
         try:
             return Acceptance(remembered["counts"]) if remembered else Acceptance()
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            step_costs.warn(step_costs.acceptance_path(self), "ignoring remembered acceptance in an unknown format")
+            step_costs.warn(self.acceptance_file, "ignoring remembered acceptance in an unknown format")
             return Acceptance()
 
     def remember_acceptance(self):
         """Keep auto's acceptance estimates for this pair's next run."""
         if self.acceptance is not None and not self.sharded():
-            step_costs.write(step_costs.acceptance_path(self), dict(counts=self.acceptance.to_dict()))
+            path = self.acceptance_file or step_costs.acceptance_path(self)
+            step_costs.write(path, dict(counts=self.acceptance.to_dict()))
 
     def generate_batch(
         self,
