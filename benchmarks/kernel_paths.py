@@ -14,7 +14,7 @@ import os
 import mlx.core as mx
 
 import kernels
-from benchmarks.matmul import DTYPES, product, seconds, weight_arrays
+from benchmarks.matmul import DTYPES, feed_forward_stack, product, seconds, stack_inputs
 
 
 def settings():
@@ -31,12 +31,9 @@ def settings():
 def sweep(rows_list, rounds, repeats):
     results = {}
     for name, bits, dtype in DTYPES:
-        # t5-large's feed-forward matrices: 64 MB in float32, more than the caches.
-        matrices = [weight_arrays(bits, dtype, *shape) for shape in [(4096, 1024), (1024, 4096)] * 8]
-        mx.eval(matrices)
-        nbytes = sum(a.nbytes for arrays in matrices for a in arrays)
+        matrices, nbytes = feed_forward_stack(bits, dtype)
         for rows in rows_list:
-            inputs = [mx.random.normal((rows, a[0].shape[-1] * (32 // bits if bits else 1))) for a in matrices]
+            inputs = stack_inputs(matrices, bits, rows)
             if name == "bfloat16":
                 inputs = [x.astype(mx.bfloat16) for x in inputs]  # a bfloat16 model's activations
             mx.eval(inputs)

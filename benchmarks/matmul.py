@@ -40,6 +40,19 @@ def weight_arrays(bits, dtype, out_features, in_features):
     return tuple(mx.quantize(w, 64, bits))
 
 
+def feed_forward_stack(bits, dtype):
+    """Eight (4096, 1024) and eight (1024, 4096) matrices, t5-large's feed-forward shapes, read in turn as a decoder
+    does (268 MB in float32: far more than the caches), evaluated; and their bytes."""
+    matrices = [weight_arrays(bits, dtype, *shape) for shape in [(4096, 1024), (1024, 4096)] * 8]
+    mx.eval(matrices)
+    return matrices, sum(a.nbytes for arrays in matrices for a in arrays)
+
+
+def stack_inputs(matrices, bits, rows):
+    """A random x of `rows` rows for each matrix of the stack (its input width unpacked from the quantized words)."""
+    return [mx.random.normal((rows, a[0].shape[-1] * (32 // bits if bits else 1))) for a in matrices]
+
+
 def product(x, arrays, bits, native):
     """One product x @ W.T by the native kernels or MLX's own (OpenBLAS for float32)."""
     if native:
@@ -54,16 +67,13 @@ def product(x, arrays, bits, native):
 
 
 def product_sweep(bandwidth, repeats=7):
-    """GB/s of x @ W.T for a stack of t5-large-sized feed-forward matrices (64 MB in float32: more than the caches),
+    """GB/s of x @ W.T for a stack of t5-large-sized feed-forward matrices (`feed_forward_stack`),
     per dtype and rows, by the native kernels and by MLX's own."""
     rows_out = []
     for name, bits, dtype in DTYPES:
-        # Eight (4096, 1024) and eight (1024, 4096) matrices, read in turn as a decoder does.
-        matrices = [weight_arrays(bits, dtype, *shape) for shape in [(4096, 1024), (1024, 4096)] * 8]
-        mx.eval(matrices)
-        nbytes = sum(a.nbytes for arrays in matrices for a in arrays)
+        matrices, nbytes = feed_forward_stack(bits, dtype)
         for rows in ROWS:
-            inputs = [mx.random.normal((rows, a[0].shape[-1] * (32 // bits if bits else 1))) for a in matrices]
+            inputs = stack_inputs(matrices, bits, rows)
             mx.eval(inputs)
             row = dict(dtype=name, rows=rows, weight_mb=round(nbytes / 1e6, 1))
             for label, native in [("native", True), ("mlx", False)]:
