@@ -25,18 +25,31 @@ class KVCache:
 
     def update_and_fetch(self, keys, values):
         # keys, values: (B, heads, L, d_kv), row b written at positions offsets[b] .. offsets[b] + L - 1
-        batch, length = keys.shape[0], keys.shape[2]
+        self.reserve(keys.shape, keys.dtype)
+        end = self.offset + keys.shape[2]
+        self.write(keys, values)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reserve(self, shape, dtype):
+        """Room for `shape` (B, heads, L, d_kv) new keys and values past every row's length; returns the buffers
+        (B, heads, capacity, d_kv), whose positions below each row's length are its keys and values."""
+        batch, length = shape[0], shape[2]
         if len(self.offsets) != batch and self.keys is None and self.offsets == [0]:
             self.offsets = [0] * batch
-        starts, end = self.offsets, self.offset + length
+        end = self.offset + length
         if self.keys is None or end > self.keys.shape[2]:
             capacity = ((end + self.step - 1) // self.step) * self.step
-            shape = (*keys.shape[:2], capacity, keys.shape[3])
-            new_keys, new_values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+            shape = (*shape[:2], capacity, shape[3])
+            new_keys, new_values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             if self.keys is not None:
                 new_keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
                 new_values[:, :, : self.offset] = self.values[:, :, : self.offset]
             self.keys, self.values = new_keys, new_values
+        return self.keys, self.values
+
+    def write(self, keys, values):
+        """Write keys and values (B, heads, L, d_kv) at each row's next positions (reserved) and advance them."""
+        starts, length = self.offsets, keys.shape[2]
         if len(set(starts)) == 1:
             self.keys[:, :, starts[0] : starts[0] + length] = keys
             self.values[:, :, starts[0] : starts[0] + length] = values
@@ -46,7 +59,11 @@ class KVCache:
             self.keys = mx.put_along_axis(self.keys, positions, keys, axis=2)
             self.values = mx.put_along_axis(self.values, positions, values, axis=2)
         self.offsets = [start + length for start in starts]
-        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def replace(self, keys, values, length: int):
+        """Take buffers (as `reserve` returned them) with `length` new positions written past every row's length."""
+        self.keys, self.values = keys, values
+        self.offsets = [offset + length for offset in self.offsets]
 
     def trim(self, n: int) -> int:
         """Rewind every row by n positions (at most its length); returns the most any row was rewound."""

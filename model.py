@@ -256,10 +256,34 @@ class DecoderLayer(nn.Module):
         # fewer op dispatches (5-20% faster decode steps on small models). The layer's weights are inputs, not
         # constants, so loading or editing them later is seen.
         self.cross_and_mlp = mx.compile(self.cross_and_mlp_uncompiled, inputs=self)
+        self.activation, self.d_kv = args.activation, args.d_kv
 
     def __call__(self, x, self_bias, cross_kv, cross_bias, cache):
         x = clamp_fp16(x + self.self_attn(self.self_attn_norm(x), self_bias, cache=cache))
         return self.cross_and_mlp(x, *cross_kv, cross_bias)
+
+    def native_weights(self, x):
+        """The layer's products as kernels.decoder_layers takes them, where it can compute this layer of x: the
+        decoding layout (every product a FusedLinear, none summed across ranks), float32 norms and activations."""
+        # (Modules are dicts: indexing them skips nn.Module's slower attribute lookup, once per layer and step.)
+        attention, cross, mlp = self["self_attn"], self["cross_attn"], self["mlp"]
+        if "qkv" not in attention or not kernels.decoder_layer_takes(x):
+            return None
+        linears = (attention["qkv"], attention["o"], cross["q"], cross["o"], mlp["wi_01" if mlp.is_gated else "wi"])
+        weights = []
+        for linear in (*linears, mlp["wo"]):
+            if type(linear) is not FusedLinear or linear.group is not None:
+                return None
+            if "scales" not in linear:
+                weights.append((linear["weight"], None, None, 0, 0))
+            elif "biases" in linear:
+                weights.append((linear["weight"], linear["scales"], linear["biases"], linear.group_size, linear.bits))
+            else:
+                return None
+        norms = [self["self_attn_norm"]["weight"], self["cross_attn_norm"]["weight"], self["mlp_norm"]["weight"]]
+        if any(norm.dtype != mx.float32 for norm in norms):
+            return None
+        return norms, weights
 
     def cross_and_mlp_uncompiled(self, x, keys, values, cross_bias):
         x = clamp_fp16(x + self.cross_attn(self.cross_attn_norm(x), cross_bias, keys, values))
@@ -376,10 +400,41 @@ class Decoder(nn.Module):
         return mx.where(distance[:, None] < 0, mx.finfo(mx.float32).min, bias)
 
     def __call__(self, x, cross_kv, cross_bias, cache):
-        self_bias = self.position_bias(cache[0].offsets, x.shape[1])
-        for layer, layer_kv, layer_cache in zip(self.layers, cross_kv, cache):
-            x = layer(x, self_bias, layer_kv, cross_bias, layer_cache)
+        layers = self.native_layers(x, cross_kv, cache)  # (a new cache takes x's rows here)
+        offsets = cache[0].offsets
+        self_bias = self.position_bias(offsets, x.shape[1])
+        if layers is not None:
+            # Every layer in one native operation, which writes each layer's new keys and values into its cache.
+            first = self.layers[0]
+            x, *caches = kernels.decoder_layers(
+                x,
+                self_bias,
+                cross_bias,
+                offsets,
+                layers,
+                first.self_attn.num_heads,
+                first.mlp_norm.eps,
+                self.args.activation,
+                self.args.is_gated,
+            )
+            for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
+                layer_cache.replace(keys, values, x.shape[1])
+        else:
+            for layer, layer_kv, layer_cache in zip(self.layers, cross_kv, cache):
+                x = layer(x, self_bias, layer_kv, cross_bias, layer_cache)
         return self.final_norm(x)
+
+    def native_layers(self, x, cross_kv, cache):
+        """Each layer's inputs as kernels.decoder_layers takes them (its cache made room for x's positions), or None
+        where it cannot compute every layer of x."""
+        layers = []
+        for layer, (cross_keys, cross_values) in zip(self["layers"], cross_kv):
+            norms_and_weights = layer.native_weights(x)
+            if norms_and_weights is None:
+                return None
+            layers.append((cross_keys, cross_values, *norms_and_weights))
+        shape = (x.shape[0], self.layers[0].self_attn.num_heads, x.shape[1], self.args.d_kv)
+        return [(*layer_cache.reserve(shape, x.dtype), *rest) for layer_cache, rest in zip(cache, layers)]
 
 
 class T5(nn.Module):

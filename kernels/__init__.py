@@ -10,6 +10,9 @@ T5_KERNELS=0 turns the native kernels off; T5_KERNELS=exact keeps x in floating 
 T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer dot products; by default only for
 INTEGER_DEFAULT_BITS).
 T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this CPU runs by default).
+`decoder_layers(...)` computes the T5 decoder layers of a decode step (float32 activations) as one operation: a small
+model's step is otherwise mostly the scheduling of a few hundred small operations. T5_FUSED_LAYERS=0 keeps the
+layers as MLX operations (whose products still run here).
 A module built for another MLX, or one whose trial product is wrong, is not used (one warning line says so and how to
 rebuild).
 """
@@ -24,6 +27,9 @@ import mlx.core as mx
 
 ENV_VAR = "T5_KERNELS"
 ISA_ENV_VAR = "T5_KERNEL_ISA"
+FUSED_ENV_VAR = "T5_FUSED_LAYERS"
+# The activations decoder_layer computes, by the names model.ACTIVATIONS uses, and its codes for them.
+LAYER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 # The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise. Their price in
 # quality (benchmarks/int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
 # 4-bit (0.024x) and not for 8-bit (8.8x); but a 4-bit model sharded over two ranks gives other logits with int8
@@ -32,6 +38,8 @@ INTEGER_DEFAULT_BITS = ()
 BUILD_COMMAND = "python kernels/build.py"
 
 native = None
+# Whether decode steps' decoder layers run as one native operation each (where the native kernels are loaded).
+fused_layers = False
 # Quantized products with int8 activations (where the instruction set has integer kernels): always, never, or None
 # for INTEGER_DEFAULT_BITS.
 integer = None
@@ -88,9 +96,10 @@ def refuse(reason: str, summary: str) -> str:
 
 def load() -> str:
     """Load the native kernels as the environment asks; return a description of what serves the products."""
-    global native, active, integer
+    global native, active, integer, fused_layers
     native = None
     integer = None
+    fused_layers = False
     mode = os.environ.get(ENV_VAR, "").lower()
     if mode in ("0", "off", "none"):
         active = f"mlx ({ENV_VAR}={os.environ[ENV_VAR]})"
@@ -126,6 +135,7 @@ def load() -> str:
         _native.set_isa(requested)
     native = _native
     integer = {"integer": True, "exact": False}.get(mode)
+    fused_layers = os.environ.get(FUSED_ENV_VAR, "1").lower() not in ("0", "off", "no")
     active = f"native {isa_description()}, {native.threads()} threads ({platform.machine()})"
     return active
 
@@ -174,6 +184,31 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
         return x @ weight.T
     used.add(f"mlx {bits}-bit")
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+def decoder_layer_takes(x) -> bool:
+    """Whether decoder_layer computes a decoder layer of x: float32 activations on the CPU, native kernels loaded."""
+    return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, activation, gated):
+    """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
+    the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
+    weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float)."""
+    bits = layers[0][5][0][4]
+    used.add("native decoder layers")
+    return native.decoder_layers(
+        x,
+        self_bias,
+        cross_bias,
+        offsets,
+        layers,
+        num_heads,
+        eps,
+        LAYER_ACTIVATIONS[activation],
+        gated,
+        bool(bits) and int8_activations(bits),
+    )
 
 
 def int8_activations(bits) -> bool:

@@ -2,16 +2,19 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <string>
 
 #include "decode_matmul.h"
+#include "decoder_layer.h"
 #include "integer_parts.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+namespace mx = mlx::core;
 
 // The MLX compiled against, behind a marker that kernels/__init__.py looks for in this file before loading it: a
 // module built for another MLX must not be loaded into this one.
@@ -24,6 +27,30 @@ NB_MODULE(_native, m) {
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "integer"_a = false, "stream"_a = nb::none(),
         "x (..., K) @ w.T with w (N, K) float, or MLX-quantized (affine, 4/8 bits) with scales and biases; with "
         "integer, x quantized to int8 per row and group where the instruction set has integer products.");
+  using Weight = std::tuple<mx::array, std::optional<mx::array>, std::optional<mx::array>, int, int>;
+  using Layer = std::tuple<mx::array, mx::array, mx::array, mx::array, std::vector<mx::array>, std::vector<Weight>>;
+  m.def(
+      "decoder_layers",
+      [](const mx::array& x, const mx::array& self_bias, const std::optional<mx::array>& cross_bias,
+         const std::vector<int>& offsets, const std::vector<Layer>& layers, int num_heads, float eps, int activation,
+         bool gated, bool integer) {
+        std::vector<t5kernels::DecoderLayerInputs> inputs;
+        for (const auto& [keys, values, cross_keys, cross_values, norms, weights] : layers) {
+          std::vector<t5kernels::LayerWeight> layer_weights;
+          for (const auto& [w, scales, biases, group_size, bits] : weights) {
+            layer_weights.push_back({w, scales, biases, group_size, bits});
+          }
+          inputs.push_back({keys, values, cross_keys, cross_values, norms, layer_weights});
+        }
+        return t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation, gated,
+                                         integer);
+      },
+      "x"_a, "self_bias"_a, "cross_bias"_a.none(), "offsets"_a, "layers"_a, "num_heads"_a, "eps"_a, "activation"_a,
+      "gated"_a, "integer"_a,
+      "T5 decoder layers in float32 -> [x, then each layer's cache keys and values with the new ones written]. "
+      "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
+      "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
+      "bits 0 for float weights.");
   m.def("isa", &t5kernels::kernel_isa, "The instruction set new products run on: avx512, avx2 or portable.");
   m.def("isas", &t5kernels::kernel_isas, "The instruction sets this CPU runs.");
   m.def("set_isa", &t5kernels::set_kernel_isa, "name"_a, "Run new products on this instruction set.");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <condition_variable>
@@ -53,13 +54,15 @@ class ThreadPool {
       job = ++job_;
       task_ = &task;
       tasks_ = tasks;
-      done_ = 0;
+      done_.store(0);
       ticket_.store(tag(job) << 32);
+      published_.store(job);
     }
     wake_.notify_all();
     run_tasks(job, &task, tasks);
+    spin_while([&] { return done_.load() != tasks; });
     std::unique_lock<std::mutex> lock(mutex_);
-    finished_.wait(lock, [&] { return done_ == tasks; });
+    finished_.wait(lock, [&] { return done_.load() == tasks; });
   }
 
   // The number of jobs run so far; setting it lets a test cross the tag's wrap at 2^32 jobs.
@@ -72,6 +75,7 @@ class ThreadPool {
     std::lock_guard<std::mutex> lock(mutex_);
     job_ = jobs;
     tasks_ = 0;  // workers that wake for it find nothing to claim
+    published_.store(jobs);
   }
 
  private:
@@ -90,9 +94,30 @@ class ThreadPool {
         }
       } while (!ticket_.compare_exchange_weak(ticket, ticket + 1));
       (*task)(int(ticket & 0xffffffff));
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (++done_ == tasks) {
+      if (done_.fetch_add(1) + 1 == tasks) {
+        std::lock_guard<std::mutex> lock(mutex_);  // so that the caller cannot miss the notification
         finished_.notify_one();
+      }
+    }
+  }
+
+  // Waits while busy() holds, for at most kSpinMicroseconds, without sleeping: a decode step's products follow one
+  // another within microseconds, and a thread put to sleep takes tens of them to wake (the caller then does the
+  // whole job alone).
+  template <class F>
+  static void spin_while(F&& busy) {
+    constexpr int kSpinMicroseconds = 200;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
+    while (busy()) {
+      for (int i = 0; i < 64; i++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#else
+        std::this_thread::yield();
+#endif
+      }
+      if (std::chrono::steady_clock::now() > until) {
+        return;
       }
     }
   }
@@ -102,6 +127,7 @@ class ThreadPool {
     while (true) {
       const std::function<void(int)>* task;
       int tasks;
+      spin_while([&] { return published_.load() == seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return job_ != seen; });
@@ -119,8 +145,9 @@ class ThreadPool {
   std::condition_variable wake_, finished_;
   const std::function<void(int)>* task_ = nullptr;
   int tasks_ = 0;
-  int done_ = 0;
+  std::atomic<int> done_{0};
   uint64_t job_ = 0;
+  std::atomic<uint64_t> published_{0};  // job_, readable without the mutex
   std::atomic<uint64_t> ticket_{0};
 };
 
@@ -348,6 +375,26 @@ void int_product(int isa_number, const float* x, int ldx, int M, int K, const ui
       isa == kAvx512 ? int_columns_avx512(p, a, b) : int_columns_portable(p, a, b);
     });
   });
+}
+
+void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, const mx::array& w,
+                  const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N) {
+  if (bits == 0) {
+    float_product(Isa(isa), x, ldx, nullptr, M, K, w, y, N);
+  } else if (integer && has_integer_products(isa)) {
+    int_product(isa, x, ldx, M, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
+                weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
+  } else {
+    quant_product(Isa(isa), x, ldx, M, K, w, *scales, *biases, group_size, bits, y, N);
+  }
+}
+
+void pool_run(int tasks, const std::function<void(int)>& task) {
+  pool().run(tasks, task);
+}
+
+int current_kernel_isa() {
+  return current_isa().load();
 }
 
 namespace {

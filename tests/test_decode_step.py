@@ -52,15 +52,27 @@ def test_regular_loop_share_is_measured_against_its_steps(main):
     assert stats.main_calls == 8 and share > -1
 
 
-def test_operations_grow_by_one_layers_worth_per_decoder_layer(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("native_layers", [False, True])
+def test_operations_per_decoder_layer(native_layers, hf_checkpoint, tmp_path, monkeypatch):
+    # MLX's operations: each layer adds the same number; the native decoder layers: one operation for all of them.
     import convert
+    import kernels
 
+    if native_layers and kernels.native is None:
+        pytest.skip("native kernels not built")
+    monkeypatch.setattr(kernels, "fused_layers", native_layers)
     counts = []
     for layers in (1, 2, 3):
         checkpoint = hf_checkpoint("t5", num_decoder_layers=layers)
         path = convert.convert(str(checkpoint), mlx_path=str(tmp_path / f"{layers}"))
-        counts.append(sum(decode_step.operation_count(load_model(path)[0]).values()))
-    assert counts[0] > 0 and counts[2] - counts[1] == counts[1] - counts[0] > 0
+        counts.append(decode_step.operation_count(load_model(path)[0]))
+    totals = [sum(count.values()) for count in counts]
+    if native_layers:
+        assert totals[0] == totals[1] == totals[2] > 0
+        assert all(count["DecoderLayers"] == 1 for count in counts)
+    else:
+        assert totals[2] - totals[1] == totals[1] - totals[0] > 0
+        assert all("DecoderLayers" not in count for count in counts)
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -1,0 +1,458 @@
+#include "decoder_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "decode_matmul.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace t5kernels {
+
+namespace {
+
+constexpr int kWeights = 6;  // qkv, o, cross q, cross o, wi, wo
+enum { kQkv = 0, kO, kCrossQ, kCrossO, kWi, kWo };
+
+// Rows of activations a product reads: K floats, rows a multiple of 8 floats plus 16 apart (see run_product).
+int padded(int K) {
+  return (K + 7) / 8 * 8 + 16;
+}
+
+// Element (i0, i1, i2, i3) of a 4-D float32 array of any strides; a dimension of size 1 broadcasts.
+struct Strided4 {
+  const float* data;
+  int64_t s[4];
+  Strided4(const mx::array& a) : data(a.data<float>()) {
+    for (int d = 0; d < 4; d++) {
+      s[d] = a.shape(d) == 1 ? 0 : a.strides()[d];
+    }
+  }
+  const float* at(int64_t i0, int64_t i1, int64_t i2) const {
+    return data + i0 * s[0] + i1 * s[1] + i2 * s[2];
+  }
+  float get(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
+    return at(i0, i1, i2)[i3 * s[3]];
+  }
+};
+
+float dot(const float* a, const float* b, int n, int64_t b_stride) {
+  if (b_stride != 1) {
+    float sum = 0;
+    for (int d = 0; d < n; d++) {
+      sum += a[d] * b[d * b_stride];
+    }
+    return sum;
+  }
+  // Eight partial sums, so that the compiler can keep them in a vector register.
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    for (int u = 0; u < 8; u++) {
+      part[u] += a[d + u] * b[d + u];
+    }
+  }
+  for (; d < n; d++) {
+    part[0] += a[d] * b[d];
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// out (d_kv) = softmax over j < n of (q . key(j) + bias(j)) weighted sum of value(j); `scores` holds n floats. Each
+// query is computed alone, in the same order whatever the other rows are: a row's result never depends on them.
+template <class Key, class Value, class Bias>
+void attend(const float* q, int n, int d_kv, Key key, Value value, Bias bias, float* scores, float* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < n; j++) {
+    auto [k, stride] = key(j);
+    scores[j] = dot(q, k, d_kv, stride) + bias(j);
+    top = std::max(top, scores[j]);
+  }
+  float total = 0;
+  for (int j = 0; j < n; j++) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  std::fill(out, out + d_kv, 0.0f);
+  for (int j = 0; j < n; j++) {
+    const float p = scores[j] / total;
+    auto [v, stride] = value(j);
+    for (int d = 0; d < d_kv; d++) {
+      out[d] += p * v[d * stride];
+    }
+  }
+}
+
+// rows of x (D floats, ld apart) -> out (rows ldo apart): x * rsqrt(mean(x^2) + eps) * weight.
+void rms_norm(const float* x, int ld, int rows, int D, const float* weight, float eps, float* out, int ldo) {
+  for (int r = 0; r < rows; r++) {
+    const float* row = x + size_t(r) * ld;
+    float squares = 0;
+    for (int d = 0; d < D; d++) {
+      squares += row[d] * row[d];
+    }
+    const float scale = 1.0f / std::sqrt(squares / D + eps);
+    for (int d = 0; d < D; d++) {
+      out[size_t(r) * ldo + d] = weight[d] * (row[d] * scale);
+    }
+  }
+}
+
+float activate(float x, int activation) {
+  switch (activation) {
+    case kRelu:
+      return std::max(x, 0.0f);
+    case kGelu:
+      return x * (1.0f + std::erf(x / std::sqrt(2.0f))) / 2.0f;
+    case kGeluTanh:
+      return 0.5f * x * (1.0f + std::tanh(std::sqrt(2.0f / float(M_PI)) * (x + 0.044715f * (x * x * x))));
+    default:
+      return x * (1.0f / (1.0f + std::exp(-x)));
+  }
+}
+
+// Runs fn(task) for tasks 0..n-1, on the thread pool when there is enough work to share.
+template <class F>
+void for_tasks(int n, double work, F&& fn) {
+  if (work < 2e5 || n < 2) {
+    for (int t = 0; t < n; t++) {
+      fn(t);
+    }
+  } else {
+    pool_run(n, fn);
+  }
+}
+
+struct Weights {
+  const mx::array* w;
+  const mx::array* scales;
+  const mx::array* biases;
+  int group_size, bits;
+};
+
+// One layer's inputs, as the primitive's input list holds them.
+struct Layer {
+  const mx::array* cross_keys;
+  const mx::array* cross_values;
+  const float* norms[3];
+  Weights weights[kWeights];
+};
+
+// The layer's work on x (R rows of D floats, updated in place); keys and values: this layer's cache (outputs of the
+// primitive, written here at each row's new positions, then read up to them).
+void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L, int D, float* x,
+               const Strided4& self_bias, int S, bool bias_per_row, const std::optional<Strided4>& cross_bias,
+               mx::array& keys, mx::array& values) {
+  const int H = spec.heads, dk = spec.d_kv, inner = H * dk, R = B * L;
+  const int P = layer.cross_keys->shape(2);
+  const Strided4 cross_k(*layer.cross_keys), cross_v(*layer.cross_values);
+  auto product = [&](int which, const float* in, int ldx, int K, float* y, int N) {
+    const Weights& w = layer.weights[which];
+    product_rows(spec.isa, spec.integer, in, ldx, R, K, *w.w, w.scales, w.biases, w.group_size, w.bits, y, N);
+  };
+  const int ld_model = padded(D), ld_inner = padded(inner);
+  std::vector<float> h(size_t(R) * ld_model), qkv(size_t(R) * 3 * inner), att(size_t(R) * ld_inner, 0.0f),
+      y(size_t(R) * D);
+  auto add_residual = [&]() {
+    for (size_t i = 0; i < y.size(); i++) {
+      x[i] += y[i];
+    }
+  };
+
+  // Self-attention. The new keys and values go into the cache first, at each row's positions offsets[b].., so that
+  // row b attends to its cache entries 0..offsets[b] + L - 1 (those past a query are masked by the bias; stale
+  // entries past a row's length are never read).
+  rms_norm(x, D, R, D, layer.norms[0], spec.eps, h.data(), ld_model);
+  product(kQkv, h.data(), ld_model, D, qkv.data(), 3 * inner);
+  const int64_t C = keys.shape(2);
+  float* key_data = keys.data<float>();
+  float* value_data = values.data<float>();
+  for (int b = 0; b < B; b++) {
+    for (int hd = 0; hd < H; hd++) {
+      for (int i = 0; i < L; i++) {
+        const float* row = &qkv[(size_t(b) * L + i) * 3 * inner + hd * dk];
+        const size_t at = ((size_t(b) * H + hd) * C + spec.offsets[b] + i) * dk;
+        std::memcpy(key_data + at, row + inner, dk * sizeof(float));
+        std::memcpy(value_data + at, row + 2 * inner, dk * sizeof(float));
+      }
+    }
+  }
+  for_tasks(B * H, double(B) * H * L * (spec.offsets[0] + L) * dk * 2, [&](int task) {
+    const int b = task / H, hd = task % H, n = std::min(spec.offsets[b] + L, S);
+    const float* k_rows = key_data + (size_t(b) * H + hd) * C * dk;
+    const float* v_rows = value_data + (size_t(b) * H + hd) * C * dk;
+    std::vector<float> scores(n);
+    for (int i = 0; i < L; i++) {
+      auto key = [&](int j) { return std::pair<const float*, int64_t>{k_rows + size_t(j) * dk, 1}; };
+      auto value = [&](int j) { return std::pair<const float*, int64_t>{v_rows + size_t(j) * dk, 1}; };
+      auto bias = [&](int j) { return self_bias.get(bias_per_row ? b : 0, hd, i, j); };
+      attend(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], n, dk, key, value, bias, scores.data(),
+             &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+    }
+  });
+  product(kO, att.data(), ld_inner, inner, y.data(), D);
+  add_residual();
+
+  // Cross-attention over the prompt's keys and values.
+  rms_norm(x, D, R, D, layer.norms[1], spec.eps, h.data(), ld_model);
+  std::vector<float> q(size_t(R) * inner);
+  product(kCrossQ, h.data(), ld_model, D, q.data(), inner);
+  for_tasks(B * H, double(B) * H * L * P * dk * 2, [&](int task) {
+    const int b = task / H, hd = task % H;
+    std::vector<float> scores(P);
+    for (int i = 0; i < L; i++) {
+      auto key = [&](int j) { return std::pair<const float*, int64_t>{cross_k.at(b, hd, j), cross_k.s[3]}; };
+      auto value = [&](int j) { return std::pair<const float*, int64_t>{cross_v.at(b, hd, j), cross_v.s[3]}; };
+      auto bias = [&](int j) { return cross_bias ? cross_bias->get(b, 0, 0, j) : 0.0f; };
+      attend(&q[(size_t(b) * L + i) * inner + hd * dk], P, dk, key, value, bias, scores.data(),
+             &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+    }
+  });
+  product(kCrossO, att.data(), ld_inner, inner, y.data(), D);
+  add_residual();
+
+  // Feed-forward: wi (or the gate and linear halves of the stacked wi_0, wi_1), the activation, wo.
+  rms_norm(x, D, R, D, layer.norms[2], spec.eps, h.data(), ld_model);
+  const int F = spec.d_ff, ld_ff = padded(F), width = (spec.gated ? 2 : 1) * F;
+  std::vector<float> u(size_t(R) * width), hidden(size_t(R) * ld_ff, 0.0f);
+  product(kWi, h.data(), ld_model, D, u.data(), width);
+  for (int r = 0; r < R; r++) {
+    const float* row = &u[size_t(r) * width];
+    for (int f = 0; f < F; f++) {
+      const float a = activate(row[f], spec.activation);
+      hidden[size_t(r) * ld_ff + f] = spec.gated ? a * row[F + f] : a;
+    }
+  }
+  product(kWo, hidden.data(), ld_ff, F, y.data(), D);
+  add_residual();
+}
+
+// A layer's cache out: the input's positions below `longest` (the longest row's length: every position a row could
+// read, here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written, so that
+// nothing read is left undefined. Positions from `end` on are never read.
+void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, int longest, int end) {
+  const Strided4 source(in);
+  const int B = in.shape(0), H = in.shape(1), C = in.shape(2), dk = in.shape(3);
+  float* data = out.data<float>();
+  for (int b = 0; b < B; b++) {
+    for (int h = 0; h < H; h++) {
+      float* rows = data + (size_t(b) * H + h) * C * dk;
+      if (source.s[3] == 1 && source.s[2] == dk) {
+        std::memcpy(rows, source.at(b, h, 0), size_t(longest) * dk * sizeof(float));
+      } else {
+        for (int c = 0; c < longest; c++) {
+          for (int d = 0; d < dk; d++) {
+            rows[size_t(c) * dk + d] = source.get(b, h, c, d);
+          }
+        }
+      }
+      const int written = offsets[b] + end - longest;  // row b's new keys end here
+      const int zero_from = std::max(longest, written);
+      std::fill(rows + size_t(zero_from) * dk, rows + size_t(end) * dk, 0.0f);
+    }
+  }
+}
+
+void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const mx::array& x_in = inputs[0];
+  const int B = x_in.shape(0), L = x_in.shape(1), D = x_in.shape(2), R = B * L;
+  const Strided4 self_bias(inputs[1]);
+  const bool bias_per_row = inputs[1].shape(0) != 1;
+  int next = 2;
+  std::optional<Strided4> cross_bias;
+  if (spec.has_cross_bias) {
+    cross_bias.emplace(inputs[next++]);
+  }
+  // x: the residual stream, R rows of D floats.
+  std::vector<float> x(size_t(R) * D);
+  {
+    const float* base = x_in.data<float>();
+    const auto& st = x_in.strides();
+    for (int b = 0; b < B; b++) {
+      for (int i = 0; i < L; i++) {
+        for (int d = 0; d < D; d++) {
+          x[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
+        }
+      }
+    }
+  }
+  for (int l = 0; l < spec.layers; l++) {
+    const int cache_input = next;
+    Layer layer;
+    layer.cross_keys = &inputs[next + 2];
+    layer.cross_values = &inputs[next + 3];
+    next += 4;
+    for (auto& norm : layer.norms) {
+      norm = inputs[next++].data<float>();
+    }
+    for (int i = 0; i < kWeights; i++) {
+      const int bits = spec.bits[l * kWeights + i];
+      layer.weights[i] = {&inputs[next], bits ? &inputs[next + 1] : nullptr, bits ? &inputs[next + 2] : nullptr,
+                          spec.group_sizes[l * kWeights + i], bits};
+      next += bits ? 3 : 1;
+    }
+    mx::array& keys = outputs[1 + 2 * l];
+    mx::array& values = outputs[2 + 2 * l];
+    const int longest = *std::max_element(spec.offsets.begin(), spec.offsets.end());
+    copy_cache(inputs[cache_input], keys, spec.offsets, longest, longest + L);
+    copy_cache(inputs[cache_input + 1], values, spec.offsets, longest, longest + L);
+    run_layer(spec, layer, B, L, D, x.data(), self_bias, inputs[1].shape(3), bias_per_row, cross_bias, keys, values);
+  }
+  std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
+}
+
+void check(bool ok, const char* what) {
+  if (!ok) {
+    throw std::invalid_argument(std::string("decoder_layer: ") + what);
+  }
+}
+
+}  // namespace
+
+std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
+                                      const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
+                                      const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
+                                      int activation, bool gated, bool integer, mx::StreamOrDevice s) {
+  // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
+  check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
+  const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
+  check(int(offsets.size()) == B, "one offset per row");
+  check(!layers.empty() && num_heads > 0, "at least one layer, and heads");
+  check(activation >= kRelu && activation <= kSilu, "unknown activation");
+  int longest = 0;
+  for (int offset : offsets) {
+    check(offset >= 0, "offsets must not be negative");
+    longest = std::max(longest, offset);
+  }
+  check(self_bias.ndim() == 4 && self_bias.dtype() == mx::float32 &&
+            (self_bias.shape(0) == 1 || self_bias.shape(0) == B) && self_bias.shape(1) == num_heads &&
+            self_bias.shape(2) == L && self_bias.shape(3) >= longest + L,
+        "self bias must be (1 or B, H, L, S) float32 with S past every row's new positions");
+  if (self_bias.shape(0) == 1) {
+    for (int offset : offsets) {
+      check(offset == offsets[0], "a bias of one row needs every row at the same offset");
+    }
+  }
+  auto stream = mx::to_stream(s);
+  auto contiguous = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
+  std::vector<mx::array> inputs = {x, self_bias};
+  if (cross_bias) {
+    inputs.push_back(*cross_bias);
+  }
+  DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
+                           cross_bias.has_value(), integer, current_kernel_isa(), {}, {}};
+  std::vector<mx::Shape> shapes = {x.shape()};
+  for (const auto& layer : layers) {
+    const mx::array &keys = layer.cache_keys, &values = layer.cache_values;
+    for (const mx::array* a : {&keys, &values, &layer.cross_keys, &layer.cross_values}) {
+      check(a->ndim() == 4 && a->dtype() == mx::float32, "caches, cross keys and values must be 4-D float32");
+    }
+    check(keys.shape(0) == B && keys.shape(1) == num_heads && values.shape() == keys.shape(),
+          "caches must be (B, H, C, d_kv)");
+    check(keys.shape(2) >= longest + L, "a cache has no room for the new positions");
+    const int dk = keys.shape(3);
+    check(spec.d_kv == 0 || spec.d_kv == dk, "every layer has the same d_kv");
+    spec.d_kv = dk;
+    const auto& cross = layer.cross_keys;
+    check(cross.shape(0) == B && cross.shape(1) == num_heads && cross.shape(3) == dk &&
+              layer.cross_values.shape() == cross.shape(),
+          "cross keys and values must be (B, H, P, d_kv)");
+    if (cross_bias) {
+      check(cross_bias->ndim() == 4 && cross_bias->dtype() == mx::float32 && cross_bias->shape(0) == B &&
+                cross_bias->shape(1) == 1 && cross_bias->shape(2) == 1 && cross_bias->shape(3) == cross.shape(2),
+            "cross bias must be (B, 1, 1, P) float32");
+    }
+    check(layer.norms.size() == 3 && layer.weights.size() == kWeights, "three norms and six weights a layer");
+    for (const auto& norm : layer.norms) {
+      check(norm.ndim() == 1 && norm.shape(0) == D && norm.dtype() == mx::float32,
+            "norm weights must be (D) float32");
+    }
+    const int inner = num_heads * dk;
+    const auto& wo = layer.weights[kWo];
+    const int d_ff = wo.bits ? wo.w.shape(1) * 32 / wo.bits : wo.w.shape(1);
+    check(spec.d_ff == 0 || spec.d_ff == d_ff, "every layer has the same d_ff");
+    spec.d_ff = d_ff;
+    const int ins[kWeights] = {D, inner, D, inner, D, d_ff};
+    const int outs[kWeights] = {3 * inner, D, inner, D, (gated ? 2 : 1) * d_ff, D};
+    inputs.insert(inputs.end(), {keys, values, cross, layer.cross_values});  // read with their strides
+    for (const auto& norm : layer.norms) {
+      inputs.push_back(contiguous(norm));
+    }
+    for (int i = 0; i < kWeights; i++) {
+      const LayerWeight& w = layer.weights[i];
+      check(w.w.ndim() == 2 && w.w.shape(0) == outs[i], "a weight's shape does not fit the layer");
+      if (w.bits) {
+        check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
+                  (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
+                  w.w.shape(1) * 32 / w.bits == ins[i] && ins[i] % w.group_size == 0 &&
+                  w.scales->shape() == mx::Shape{outs[i], ins[i] / w.group_size} &&
+                  w.biases->shape() == w.scales->shape() && w.biases->dtype() == w.scales->dtype() &&
+                  (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
+                   w.scales->dtype() == mx::float16),
+              "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128");
+        inputs.insert(inputs.end(), {contiguous(w.w), contiguous(*w.scales), contiguous(*w.biases)});
+      } else {
+        check(w.w.shape(1) == ins[i] &&
+                  (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
+              "float weights must be float32, bfloat16 or float16");
+        inputs.push_back(contiguous(w.w));
+      }
+      spec.group_sizes.push_back(w.bits ? w.group_size : 0);
+      spec.bits.push_back(w.bits);
+    }
+    shapes.push_back(keys.shape());
+    shapes.push_back(values.shape());
+  }
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  auto primitive = std::make_shared<DecoderLayers>(stream, std::move(spec));
+  return mx::array::make_arrays(std::move(shapes), dtypes, primitive, inputs);
+}
+
+// Where the inputs of layer l's cache keys are.
+int cache_input(const DecoderLayers::Spec& spec, int layer) {
+  int index = spec.has_cross_bias ? 3 : 2;
+  for (int l = 0; l < layer; l++) {
+    index += 4 + 3;
+    for (int i = 0; i < kWeights; i++) {
+      index += spec.bits[l * kWeights + i] ? 3 : 1;
+    }
+  }
+  return index;
+}
+
+void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  // Each cache comes out in a new buffer: an input of a primitive with several outputs is held by each of them, so
+  // MLX never lets one take it over. Only the positions in use are copied (see copy_cache).
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  for (auto& out : outputs) {
+    encoder.set_output_array(out);
+  }
+  encoder.dispatch([inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
+}
+
+void DecoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("DecoderLayers runs on the CPU only");
+}
+
+std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes = {inputs[0].shape()};
+  for (int l = 0; l < spec_.layers; l++) {
+    const int first = cache_input(spec_, l);
+    shapes.push_back(inputs[first].shape());
+    shapes.push_back(inputs[first + 1].shape());
+  }
+  return shapes;
+}
+
+}  // namespace t5kernels

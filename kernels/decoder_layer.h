@@ -1,0 +1,72 @@
+// T5 decoder layers for decoding as one MLX primitive on the CPU: self-attention over a cache, cross-attention,
+// the feed-forward block, their norms and residual sums, in float32 activations. A decode step of a small model is
+// mostly operations, each a few microseconds of scheduling whatever its size; these are one operation for all the layers.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace t5kernels {
+
+namespace mx = mlx::core;
+
+// A linear layer as the layer takes it: a float weight (out, in), or MLX's affine quantization of one.
+struct LayerWeight {
+  mx::array w;
+  std::optional<mx::array> scales;
+  std::optional<mx::array> biases;
+  int group_size = 0;
+  int bits = 0;
+};
+
+enum Activation { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+// One layer's inputs: its self-attention cache (B, H, C, d_kv), the prompt's cross-attention keys and values
+// (B, H, P, d_kv), the three RMS norm weights (self-attention, cross-attention, feed-forward) and the six products:
+// qkv (the three projections stacked), o, cross q, cross o, wi (wi_0 and wi_1 stacked where gated), wo.
+struct DecoderLayerInputs {
+  mx::array cache_keys, cache_values, cross_keys, cross_values;
+  std::vector<mx::array> norms;
+  std::vector<LayerWeight> weights;
+};
+
+// Decoder layers, one after the other, on x (B, L, D) float32: the L new positions of rows whose earlier
+// self-attention keys and values are in each layer's cache below offsets[b]. self_bias (1 or B, H, L, S) is the
+// additive causal bias of row b's queries (at positions offsets[b]..) over keys 0..S-1, and cross_bias (B, 1, 1, P)
+// an optional additive bias over the prompt's positions. Returns x out and each layer's cache with the new keys and
+// values written at each row's positions offsets[b]..offsets[b] + L - 1 (in the input's buffer where nothing else
+// holds it, else in a copy); the cache needs room for them.
+std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
+                                      const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
+                                      const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
+                                      int activation, bool gated, bool integer, mx::StreamOrDevice s = {});
+
+class DecoderLayers : public mx::Primitive {
+ public:
+  struct Spec {
+    std::vector<int> offsets;
+    int layers, heads, d_kv, d_ff;
+    float eps;
+    int activation;
+    bool gated, has_cross_bias, integer;
+    int isa;
+    std::vector<int> group_sizes, bits;  // per layer and weight
+  };
+
+  DecoderLayers(mx::Stream stream, Spec spec) : mx::Primitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "DecoderLayers";
+  }
+
+ private:
+  Spec spec_;
+};
+
+}  // namespace t5kernels

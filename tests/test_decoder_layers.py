@@ -1,0 +1,196 @@
+"""The native decoder layers (kernels.decoder_layers: every decoder layer of a step as one operation) against the
+same model's MLX operations: logits and caches, for every T5 variant, one row, verifications, batches of rows at
+their own lengths with padded prompts, quantized weights, and every instruction set this CPU runs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import PROMPTS, VARIANTS
+
+import kernels
+from loader import load_model
+from model import padding_bias
+
+pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
+
+
+@pytest.fixture
+def fused():
+    """Sets whether decoder layers run natively, for one test; restores the setting after it."""
+    before = kernels.fused_layers
+    yield lambda on: setattr(kernels, "fused_layers", on)
+    kernels.fused_layers = before
+
+
+@pytest.fixture
+def isa():
+    before = kernels.native.isa()
+    yield kernels.native.set_isa
+    kernels.native.set_isa(before)
+
+
+def prompt_state(model, tokenizer, prompts):
+    """The cross-attention keys and values of padded prompts, and their mask (None for one prompt)."""
+    encoded = tokenizer(prompts, padding=True)
+    ids = mx.array(encoded.input_ids)
+    mask = mx.array(encoded.attention_mask) if len(prompts) > 1 else None
+    cross_kv = model.cross_kv(model.encode(ids, mask))
+    mx.eval(cross_kv)
+    return cross_kv, mask
+
+
+def run_steps(model, cross_kv, mask, steps):
+    """Logits of a sequence of decode calls on one cache; a step is (token ids (B, L), rows to rewind first)."""
+    cache = model.make_cache(len(steps[0][0]))
+    logits = []
+    for ids, rewind in steps:
+        if rewind:
+            for layer_cache in cache:
+                layer_cache.trim_rows(rewind)
+        logits.append(model.decode(mx.array(ids), cross_kv, cache, mask))
+        mx.eval(logits[-1])
+    return logits, cache
+
+
+def compare(model, tokenizer, prompts, steps, fused):
+    cross_kv, mask = prompt_state(model, tokenizer, prompts)
+    kernels.used.discard("native decoder layers")
+    fused(False)
+    expected, expected_cache = run_steps(model, cross_kv, mask, steps)
+    assert "native decoder layers" not in kernels.used
+    fused(True)
+    got, cache = run_steps(model, cross_kv, mask, steps)
+    assert "native decoder layers" in kernels.used
+    for ours, reference in zip(got, expected):
+        scale = float(mx.abs(reference).max())
+        np.testing.assert_allclose(np.array(ours), np.array(reference), atol=2e-5 * max(1.0, scale), rtol=0)
+        # The greedy choice is the same wherever it is clear.
+        best = np.sort(np.array(reference), axis=-1)
+        clear = best[..., -1] - best[..., -2] > 1e-3 * max(1.0, scale)
+        assert (np.array(ours).argmax(-1) == np.array(reference).argmax(-1))[clear].all()
+    # Each row's cache holds the same keys and values below its length.
+    for layer_cache, reference in zip(cache, expected_cache):
+        assert layer_cache.offsets == reference.offsets
+        for row, length in enumerate(reference.offsets):
+            for ours, theirs in ((layer_cache.keys, reference.keys), (layer_cache.values, reference.values)):
+                np.testing.assert_allclose(
+                    np.array(ours[row, :, :length]), np.array(theirs[row, :, :length]), atol=1e-5, rtol=1e-5
+                )
+
+
+# One row: a first call of several tokens, single tokens, then a rewind and a verification of five.
+ONE_ROW = [([[0, 5, 9, 14]], None), ([[21]], None), ([[7]], None), ([[3, 8, 2, 11, 40]], [2]), ([[12]], None)]
+# Three rows: rewound by different counts, so that they continue at their own lengths (the first row shorter than
+# another, and longer than another).
+BATCH = [
+    ([[0, 5, 9], [0, 4, 4], [0, 30, 2]], None),
+    ([[6, 7], [8, 9], [10, 11]], [2, 0, 1]),
+    ([[13], [14], [15]], [0, 1, 2]),
+    ([[16, 17, 18], [19, 20, 21], [22, 23, 24]], [1, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_one_row_and_verifications(variant, converted, fused):
+    model, tokenizer, _ = load_model(converted(variant))
+    compare(model, tokenizer, PROMPTS[:1], ONE_ROW, fused)
+
+
+@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
+def test_batch_of_rows_at_their_own_lengths_with_padded_prompts(variant, converted, fused):
+    model, tokenizer, _ = load_model(converted(variant))
+    prompts = [PROMPTS[0], PROMPTS[1][:12], PROMPTS[2] + " " + PROMPTS[3]]
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) == 3  # padding differs per row
+    compare(model, tokenizer, prompts, BATCH, fused)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+def test_quantized_weights(bits, group, converted, fused, monkeypatch):
+    model, tokenizer, _ = load_model(converted("t5-v1_1", quantize=True, q_bits=bits, q_group_size=group))
+    monkeypatch.setattr(kernels, "integer", False)
+    compare(model, tokenizer, PROMPTS[:1], ONE_ROW, fused)
+    compare(model, tokenizer, PROMPTS[:3], BATCH[:3], fused)
+
+
+@pytest.mark.skipif(kernels.native is None or not kernels.native.integer_products(), reason="no integer products")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activations_stay_within_their_own_error(bits, converted, fused, monkeypatch):
+    # With x quantized to int8 per row and group, a difference in x's last float bits (the attention's order of
+    # summation) can round a value of x the other way: the native layers cannot match MLX's operations to float
+    # tolerance. They must stay as close to them as int8 activations are to float ones, and use int8 activations.
+    model, tokenizer, _ = load_model(converted("t5-v1_1", quantize=True, q_bits=bits, q_group_size=32))
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
+    logits = {}
+    for integer in (False, True):
+        monkeypatch.setattr(kernels, "integer", integer)
+        for on in (False, True):
+            fused(on)
+            logits[integer, on] = np.stack(
+                [np.array(step[0, -1]) for step in run_steps(model, cross_kv, mask, ONE_ROW)[0]]
+            )
+    int8_error = np.abs(logits[True, False] - logits[False, False]).max()
+    assert int8_error > 1e-4  # the integer products did run
+    assert np.abs(logits[True, True] - logits[True, False]).max() <= 2 * int8_error
+    assert np.abs(logits[True, True] - logits[False, True]).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
+def test_every_instruction_set(name, converted, fused, isa):
+    isa(name)
+    model, tokenizer, _ = load_model(converted("t5"))
+    compare(model, tokenizer, PROMPTS[:3], BATCH, fused)
+
+
+def test_not_used_where_activations_are_not_float32(converted, fused):
+    model, tokenizer, _ = load_model(converted("t5-v1_1", dtype="bfloat16"))
+    fused(True)
+    kernels.used.discard("native decoder layers")
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
+    logits, _ = run_steps(model, cross_kv, mask, ONE_ROW[:2])
+    assert "native decoder layers" not in kernels.used and logits[-1].dtype == mx.bfloat16
+
+
+def test_a_cache_shared_with_another_array_is_left_as_it_was(converted, fused):
+    # The layers write each cache's new positions into a new buffer: an array that still holds the old one (MLX
+    # arrays are values) keeps its contents.
+    model, tokenizer, _ = load_model(converted("t5"))
+    fused(True)
+    cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    cache = model.make_cache()
+    mx.eval(model.decode(mx.array([[0, 5, 9]]), cross_kv, cache))
+    old_keys = cache[0].keys
+    before = np.array(old_keys)
+    for layer_cache in cache:
+        layer_cache.trim(1)
+    mx.eval(model.decode(mx.array([[7, 8]]), cross_kv, cache))
+    np.testing.assert_array_equal(np.array(old_keys), before)
+    assert not np.array_equal(np.array(cache[0].keys[:, :, 2:4]), before[:, :, 2:4])
+
+
+def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
+    model, tokenizer, _ = load_model(converted("t5"))
+    decoder = model.decoder
+    cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    cache = model.make_cache()
+    x = model.shared(mx.array([[0, 5]]))
+    layers = decoder.native_layers(x, cross_kv, cache)
+    bias = decoder.position_bias([0], 2)
+    heads = model.args.num_heads
+    call = kernels.native.decoder_layers
+    with pytest.raises(ValueError, match="one offset per row"):
+        call(x, bias, None, [0, 0], layers, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="self bias"):
+        call(x, bias[:, :, :1], None, [0], layers, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="float32"):
+        call(x.astype(mx.float16), bias, None, [0], layers, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="cross bias"):
+        call(x, bias, padding_bias(mx.ones((1, 3)), mx.float32), [0], layers, heads, 1e-6, 0, False, False)
+    keys, values, *rest = layers[0]
+    with pytest.raises(ValueError, match="no room"):
+        call(x, bias, None, [0], [(keys[:, :, :1], values[:, :, :1], *rest)], heads, 1e-6, 0, False, False)
+    weights = list(rest[3])
+    weights[1] = (weights[0][0],) + weights[1][1:]  # qkv's weight where o's belongs
+    with pytest.raises(ValueError, match="weight's shape"):
+        call(x, bias, None, [0], [(keys, values, *rest[:3], weights)], heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="activation"):
+        call(x, bias, None, [0], layers, heads, 1e-6, 9, False, False)
