@@ -93,6 +93,22 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     return buckets + np.where(is_small, relative_position, large)
 
 
+class Module(nn.Module):
+    """nn.Module that counts assignments to any module of the model (a parameter, or a module replaced) in
+    `Module.assignments`, so that what is derived from the weights (the native decoder layers' inputs) can be kept
+    until they change. (An array changed in place is the same object, and what is kept holds the object.)"""
+
+    assignments = 0
+
+    def __setitem__(self, key, value):
+        Module.assignments += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        Module.assignments += 1
+        super().__delitem__(key)
+
+
 @mx.compile
 def rms_norm(x, weight, eps: float):
     # Accumulate in float32 (transformers does), then cast to the weight's dtype. Compiled: on a CPU the norm is a
@@ -100,7 +116,7 @@ def rms_norm(x, weight, eps: float):
     return weight * mx.fast.rms_norm(x.astype(mx.float32), None, eps).astype(weight.dtype)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Module):
     """T5's layer norm: no mean subtraction, no bias; the result takes the weight's dtype when it is half."""
 
     def __init__(self, dims: int, eps: float):
@@ -112,7 +128,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class Attention(nn.Module):
+class Attention(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         inner = args.num_heads * args.d_kv  # not always d_model (t5-3b, t5-11b)
@@ -171,7 +187,7 @@ class Attention(nn.Module):
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class FusedLinear(nn.Module):
+class FusedLinear(Module):
     """Bias-free linear layers (nn.Linear, nn.QuantizedLinear or a tied embedding), stacked into one product (their
     outputs side by side) that `kernels.linear` computes: native decode-shaped kernels on the CPU where built.
 
@@ -188,6 +204,17 @@ class FusedLinear(nn.Module):
                 setattr(self, name, arrays[0] if len(arrays) == 1 else mx.concatenate(arrays))
         self.group = group
 
+    def native_weight(self):
+        """(weight, scales, biases, group_size, bits) as kernels.decoder_layers takes a product (bits 0: float), or
+        None where it cannot (summed across ranks, or a quantization without biases)."""
+        if self.group is not None:
+            return None
+        if "scales" not in self:
+            return self["weight"], None, None, 0, 0
+        if "biases" not in self:
+            return None
+        return self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+
     def __call__(self, x):
         if "scales" in self:
             y = kernels.linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
@@ -196,7 +223,7 @@ class FusedLinear(nn.Module):
         return y if self.group is None else mx.distributed.all_sum(y, group=self.group)
 
 
-class MLP(nn.Module):
+class MLP(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.is_gated:
@@ -230,7 +257,7 @@ def clamp_fp16(x):
     return x
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
@@ -243,7 +270,7 @@ class EncoderLayer(nn.Module):
         return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
@@ -262,28 +289,21 @@ class DecoderLayer(nn.Module):
         x = clamp_fp16(x + self.self_attn(self.self_attn_norm(x), self_bias, cache=cache))
         return self.cross_and_mlp(x, *cross_kv, cross_bias)
 
-    def native_weights(self, x):
-        """The layer's products as kernels.decoder_layers takes them, where it can compute this layer of x: the
-        decoding layout (every product a FusedLinear, none summed across ranks), float32 norms and activations."""
-        # (Modules are dicts: indexing them skips nn.Module's slower attribute lookup, once per layer and step.)
+    def native_parts(self):
+        """The layer's norms and products (modules) that kernels.decoder_layers computes it from, or None where it
+        cannot: it needs the decoding layout (every product a FusedLinear, none summed across ranks) and float32
+        norms."""
         attention, cross, mlp = self["self_attn"], self["cross_attn"], self["mlp"]
-        if "qkv" not in attention or not kernels.decoder_layer_takes(x):
+        if "qkv" not in attention:
             return None
+        norms = (self["self_attn_norm"], self["cross_attn_norm"], self["mlp_norm"])
         linears = (attention["qkv"], attention["o"], cross["q"], cross["o"], mlp["wi_01" if mlp.is_gated else "wi"])
-        weights = []
-        for linear in (*linears, mlp["wo"]):
-            if type(linear) is not FusedLinear or linear.group is not None:
-                return None
-            if "scales" not in linear:
-                weights.append((linear["weight"], None, None, 0, 0))
-            elif "biases" in linear:
-                weights.append((linear["weight"], linear["scales"], linear["biases"], linear.group_size, linear.bits))
-            else:
-                return None
-        norms = [self["self_attn_norm"]["weight"], self["cross_attn_norm"]["weight"], self["mlp_norm"]["weight"]]
-        if any(norm.dtype != mx.float32 for norm in norms):
+        linears += (mlp["wo"],)
+        if any(type(linear) is not FusedLinear or linear.native_weight() is None for linear in linears):
             return None
-        return norms, weights
+        if any(norm["weight"].dtype != mx.float32 for norm in norms):
+            return None
+        return norms, linears
 
     def cross_and_mlp_uncompiled(self, x, keys, values, cross_bias):
         x = clamp_fp16(x + self.cross_attn(self.cross_attn_norm(x), cross_bias, keys, values))
@@ -295,7 +315,7 @@ def padding_bias(attention_mask, dtype):
     return mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
 
 
-class Encoder(nn.Module):
+class Encoder(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -349,7 +369,7 @@ BIAS_TABLE_STEP = 256
 BIAS_TABLE_BYTES = 64 << 20
 
 
-class Decoder(nn.Module):
+class Decoder(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -399,12 +419,19 @@ class Decoder(nn.Module):
         bias = self.relative_attention_bias(buckets).transpose(0, 3, 1, 2).astype(mx.float32)
         return mx.where(distance[:, None] < 0, mx.finfo(mx.float32).min, bias)
 
-    def __call__(self, x, cross_kv, cross_bias, cache):
+    def __call__(self, x, cross_kv, cross_bias, cache, head, scale=None):
+        """The logits of x (B, L, d_model), the embedded tokens that continue what `cache` holds: the layers, the final
+        norm, the `scale` (if any) and the `head` (a layer)."""
         layers = self.native_layers(x, cross_kv, cache)  # (a new cache takes x's rows here)
         offsets = cache[0].offsets
         self_bias = self.position_bias(offsets, x.shape[1])
         if layers is not None:
-            # Every layer in one native operation, which writes each layer's new keys and values into its cache.
+            # Every layer in one native operation, which writes each layer's new keys and values into its cache, and
+            # the logits too where the head is one the kernels compute.
+            head_weight = head.native_weight() if type(head) is FusedLinear else None
+            output_layer = None
+            if head_weight is not None and self.final_norm.weight.dtype == mx.float32:
+                output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
             first = self.layers[0]
             x, *caches = kernels.decoder_layers(
                 x,
@@ -416,28 +443,46 @@ class Decoder(nn.Module):
                 first.mlp_norm.eps,
                 self.args.activation,
                 self.args.is_gated,
+                output_layer,
             )
             for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
                 layer_cache.replace(keys, values, x.shape[1])
+            if output_layer is not None:
+                return x
         else:
             for layer, layer_kv, layer_cache in zip(self.layers, cross_kv, cache):
                 x = layer(x, self_bias, layer_kv, cross_bias, layer_cache)
-        return self.final_norm(x)
+        x = self.final_norm(x)
+        return head(x if scale is None else x * scale)
 
     def native_layers(self, x, cross_kv, cache):
         """Each layer's inputs as kernels.decoder_layers takes them (its cache made room for x's positions), or None
         where it cannot compute every layer of x."""
-        layers = []
-        for layer, (cross_keys, cross_values) in zip(self["layers"], cross_kv):
-            norms_and_weights = layer.native_weights(x)
-            if norms_and_weights is None:
-                return None
-            layers.append((cross_keys, cross_values, *norms_and_weights))
+        if not kernels.decoder_layer_takes(x):
+            return None
+        # Each layer's norm and product modules, found once and kept until an assignment to the model's modules;
+        # their arrays are read at every step (compiled MLX functions may put other array objects in their place).
+        kept = self.__dict__.get("_native_parts")
+        if kept is None or kept[0] != Module.assignments:
+            kept = (Module.assignments, [layer.native_parts() for layer in self["layers"]])
+            object.__setattr__(self, "_native_parts", kept)  # (not a parameter, and not an assignment)
+        parts = kept[1]
+        if None in parts:
+            return None
         shape = (x.shape[0], self.layers[0].self_attn.num_heads, x.shape[1], self.args.d_kv)
-        return [(*layer_cache.reserve(shape, x.dtype), *rest) for layer_cache, rest in zip(cache, layers)]
+        return [
+            (
+                *layer_cache.reserve(shape, x.dtype),
+                cross_keys,
+                cross_values,
+                [norm["weight"] for norm in norms],
+                [linear.native_weight() for linear in linears],
+            )
+            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, parts)
+        ]
 
 
-class T5(nn.Module):
+class T5(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -483,13 +528,10 @@ class T5(nn.Module):
         """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""
         # Without padding no cross-attention bias: adding zeros would cost operations and change nothing.
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
-        x = self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache)
-        if self.args.scale_decoder_outputs:
-            # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
-            x = x * self.args.d_model**-0.5
-        if "lm_head" in self:
-            return self.lm_head(x)
-        return self.shared.as_linear(x)
+        # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
+        scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
+        head = self["lm_head"] if "lm_head" in self else self.shared.as_linear
+        return self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache, head, scale)
 
     def __call__(self, input_ids, decoder_ids, attention_mask=None):
         cross_kv = self.cross_kv(self.encode(input_ids, attention_mask))

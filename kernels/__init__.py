@@ -191,12 +191,16 @@ def decoder_layer_takes(x) -> bool:
     return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
-def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, activation, gated):
+def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, activation, gated, head=None):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
-    weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float)."""
+    weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float).
+    With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab)."""
     bits = layers[0][5][0][4]
     used.add("native decoder layers")
+    if head is not None:
+        head_bits = head[2][4]
+        head = (*head, bool(head_bits) and int8_activations(head_bits))
     return native.decoder_layers(
         x,
         self_bias,
@@ -208,6 +212,7 @@ def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, ac
         LAYER_ACTIVATIONS[activation],
         gated,
         bool(bits) and int8_activations(bits),
+        head,
     )
 
 

@@ -33,7 +33,7 @@ NB_MODULE(_native, m) {
       "decoder_layers",
       [](const mx::array& x, const mx::array& self_bias, const std::optional<mx::array>& cross_bias,
          const std::vector<int>& offsets, const std::vector<Layer>& layers, int num_heads, float eps, int activation,
-         bool gated, bool integer) {
+         bool gated, bool integer, const std::optional<std::tuple<mx::array, float, Weight, bool>>& head) {
         std::vector<t5kernels::DecoderLayerInputs> inputs;
         for (const auto& [keys, values, cross_keys, cross_values, norms, weights] : layers) {
           std::vector<t5kernels::LayerWeight> layer_weights;
@@ -42,15 +42,22 @@ NB_MODULE(_native, m) {
           }
           inputs.push_back({keys, values, cross_keys, cross_values, norms, layer_weights});
         }
+        std::optional<t5kernels::Head> output_layer;
+        if (head) {
+          const auto& [final_norm, scale, weight, head_integer] = *head;
+          const auto& [w, scales, biases, group_size, bits] = weight;
+          output_layer = t5kernels::Head{final_norm, scale, {w, scales, biases, group_size, bits}, head_integer};
+        }
         return t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation, gated,
-                                         integer);
+                                         integer, output_layer);
       },
       "x"_a, "self_bias"_a, "cross_bias"_a.none(), "offsets"_a, "layers"_a, "num_heads"_a, "eps"_a, "activation"_a,
-      "gated"_a, "integer"_a,
+      "gated"_a, "integer"_a, "head"_a = nb::none(),
       "T5 decoder layers in float32 -> [x, then each layer's cache keys and values with the new ones written]. "
       "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
       "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
-      "bits 0 for float weights.");
+      "bits 0 for float weights. With head (final norm weight, scale, weight, int8 activations), the first output is "
+      "the logits.");
   m.def("isa", &t5kernels::kernel_isa, "The instruction set new products run on: avx512, avx2 or portable.");
   m.def("isas", &t5kernels::kernel_isas, "The instruction sets this CPU runs.");
   m.def("set_isa", &t5kernels::set_kernel_isa, "name"_a, "Run new products on this instruction set.");

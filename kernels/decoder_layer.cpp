@@ -261,11 +261,17 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   const int B = x_in.shape(0), L = x_in.shape(1), D = x_in.shape(2), R = B * L;
   const Strided4 self_bias(inputs[1]);
   const bool bias_per_row = inputs[1].shape(0) != 1;
-  int next = 2;
   std::optional<Strided4> cross_bias;
   if (spec.has_cross_bias) {
-    cross_bias.emplace(inputs[next++]);
+    cross_bias.emplace(inputs[2]);
   }
+  const int first_cache = spec.has_cross_bias ? 3 : 2, late_weights = first_cache + 4 * spec.layers;
+  // The weights one after another (see Spec::slots).
+  size_t next_slot = 0;
+  auto weight = [&]() -> const mx::array& {
+    const int slot = spec.slots[next_slot++];
+    return slot >= 0 ? spec.held[slot] : inputs[late_weights + ~slot];
+  };
   // x: the residual stream, R rows of D floats.
   std::vector<float> x(size_t(R) * D);
   {
@@ -280,19 +286,19 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     }
   }
   for (int l = 0; l < spec.layers; l++) {
-    const int cache_input = next;
+    const int cache_input = first_cache + 4 * l;
     Layer layer;
-    layer.cross_keys = &inputs[next + 2];
-    layer.cross_values = &inputs[next + 3];
-    next += 4;
+    layer.cross_keys = &inputs[cache_input + 2];
+    layer.cross_values = &inputs[cache_input + 3];
     for (auto& norm : layer.norms) {
-      norm = inputs[next++].data<float>();
+      norm = weight().data<float>();
     }
     for (int i = 0; i < kWeights; i++) {
       const int bits = spec.bits[l * kWeights + i];
-      layer.weights[i] = {&inputs[next], bits ? &inputs[next + 1] : nullptr, bits ? &inputs[next + 2] : nullptr,
-                          spec.group_sizes[l * kWeights + i], bits};
-      next += bits ? 3 : 1;
+      const mx::array* w = &weight();
+      const mx::array* scales = bits ? &weight() : nullptr;
+      const mx::array* biases = bits ? &weight() : nullptr;
+      layer.weights[i] = {w, scales, biases, spec.group_sizes[l * kWeights + i], bits};
     }
     mx::array& keys = outputs[1 + 2 * l];
     mx::array& values = outputs[2 + 2 * l];
@@ -301,7 +307,27 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     copy_cache(inputs[cache_input + 1], values, spec.offsets, longest, longest + L);
     run_layer(spec, layer, B, L, D, x.data(), self_bias, inputs[1].shape(3), bias_per_row, cross_bias, keys, values);
   }
-  std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
+  if (!spec.has_head) {
+    std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
+    return;
+  }
+  // The final norm, the scale T5 v1.0 applies before its tied head, and the head: the logits.
+  const int ld = padded(D);
+  std::vector<float> h(size_t(R) * ld);
+  rms_norm(x.data(), D, R, D, weight().data<float>(), spec.eps, h.data(), ld);
+  if (spec.scale != 1.0f) {
+    for (int r = 0; r < R; r++) {
+      for (int d = 0; d < D; d++) {
+        h[size_t(r) * ld + d] *= spec.scale;
+      }
+    }
+  }
+  const bool quantized = spec.head_bits != 0;
+  const mx::array* w = &weight();
+  const mx::array* scales = quantized ? &weight() : nullptr;
+  const mx::array* biases = quantized ? &weight() : nullptr;
+  product_rows(spec.isa, spec.head_integer, h.data(), ld, R, D, *w, scales, biases, spec.head_group_size,
+               spec.head_bits, outputs[0].data<float>(), spec.head_rows);
 }
 
 void check(bool ok, const char* what) {
@@ -315,7 +341,8 @@ void check(bool ok, const char* what) {
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
-                                      int activation, bool gated, bool integer, mx::StreamOrDevice s) {
+                                      int activation, bool gated, bool integer, const std::optional<Head>& head,
+                                      mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
   const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
@@ -341,11 +368,49 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
   };
   std::vector<mx::array> inputs = {x, self_bias};
+  DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
+                           cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
+                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer};
+  // A product's weight (out, in): float, or MLX's affine quantization of one.
+  auto check_weight = [&](const LayerWeight& w, int in, int out) {
+    if (w.bits) {
+      check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
+                (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
+                w.w.shape(1) * 32 / w.bits == in && in % w.group_size == 0 &&
+                w.scales->shape() == mx::Shape{out, in / w.group_size} && w.biases->shape() == w.scales->shape() &&
+                w.biases->dtype() == w.scales->dtype() &&
+                (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
+                 w.scales->dtype() == mx::float16),
+            "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128");
+    } else {
+      check(w.w.shape(1) == in &&
+                (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
+            "float weights must be float32, bfloat16 or float16");
+    }
+  };
+  // Weights the model holds evaluated stay with the primitive, not among its inputs: a primitive's inputs are copied
+  // into each of its outputs (here two per layer), which for every weight of every layer costs more than the step.
+  // Others (a weight just computed, or strided) are inputs after the layers' caches, in `late`.
+  std::vector<mx::array> late;
+  auto push_array = [&](const mx::array& a) {
+    if (a.is_available() && a.flags().row_contiguous) {
+      spec.slots.push_back(int(spec.held.size()));
+      spec.held.push_back(a);
+    } else {
+      spec.slots.push_back(~int(late.size()));
+      late.push_back(contiguous(a));
+    }
+  };
+  auto push_weight = [&](const LayerWeight& w) {
+    push_array(w.w);
+    if (w.bits) {
+      push_array(*w.scales);
+      push_array(*w.biases);
+    }
+  };
   if (cross_bias) {
     inputs.push_back(*cross_bias);
   }
-  DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
-                           cross_bias.has_value(), integer, current_kernel_isa(), {}, {}};
   std::vector<mx::Shape> shapes = {x.shape()};
   for (const auto& layer : layers) {
     const mx::array &keys = layer.cache_keys, &values = layer.cache_values;
@@ -381,48 +446,42 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     const int outs[kWeights] = {3 * inner, D, inner, D, (gated ? 2 : 1) * d_ff, D};
     inputs.insert(inputs.end(), {keys, values, cross, layer.cross_values});  // read with their strides
     for (const auto& norm : layer.norms) {
-      inputs.push_back(contiguous(norm));
+      push_array(norm);
     }
     for (int i = 0; i < kWeights; i++) {
       const LayerWeight& w = layer.weights[i];
       check(w.w.ndim() == 2 && w.w.shape(0) == outs[i], "a weight's shape does not fit the layer");
-      if (w.bits) {
-        check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
-                  (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
-                  w.w.shape(1) * 32 / w.bits == ins[i] && ins[i] % w.group_size == 0 &&
-                  w.scales->shape() == mx::Shape{outs[i], ins[i] / w.group_size} &&
-                  w.biases->shape() == w.scales->shape() && w.biases->dtype() == w.scales->dtype() &&
-                  (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
-                   w.scales->dtype() == mx::float16),
-              "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128");
-        inputs.insert(inputs.end(), {contiguous(w.w), contiguous(*w.scales), contiguous(*w.biases)});
-      } else {
-        check(w.w.shape(1) == ins[i] &&
-                  (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
-              "float weights must be float32, bfloat16 or float16");
-        inputs.push_back(contiguous(w.w));
-      }
+      check_weight(w, ins[i], outs[i]);
+      push_weight(w);
       spec.group_sizes.push_back(w.bits ? w.group_size : 0);
       spec.bits.push_back(w.bits);
     }
     shapes.push_back(keys.shape());
     shapes.push_back(values.shape());
   }
+  if (head) {
+    const LayerWeight& w = head->weight;
+    check(head->final_norm.ndim() == 1 && head->final_norm.shape(0) == D && head->final_norm.dtype() == mx::float32,
+          "the final norm's weight must be (D) float32");
+    check(w.w.ndim() == 2, "the head's weight must be 2-D");
+    const int vocab = w.w.shape(0);
+    check_weight(w, D, vocab);
+    push_array(head->final_norm);
+    push_weight(w);
+    spec.head_rows = vocab;
+    spec.head_group_size = w.bits ? w.group_size : 0;
+    spec.head_bits = w.bits;
+    shapes[0] = {B, L, vocab};
+  }
+  inputs.insert(inputs.end(), late.begin(), late.end());
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   auto primitive = std::make_shared<DecoderLayers>(stream, std::move(spec));
   return mx::array::make_arrays(std::move(shapes), dtypes, primitive, inputs);
 }
 
-// Where the inputs of layer l's cache keys are.
+// Where the inputs of layer l's cache keys are: after x, the self bias and the cross bias (if any), four a layer.
 int cache_input(const DecoderLayers::Spec& spec, int layer) {
-  int index = spec.has_cross_bias ? 3 : 2;
-  for (int l = 0; l < layer; l++) {
-    index += 4 + 3;
-    for (int i = 0; i < kWeights; i++) {
-      index += spec.bits[l * kWeights + i] ? 3 : 1;
-    }
-  }
-  return index;
+  return (spec.has_cross_bias ? 3 : 2) + 4 * layer;
 }
 
 void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {

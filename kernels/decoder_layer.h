@@ -33,16 +33,27 @@ struct DecoderLayerInputs {
   std::vector<LayerWeight> weights;
 };
 
+// The output layer, where the layers compute the logits too: the final RMS norm's weight, a scale (T5 v1.0 scales
+// before its tied head; else 1), the head's weight (vocab, D), and whether a quantized head takes int8 activations.
+struct Head {
+  mx::array final_norm;
+  float scale;
+  LayerWeight weight;
+  bool integer;
+};
+
 // Decoder layers, one after the other, on x (B, L, D) float32: the L new positions of rows whose earlier
 // self-attention keys and values are in each layer's cache below offsets[b]. self_bias (1 or B, H, L, S) is the
 // additive causal bias of row b's queries (at positions offsets[b]..) over keys 0..S-1, and cross_bias (B, 1, 1, P)
 // an optional additive bias over the prompt's positions. Returns x out and each layer's cache with the new keys and
 // values written at each row's positions offsets[b]..offsets[b] + L - 1 (in the input's buffer where nothing else
-// holds it, else in a copy); the cache needs room for them.
+// holds it, else in a copy); the cache needs room for them. With a head, the first output is the logits
+// (B, L, vocab) instead of x.
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
-                                      int activation, bool gated, bool integer, mx::StreamOrDevice s = {});
+                                      int activation, bool gated, bool integer,
+                                      const std::optional<Head>& head = std::nullopt, mx::StreamOrDevice s = {});
 
 class DecoderLayers : public mx::Primitive {
  public:
@@ -54,6 +65,14 @@ class DecoderLayers : public mx::Primitive {
     bool gated, has_cross_bias, integer;
     int isa;
     std::vector<int> group_sizes, bits;  // per layer and weight
+    bool has_head;
+    float scale;
+    int head_rows, head_group_size, head_bits;
+    bool head_integer;
+    // Where each weight is, in order (each layer's three norms and six products' arrays, then the final norm and
+    // the head's): held[slot] for slot >= 0, else the input ~slot places after the layers' caches.
+    std::vector<mx::array> held;
+    std::vector<int> slots;
   };
 
   DecoderLayers(mx::Stream stream, Spec spec) : mx::Primitive(stream), spec_(std::move(spec)) {}

@@ -194,3 +194,25 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
         call(x, bias, None, [0], [(keys, values, *rest[:3], weights)], heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="activation"):
         call(x, bias, None, [0], layers, heads, 1e-6, 9, False, False)
+
+
+def test_weights_changed_after_a_step_are_seen(converted, fused):
+    # The layers' inputs are found once and kept until an assignment to the model's modules: a weight replaced, a
+    # module replaced, or an array changed in place must all be seen by the next step.
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
+
+    def logits(on):
+        fused(on)
+        return np.array(run_steps(model, cross_kv, mask, ONE_ROW[:2])[0][-1])
+
+    before = logits(True)
+    layer = model.decoder.layers[0]
+    layer.mlp.wo.weight = layer.mlp.wo.weight * 3
+    changed = logits(True)
+    np.testing.assert_allclose(changed, logits(False), atol=1e-4, rtol=0)
+    assert np.abs(changed - before).max() > 1e-3
+    layer.self_attn_norm.weight[:4] = 0  # in place: the same array object
+    changed_again = logits(True)
+    np.testing.assert_allclose(changed_again, logits(False), atol=1e-4, rtol=0)
+    assert np.abs(changed_again - changed).max() > 1e-3
