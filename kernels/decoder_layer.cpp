@@ -39,51 +39,109 @@ struct Strided4 {
   }
 };
 
-float dot(const float* a, const float* b, int n, int64_t b_stride) {
-  if (b_stride != 1) {
-    float sum = 0;
-    for (int d = 0; d < n; d++) {
-      sum += a[d] * b[d * b_stride];
-    }
-    return sum;
-  }
-  // Eight partial sums, so that the compiler can keep them in a vector register.
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int d = 0;
-  for (; d + 8 <= n; d += 8) {
-    for (int u = 0; u < 8; u++) {
-      part[u] += a[d + u] * b[d + u];
-    }
-  }
-  for (; d < n; d++) {
-    part[0] += a[d] * b[d];
-  }
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+// The attention's loops are written for the compiler to vectorize, in a version for each instruction set.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define T5_VECTOR_VERSIONS __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define T5_VECTOR_VERSIONS
+#endif
+
+// e^x for x <= 0 (a score less the largest), to about one unit in the last place: x = k ln 2 + r with |r| <= ln 2 / 2,
+// e^r by its Taylor polynomial to degree 7, times 2^k; exactly 0 below float's range (a masked score).
+inline float exp_nonpositive(float x) {
+  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int exponent = int(std::max(k, -126.0f)) + 127;
+  uint32_t bits = uint32_t(exponent) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.0f ? 0.0f : p * scale;
 }
 
-// out (d_kv) = softmax over j < n of (q . key(j) + bias(j)) weighted sum of value(j); `scores` holds n floats. Each
-// query is computed alone, in the same order whatever the other rows are: a row's result never depends on them.
-template <class Key, class Value, class Bias>
-void attend(const float* q, int n, int d_kv, Key key, Value value, Bias bias, float* scores, float* out) {
+// One query's attention: out (d_kv) = the softmax over j < n of (q . key j + bias[j]) weighted sum of value j. Keys
+// and values are rows of d_kv floats, key_stride and value_stride floats apart; bias is n floats, or null for none;
+// `scores` holds n floats. Each query is computed alone, in the same order whatever the other rows are: a row's
+// result never depends on them.
+T5_VECTOR_VERSIONS
+void attention_row(const float* q, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
+                   int n, int d_kv, const float* bias, float* scores, float* out) {
   float top = -std::numeric_limits<float>::infinity();
   for (int j = 0; j < n; j++) {
-    auto [k, stride] = key(j);
-    scores[j] = dot(q, k, d_kv, stride) + bias(j);
+    const float* k = keys + j * key_stride;
+    // Sixteen partial sums: one vector register's lanes.
+    float part[16] = {0};
+    int d = 0;
+    for (; d + 16 <= d_kv; d += 16) {
+      for (int u = 0; u < 16; u++) {
+        part[u] += q[d + u] * k[d + u];
+      }
+    }
+    for (; d < d_kv; d++) {
+      part[d % 16] += q[d] * k[d];
+    }
+    for (int width = 8; width > 0; width /= 2) {
+      for (int u = 0; u < width; u++) {
+        part[u] += part[u + width];
+      }
+    }
+    scores[j] = part[0] + (bias ? bias[j] : 0.0f);
     top = std::max(top, scores[j]);
   }
   float total = 0;
   for (int j = 0; j < n; j++) {
-    scores[j] = std::exp(scores[j] - top);
+    scores[j] = exp_nonpositive(scores[j] - top);
+  }
+  for (int j = 0; j < n; j++) {
     total += scores[j];
   }
-  std::fill(out, out + d_kv, 0.0f);
+  for (int d = 0; d < d_kv; d++) {
+    out[d] = 0.0f;
+  }
   for (int j = 0; j < n; j++) {
     const float p = scores[j] / total;
-    auto [v, stride] = value(j);
+    const float* v = values + j * value_stride;
     for (int d = 0; d < d_kv; d++) {
-      out[d] += p * v[d * stride];
+      out[d] += p * v[d];
     }
   }
+}
+
+// Rows of a 4-D array as attention_row reads them: (i0, i1, j, :) for j < n, d_kv contiguous floats each; copied into
+// `scratch` where the last dimension is strided.
+const float* key_rows(const Strided4& a, int i0, int i1, int n, int d_kv, std::vector<float>& scratch,
+                      int64_t* stride) {
+  if (a.s[3] == 1) {
+    *stride = a.s[2];
+    return a.at(i0, i1, 0);
+  }
+  scratch.resize(size_t(n) * d_kv);
+  for (int j = 0; j < n; j++) {
+    for (int d = 0; d < d_kv; d++) {
+      scratch[size_t(j) * d_kv + d] = a.get(i0, i1, j, d);
+    }
+  }
+  *stride = d_kv;
+  return scratch.data();
+}
+
+// A bias row (i0, i1, i2, :) of n floats, contiguous (copied into `scratch` where it is not).
+const float* bias_row(const Strided4& a, int i0, int i1, int i2, int n, std::vector<float>& scratch) {
+  if (a.s[3] == 1) {
+    return a.at(i0, i1, i2);
+  }
+  scratch.resize(n);
+  for (int j = 0; j < n; j++) {
+    scratch[j] = a.get(i0, i1, i2, j);
+  }
+  return scratch.data();
 }
 
 // rows of x (D floats, ld apart) -> out (rows ldo apart): x * rsqrt(mean(x^2) + eps) * weight.
@@ -184,13 +242,11 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     const int b = task / H, hd = task % H, n = std::min(spec.offsets[b] + L, S);
     const float* k_rows = key_data + (size_t(b) * H + hd) * C * dk;
     const float* v_rows = value_data + (size_t(b) * H + hd) * C * dk;
-    std::vector<float> scores(n);
+    std::vector<float> scores(n), scratch;
     for (int i = 0; i < L; i++) {
-      auto key = [&](int j) { return std::pair<const float*, int64_t>{k_rows + size_t(j) * dk, 1}; };
-      auto value = [&](int j) { return std::pair<const float*, int64_t>{v_rows + size_t(j) * dk, 1}; };
-      auto bias = [&](int j) { return self_bias.get(bias_per_row ? b : 0, hd, i, j); };
-      attend(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], n, dk, key, value, bias, scores.data(),
-             &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+      const float* bias = bias_row(self_bias, bias_per_row ? b : 0, hd, i, n, scratch);
+      attention_row(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], k_rows, dk, v_rows, dk, n, dk, bias,
+                    scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
   product(kO, att.data(), ld_inner, inner, y.data(), D);
@@ -202,13 +258,14 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
   product(kCrossQ, h.data(), ld_model, D, q.data(), inner);
   for_tasks(B * H, double(B) * H * L * P * dk * 2, [&](int task) {
     const int b = task / H, hd = task % H;
-    std::vector<float> scores(P);
+    std::vector<float> scores(P), key_scratch, value_scratch, bias_scratch;
+    int64_t key_stride, value_stride;
+    const float* keys = key_rows(cross_k, b, hd, P, dk, key_scratch, &key_stride);
+    const float* values = key_rows(cross_v, b, hd, P, dk, value_scratch, &value_stride);
+    const float* bias = cross_bias ? bias_row(*cross_bias, b, 0, 0, P, bias_scratch) : nullptr;
     for (int i = 0; i < L; i++) {
-      auto key = [&](int j) { return std::pair<const float*, int64_t>{cross_k.at(b, hd, j), cross_k.s[3]}; };
-      auto value = [&](int j) { return std::pair<const float*, int64_t>{cross_v.at(b, hd, j), cross_v.s[3]}; };
-      auto bias = [&](int j) { return cross_bias ? cross_bias->get(b, 0, 0, j) : 0.0f; };
-      attend(&q[(size_t(b) * L + i) * inner + hd * dk], P, dk, key, value, bias, scores.data(),
-             &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+      attention_row(&q[(size_t(b) * L + i) * inner + hd * dk], keys, key_stride, values, value_stride, P, dk, bias,
+                    scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
   product(kCrossO, att.data(), ld_inner, inner, y.data(), D);
