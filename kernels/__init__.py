@@ -28,7 +28,7 @@ import mlx.core as mx
 ENV_VAR = "T5_KERNELS"
 ISA_ENV_VAR = "T5_KERNEL_ISA"
 FUSED_ENV_VAR = "T5_FUSED_LAYERS"
-# The activations decoder_layer computes, by the names model.ACTIVATIONS uses, and its codes for them.
+# The activations decoder_layers computes, by the names model.ACTIVATIONS uses, and its codes for them.
 LAYER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 # The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise. Their price in
 # quality (benchmarks/int8_activations.py, the previous demo pair) is at most a tenth of quantizing the weights for
@@ -187,7 +187,7 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
 
 
 def decoder_layer_takes(x) -> bool:
-    """Whether decoder_layer computes a decoder layer of x: float32 activations on the CPU, native kernels loaded."""
+    """Whether decoder_layers computes the decoder layers of x: float32 activations, CPU, native kernels loaded."""
     return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 

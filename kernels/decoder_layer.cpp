@@ -389,7 +389,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
 
 void check(bool ok, const char* what) {
   if (!ok) {
-    throw std::invalid_argument(std::string("decoder_layer: ") + what);
+    throw std::invalid_argument(std::string("decoder_layers: ") + what);
   }
 }
 
