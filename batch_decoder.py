@@ -76,9 +76,9 @@ def batch_generations(
             tick = time.perf_counter()
             joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
             ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]
-            rows.add(ids)
+            encoder_output = rows.add(ids)
             if not regular:
-                drafter.add(ids)
+                drafter.add(ids, encoder_output if decoder.shared_encoder else None)
             seconds = time.perf_counter() - tick
             stats.encode_seconds += seconds
             for index, _ in joining:

@@ -24,13 +24,16 @@ class Rows:
     def __len__(self):
         return len(self.cache[0].offsets)
 
-    def add(self, prompts: List[List[int]]):
-        """Append a row for each prompt (token ids), encoded together as one padded batch."""
+    def add(self, prompts: List[List[int]], encoder_output=None):
+        """Append a row for each prompt (token ids), encoded together as one padded batch (or given as
+        `encoder_output`, that batch's encoding by an identical encoder); returns the encoder output."""
         width = max(len(prompt) for prompt in prompts)
         pad = self.model.args.pad_token_id
         ids = mx.array([prompt + [pad] * (width - len(prompt)) for prompt in prompts])
         mask = mx.array([[1] * len(prompt) + [0] * (width - len(prompt)) for prompt in prompts])
-        cross_kv = self.model.cross_kv(self.model.encode(ids, mask))
+        if encoder_output is None:
+            encoder_output = self.model.encode(ids, mask)
+        cross_kv = self.model.cross_kv(encoder_output)
         if self.cross_kv is not None:
             width = max(width, self.mask.shape[1])
             cross_kv = [
@@ -42,6 +45,7 @@ class Rows:
         mx.eval(self.cross_kv, self.mask)
         for layer_cache in self.cache:
             layer_cache.add_rows(len(prompts))
+        return encoder_output
 
     def keep(self, rows: List[int]):
         """Keep only `rows` (indices), in that order."""
@@ -83,8 +87,8 @@ class BatchModelDrafter:
         self.rows = Rows(model)
         self.sampler = sampler
 
-    def add(self, prompts: List[List[int]]):
-        self.rows.add(prompts)
+    def add(self, prompts: List[List[int]], encoder_output=None):
+        self.rows.add(prompts, encoder_output)
 
     def keep(self, rows: List[int]):
         self.rows.keep(rows)
@@ -141,7 +145,9 @@ class RowDrafters:
         self.vocab_size = vocab_size
         self.drafters = []
 
-    def add(self, prompts: List[List[int]]):
+    def add(self, prompts: List[List[int]], encoder_output=None):
+        # Each row's drafter encodes its prompt alone, as a single sequence's does (not from the padded batch's
+        # encoding, whose numbers may differ in the last bits).
         for prompt in prompts:
             drafter = self.make_drafter()
             drafter.prepare(mx.array([prompt]))

@@ -87,7 +87,15 @@ def read_config(path: Path) -> dict:
     fp32_modules = mlx.get("fp32_modules") or []
     if not (isinstance(fp32_modules, list) and all(isinstance(module, str) for module in fp32_modules)):
         raise BrokenFile(f"{config_file}: mlx.fp32_modules must be a list of module names, got {fp32_modules!r}")
+    if mlx.get("linear_dtype") not in (None, "bfloat16") or (mlx.get("linear_dtype") and mlx["dtype"] != "float32"):
+        raise BrokenFile(f"{config_file}: mlx.linear_dtype must be absent or bfloat16 (with float32), got {mlx!r}")
     return config
+
+
+def is_linear_weight(name: str, shape) -> bool:
+    """Whether the MLX tensor `name` is the matrix of a linear layer: in an encoder or decoder layer, or an untied head
+    (not an embedding, the position bias or a norm)."""
+    return len(shape) == 2 and (name == "lm_head.weight" or ".layers." in name and name.endswith(".weight"))
 
 
 def value_problem(name: str, annotation, value) -> Optional[str]:
@@ -196,8 +204,10 @@ def weight_headers(path: Path, config: dict) -> tuple[dict, dict]:
     mlx = config["mlx"]
     quantization = mlx["quantization"]
     check_quantization(path, headers, quantization)
-    for name, (dtype, _) in headers.items():
+    for name, (dtype, shape) in headers.items():
         expected = DTYPE_NAMES[mlx["dtype"]]
+        if mlx.get("linear_dtype") and is_linear_weight(name, shape):
+            expected = DTYPE_NAMES[mlx["linear_dtype"]]
         if f"{name.removesuffix('.weight')}.scales" in headers:
             expected = "U32"
         elif name.endswith(".mlp.wo.weight") and "wo" in (mlx.get("fp32_modules") or []):

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 from tqdm import tqdm
 
-from checks import TOKENIZER_FILES
+from checks import TOKENIZER_FILES, is_linear_weight
 from model import ACTIVATIONS, T5, ModelArgs
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -154,21 +154,24 @@ def weight_files(source: Path) -> list[Path]:
 
 
 def open_weights(files: list[Path]) -> dict:
-    """Memory-map the weight files -> {HF name: (shape, function loading that one torch tensor)}."""
+    """Memory-map the weight files -> {HF name: (shape, function loading that one torch tensor, its dtype: "BF16" for
+    bfloat16)}."""
     tensors = {}
     for path in files:
         try:
             if path.suffix == ".safetensors":
                 handle = safe_open(str(path), framework="pt")
                 for name in handle.keys():
-                    shape = tuple(handle.get_slice(name).get_shape())
-                    tensors[name] = (shape, lambda handle=handle, name=name: handle.get_tensor(name))
+                    tensor_slice = handle.get_slice(name)
+                    shape, dtype = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                    tensors[name] = (shape, lambda handle=handle, name=name: handle.get_tensor(name), dtype)
             else:
                 import torch  # here, not at the top: it takes a second, and failing early should be quick
 
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 for name, tensor in state.items():
-                    tensors[name] = (tuple(tensor.shape), lambda tensor=tensor: tensor)
+                    dtype = "BF16" if tensor.dtype == torch.bfloat16 else str(tensor.dtype)
+                    tensors[name] = (tuple(tensor.shape), lambda tensor=tensor: tensor, dtype)
         except Exception as e:  # safetensors and torch report damaged files with many exception types
             raise ConversionError(f"{path} is truncated or corrupt ({e}); download it again") from None
     return tensors
@@ -409,10 +412,14 @@ def convert(
     q_group_size: int = 64,
     force: bool = False,
     max_shard_size: int = 2 << 30,
+    keep_bfloat16: bool = True,
 ) -> Path:
     """Convert the T5 checkpoint `model` (hub id or local HF directory) to an MLX directory; return its path.
 
-    Everything is checked before anything is written, and the output appears complete or not at all.
+    With dtype float32 and keep_bfloat16, the linear layers' matrices of a checkpoint that stores them all in bfloat16
+    stay bfloat16 (`mlx.linear_dtype`): float32 holds each of them exactly, so the model computes the same numbers in
+    float32 while its products read half the bytes. Everything is checked before anything is written, and the output
+    appears complete or not at all.
     """
     out = Path(mlx_path) if mlx_path else default_mlx_path(model)
     if out.exists() and not force:
@@ -429,8 +436,21 @@ def convert(
         keys = {name: key for name, key in keys.items() if key}
         shapes = {key: tensors[name][0] for name, key in keys.items()}
         check_shapes(config, shapes)
+        linear = {name for name, key in keys.items() if is_linear_weight(key, shapes[key])}
+        if keep_bfloat16 and dtype == "float32" and not quantize and linear:
+            if all(tensors[name][2] == "BF16" for name in linear):
+                config["mlx"]["linear_dtype"] = "bfloat16"
         target = DTYPES[dtype]
-        plans = [plan_tensor(key, name, shapes[key], target, quantization) for name, key in keys.items()]
+        plans = [
+            plan_tensor(
+                key,
+                name,
+                shapes[key],
+                mx.bfloat16 if name in linear and "linear_dtype" in config["mlx"] else target,
+                quantization,
+            )
+            for name, key in keys.items()
+        ]
         shards = split_shards(plans, max_shard_size)
         files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         if len(shards) == 1:
@@ -472,6 +492,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize linear/embedding weights.")
     parser.add_argument("--q-bits", type=int, choices=[4, 8], default=4, help="Bits per quantized weight.")
     parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64, help="Group size.")
+    parser.add_argument(
+        "--keep-bfloat16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="With --dtype float32, keep the linear layers of a bfloat16 checkpoint in bfloat16: the same numbers "
+        "(float32 holds them exactly) at half the bytes, computed in float32.",
+    )
     parser.add_argument("--force", action="store_true", help="Replace the output directory if it exists.")
     return parser
 

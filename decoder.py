@@ -13,6 +13,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 import batch_decoder
 import step_costs
@@ -85,6 +86,9 @@ class SpeculativeDecoder:
         self.seed = seed
         if draft_model is not None:
             check_vocabularies(model, draft_model, tokenizer, draft_tokenizer)
+        # A draft model trained on the main model's frozen encoder drafts from the main model's encoding of the prompt:
+        # one encoder run per prompt, not two, and the same numbers.
+        self.shared_encoder = draft_model is not None and same_encoder(model, draft_model)
 
     def generate(
         self,
@@ -123,10 +127,12 @@ class SpeculativeDecoder:
             raise ValueError(f"the {self.drafter} drafter needs a draft model; pass regular=True to decode without one")
 
     def prepare(self, prompt_ids):
-        """The main model's cross-attention keys/values for the prompt, and an empty self-attention cache."""
-        cross_kv = self.model.cross_kv(self.model.encode(prompt_ids))
+        """The main model's cross-attention keys/values for the prompt, an empty self-attention cache, and the encoder
+        output where the draft model shares the main model's encoder (else None)."""
+        encoder_output = self.model.encode(prompt_ids)
+        cross_kv = self.model.cross_kv(encoder_output)
         mx.eval(cross_kv)
-        return cross_kv, self.model.make_cache()
+        return cross_kv, self.model.make_cache(), encoder_output if self.shared_encoder else None
 
     def make_drafter(self):
         """A drafter for one sequence."""
@@ -218,7 +224,7 @@ class SpeculativeDecoder:
         """The main model alone, one token per forward pass."""
         key = mx.random.key(self.seed)
         tick = time.perf_counter()
-        cross_kv, cache = self.prepare(prompt_ids)
+        cross_kv, cache, _ = self.prepare(prompt_ids)
         stats.encode_seconds += time.perf_counter() - tick
         for token in self.plain_tokens(self.model.args.decoder_start_token_id, max_tokens, key, cross_kv, cache):
             stats.main_calls += 1
@@ -253,8 +259,8 @@ class SpeculativeDecoder:
         draft_length = draft_length or self.draft_length(stats, batch_size=1)
         key = mx.random.key(self.seed)
         tick = time.perf_counter()
-        cross_kv, cache = self.prepare(prompt_ids)
-        drafter.prepare(prompt_ids)
+        cross_kv, cache, encoder_output = self.prepare(prompt_ids)
+        drafter.prepare(prompt_ids, encoder_output)
         stats.encode_seconds += time.perf_counter() - tick
 
         # Every accepted token, after the decoder start id. The main cache holds all but the last of them (and the
@@ -357,6 +363,39 @@ class SpeculativeDecoder:
 
 # What a step without drafts accepted.
 NO_ACCEPTANCE = mx.zeros((0,), dtype=mx.bool_)
+
+
+# The settings an encoder's output depends on, beside its weights.
+ENCODER_ARGS = (
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "layer_norm_epsilon",
+    "feed_forward_proj",
+)
+
+
+def same_encoder(model, other) -> bool:
+    """Whether `other` encodes every prompt exactly as `model` does: the same encoder settings, and the same
+    embeddings and encoder weights, array for array (neither sharded)."""
+    if model is other:
+        return True
+    if model.group is not None or other.group is not None:
+        return False
+    if any(getattr(model.args, name) != getattr(other.args, name) for name in ENCODER_ARGS):
+        return False
+    ours, theirs = (dict(tree_flatten(m["encoder"].parameters())) for m in (model, other))
+    ours["shared"], theirs["shared"] = model["shared"].weight, other["shared"].weight
+    if ours.keys() != theirs.keys():
+        return False
+    pairs = [(ours[name], theirs[name]) for name in ours]
+    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in pairs):
+        return False
+    return all(mx.array_equal(a, b).item() for a, b in pairs)
 
 
 def check_vocabularies(model, draft_model, tokenizer, draft_tokenizer=None):

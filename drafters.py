@@ -1,6 +1,7 @@
 """Drafters: what proposes the tokens the main model verifies.
 
-A drafter holds the drafting state of one sequence behind four calls: `prepare(prompt_ids)` once per prompt;
+A drafter holds the drafting state of one sequence behind four calls: `prepare(prompt_ids, encoder_output)` once per
+prompt (encoder_output: the main model's encoding of the prompt where the draft model shares that encoder, else None);
 `source(sequence)`, the kind of draft it would propose next ("model", "lookup", or None for none; `reads_tokens` says
 whether that depends on the sequence); `propose(sequence, k, key)`, up to k tokens following the accepted `sequence`;
 and `rewind(length)` once the decoder has settled the sequence's first `length` tokens (anything drafted past them is
@@ -40,10 +41,11 @@ class ModelDrafter:
         self.model = model
         self.sampler = sampler
 
-    def prepare(self, prompt_ids):
-        """prompt_ids: (1, L). The prompt is encoded at the first draft, once; its cross-attention keys/values serve
-        every step (a run that never drafts, as auto with a draft that does not pay, never encodes it)."""
-        self.prompt_ids, self.cross_kv = prompt_ids, None
+    def prepare(self, prompt_ids, encoder_output=None):
+        """prompt_ids: (1, L). The prompt is encoded at the first draft, once (or taken as `encoder_output`, the main
+        model's encoding, when the draft shares the main model's encoder); its cross-attention keys/values serve every
+        step (a run that never drafts, as auto with a draft that does not pay, computes none)."""
+        self.prompt_ids, self.encoder_output, self.cross_kv = prompt_ids, encoder_output, None
         self.cache = self.model.make_cache()
 
     def source(self, sequence: List[int]) -> str:
@@ -53,7 +55,8 @@ class ModelDrafter:
         if k == 0:
             return no_draft()
         if self.cross_kv is None:
-            self.cross_kv = self.model.cross_kv(self.model.encode(self.prompt_ids))
+            encoded = self.model.encode(self.prompt_ids) if self.encoder_output is None else self.encoder_output
+            self.cross_kv = self.model.cross_kv(encoded)
         # The cache holds a prefix of the sequence; feed the rest. Each token starts computing as soon as its step is
         # built, so building the next step (and the verification) overlaps it; nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
@@ -89,7 +92,7 @@ class LookupDrafter:
         self.max_ngram = max_ngram
         self.eos_token_id = eos_token_id
 
-    def prepare(self, prompt_ids):
+    def prepare(self, prompt_ids, encoder_output=None):
         prompt = prompt_ids[0].tolist()
         # The prompt's closing EOS is the tokenizer's, not text to copy.
         if prompt and prompt[-1] == self.eos_token_id:
@@ -154,9 +157,9 @@ class HybridDrafter:
         self.lookup = lookup
         self.model_drafter = model_drafter
 
-    def prepare(self, prompt_ids):
+    def prepare(self, prompt_ids, encoder_output=None):
         self.lookup.prepare(prompt_ids)
-        self.model_drafter.prepare(prompt_ids)
+        self.model_drafter.prepare(prompt_ids, encoder_output)
 
     def source(self, sequence: List[int]) -> str:
         return self.lookup.source(sequence) or "model"

@@ -190,7 +190,7 @@ class RepeatDrafter:
 
     reads_tokens = True
 
-    def prepare(self, prompt_ids):
+    def prepare(self, prompt_ids, encoder_output=None):
         pass
 
     def source(self, sequence):

@@ -167,3 +167,54 @@ def test_auto_keeps_acceptance_per_source_and_respects_the_limit():
     # A batch: rows whose drafts would come from either source, or none.
     assert policy.choose_batch(["lookup", None, "lookup"], limit=100) >= 7
     assert policy.choose_batch([None, None], limit=100) == 0
+
+
+def decoder_only_perturbed(path, noise, seed):
+    """The model at `path` with noise on its decoder's weights alone: a draft that shares the main model's encoder."""
+    from mlx.utils import tree_map
+
+    from loader import load_model
+
+    copy, _, _ = load_model(path)
+    mx.random.seed(seed)
+    copy["decoder"].update(
+        tree_map(lambda w: w + noise * mx.std(w) * mx.random.normal(w.shape), copy["decoder"].parameters())
+    )
+    mx.eval(copy.parameters())
+    return copy
+
+
+@pytest.mark.parametrize("drafter", ["model", "hybrid"])
+def test_a_draft_with_the_main_models_encoder_drafts_from_its_encoding(drafter, main, drafts, monkeypatch):
+    """A draft whose embeddings and encoder are the main model's is never encoded itself, alone or batched, and drafts
+    exactly what it drafts from its own encoding: the same tokens and the same acceptance."""
+    from decoder import same_encoder
+
+    model, tokenizer, path = main
+    shared = decoder_only_perturbed(path, 0.04, seed=0)
+    assert same_encoder(model, shared) and same_encoder(model, model)
+    assert not same_encoder(model, drafts["noisy"]) and not same_encoder(model, drafts["unrelated"])
+
+    def runs(decoder):
+        alone = [decoder.generate(prompt, 24, ignore_eos=True) for prompt in PROMPTS]
+        batched = decoder.generate_batch(PROMPTS, 24, ignore_eos=True, batch_size=3)
+        return [(g.tokens, g.stats.drafted, g.stats.accepted) for g in alone + batched]
+
+    reference = SpeculativeDecoder(model, shared, tokenizer, num_draft=3, drafter=drafter)
+    reference.shared_encoder = False
+    expected = runs(reference)
+    decoder = SpeculativeDecoder(model, shared, tokenizer, num_draft=3, drafter=drafter)
+    assert decoder.shared_encoder
+    encoded = []
+    own_encode = type(shared).encode
+    monkeypatch.setattr(
+        type(shared), "encode", lambda m, *a, **k: encoded.append(m is shared) or own_encode(m, *a, **k)
+    )
+    assert runs(decoder) == expected
+    # hybrid's batched rows draft alone, each encoding its own prompt as a single sequence does
+    assert sum(encoded) == (len(PROMPTS) if drafter == "hybrid" else 0)
+    assert sum(drafted for _, drafted, _ in expected) > 0
+    regular = SpeculativeDecoder(model, None, tokenizer)
+    assert [tokens for tokens, _, _ in expected[: len(PROMPTS)]] == [
+        regular.generate(prompt, 24, regular=True, ignore_eos=True).tokens for prompt in PROMPTS
+    ]

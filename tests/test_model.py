@@ -1,5 +1,7 @@
 """The MLX T5 against transformers' T5ForConditionalGeneration on the same random weights."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from conftest import VARIANTS
 from transformers import AutoModelForSeq2SeqLM
 from transformers.models.t5.modeling_t5 import T5Attention
 
+import convert
 from cache import KVCache
 from loader import load_model
 from model import FusedLinear, relative_position_bucket
@@ -266,3 +269,33 @@ def test_step_by_step_logits_match_transformers_as_the_bias_table_grows(
         assert max_abs_diff(mx.concatenate(pieces, axis=1), expected) < TOLERANCE
     table, _ = model.decoder._bias_table
     assert (table is None) == (table_bytes == 0) and (table is None or table.shape[-1] == 32)
+
+
+def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(hf_checkpoint, hf_model, tmp_path):
+    """A bfloat16 checkpoint converted to float32: its linear layers stay bfloat16 (bit for bit), everything else is
+    float32, and the model computes what transformers computes from the same checkpoint in float32; with
+    keep_bfloat16=False every weight is float32 and the logits are the same."""
+    source = tmp_path / "bf16"
+    hf_model(hf_checkpoint("t5-v1_1")).to(torch.bfloat16).save_pretrained(source)
+    for file in hf_checkpoint("t5-v1_1").glob("*token*"):
+        (source / file.name).write_bytes(file.read_bytes())
+    kept = convert.convert(str(source), mlx_path=str(tmp_path / "kept"))
+    widened = convert.convert(str(source), mlx_path=str(tmp_path / "widened"), keep_bfloat16=False)
+    assert json.loads((kept / "config.json").read_text())["mlx"]["linear_dtype"] == "bfloat16"
+    assert "linear_dtype" not in json.loads((widened / "config.json").read_text())["mlx"]
+    stored = mx.load(str(kept / "model.safetensors"))
+    linear = [name for name, w in stored.items() if w.ndim == 2 and (".layers." in name or name == "lm_head.weight")]
+    assert "lm_head.weight" in linear and len(linear) > 10
+    assert all(w.dtype == (mx.bfloat16 if name in linear else mx.float32) for name, w in stored.items())
+    assert all(w.dtype == mx.float32 for w in mx.load(str(widened / "model.safetensors")).values())
+
+    reference = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32).eval()
+    input_ids, mask, decoder_ids = padded_batch(reference.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    logits = {}
+    for path in (kept, widened):
+        model, _, _ = load_model(path)
+        logits[path] = model(to_mx(input_ids), to_mx(decoder_ids), to_mx(mask))
+        assert max_abs_diff(logits[path], expected) < TOLERANCE
+    assert float(mx.abs(logits[kept] - logits[widened]).max()) < 1e-5

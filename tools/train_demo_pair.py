@@ -4,11 +4,12 @@ from it. The data comes from tools/demo_data.py's grammar, so this runs offline 
     python -m tools.train_demo_pair            # writes models/demo/{main,draft} and models/demo/prompts.txt
 
 The main model learns from the data; the draft starts from the main model's embeddings, encoder and first decoder
-layer and is then distilled from it: at every target position of the same sentences, teacher-forced, it learns the
-main model's whole next-token distribution (KL divergence), which is what makes it agree with the main model's greedy
-choices. Sentences whose English hashes into the held-out set are never
-trained on; the held-out exact match of both models' greedy translations, and how often the draft's greedy choice is
-the main model's, are printed at the end. The run is seeded: the same torch and thread count give the same weights.
+layer, keeps the embeddings and the encoder as they are (so that decoding encodes each prompt once, for both), and its
+decoder is then distilled from the main model: at every target position of the same sentences, teacher-forced, it
+learns the main model's whole next-token distribution (KL divergence), which is what makes it agree with the main
+model's greedy choices. Sentences whose English hashes into the held-out set are never trained on; the held-out exact
+match of both models' greedy translations, and how often the draft's greedy choice is the main model's, are printed at
+the end. The run is seeded: the same torch and thread count give the same weights.
 """
 
 import argparse
@@ -101,7 +102,13 @@ def train(name, data, steps, teacher=None):
         shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(shared, strict=False)
         print(f"  {len(shared)} of {len(own)} tensors start from the main model's", flush=True)
-    optimizer = Adafactor(model.parameters(), lr=LEARNING_RATE, scale_parameter=True, relative_step=False)
+        # The embeddings and the encoder stay the main model's: the decoder then reuses the main model's encoder
+        # output for the draft (one encoder per prompt, not two), and only the draft's decoder learns.
+        for key, parameter in model.named_parameters():
+            if key.startswith(("shared.", "encoder.")):
+                parameter.requires_grad_(False)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = Adafactor(trained, lr=LEARNING_RATE, scale_parameter=True, relative_step=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
     params = sum(p.numel() for p in model.parameters())
     print(f"{name}: {params / 1e6:.2f}M parameters, {steps} steps of {BATCH_SIZE} sentences", flush=True)
