@@ -269,6 +269,14 @@ class EncoderLayer(Module):
         x = clamp_fp16(x + self.self_attn.attend_in_blocks(self.self_attn_norm(x), bias_of, block))
         return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
 
+    def native_parts(self):
+        """The layer's norms and products (modules) that kernels.encoder_layers computes it from, or None where it
+        cannot (as DecoderLayer.native_parts)."""
+        attention, mlp = self["self_attn"], self["mlp"]
+        if "qkv" not in attention:
+            return None
+        return native_parts((self["self_attn_norm"], self["mlp_norm"]), (attention["qkv"], attention["o"]), mlp)
+
 
 class DecoderLayer(Module):
     def __init__(self, args: ModelArgs):
@@ -296,17 +304,34 @@ class DecoderLayer(Module):
         if "qkv" not in attention:
             return None
         norms = (self["self_attn_norm"], self["cross_attn_norm"], self["mlp_norm"])
-        linears = (attention["qkv"], attention["o"], cross["q"], cross["o"], mlp["wi_01" if mlp.is_gated else "wi"])
-        linears += (mlp["wo"],)
-        if any(type(linear) is not FusedLinear or linear.native_weight() is None for linear in linears):
-            return None
-        if any(norm["weight"].dtype != mx.float32 for norm in norms):
-            return None
-        return norms, linears
+        return native_parts(norms, (attention["qkv"], attention["o"], cross["q"], cross["o"]), mlp)
 
     def cross_and_mlp_uncompiled(self, x, keys, values, cross_bias):
         x = clamp_fp16(x + self.cross_attn(self.cross_attn_norm(x), cross_bias, keys, values))
         return clamp_fp16(x + self.mlp(self.mlp_norm(x)))
+
+
+def native_parts(norms, attention_linears, mlp):
+    """(norms, linears) of a layer for the native layers: the attention's products, then the feed-forward's wi (or
+    the stacked wi_01) and wo; None unless every product is a FusedLinear the kernels compute alone (not summed across
+    ranks) and every norm is float32."""
+    linears = (*attention_linears, mlp["wi_01" if mlp.is_gated else "wi"], mlp["wo"])
+    if any(type(linear) is not FusedLinear or linear.native_weight() is None for linear in linears):
+        return None
+    if any(norm["weight"].dtype != mx.float32 for norm in norms):
+        return None
+    return norms, linears
+
+
+def kept_parts(stack):
+    """Each layer's native parts (or None) for `stack` (the encoder or the decoder), found once and kept until an
+    assignment to the model's modules; their arrays are read at every call (compiled MLX functions may put other
+    array objects in their place)."""
+    kept = stack.__dict__.get("_native_parts")
+    if kept is None or kept[0] != Module.assignments:
+        kept = (Module.assignments, [layer.native_parts() for layer in stack["layers"]])
+        object.__setattr__(stack, "_native_parts", kept)  # (not a parameter, and not an assignment)
+    return None if None in kept[1] else kept[1]
 
 
 def padding_bias(attention_mask, dtype):
@@ -354,6 +379,24 @@ class Encoder(Module):
         block = self.block_rows(B, L)
         if block >= L:  # one block: its bias computed once and shared by all layers
             whole = bias_of(0, L)
+            native = kernels.decoder_layer_takes(x) and self.final_norm.weight.dtype == mx.float32
+            parts = kept_parts(self) if native else None
+            if parts is not None:  # every layer and the final norm in one native operation
+                layers = [
+                    ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears])
+                    for norms, linears in parts
+                ]
+                first = self.layers[0]
+                return kernels.encoder_layers(
+                    x,
+                    whole,
+                    layers,
+                    self.final_norm.weight,
+                    heads,
+                    first.mlp_norm.eps,
+                    self.args.activation,
+                    self.args.is_gated,
+                )
 
             def whole_bias(start, stop):
                 return whole
@@ -459,14 +502,8 @@ class Decoder(Module):
         where it cannot compute every layer of x."""
         if not kernels.decoder_layer_takes(x):
             return None
-        # Each layer's norm and product modules, found once and kept until an assignment to the model's modules;
-        # their arrays are read at every step (compiled MLX functions may put other array objects in their place).
-        kept = self.__dict__.get("_native_parts")
-        if kept is None or kept[0] != Module.assignments:
-            kept = (Module.assignments, [layer.native_parts() for layer in self["layers"]])
-            object.__setattr__(self, "_native_parts", kept)  # (not a parameter, and not an assignment)
-        parts = kept[1]
-        if None in parts:
+        parts = kept_parts(self)
+        if parts is None:
             return None
         shape = (x.shape[0], self.layers[0].self_attn.num_heads, x.shape[1], self.args.d_kv)
         return [

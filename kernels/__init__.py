@@ -216,6 +216,25 @@ def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, ac
     )
 
 
+def encoder_layers(x, bias, layers, final_norm, num_heads, eps, activation, gated):
+    """Encoder layers and the final norm on x (B, L, D) float32 as one operation -> the encoder output. bias (1 or B,
+    heads, L, L): the additive position and padding bias; layers: (norms, weights), the norms of the self-attention and
+    the feed-forward block, weights (weight, scales, biases, group_size, bits) of qkv, o, wi, wo (bits 0: float)."""
+    bits = layers[0][1][0][4]
+    used.add("native encoder layers")
+    return native.encoder_layers(
+        x,
+        bias,
+        layers,
+        final_norm,
+        num_heads,
+        eps,
+        LAYER_ACTIVATIONS[activation],
+        gated,
+        bool(bits) and int8_activations(bits),
+    )
+
+
 def int8_activations(bits) -> bool:
     """Whether products of `bits`-bit weights quantize x to int8 (where the instruction set has integer products)."""
     return integer if integer is not None else bits in INTEGER_DEFAULT_BITS

@@ -191,6 +191,77 @@ struct Weights {
   int group_size, bits;
 };
 
+void check(bool ok, const char* what, const char* op = "decoder_layers") {
+  if (!ok) {
+    throw std::invalid_argument(std::string(op) + ": " + what);
+  }
+}
+
+// A product's weight (out, in): float, or MLX's affine quantization of one.
+void check_weight(const LayerWeight& w, int in, int out, const char* op) {
+  if (w.bits) {
+    check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
+              (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
+              w.w.shape(1) * 32 / w.bits == in && in % w.group_size == 0 &&
+              w.scales->shape() == mx::Shape{out, in / w.group_size} && w.biases->shape() == w.scales->shape() &&
+              w.biases->dtype() == w.scales->dtype() &&
+              (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
+               w.scales->dtype() == mx::float16),
+          "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128", op);
+  } else {
+    check(w.w.shape(1) == in &&
+              (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
+          "float weights must be float32, bfloat16 or float16", op);
+  }
+}
+
+// Weights as a primitive takes them. Those the model holds evaluated stay with the primitive (`held`), not among its
+// inputs: a primitive's inputs are copied into each of its outputs, which for every weight of every layer costs more
+// than a step. Others (a weight just computed, or strided) become inputs (`late`, placed after the primitive's own).
+struct WeightSlots {
+  std::vector<mx::array> held, late;
+  std::vector<int> slots;  // in order: held[slot] for slot >= 0, else late[~slot]
+  mx::Stream stream;
+
+  void push(const mx::array& a) {
+    if (a.is_available() && a.flags().row_contiguous) {
+      slots.push_back(int(held.size()));
+      held.push_back(a);
+    } else {
+      slots.push_back(~int(late.size()));
+      late.push_back(mx::contiguous(a, false, stream));
+    }
+  }
+  void push(const LayerWeight& w) {
+    push(w.w);
+    if (w.bits) {
+      push(*w.scales);
+      push(*w.biases);
+    }
+  }
+};
+
+// Reads weights back in the order they were pushed, from the held ones and the inputs from `first_late` on.
+struct WeightReader {
+  const std::vector<mx::array>& held;
+  const std::vector<int>& slots;
+  const std::vector<mx::array>& inputs;
+  int first_late;
+  size_t next = 0;
+
+  const mx::array& array() {
+    const int slot = slots[next++];
+    return slot >= 0 ? held[slot] : inputs[first_late + ~slot];
+  }
+  // A product's weight: its arrays (scales and biases where quantized) and layout.
+  Weights weight(int group_size, int bits) {
+    const mx::array* w = &array();
+    const mx::array* scales = bits ? &array() : nullptr;
+    const mx::array* biases = bits ? &array() : nullptr;
+    return {w, scales, biases, group_size, bits};
+  }
+};
+
 // One layer's inputs, as the primitive's input list holds them.
 struct Layer {
   const mx::array* cross_keys;
@@ -198,6 +269,24 @@ struct Layer {
   const float* norms[3];
   Weights weights[kWeights];
 };
+
+// The feed-forward block on h (R rows, ld_model apart, normed) -> y (R rows of D): wi (or the gate and linear halves
+// of the stacked wi_0, wi_1), the activation, wo.
+template <class Product>
+void feed_forward(int R, int d_ff, bool gated, int activation, const float* h, int ld_model, float* y,
+                  Product&& product) {
+  const int ld_ff = padded(d_ff), width = (gated ? 2 : 1) * d_ff;
+  std::vector<float> u(size_t(R) * width), hidden(size_t(R) * ld_ff, 0.0f);
+  product(kWi, h, ld_model, u.data(), width);
+  for (int r = 0; r < R; r++) {
+    const float* row = &u[size_t(r) * width];
+    for (int f = 0; f < d_ff; f++) {
+      const float a = activate(row[f], activation);
+      hidden[size_t(r) * ld_ff + f] = gated ? a * row[d_ff + f] : a;
+    }
+  }
+  product(kWo, hidden.data(), ld_ff, y, -1);
+}
 
 // The layer's work on x (R rows of D floats, updated in place); keys and values: this layer's cache (outputs of the
 // primitive, written here at each row's new positions, then read up to them).
@@ -271,19 +360,11 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
   product(kCrossO, att.data(), ld_inner, inner, y.data(), D);
   add_residual();
 
-  // Feed-forward: wi (or the gate and linear halves of the stacked wi_0, wi_1), the activation, wo.
   rms_norm(x, D, R, D, layer.norms[2], spec.eps, h.data(), ld_model);
-  const int F = spec.d_ff, ld_ff = padded(F), width = (spec.gated ? 2 : 1) * F;
-  std::vector<float> u(size_t(R) * width), hidden(size_t(R) * ld_ff, 0.0f);
-  product(kWi, h.data(), ld_model, D, u.data(), width);
-  for (int r = 0; r < R; r++) {
-    const float* row = &u[size_t(r) * width];
-    for (int f = 0; f < F; f++) {
-      const float a = activate(row[f], spec.activation);
-      hidden[size_t(r) * ld_ff + f] = spec.gated ? a * row[F + f] : a;
-    }
-  }
-  product(kWo, hidden.data(), ld_ff, F, y.data(), D);
+  feed_forward(R, spec.d_ff, spec.gated, spec.activation, h.data(), ld_model, y.data(),
+               [&](int which, const float* in, int ldx, float* out, int N) {
+                 product(which, in, ldx, which == kWi ? D : spec.d_ff, out, N < 0 ? D : N);
+               });
   add_residual();
 }
 
@@ -322,13 +403,8 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   if (spec.has_cross_bias) {
     cross_bias.emplace(inputs[2]);
   }
-  const int first_cache = spec.has_cross_bias ? 3 : 2, late_weights = first_cache + 4 * spec.layers;
-  // The weights one after another (see Spec::slots).
-  size_t next_slot = 0;
-  auto weight = [&]() -> const mx::array& {
-    const int slot = spec.slots[next_slot++];
-    return slot >= 0 ? spec.held[slot] : inputs[late_weights + ~slot];
-  };
+  const int first_cache = spec.has_cross_bias ? 3 : 2;
+  WeightReader weights{spec.held, spec.slots, inputs, first_cache + 4 * spec.layers};
   // x: the residual stream, R rows of D floats.
   std::vector<float> x(size_t(R) * D);
   {
@@ -348,14 +424,10 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     layer.cross_keys = &inputs[cache_input + 2];
     layer.cross_values = &inputs[cache_input + 3];
     for (auto& norm : layer.norms) {
-      norm = weight().data<float>();
+      norm = weights.array().data<float>();
     }
     for (int i = 0; i < kWeights; i++) {
-      const int bits = spec.bits[l * kWeights + i];
-      const mx::array* w = &weight();
-      const mx::array* scales = bits ? &weight() : nullptr;
-      const mx::array* biases = bits ? &weight() : nullptr;
-      layer.weights[i] = {w, scales, biases, spec.group_sizes[l * kWeights + i], bits};
+      layer.weights[i] = weights.weight(spec.group_sizes[l * kWeights + i], spec.bits[l * kWeights + i]);
     }
     mx::array& keys = outputs[1 + 2 * l];
     mx::array& values = outputs[2 + 2 * l];
@@ -371,7 +443,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   // The final norm, the scale T5 v1.0 applies before its tied head, and the head: the logits.
   const int ld = padded(D);
   std::vector<float> h(size_t(R) * ld);
-  rms_norm(x.data(), D, R, D, weight().data<float>(), spec.eps, h.data(), ld);
+  rms_norm(x.data(), D, R, D, weights.array().data<float>(), spec.eps, h.data(), ld);
   if (spec.scale != 1.0f) {
     for (int r = 0; r < R; r++) {
       for (int d = 0; d < D; d++) {
@@ -379,18 +451,80 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
       }
     }
   }
-  const bool quantized = spec.head_bits != 0;
-  const mx::array* w = &weight();
-  const mx::array* scales = quantized ? &weight() : nullptr;
-  const mx::array* biases = quantized ? &weight() : nullptr;
-  product_rows(spec.isa, spec.head_integer, h.data(), ld, R, D, *w, scales, biases, spec.head_group_size,
-               spec.head_bits, outputs[0].data<float>(), spec.head_rows);
+  const Weights head = weights.weight(spec.head_group_size, spec.head_bits);
+  product_rows(spec.isa, spec.head_integer, h.data(), ld, R, D, *head.w, head.scales, head.biases, head.group_size,
+               head.bits, outputs[0].data<float>(), spec.head_rows);
 }
 
-void check(bool ok, const char* what) {
-  if (!ok) {
-    throw std::invalid_argument(std::string("decoder_layers: ") + what);
+
+
+// An encoder layer's products: qkv, o, wi, wo (EncoderLayerInputs' order).
+enum { kEncQkv = 0, kEncO, kEncWi, kEncWo, kEncoderWeights };
+
+void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& inputs, mx::array& out) {
+  const mx::array& x_in = inputs[0];
+  const int B = x_in.shape(0), L = x_in.shape(1), D = x_in.shape(2), R = B * L;
+  const int H = spec.heads, dk = spec.d_kv, inner = H * dk;
+  const Strided4 bias(inputs[1]);
+  const bool bias_per_row = inputs[1].shape(0) != 1;
+  WeightReader weights{spec.held, spec.slots, inputs, 2};
+  std::vector<float> x(size_t(R) * D);
+  {
+    const float* base = x_in.data<float>();
+    const auto& st = x_in.strides();
+    for (int b = 0; b < B; b++) {
+      for (int i = 0; i < L; i++) {
+        for (int d = 0; d < D; d++) {
+          x[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
+        }
+      }
+    }
   }
+  const int ld_model = padded(D), ld_inner = padded(inner);
+  std::vector<float> h(size_t(R) * ld_model), qkv(size_t(R) * 3 * inner), att(size_t(R) * ld_inner, 0.0f),
+      y(size_t(R) * D);
+  auto add_residual = [&]() {
+    for (size_t i = 0; i < y.size(); i++) {
+      x[i] += y[i];
+    }
+  };
+  for (int l = 0; l < spec.layers; l++) {
+    const float* norms[2];
+    for (auto& norm : norms) {
+      norm = weights.array().data<float>();
+    }
+    Weights layer_weights[kEncoderWeights];
+    for (int i = 0; i < kEncoderWeights; i++) {
+      layer_weights[i] = weights.weight(spec.group_sizes[l * kEncoderWeights + i], spec.bits[l * kEncoderWeights + i]);
+    }
+    auto product = [&](int which, const float* in, int ldx, int K, float* out_rows, int N) {
+      const Weights& w = layer_weights[which];
+      product_rows(spec.isa, spec.integer, in, ldx, R, K, *w.w, w.scales, w.biases, w.group_size, w.bits, out_rows, N);
+    };
+    // Self-attention: each row's queries over its own keys and values, read in place from the stacked projections.
+    rms_norm(x.data(), D, R, D, norms[0], spec.eps, h.data(), ld_model);
+    product(kEncQkv, h.data(), ld_model, D, qkv.data(), 3 * inner);
+    for_tasks(B * H, double(B) * H * L * L * dk * 2, [&](int task) {
+      const int b = task / H, hd = task % H;
+      const float* row0 = &qkv[size_t(b) * L * 3 * inner + hd * dk];
+      std::vector<float> scores(L), scratch;
+      for (int i = 0; i < L; i++) {
+        const float* bias_i = bias_row(bias, bias_per_row ? b : 0, hd, i, L, scratch);
+        attention_row(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk,
+                      bias_i, scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+      }
+    });
+    product(kEncO, att.data(), ld_inner, inner, y.data(), D);
+    add_residual();
+    rms_norm(x.data(), D, R, D, norms[1], spec.eps, h.data(), ld_model);
+    feed_forward(R, spec.d_ff, spec.gated, spec.activation, h.data(), ld_model, y.data(),
+                 [&](int which, const float* in, int ldx, float* out_rows, int N) {
+                   product(which == kWi ? kEncWi : kEncWo, in, ldx, which == kWi ? D : spec.d_ff, out_rows,
+                           N < 0 ? D : N);
+                 });
+    add_residual();
+  }
+  rms_norm(x.data(), D, R, D, weights.array().data<float>(), spec.eps, out.data<float>(), D);
 }
 
 }  // namespace
@@ -421,50 +555,11 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     }
   }
   auto stream = mx::to_stream(s);
-  auto contiguous = [&](const mx::array& a) {
-    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
-  };
   std::vector<mx::array> inputs = {x, self_bias};
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
                            head ? head->scale : 1.0f, 0, 0, 0, head && head->integer};
-  // A product's weight (out, in): float, or MLX's affine quantization of one.
-  auto check_weight = [&](const LayerWeight& w, int in, int out) {
-    if (w.bits) {
-      check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
-                (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
-                w.w.shape(1) * 32 / w.bits == in && in % w.group_size == 0 &&
-                w.scales->shape() == mx::Shape{out, in / w.group_size} && w.biases->shape() == w.scales->shape() &&
-                w.biases->dtype() == w.scales->dtype() &&
-                (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
-                 w.scales->dtype() == mx::float16),
-            "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128");
-    } else {
-      check(w.w.shape(1) == in &&
-                (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
-            "float weights must be float32, bfloat16 or float16");
-    }
-  };
-  // Weights the model holds evaluated stay with the primitive, not among its inputs: a primitive's inputs are copied
-  // into each of its outputs (here two per layer), which for every weight of every layer costs more than the step.
-  // Others (a weight just computed, or strided) are inputs after the layers' caches, in `late`.
-  std::vector<mx::array> late;
-  auto push_array = [&](const mx::array& a) {
-    if (a.is_available() && a.flags().row_contiguous) {
-      spec.slots.push_back(int(spec.held.size()));
-      spec.held.push_back(a);
-    } else {
-      spec.slots.push_back(~int(late.size()));
-      late.push_back(contiguous(a));
-    }
-  };
-  auto push_weight = [&](const LayerWeight& w) {
-    push_array(w.w);
-    if (w.bits) {
-      push_array(*w.scales);
-      push_array(*w.biases);
-    }
-  };
+  WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
   }
@@ -503,13 +598,13 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     const int outs[kWeights] = {3 * inner, D, inner, D, (gated ? 2 : 1) * d_ff, D};
     inputs.insert(inputs.end(), {keys, values, cross, layer.cross_values});  // read with their strides
     for (const auto& norm : layer.norms) {
-      push_array(norm);
+      weights.push(norm);
     }
     for (int i = 0; i < kWeights; i++) {
       const LayerWeight& w = layer.weights[i];
       check(w.w.ndim() == 2 && w.w.shape(0) == outs[i], "a weight's shape does not fit the layer");
-      check_weight(w, ins[i], outs[i]);
-      push_weight(w);
+      check_weight(w, ins[i], outs[i], "decoder_layers");
+      weights.push(w);
       spec.group_sizes.push_back(w.bits ? w.group_size : 0);
       spec.bits.push_back(w.bits);
     }
@@ -522,15 +617,17 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
           "the final norm's weight must be (D) float32");
     check(w.w.ndim() == 2, "the head's weight must be 2-D");
     const int vocab = w.w.shape(0);
-    check_weight(w, D, vocab);
-    push_array(head->final_norm);
-    push_weight(w);
+    check_weight(w, D, vocab, "decoder_layers");
+    weights.push(head->final_norm);
+    weights.push(w);
     spec.head_rows = vocab;
     spec.head_group_size = w.bits ? w.group_size : 0;
     spec.head_bits = w.bits;
     shapes[0] = {B, L, vocab};
   }
-  inputs.insert(inputs.end(), late.begin(), late.end());
+  inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
+  spec.held = std::move(weights.held);
+  spec.slots = std::move(weights.slots);
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   auto primitive = std::make_shared<DecoderLayers>(stream, std::move(spec));
   return mx::array::make_arrays(std::move(shapes), dtypes, primitive, inputs);
@@ -569,6 +666,74 @@ std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>
     shapes.push_back(inputs[first + 1].shape());
   }
   return shapes;
+}
+
+
+mx::array encoder_layers(const mx::array& x, const mx::array& bias, const std::vector<EncoderLayerInputs>& layers,
+                         const mx::array& final_norm, int num_heads, float eps, int activation, bool gated, bool integer,
+                         mx::StreamOrDevice s) {
+  const char* op = "encoder_layers";
+  check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32", op);
+  const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
+  check(!layers.empty() && num_heads > 0, "at least one layer, and heads", op);
+  check(activation >= kRelu && activation <= kSilu, "unknown activation", op);
+  check(bias.ndim() == 4 && bias.dtype() == mx::float32 && (bias.shape(0) == 1 || bias.shape(0) == B) &&
+            bias.shape(1) == num_heads && bias.shape(2) == L && bias.shape(3) == L,
+        "bias must be (1 or B, H, L, L) float32", op);
+  check(final_norm.ndim() == 1 && final_norm.shape(0) == D && final_norm.dtype() == mx::float32,
+        "the final norm's weight must be (D) float32", op);
+  auto stream = mx::to_stream(s);
+  EncoderLayers::Spec spec{int(layers.size()), num_heads, 0, 0, eps, activation, gated, integer, current_kernel_isa()};
+  WeightSlots weights{{}, {}, {}, stream};
+  for (const auto& layer : layers) {
+    check(layer.norms.size() == 2 && layer.weights.size() == kEncoderWeights, "two norms and four weights a layer",
+          op);
+    for (const auto& norm : layer.norms) {
+      check(norm.ndim() == 1 && norm.shape(0) == D && norm.dtype() == mx::float32, "norm weights must be (D) float32",
+            op);
+      weights.push(norm);
+    }
+    const auto& qkv = layer.weights[kEncQkv];
+    check(qkv.w.ndim() == 2 && qkv.w.shape(0) % (3 * num_heads) == 0, "qkv's weight must be (3 H d_kv, D)", op);
+    const int dk = qkv.w.shape(0) / (3 * num_heads), inner = num_heads * dk;
+    check(spec.d_kv == 0 || spec.d_kv == dk, "every layer has the same d_kv", op);
+    spec.d_kv = dk;
+    const auto& wo = layer.weights[kEncWo];
+    const int d_ff = wo.bits ? wo.w.shape(1) * 32 / wo.bits : wo.w.shape(1);
+    check(spec.d_ff == 0 || spec.d_ff == d_ff, "every layer has the same d_ff", op);
+    spec.d_ff = d_ff;
+    const int ins[kEncoderWeights] = {D, inner, D, d_ff};
+    const int outs[kEncoderWeights] = {3 * inner, D, (gated ? 2 : 1) * d_ff, D};
+    for (int i = 0; i < kEncoderWeights; i++) {
+      const LayerWeight& w = layer.weights[i];
+      check(w.w.ndim() == 2 && w.w.shape(0) == outs[i], "a weight's shape does not fit the layer", op);
+      check_weight(w, ins[i], outs[i], op);
+      weights.push(w);
+      spec.group_sizes.push_back(w.bits ? w.group_size : 0);
+      spec.bits.push_back(w.bits);
+    }
+  }
+  weights.push(final_norm);
+  std::vector<mx::array> inputs = {x, bias};
+  inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
+  spec.held = std::move(weights.held);
+  spec.slots = std::move(weights.slots);
+  return mx::array(x.shape(), mx::float32, std::make_shared<EncoderLayers>(stream, std::move(spec)), inputs);
+}
+
+void EncoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([inputs, out, spec = spec_]() mutable { run_encoder(spec, inputs, out); });
+}
+
+void EncoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("EncoderLayers runs on the CPU only");
 }
 
 }  // namespace t5kernels

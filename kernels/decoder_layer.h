@@ -55,6 +55,47 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       int activation, bool gated, bool integer,
                                       const std::optional<Head>& head = std::nullopt, mx::StreamOrDevice s = {});
 
+// One encoder layer's inputs: the two RMS norm weights (self-attention, feed-forward) and the four products: qkv (the
+// three projections stacked), o, wi (wi_0 and wi_1 stacked where gated), wo.
+struct EncoderLayerInputs {
+  std::vector<mx::array> norms;
+  std::vector<LayerWeight> weights;
+};
+
+// Encoder layers, one after the other, then the final RMS norm, on x (B, L, D) float32: each layer's self-attention of
+// every position over every position of its row, with `bias` (1 or B, H, L, L) added to the scores (the relative
+// position bias and the padding's), and its feed-forward block. Returns the encoder output (B, L, D).
+mx::array encoder_layers(const mx::array& x, const mx::array& bias, const std::vector<EncoderLayerInputs>& layers,
+                         const mx::array& final_norm, int num_heads, float eps, int activation, bool gated, bool integer,
+                         mx::StreamOrDevice s = {});
+
+class EncoderLayers : public mx::Primitive {
+ public:
+  struct Spec {
+    int layers, heads, d_kv, d_ff;
+    float eps;
+    int activation;
+    bool gated, integer;
+    int isa;
+    std::vector<int> group_sizes, bits;  // per layer and weight
+    // Each layer's two norms and four products' arrays, then the final norm, as DecoderLayers::Spec keeps them; the
+    // inputs not held come after x and the bias.
+    std::vector<mx::array> held;
+    std::vector<int> slots;
+  };
+
+  EncoderLayers(mx::Stream stream, Spec spec) : mx::Primitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "EncoderLayers";
+  }
+
+ private:
+  Spec spec_;
+};
+
 class DecoderLayers : public mx::Primitive {
  public:
   struct Spec {

@@ -1,0 +1,132 @@
+"""The native encoder layers (kernels.encoder_layers: every encoder layer and the final norm as one operation) against
+the same model's MLX operations, for every T5 variant, a single prompt and a padded batch, quantized weights and every
+instruction set this CPU runs; where they do not apply (long prompts attended in blocks, bfloat16 activations) MLX's
+operations run."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import PROMPTS, VARIANTS
+
+import kernels
+import model as model_module
+from loader import load_model
+
+pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
+
+USED = "native encoder layers"
+
+
+@pytest.fixture
+def fused():
+    """Sets whether layers run natively, for one test; restores the setting after it."""
+    before = kernels.fused_layers
+    yield lambda on: setattr(kernels, "fused_layers", on)
+    kernels.fused_layers = before
+
+
+def encoded(model, tokenizer, prompts, fused, on):
+    """(encoder output, mask) of the padded prompts, natively or with MLX's operations; checks which ran."""
+    batch = tokenizer(prompts, padding=True)
+    ids, mask = mx.array(batch.input_ids), mx.array(batch.attention_mask)
+    fused(on)
+    kernels.used.discard(USED)
+    out = model.encode(ids, mask)
+    mx.eval(out)
+    assert (USED in kernels.used) == on
+    return np.array(out), np.array(mask).astype(bool)
+
+
+def compare(model, tokenizer, prompts, fused):
+    expected, mask = encoded(model, tokenizer, prompts, fused, False)
+    got, _ = encoded(model, tokenizer, prompts, fused, True)
+    # Padding positions are never attended to (their keys are masked); compare the prompts' own positions.
+    scale = max(1.0, float(np.abs(expected[mask]).max()))
+    np.testing.assert_allclose(got[mask], expected[mask], atol=2e-5 * scale, rtol=0)
+    assert np.abs(expected[mask]).max() > 1e-2  # not trivially small
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_one_prompt_and_a_padded_batch(variant, converted, fused):
+    model, tokenizer, _ = load_model(converted(variant))
+    compare(model, tokenizer, PROMPTS[:1], fused)
+    prompts = [PROMPTS[0], PROMPTS[1][:12], PROMPTS[2] + " " + PROMPTS[3]]
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) == 3  # padding differs per row
+    compare(model, tokenizer, prompts, fused)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64)])
+def test_quantized_weights(bits, group, converted, fused, monkeypatch):
+    model, tokenizer, _ = load_model(converted("t5-v1_1", quantize=True, q_bits=bits, q_group_size=group))
+    monkeypatch.setattr(kernels, "integer", False)
+    compare(model, tokenizer, PROMPTS[:3], fused)
+
+
+@pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
+def test_every_instruction_set(name, converted, fused):
+    before = kernels.native.isa()
+    kernels.native.set_isa(name)
+    try:
+        model, tokenizer, _ = load_model(converted("t5"))
+        compare(model, tokenizer, PROMPTS[:3], fused)
+    finally:
+        kernels.native.set_isa(before)
+
+
+def test_long_prompts_attended_in_blocks_and_bfloat16_use_mlx(converted, fused, monkeypatch):
+    model, tokenizer, _ = load_model(converted("t5"))
+    ids = mx.array([tokenizer(PROMPTS[4]).input_ids])
+    fused(True)
+    expected = model.encode(ids)
+    # Blocks of query rows (a prompt whose scores would not fit at once) are MLX's operations.
+    monkeypatch.setattr(model_module, "ATTENTION_BLOCK_BYTES", 4 * model.args.num_heads * ids.shape[1] * 3)
+    assert model.encoder.block_rows(1, ids.shape[1]) < ids.shape[1]
+    kernels.used.discard(USED)
+    blocked = model.encode(ids)
+    mx.eval(blocked)
+    assert USED not in kernels.used
+    np.testing.assert_allclose(np.array(blocked), np.array(expected), atol=1e-4, rtol=0)
+    monkeypatch.undo()
+    half, _, _ = load_model(converted("t5-v1_1", dtype="bfloat16"))
+    kernels.used.discard(USED)
+    assert half.encode(ids).dtype == mx.bfloat16 and USED not in kernels.used
+
+
+def test_weights_changed_after_a_call_are_seen(converted, fused):
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    before, _ = encoded(model, tokenizer, PROMPTS[:1], fused, True)
+    layer = model.encoder.layers[1]
+    layer.mlp.wo.weight = layer.mlp.wo.weight * 3
+    changed, _ = encoded(model, tokenizer, PROMPTS[:1], fused, True)
+    np.testing.assert_allclose(changed, encoded(model, tokenizer, PROMPTS[:1], fused, False)[0], atol=1e-4, rtol=0)
+    assert np.abs(changed - before).max() > 1e-3
+    layer.self_attn_norm.weight[:4] = 0  # in place: the same array object
+    changed_again, _ = encoded(model, tokenizer, PROMPTS[:1], fused, True)
+    np.testing.assert_allclose(
+        changed_again, encoded(model, tokenizer, PROMPTS[:1], fused, False)[0], atol=1e-4, rtol=0
+    )
+    assert np.abs(changed_again - changed).max() > 1e-3
+
+
+def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
+    model, _, _ = load_model(converted("t5"))
+    heads, d_model = model.args.num_heads, model.args.d_model
+    layers = [
+        ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears])
+        for norms, linears in model_module.kept_parts(model.encoder)
+    ]
+    x, bias, final = mx.zeros((1, 3, d_model)), mx.zeros((1, heads, 3, 3)), model.encoder.final_norm.weight
+    call = kernels.native.encoder_layers
+    mx.eval(call(x, bias, layers, final, heads, 1e-6, 0, False, False))  # as given, it runs
+    with pytest.raises(ValueError, match="x must be"):
+        call(x.astype(mx.float16), bias, layers, final, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="bias must be"):
+        call(x, bias[:, :, :2], layers, final, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="final norm"):
+        call(x, bias, layers, final[:2], heads, 1e-6, 0, False, False)
+    weights = list(layers[0][1])
+    weights[1] = weights[0]  # qkv's weight where o's belongs
+    with pytest.raises(ValueError, match="weight's shape"):
+        call(x, bias, [(layers[0][0], weights)], final, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="activation"):
+        call(x, bias, layers, final, heads, 1e-6, 9, False, False)
