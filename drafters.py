@@ -57,9 +57,15 @@ class ModelDrafter:
         if self.cross_kv is None:
             encoded = self.model.encode(self.prompt_ids) if self.encoder_output is None else self.encoder_output
             self.cross_kv = self.model.cross_kv(encoded)
-        # The cache holds a prefix of the sequence; feed the rest. Each token starts computing as soon as its step is
-        # built, so building the next step (and the verification) overlaps it; nothing waits for the drafts.
+        # The cache holds a prefix of the sequence; feed the rest. Greedy drafts are one native operation where the
+        # model allows it; else each token starts computing as soon as its step is built, so building the next step
+        # (and the verification) overlaps it. Nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
+        if self.sampler.greedy:
+            tokens = self.model.greedy_draft(draft_input, self.cross_kv, self.cache, k)
+            if tokens is not None:
+                mx.async_eval(tokens)
+                return Draft(tokens, None, "model")
         tokens, probs = [], []
         for step_key in position_keys(key, k):
             logits = self.model.decode(draft_input, self.cross_kv, self.cache)[0, -1]

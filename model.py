@@ -464,7 +464,9 @@ class Decoder(Module):
     def __call__(self, x, cross_kv, cross_bias, cache, head, scale=None):
         """The logits of x (B, L, d_model), the embedded tokens that continue what `cache` holds: the layers, the final
         norm, the `scale` (if any) and the `head` (a layer)."""
-        layers = self.native_layers(x, cross_kv, cache)  # (a new cache takes x's rows here)
+        native = kernels.decoder_layer_takes(x)
+        layers = self.native_layers(x.shape[0], x.shape[1], cross_kv, cache) if native else None  # (a new cache takes
+        # x's rows here)
         offsets = cache[0].offsets
         self_bias = self.position_bias(offsets, x.shape[1])
         if layers is not None:
@@ -497,18 +499,16 @@ class Decoder(Module):
         x = self.final_norm(x)
         return head(x if scale is None else x * scale)
 
-    def native_layers(self, x, cross_kv, cache):
-        """Each layer's inputs as kernels.decoder_layers takes them (its cache made room for x's positions), or None
-        where it cannot compute every layer of x."""
-        if not kernels.decoder_layer_takes(x):
-            return None
+    def native_layers(self, batch, length, cross_kv, cache):
+        """Each layer's inputs as kernels.decoder_layers takes them (its cache made room for `length` new positions of
+        `batch` rows), or None where it cannot compute every layer."""
         parts = kept_parts(self)
         if parts is None:
             return None
-        shape = (x.shape[0], self.layers[0].self_attn.num_heads, x.shape[1], self.args.d_kv)
+        shape = (batch, self.layers[0].self_attn.num_heads, length, self.args.d_kv)
         return [
             (
-                *layer_cache.reserve(shape, x.dtype),
+                *layer_cache.reserve(shape, mx.float32),
                 cross_keys,
                 cross_values,
                 [norm["weight"] for norm in norms],
@@ -516,6 +516,40 @@ class Decoder(Module):
             )
             for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, parts)
         ]
+
+    def greedy_tokens(self, ids, cross_kv, cache, head, scale, embedding, count):
+        """The greedy continuation (count,) int32 of the token ids (1, L) that continue what `cache` holds, computed as
+        one native operation: each token's most likely successor fed to the next step (all but the last fed, so the
+        cache grows by L + count - 1). None where the native layers cannot compute it (the caller decodes step by step
+        then)."""
+        if not (kernels.fused_layers and mx.default_device() == mx.cpu and kernels.native is not None):
+            return None
+        if embedding.dtype != mx.float32 or self.final_norm.weight.dtype != mx.float32 or type(head) is not FusedLinear:
+            return None
+        head_weight = head.native_weight()
+        fed = ids.shape[1] + count - 1
+        layers = None if head_weight is None else self.native_layers(1, fed, cross_kv, cache)
+        if layers is None:
+            return None
+        offsets = cache[0].offsets
+        first = self.layers[0]
+        tokens, *caches = kernels.decoder_layers(
+            ids.astype(mx.int32),
+            self.position_bias(offsets, fed),
+            None,
+            offsets,
+            layers,
+            first.self_attn.num_heads,
+            first.mlp_norm.eps,
+            self.args.activation,
+            self.args.is_gated,
+            (self.final_norm.weight, 1.0 if scale is None else scale, head_weight),
+            embedding=embedding,
+            greedy_steps=count,
+        )
+        for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
+            layer_cache.replace(keys, values, fed)
+        return tokens
 
 
 class T5(Module):
@@ -568,6 +602,16 @@ class T5(Module):
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         head = self["lm_head"] if "lm_head" in self else self.shared.as_linear
         return self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache, head, scale)
+
+    def greedy_draft(self, decoder_ids, cross_kv, cache, count):
+        """The greedy continuation (count,) int32 of decoder_ids (1, L) in one native operation, or None where the
+        native layers do not apply (see Decoder.greedy_tokens)."""
+        if type(self["shared"]) is not nn.Embedding or "lm_head" not in self:
+            return None
+        scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
+        return self.decoder.greedy_tokens(
+            decoder_ids, cross_kv, cache, self["lm_head"], scale, self.shared.weight, count
+        )
 
     def __call__(self, input_ids, decoder_ids, attention_mask=None):
         cross_kv = self.cross_kv(self.encode(input_ids, attention_mask))

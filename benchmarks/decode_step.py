@@ -92,26 +92,49 @@ def model_steps(model, name):
 
 
 class CallLog:
-    """Records the shape (rows, tokens) of every decode call of a model, to time each alone afterwards."""
+    """Records the shape (rows, tokens) of every decode call of a model, and (tokens fed, tokens drafted) of every
+    greedy drafting call, to time each alone afterwards."""
 
     def __init__(self, model):
-        self.model, self.calls, self.decode = model, Counter(), model.decode
+        self.model, self.calls, self.drafts = model, Counter(), Counter()
+        self.decode, self.greedy_draft = model.decode, model.greedy_draft
 
     def __enter__(self):
         def logged(decoder_ids, *args, **kwargs):
             self.calls[tuple(decoder_ids.shape)] += 1
             return self.decode(decoder_ids, *args, **kwargs)
 
-        self.model.decode = logged
+        def logged_draft(decoder_ids, cross_kv, cache, count):
+            tokens = self.greedy_draft(decoder_ids, cross_kv, cache, count)
+            if tokens is not None:
+                self.drafts[decoder_ids.shape[1], count] += 1
+            return tokens
+
+        self.model.decode, self.model.greedy_draft = logged, logged_draft
         return self
 
     def __exit__(self, *exc):
-        del self.model.decode
+        del self.model.decode, self.model.greedy_draft
 
 
-def steps_seconds(model, calls, context):
-    """The sum of the calls' step times, each timed alone at its shape."""
-    return sum(count * step_seconds(model, rows, tokens, context=context) for (rows, tokens), count in calls.items())
+def steps_seconds(model, calls, context, drafts=()):
+    """The sum of the calls' step times, each timed alone at its shape (and of the greedy drafting calls)."""
+    seconds = sum(count * step_seconds(model, rows, tokens, context=context) for (rows, tokens), count in calls.items())
+    return seconds + sum(n * draft_seconds(model, fed, count, context=context) for (fed, count), n in drafts.items())
+
+
+def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
+    """Median seconds of one greedy drafting call (`model.greedy_draft`) of `count` tokens after `fed` tokens,
+    evaluated, the cache rewound after each call."""
+    cross_kv, cache = step_setup(model, 1, prompt_length, context)
+    inputs = mx.full((1, fed), 3)
+
+    def call():
+        mx.eval(model.greedy_draft(inputs, cross_kv, cache, count))
+        for layer_cache in cache:
+            layer_cache.trim(fed + count - 1)
+
+    return matmul.seconds(call, repeats)
 
 
 def loop_share(decoder, prompt, max_tokens, regular):
@@ -129,7 +152,7 @@ def loop_share(decoder, prompt, max_tokens, regular):
     time.sleep(PAUSE)
     stats = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).stats
     loop = stats.seconds - stats.encode_seconds
-    steps = sum(steps_seconds(log.model, log.calls, context=max_tokens // 2) for log in logs)
+    steps = sum(steps_seconds(log.model, log.calls, max_tokens // 2, log.drafts) for log in logs)
     return loop / steps - 1, generation.stats
 
 

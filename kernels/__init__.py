@@ -191,11 +191,26 @@ def decoder_layer_takes(x) -> bool:
     return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
-def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, activation, gated, head=None):
+def decoder_layers(
+    x,
+    self_bias,
+    cross_bias,
+    offsets,
+    layers,
+    num_heads,
+    eps,
+    activation,
+    gated,
+    head=None,
+    embedding=None,
+    greedy_steps=0,
+):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
     weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float).
-    With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab)."""
+    With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With greedy_steps > 0,
+    x is token ids (1, L) embedded with `embedding` (vocab, D) float32 and the first output is the greedy continuation
+    of that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
     bits = layers[0][5][0][4]
     used.add("native decoder layers")
     if head is not None:
@@ -213,6 +228,8 @@ def decoder_layers(x, self_bias, cross_bias, offsets, layers, num_heads, eps, ac
         gated,
         bool(bits) and int8_activations(bits),
         head,
+        embedding,
+        greedy_steps,
     )
 
 

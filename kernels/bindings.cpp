@@ -47,7 +47,7 @@ NB_MODULE(_native, m) {
       "decoder_layers",
       [](const mx::array& x, const mx::array& self_bias, const std::optional<mx::array>& cross_bias,
          const std::vector<int>& offsets, nb::list layers, int num_heads, float eps, int activation, bool gated,
-         bool integer, nb::object head) {
+         bool integer, nb::object head, const std::optional<mx::array>& embedding, int greedy_steps) {
         auto array = [](nb::handle h) -> const mx::array& { return nb::cast<const mx::array&>(h); };
         auto weight = layer_weight;
         std::vector<t5kernels::DecoderLayerInputs> inputs;
@@ -75,15 +75,16 @@ NB_MODULE(_native, m) {
           output_layer = t5kernels::Head{array(h[0]), nb::cast<float>(h[1]), weight(h[2]), nb::cast<bool>(h[3])};
         }
         return t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation, gated,
-                                         integer, output_layer);
+                                         integer, output_layer, embedding, greedy_steps);
       },
       "x"_a, "self_bias"_a, "cross_bias"_a.none(), "offsets"_a, "layers"_a, "num_heads"_a, "eps"_a, "activation"_a,
-      "gated"_a, "integer"_a, "head"_a = nb::none(),
+      "gated"_a, "integer"_a, "head"_a = nb::none(), "embedding"_a = nb::none(), "greedy_steps"_a = 0,
       "T5 decoder layers in float32 -> [x, then each layer's cache keys and values with the new ones written]. "
       "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
       "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
       "bits 0 for float weights. With head (final norm weight, scale, weight, int8 activations), the first output is "
-      "the logits.");
+      "the logits. With greedy_steps > 0, x is token ids (1, L) int32 embedded with `embedding` (vocab, D) float32, "
+      "and the first output is the greedy continuation of that many tokens, each fed to the next step.");
   m.def(
       "encoder_layers",
       [](const mx::array& x, const mx::array& bias, nb::list layers, const mx::array& final_norm, int num_heads,

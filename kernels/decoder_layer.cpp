@@ -291,8 +291,8 @@ void feed_forward(int R, int d_ff, bool gated, int activation, const float* h, i
 // The layer's work on x (R rows of D floats, updated in place); keys and values: this layer's cache (outputs of the
 // primitive, written here at each row's new positions, then read up to them).
 void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L, int D, float* x,
-               const Strided4& self_bias, int S, bool bias_per_row, const std::optional<Strided4>& cross_bias,
-               mx::array& keys, mx::array& values) {
+               const std::vector<int>& offsets, const Strided4& self_bias, int S, bool bias_per_row,
+               const std::optional<Strided4>& cross_bias, mx::array& keys, mx::array& values) {
   const int H = spec.heads, dk = spec.d_kv, inner = H * dk, R = B * L;
   const int P = layer.cross_keys->shape(2);
   const Strided4 cross_k(*layer.cross_keys), cross_v(*layer.cross_values);
@@ -321,14 +321,14 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     for (int hd = 0; hd < H; hd++) {
       for (int i = 0; i < L; i++) {
         const float* row = &qkv[(size_t(b) * L + i) * 3 * inner + hd * dk];
-        const size_t at = ((size_t(b) * H + hd) * C + spec.offsets[b] + i) * dk;
+        const size_t at = ((size_t(b) * H + hd) * C + offsets[b] + i) * dk;
         std::memcpy(key_data + at, row + inner, dk * sizeof(float));
         std::memcpy(value_data + at, row + 2 * inner, dk * sizeof(float));
       }
     }
   }
-  for_tasks(B * H, double(B) * H * L * (spec.offsets[0] + L) * dk * 2, [&](int task) {
-    const int b = task / H, hd = task % H, n = std::min(spec.offsets[b] + L, S);
+  for_tasks(B * H, double(B) * H * L * (offsets[0] + L) * dk * 2, [&](int task) {
+    const int b = task / H, hd = task % H, n = std::min(offsets[b] + L, S);
     const float* k_rows = key_data + (size_t(b) * H + hd) * C * dk;
     const float* v_rows = value_data + (size_t(b) * H + hd) * C * dk;
     std::vector<float> scores(n), scratch;
@@ -394,9 +394,21 @@ void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& off
   }
 }
 
+// The index of the largest of n values (the first of equals).
+int argmax(const float* values, int n) {
+  int best = 0;
+  for (int i = 1; i < n; i++) {
+    if (values[i] > values[best]) {
+      best = i;
+    }
+  }
+  return best;
+}
+
 void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const mx::array& x_in = inputs[0];
-  const int B = x_in.shape(0), L = x_in.shape(1), D = x_in.shape(2), R = B * L;
+  const int B = x_in.shape(0), L = x_in.shape(1), R = B * L;
+  const int D = spec.greedy_steps ? spec.d_model : x_in.shape(2);
   const Strided4 self_bias(inputs[1]);
   const bool bias_per_row = inputs[1].shape(0) != 1;
   std::optional<Strided4> cross_bias;
@@ -405,8 +417,86 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   }
   const int first_cache = spec.has_cross_bias ? 3 : 2;
   WeightReader weights{spec.held, spec.slots, inputs, first_cache + 4 * spec.layers};
+  std::vector<Layer> layers(spec.layers);
+  for (int l = 0; l < spec.layers; l++) {
+    Layer& layer = layers[l];
+    layer.cross_keys = &inputs[first_cache + 4 * l + 2];
+    layer.cross_values = &inputs[first_cache + 4 * l + 3];
+    for (auto& norm : layer.norms) {
+      norm = weights.array().data<float>();
+    }
+    for (int i = 0; i < kWeights; i++) {
+      layer.weights[i] = weights.weight(spec.group_sizes[l * kWeights + i], spec.bits[l * kWeights + i]);
+    }
+  }
+  // Each layer's cache: what the rows hold, then room for every position this call writes.
+  const int longest = *std::max_element(spec.offsets.begin(), spec.offsets.end());
+  const int written = L + std::max(0, spec.greedy_steps - 1);
+  for (int l = 0; l < spec.layers; l++) {
+    const int cache_input = first_cache + 4 * l;
+    copy_cache(inputs[cache_input], outputs[1 + 2 * l], spec.offsets, longest, longest + written);
+    copy_cache(inputs[cache_input + 1], outputs[2 + 2 * l], spec.offsets, longest, longest + written);
+  }
+  // The layers on `rows` rows per batch row of x, the first at position offsets[b] + first, their bias rows from
+  // `first` on.
+  auto run_layers = [&](float* x, int rows, int first) {
+    std::vector<int> offsets = spec.offsets;
+    for (int& offset : offsets) {
+      offset += first;
+    }
+    Strided4 bias = self_bias;
+    bias.data += int64_t(first) * bias.s[2];
+    for (int l = 0; l < spec.layers; l++) {
+      run_layer(spec, layers[l], B, rows, D, x, offsets, bias, inputs[1].shape(3), bias_per_row, cross_bias,
+                outputs[1 + 2 * l], outputs[2 + 2 * l]);
+    }
+  };
   // x: the residual stream, R rows of D floats.
   std::vector<float> x(size_t(R) * D);
+  const float* final_norm = nullptr;
+  Weights head{};
+  if (spec.has_head) {
+    final_norm = weights.array().data<float>();
+    head = weights.weight(spec.head_group_size, spec.head_bits);
+  }
+  // The final norm, the scale T5 v1.0 applies before its tied head, and the head: the logits of `rows` rows of x.
+  const int ld = padded(D);
+  auto logits = [&](const float* x_rows, int rows, float* out) {
+    std::vector<float> h(size_t(rows) * ld);
+    rms_norm(x_rows, D, rows, D, final_norm, spec.eps, h.data(), ld);
+    if (spec.scale != 1.0f) {
+      for (int r = 0; r < rows; r++) {
+        for (int d = 0; d < D; d++) {
+          h[size_t(r) * ld + d] *= spec.scale;
+        }
+      }
+    }
+    product_rows(spec.isa, spec.head_integer, h.data(), ld, rows, D, *head.w, head.scales, head.biases,
+                 head.group_size, head.bits, out, spec.head_rows);
+  };
+  if (spec.greedy_steps) {
+    // Greedy drafting (one row): the tokens in, each step's most likely token fed as the next step's, steps tokens
+    // out. Embeddings are rows of a float32 table.
+    const float* table = weights.array().data<float>();
+    const int32_t* ids = x_in.data<int32_t>();
+    const auto& st = x_in.strides();
+    auto embed = [&](int token, float* row) { std::memcpy(row, table + size_t(token) * D, D * sizeof(float)); };
+    for (int i = 0; i < L; i++) {
+      embed(ids[i * st[1]], &x[size_t(i) * D]);
+    }
+    std::vector<float> scores(spec.head_rows);
+    int32_t* tokens = outputs[0].data<int32_t>();
+    for (int step = 0; step < spec.greedy_steps; step++) {
+      const int rows = step ? 1 : L, first = step ? L + step - 1 : 0;
+      run_layers(x.data(), rows, first);
+      logits(&x[size_t(rows - 1) * D], 1, scores.data());
+      tokens[step] = argmax(scores.data(), spec.head_rows);
+      if (step + 1 < spec.greedy_steps) {
+        embed(tokens[step], x.data());
+      }
+    }
+    return;
+  }
   {
     const float* base = x_in.data<float>();
     const auto& st = x_in.strides();
@@ -418,45 +508,13 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
       }
     }
   }
-  for (int l = 0; l < spec.layers; l++) {
-    const int cache_input = first_cache + 4 * l;
-    Layer layer;
-    layer.cross_keys = &inputs[cache_input + 2];
-    layer.cross_values = &inputs[cache_input + 3];
-    for (auto& norm : layer.norms) {
-      norm = weights.array().data<float>();
-    }
-    for (int i = 0; i < kWeights; i++) {
-      layer.weights[i] = weights.weight(spec.group_sizes[l * kWeights + i], spec.bits[l * kWeights + i]);
-    }
-    mx::array& keys = outputs[1 + 2 * l];
-    mx::array& values = outputs[2 + 2 * l];
-    const int longest = *std::max_element(spec.offsets.begin(), spec.offsets.end());
-    copy_cache(inputs[cache_input], keys, spec.offsets, longest, longest + L);
-    copy_cache(inputs[cache_input + 1], values, spec.offsets, longest, longest + L);
-    run_layer(spec, layer, B, L, D, x.data(), self_bias, inputs[1].shape(3), bias_per_row, cross_bias, keys, values);
-  }
-  if (!spec.has_head) {
+  run_layers(x.data(), L, 0);
+  if (spec.has_head) {
+    logits(x.data(), R, outputs[0].data<float>());
+  } else {
     std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
-    return;
   }
-  // The final norm, the scale T5 v1.0 applies before its tied head, and the head: the logits.
-  const int ld = padded(D);
-  std::vector<float> h(size_t(R) * ld);
-  rms_norm(x.data(), D, R, D, weights.array().data<float>(), spec.eps, h.data(), ld);
-  if (spec.scale != 1.0f) {
-    for (int r = 0; r < R; r++) {
-      for (int d = 0; d < D; d++) {
-        h[size_t(r) * ld + d] *= spec.scale;
-      }
-    }
-  }
-  const Weights head = weights.weight(spec.head_group_size, spec.head_bits);
-  product_rows(spec.isa, spec.head_integer, h.data(), ld, R, D, *head.w, head.scales, head.biases, head.group_size,
-               head.bits, outputs[0].data<float>(), spec.head_rows);
 }
-
-
 
 // An encoder layer's products: qkv, o, wi, wo (EncoderLayerInputs' order).
 enum { kEncQkv = 0, kEncO, kEncWi, kEncWo, kEncoderWeights };
@@ -533,10 +591,20 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
+                                      const std::optional<mx::array>& embedding, int greedy_steps,
                                       mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
-  check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
-  const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
+  const bool drafting = greedy_steps > 0;
+  if (drafting) {
+    check(x.ndim() == 2 && x.shape(0) == 1 && x.dtype() == mx::int32, "token ids must be (1, L) int32");
+    check(head.has_value() && embedding && embedding->ndim() == 2 && embedding->dtype() == mx::float32,
+          "greedy drafting needs the head and a float32 embedding table");
+  } else {
+    check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
+  }
+  const int B = x.shape(0), L = x.shape(1), D = drafting ? embedding->shape(1) : x.shape(2);
+  // Positions written past each row's length: the new ones, and each draft fed but the last.
+  const int new_positions = L + std::max(0, greedy_steps - 1);
   check(int(offsets.size()) == B, "one offset per row");
   check(!layers.empty() && num_heads > 0, "at least one layer, and heads");
   check(activation >= kRelu && activation <= kSilu, "unknown activation");
@@ -547,7 +615,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   }
   check(self_bias.ndim() == 4 && self_bias.dtype() == mx::float32 &&
             (self_bias.shape(0) == 1 || self_bias.shape(0) == B) && self_bias.shape(1) == num_heads &&
-            self_bias.shape(2) == L && self_bias.shape(3) >= longest + L,
+            self_bias.shape(2) == new_positions && self_bias.shape(3) >= longest + new_positions,
         "self bias must be (1 or B, H, L, S) float32 with S past every row's new positions");
   if (self_bias.shape(0) == 1) {
     for (int offset : offsets) {
@@ -558,7 +626,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   std::vector<mx::array> inputs = {x, self_bias};
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
-                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer};
+                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, D};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
@@ -571,7 +639,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     }
     check(keys.shape(0) == B && keys.shape(1) == num_heads && values.shape() == keys.shape(),
           "caches must be (B, H, C, d_kv)");
-    check(keys.shape(2) >= longest + L, "a cache has no room for the new positions");
+    check(keys.shape(2) >= longest + new_positions, "a cache has no room for the new positions");
     const int dk = keys.shape(3);
     check(spec.d_kv == 0 || spec.d_kv == dk, "every layer has the same d_kv");
     spec.d_kv = dk;
@@ -625,10 +693,16 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     spec.head_bits = w.bits;
     shapes[0] = {B, L, vocab};
   }
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  if (drafting) {
+    check(embedding->shape(0) >= spec.head_rows, "the embedding table must have a row for every id the head gives");
+    weights.push(*embedding);
+    shapes[0] = {greedy_steps};
+    dtypes[0] = mx::int32;
+  }
   inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
   spec.held = std::move(weights.held);
   spec.slots = std::move(weights.slots);
-  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   auto primitive = std::make_shared<DecoderLayers>(stream, std::move(spec));
   return mx::array::make_arrays(std::move(shapes), dtypes, primitive, inputs);
 }

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import PROMPTS, ROOT
 
+import kernels
 from benchmarks import decode_step
 from decoder import SpeculativeDecoder
 from loader import load_model
@@ -42,8 +43,11 @@ def test_call_log_sees_every_decode_call(main, drafts):
     assert sum(main_log.calls.values()) == stats.main_calls
     # Each verification is one row of its drafts and the token before them.
     assert sum(tokens * count for (_, tokens), count in main_log.calls.items()) == stats.main_calls + stats.drafted
-    assert sum(draft_log.calls.values()) == stats.drafted
-    assert "decode" not in vars(model)  # the model's own method again
+    # Greedy drafts are one call per verification (native layers), else one decode call per draft.
+    greedy = sum(count * n for (_, count), n in draft_log.drafts.items())
+    assert sum(draft_log.calls.values()) + greedy == stats.drafted
+    assert greedy == (stats.drafted if kernels.native is not None else 0)
+    assert "decode" not in vars(model) and "greedy_draft" not in vars(model)  # the model's own methods again
 
 
 def test_regular_loop_share_is_measured_against_its_steps(main):

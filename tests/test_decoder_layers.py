@@ -173,7 +173,7 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
     cache = model.make_cache()
     x = model.shared(mx.array([[0, 5]]))
-    layers = decoder.native_layers(x, cross_kv, cache)
+    layers = decoder.native_layers(x.shape[0], x.shape[1], cross_kv, cache)
     bias = decoder.position_bias([0], 2)
     heads = model.args.num_heads
     call = kernels.native.decoder_layers
@@ -216,3 +216,52 @@ def test_weights_changed_after_a_step_are_seen(converted, fused):
     changed_again = logits(True)
     np.testing.assert_allclose(changed_again, logits(False), atol=1e-4, rtol=0)
     assert np.abs(changed_again - changed).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["t5", "t5-v1_1", "gated-silu"])
+def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(variant, converted, fused):
+    # T5.greedy_draft: a draft model's greedy steps as one operation. Its tokens are the argmax of MLX's operations
+    # step by step (where the best is clear), and its cache holds the same keys and values, across two calls (the
+    # second fed two tokens, as a drafter feeds after a full acceptance).
+    model, tokenizer, _ = load_model(converted(variant))
+    cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    native_cache, reference_cache = model.make_cache(), model.make_cache()
+    fed = [[0]]
+    for count in (5, 3):
+        fused(True)
+        tokens = model.greedy_draft(mx.array(fed), cross_kv, native_cache, count)
+        assert tokens is not None and tokens.dtype == mx.int32
+        tokens = tokens.tolist()
+        fused(False)
+        expected, step_input = [], fed
+        for _ in range(count):
+            logits = np.array(model.decode(mx.array(step_input), cross_kv, reference_cache)[0, -1])
+            best = np.sort(logits)
+            assert best[-1] - best[-2] > 1e-4  # a clear choice (else the comparison below could not be exact)
+            expected.append(int(logits.argmax()))
+            step_input = [[expected[-1]]]
+        assert tokens == expected
+        assert native_cache[0].offsets == reference_cache[0].offsets
+        for ours, theirs in zip(native_cache, reference_cache):
+            length = theirs.offsets[0]
+            np.testing.assert_allclose(
+                np.array(ours.keys[:, :, :length]), np.array(theirs.keys[:, :, :length]), atol=1e-5, rtol=1e-5
+            )
+        # Both fed every token but the last; the next call feeds the last two, as a drafter does after a full
+        # acceptance.
+        fed = [[expected[-2], expected[-1]]]
+        for layer_cache in (*native_cache, *reference_cache):
+            layer_cache.trim(1)
+
+
+def test_greedy_drafting_is_declined_where_the_native_layers_do_not_apply(converted, fused):
+    model, tokenizer, _ = load_model(converted("t5"))
+    cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    fused(False)
+    assert model.greedy_draft(mx.array([[0]]), cross_kv, model.make_cache(), 3) is None
+    fused(True)
+    half, _, _ = load_model(converted("t5", dtype="bfloat16"))
+    half_kv, _ = prompt_state(half, tokenizer, PROMPTS[:1])
+    cache = half.make_cache()
+    assert half.greedy_draft(mx.array([[0]]), half_kv, cache, 3) is None
+    assert cache[0].offsets == [0]  # nothing was reserved or written
