@@ -144,6 +144,19 @@ void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m51
   }
 }
 
+// The sums of the lanes of a, b, c and d, each added in the order _mm512_reduce_add_ps adds (the halves, the
+// quarters, then pairs), so the results are the same, for a third of its shuffles.
+inline __m128 sum_each(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Lanes 0-7: a's halves summed, 8-15: b's (and c, d).
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+  // Each 128-bit lane: one vector's quarters summed (a, b, c, d in turn).
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+  const __m512 pairs = _mm512_add_ps(q, _mm512_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 sums = _mm512_add_ps(pairs, _mm512_shuffle_ps(pairs, pairs, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), sums));
+}
+
 template <WeightType WT, bool PAIRS>
 void float_columns(const FloatProduct& p, int n0, int n1) {
   // K in chunks whose x (every row) fills at most a third of L1, so that a tile's weights stay in L1 while each
@@ -176,9 +189,11 @@ void float_columns(const FloatProduct& p, int n0, int n1) {
       }
     }
     for (int r = 0; r < p.rows; r++) {
-      for (int c = 0; c < C; c++) {
-        p.out[size_t(r) * p.N + n + c] = _mm512_reduce_add_ps(acc[r][c]);
+      for (int c = C; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
       }
+      _mm_mask_storeu_ps(p.out + size_t(r) * p.N + n, __mmask8((1u << C) - 1),
+                         sum_each(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
     }
   }
 }
