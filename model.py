@@ -464,11 +464,9 @@ class Decoder(Module):
     def __call__(self, x, cross_kv, cross_bias, cache, head, scale=None):
         """The logits of x (B, L, d_model), the embedded tokens that continue what `cache` holds: the layers, the final
         norm, the `scale` (if any) and the `head` (a layer)."""
-        native = kernels.decoder_layer_takes(x)
-        layers = self.native_layers(x.shape[0], x.shape[1], cross_kv, cache) if native else None  # (a new cache takes
-        # x's rows here)
-        offsets = cache[0].offsets
-        self_bias = self.position_bias(offsets, x.shape[1])
+        # (Reserving room makes a new cache take x's rows: the offsets are read after it.)
+        layers = self.native_layers(*x.shape[:2], cross_kv, cache) if kernels.decoder_layer_takes(x) else None
+        self_bias = self.position_bias(cache[0].offsets, x.shape[1])
         if layers is not None:
             # Every layer in one native operation, which writes each layer's new keys and values into its cache, and
             # the logits too where the head is one the kernels compute.
@@ -476,21 +474,7 @@ class Decoder(Module):
             output_layer = None
             if head_weight is not None and self.final_norm.weight.dtype == mx.float32:
                 output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
-            first = self.layers[0]
-            x, *caches = kernels.decoder_layers(
-                x,
-                self_bias,
-                cross_bias,
-                offsets,
-                layers,
-                first.self_attn.num_heads,
-                first.mlp_norm.eps,
-                self.args.activation,
-                self.args.is_gated,
-                output_layer,
-            )
-            for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
-                layer_cache.replace(keys, values, x.shape[1])
+            x = self.run_native(x, self_bias, cross_bias, cache, layers, output_layer, x.shape[1])
             if output_layer is not None:
                 return x
         else:
@@ -531,25 +515,31 @@ class Decoder(Module):
         layers = None if head_weight is None else self.native_layers(1, fed, cross_kv, cache)
         if layers is None:
             return None
-        offsets = cache[0].offsets
+        output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
+        bias = self.position_bias(cache[0].offsets, fed)
+        return self.run_native(ids.astype(mx.int32), bias, None, cache, layers, output_layer, fed, embedding, count)
+
+    def run_native(self, x, self_bias, cross_bias, cache, layers, output_layer, fed, embedding=None, greedy_steps=0):
+        """kernels.decoder_layers on this decoder's layers; each cache takes its new buffers with `fed` positions
+        written. Returns the first output (x, the logits, or the greedy tokens)."""
         first = self.layers[0]
-        tokens, *caches = kernels.decoder_layers(
-            ids.astype(mx.int32),
-            self.position_bias(offsets, fed),
-            None,
-            offsets,
+        out, *caches = kernels.decoder_layers(
+            x,
+            self_bias,
+            cross_bias,
+            cache[0].offsets,
             layers,
             first.self_attn.num_heads,
             first.mlp_norm.eps,
             self.args.activation,
             self.args.is_gated,
-            (self.final_norm.weight, 1.0 if scale is None else scale, head_weight),
+            output_layer,
             embedding=embedding,
-            greedy_steps=count,
+            greedy_steps=greedy_steps,
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)
-        return tokens
+        return out
 
 
 class T5(Module):

@@ -270,6 +270,20 @@ struct Layer {
   Weights weights[kWeights];
 };
 
+// x (B, L, D) float32 of any strides -> B * L rows of D floats, one after another.
+void read_rows(const mx::array& x, float* rows) {
+  const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
+  const float* base = x.data<float>();
+  const auto& st = x.strides();
+  for (int b = 0; b < B; b++) {
+    for (int i = 0; i < L; i++) {
+      for (int d = 0; d < D; d++) {
+        rows[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
+      }
+    }
+  }
+}
+
 // The feed-forward block on h (R rows, ld_model apart, normed) -> y (R rows of D): wi (or the gate and linear halves
 // of the stacked wi_0, wi_1), the activation, wo.
 template <class Product>
@@ -497,17 +511,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     }
     return;
   }
-  {
-    const float* base = x_in.data<float>();
-    const auto& st = x_in.strides();
-    for (int b = 0; b < B; b++) {
-      for (int i = 0; i < L; i++) {
-        for (int d = 0; d < D; d++) {
-          x[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
-        }
-      }
-    }
-  }
+  read_rows(x_in, x.data());
   run_layers(x.data(), L, 0);
   if (spec.has_head) {
     logits(x.data(), R, outputs[0].data<float>());
@@ -527,17 +531,7 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
   const bool bias_per_row = inputs[1].shape(0) != 1;
   WeightReader weights{spec.held, spec.slots, inputs, 2};
   std::vector<float> x(size_t(R) * D);
-  {
-    const float* base = x_in.data<float>();
-    const auto& st = x_in.strides();
-    for (int b = 0; b < B; b++) {
-      for (int i = 0; i < L; i++) {
-        for (int d = 0; d < D; d++) {
-          x[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
-        }
-      }
-    }
-  }
+  read_rows(x_in, x.data());
   const int ld_model = padded(D), ld_inner = padded(inner);
   std::vector<float> h(size_t(R) * ld_model), qkv(size_t(R) * 3 * inner), att(size_t(R) * ld_inner, 0.0f),
       y(size_t(R) * D);

@@ -51,7 +51,7 @@ MODELS = {
 # T5's own optimizer: each step is relative to the scale of the weight it updates.
 LEARNING_RATE = 1e-2
 MAIN_STEPS = 5000
-DRAFT_STEPS = 600
+DRAFT_STEPS = 2500
 BATCH_SIZE = 48
 WARMUP = 100
 
