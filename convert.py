@@ -437,18 +437,13 @@ def convert(
         shapes = {key: tensors[name][0] for name, key in keys.items()}
         check_shapes(config, shapes)
         linear = {name for name, key in keys.items() if is_linear_weight(key, shapes[key])}
-        if keep_bfloat16 and dtype == "float32" and not quantize and linear:
-            if all(tensors[name][2] == "BF16" for name in linear):
-                config["mlx"]["linear_dtype"] = "bfloat16"
+        keep = keep_bfloat16 and dtype == "float32" and not quantize and linear
+        keep = keep and all(tensors[name][2] == "BF16" for name in linear)
+        if keep:
+            config["mlx"]["linear_dtype"] = "bfloat16"
         target = DTYPES[dtype]
         plans = [
-            plan_tensor(
-                key,
-                name,
-                shapes[key],
-                mx.bfloat16 if name in linear and "linear_dtype" in config["mlx"] else target,
-                quantization,
-            )
+            plan_tensor(key, name, shapes[key], mx.bfloat16 if keep and name in linear else target, quantization)
             for name, key in keys.items()
         ]
         shards = split_shards(plans, max_shard_size)

@@ -379,7 +379,7 @@ class Encoder(Module):
         block = self.block_rows(B, L)
         if block >= L:  # one block: its bias computed once and shared by all layers
             whole = bias_of(0, L)
-            native = kernels.decoder_layer_takes(x) and self.final_norm.weight.dtype == mx.float32
+            native = kernels.native_layers_take(x) and self.final_norm.weight.dtype == mx.float32
             parts = kept_parts(self) if native else None
             if parts is not None:  # every layer and the final norm in one native operation
                 layers = [
@@ -465,7 +465,7 @@ class Decoder(Module):
         """The logits of x (B, L, d_model), the embedded tokens that continue what `cache` holds: the layers, the final
         norm, the `scale` (if any) and the `head` (a layer)."""
         # (Reserving room makes a new cache take x's rows: the offsets are read after it.)
-        layers = self.native_layers(*x.shape[:2], cross_kv, cache) if kernels.decoder_layer_takes(x) else None
+        layers = self.native_layers(*x.shape[:2], cross_kv, cache) if kernels.native_layers_take(x) else None
         self_bias = self.position_bias(cache[0].offsets, x.shape[1])
         if layers is not None:
             # Every layer in one native operation, which writes each layer's new keys and values into its cache, and
@@ -506,9 +506,10 @@ class Decoder(Module):
         one native operation: each token's most likely successor fed to the next step (all but the last fed, so the
         cache grows by L + count - 1). None where the native layers cannot compute it (the caller decodes step by step
         then)."""
-        if not (kernels.fused_layers and mx.default_device() == mx.cpu and kernels.native is not None):
+        # The embedding table stands for the activations: the layers run natively on its float32 rows.
+        if not kernels.native_layers_take(embedding) or self.final_norm.weight.dtype != mx.float32:
             return None
-        if embedding.dtype != mx.float32 or self.final_norm.weight.dtype != mx.float32 or type(head) is not FusedLinear:
+        if type(head) is not FusedLinear:
             return None
         head_weight = head.native_weight()
         fed = ids.shape[1] + count - 1

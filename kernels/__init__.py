@@ -186,8 +186,8 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
-def decoder_layer_takes(x) -> bool:
-    """Whether decoder_layers computes the decoder layers of x: float32 activations, CPU, native kernels loaded."""
+def native_layers_take(x) -> bool:
+    """Whether the native encoder and decoder layers compute on x: float32 activations, CPU, native layers on."""
     return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
@@ -211,11 +211,9 @@ def decoder_layers(
     With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With greedy_steps > 0,
     x is token ids (1, L) embedded with `embedding` (vocab, D) float32 and the first output is the greedy continuation
     of that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
-    bits = layers[0][5][0][4]
     used.add("native decoder layers")
     if head is not None:
-        head_bits = head[2][4]
-        head = (*head, bool(head_bits) and int8_activations(head_bits))
+        head = (*head, int8_layer(head[2][4]))
     return native.decoder_layers(
         x,
         self_bias,
@@ -226,7 +224,7 @@ def decoder_layers(
         eps,
         LAYER_ACTIVATIONS[activation],
         gated,
-        bool(bits) and int8_activations(bits),
+        int8_layer(layers[0][5][0][4]),
         head,
         embedding,
         greedy_steps,
@@ -237,7 +235,6 @@ def encoder_layers(x, bias, layers, final_norm, num_heads, eps, activation, gate
     """Encoder layers and the final norm on x (B, L, D) float32 as one operation -> the encoder output. bias (1 or B,
     heads, L, L): the additive position and padding bias; layers: (norms, weights), the norms of the self-attention and
     the feed-forward block, weights (weight, scales, biases, group_size, bits) of qkv, o, wi, wo (bits 0: float)."""
-    bits = layers[0][1][0][4]
     used.add("native encoder layers")
     return native.encoder_layers(
         x,
@@ -248,8 +245,13 @@ def encoder_layers(x, bias, layers, final_norm, num_heads, eps, activation, gate
         eps,
         LAYER_ACTIVATIONS[activation],
         gated,
-        bool(bits) and int8_activations(bits),
+        int8_layer(layers[0][1][0][4]),
     )
+
+
+def int8_layer(bits) -> bool:
+    """Whether native layers whose first product has `bits`-bit weights (0: float) take int8 activations."""
+    return bool(bits) and int8_activations(bits)
 
 
 def int8_activations(bits) -> bool:

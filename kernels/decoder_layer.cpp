@@ -302,11 +302,33 @@ void feed_forward(int R, int d_ff, bool gated, int activation, const float* h, i
   product(kWo, hidden.data(), ld_ff, y, -1);
 }
 
+// A layer's working rows, made once for every layer of a call (up to `rows` rows): the normed input, the stacked
+// query, key and value projections, the attention's output, and a product's result to add to the residual stream.
+struct LayerRows {
+  int ld_model, ld_inner;
+  std::vector<float> h, qkv, att, y;
+
+  LayerRows(int rows, int D, int inner)
+      : ld_model(padded(D)),
+        ld_inner(padded(inner)),
+        h(size_t(rows) * ld_model),
+        qkv(size_t(rows) * 3 * inner),
+        att(size_t(rows) * ld_inner, 0.0f),
+        y(size_t(rows) * D) {}
+
+  // x (R rows of D floats) += y's first R rows.
+  void add_to(float* x, int R, int D) const {
+    for (size_t i = 0; i < size_t(R) * D; i++) {
+      x[i] += y[i];
+    }
+  }
+};
+
 // The layer's work on x (R rows of D floats, updated in place); keys and values: this layer's cache (outputs of the
 // primitive, written here at each row's new positions, then read up to them).
 void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L, int D, float* x,
                const std::vector<int>& offsets, const Strided4& self_bias, int S, bool bias_per_row,
-               const std::optional<Strided4>& cross_bias, mx::array& keys, mx::array& values) {
+               const std::optional<Strided4>& cross_bias, mx::array& keys, mx::array& values, LayerRows& rows) {
   const int H = spec.heads, dk = spec.d_kv, inner = H * dk, R = B * L;
   const int P = layer.cross_keys->shape(2);
   const Strided4 cross_k(*layer.cross_keys), cross_v(*layer.cross_values);
@@ -314,14 +336,9 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     const Weights& w = layer.weights[which];
     product_rows(spec.isa, spec.integer, in, ldx, R, K, *w.w, w.scales, w.biases, w.group_size, w.bits, y, N);
   };
-  const int ld_model = padded(D), ld_inner = padded(inner);
-  std::vector<float> h(size_t(R) * ld_model), qkv(size_t(R) * 3 * inner), att(size_t(R) * ld_inner, 0.0f),
-      y(size_t(R) * D);
-  auto add_residual = [&]() {
-    for (size_t i = 0; i < y.size(); i++) {
-      x[i] += y[i];
-    }
-  };
+  const int ld_model = rows.ld_model, ld_inner = rows.ld_inner;
+  std::vector<float>&h = rows.h, &qkv = rows.qkv, &att = rows.att, &y = rows.y;
+  auto add_residual = [&]() { rows.add_to(x, R, D); };
 
   // Self-attention. The new keys and values go into the cache first, at each row's positions offsets[b].., so that
   // row b attends to its cache entries 0..offsets[b] + L - 1 (those past a query are masked by the bias; stale
@@ -453,6 +470,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   }
   // The layers on `rows` rows per batch row of x, the first at position offsets[b] + first, their bias rows from
   // `first` on.
+  LayerRows scratch(R, D, spec.heads * spec.d_kv);
   auto run_layers = [&](float* x, int rows, int first) {
     std::vector<int> offsets = spec.offsets;
     for (int& offset : offsets) {
@@ -462,7 +480,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     bias.data += int64_t(first) * bias.s[2];
     for (int l = 0; l < spec.layers; l++) {
       run_layer(spec, layers[l], B, rows, D, x, offsets, bias, inputs[1].shape(3), bias_per_row, cross_bias,
-                outputs[1 + 2 * l], outputs[2 + 2 * l]);
+                outputs[1 + 2 * l], outputs[2 + 2 * l], scratch);
     }
   };
   // x: the residual stream, R rows of D floats.
@@ -532,14 +550,10 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
   WeightReader weights{spec.held, spec.slots, inputs, 2};
   std::vector<float> x(size_t(R) * D);
   read_rows(x_in, x.data());
-  const int ld_model = padded(D), ld_inner = padded(inner);
-  std::vector<float> h(size_t(R) * ld_model), qkv(size_t(R) * 3 * inner), att(size_t(R) * ld_inner, 0.0f),
-      y(size_t(R) * D);
-  auto add_residual = [&]() {
-    for (size_t i = 0; i < y.size(); i++) {
-      x[i] += y[i];
-    }
-  };
+  LayerRows rows(R, D, inner);
+  const int ld_model = rows.ld_model, ld_inner = rows.ld_inner;
+  std::vector<float>&h = rows.h, &qkv = rows.qkv, &att = rows.att, &y = rows.y;
+  auto add_residual = [&]() { rows.add_to(x.data(), R, D); };
   for (int l = 0; l < spec.layers; l++) {
     const float* norms[2];
     for (auto& norm : norms) {
