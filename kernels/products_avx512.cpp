@@ -4,6 +4,7 @@
 // it, so a row's result never depends on the others.
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "products.h"
@@ -121,6 +122,187 @@ void pair_tile(const uint16_t* x, int ldx, int K, const uint16_t* w, int n, int 
   }
 }
 
+// The sums of the lanes of a, b, c and d, each added in the order _mm512_reduce_add_ps adds (the halves, the
+// quarters, then pairs), so the results are the same, for a third of its shuffles.
+inline __m128 sum_each(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Lanes 0-7: a's halves summed, 8-15: b's (and c, d).
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+  // Each 128-bit lane: one vector's quarters summed (a, b, c, d in turn).
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+  const __m512 pairs = _mm512_add_ps(q, _mm512_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 sums = _mm512_add_ps(pairs, _mm512_shuffle_ps(pairs, pairs, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), sums));
+}
+
+// The bfloat16 weights' order of k: per block of 32, the 16 even k, then the 16 odd ones. A 64-byte load of 32
+// bfloat16 weights becomes two float32 vectors with one instruction each (the low halves shifted up, the high halves
+// masked), so x's rows are rearranged the same way once per call (split_even_odd) instead of the weights per row.
+constexpr int kSplitBlock = 32;
+
+inline int split_stride(int K) {
+  // Rounded up to whole blocks, and 16 floats more so that rows a power of two apart do not share L1 sets.
+  return (K + kSplitBlock - 1) / kSplitBlock * kSplitBlock + 16;
+}
+
+// x's rows (K floats, ldx apart) -> out's (split_stride(K) apart), each block of 32 as its even k then its odd k,
+// zero past K.
+void split_even_odd(const float* x, int ldx, int rows, int K, float* out) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int ld = split_stride(K);
+  for (int r = 0; r < rows; r++) {
+    const float* row = x + size_t(r) * ldx;
+    float* dst = out + size_t(r) * ld;
+    for (int k = 0; k < K; k += kSplitBlock) {
+      const int left = K - k;
+      const __mmask16 low = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __mmask16 high = left >= 32 ? __mmask16(0xffff) : left <= 16 ? 0 : __mmask16((1u << (left - 16)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(low, row + k), b = _mm512_maskz_loadu_ps(high, row + k + 16);
+      _mm512_storeu_ps(dst + k, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(dst + k + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+  }
+}
+
+// R rows x C columns of bfloat16 weights over k in [k0, k1) (k0 a multiple of 32), x split as split_even_odd writes it
+// (rows ldx apart), accumulating into acc[r][c]: per 32 k, each column's weights widened once for all R rows.
+template <int R, int C>
+void split_tile(const float* x, int ldx, int K, const uint16_t* w, int n, int k0, int k1, __m512 (*acc)[4]) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      a[r][c] = acc[r][c];
+    }
+  }
+  const __m512i high_halves = _mm512_set1_epi32(int(0xffff0000u));
+  for (int k = k0; k < k1; k += kSplitBlock) {
+    __m512 even[C], odd[C];
+    for (int c = 0; c < C; c++) {
+      const uint16_t* p = w + size_t(n + c) * K + k;
+      __m512i packed;
+      if (k1 - k >= kSplitBlock) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
+        packed = _mm512_loadu_si512(p);
+      } else {
+        packed = _mm512_maskz_loadu_epi16(__mmask32((1ull << (k1 - k)) - 1), p);
+      }
+      even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(packed, 16));
+      odd[c] = _mm512_castsi512_ps(_mm512_and_si512(packed, high_halves));
+    }
+    for (int r = 0; r < R; r++) {
+      __m512 xe = _mm512_loadu_ps(x + size_t(r) * ldx + k);
+      __m512 xo = _mm512_loadu_ps(x + size_t(r) * ldx + k + 16);
+      if constexpr (R > 4) {
+        // In registers: the compiler would otherwise fold a load of x into each column's multiply-add.
+        __asm__("" : "+v"(xe), "+v"(xo));
+      }
+      for (int c = 0; c < C; c++) {
+        a[r][c] = _mm512_fmadd_ps(xe, even[c], a[r][c]);
+        a[r][c] = _mm512_fmadd_ps(xo, odd[c], a[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    for (int c = 0; c < C; c++) {
+      acc[r][c] = a[r][c];
+    }
+  }
+}
+
+// Rows [r, r + R) of bfloat16 weights' columns n.. n + C (C <= 4): up to 4 rows take the 4 columns at once, more rows
+// two columns at a time (their accumulators fill the registers).
+template <int R>
+void split_rows(int C, const float* x, int ldx, int K, const uint16_t* w, int n, int k0, int k1, __m512 (*acc)[4]) {
+  if constexpr (R <= 4) {
+    switch (C) {
+      case 1:
+        return split_tile<R, 1>(x, ldx, K, w, n, k0, k1, acc);
+      case 2:
+        return split_tile<R, 2>(x, ldx, K, w, n, k0, k1, acc);
+      case 3:
+        return split_tile<R, 3>(x, ldx, K, w, n, k0, k1, acc);
+      default:
+        return split_tile<R, 4>(x, ldx, K, w, n, k0, k1, acc);
+    }
+  } else {
+    __m512 pair[R][4];  // split_tile's accumulators for columns c, c + 1
+    for (int c = 0; c < C; c += 2) {
+      for (int r = 0; r < R; r++) {
+        pair[r][0] = acc[r][c];
+        pair[r][1] = c + 1 < C ? acc[r][c + 1] : _mm512_setzero_ps();
+      }
+      if (c + 1 < C) {
+        split_tile<R, 2>(x, ldx, K, w, n + c, k0, k1, pair);
+      } else {
+        split_tile<R, 1>(x, ldx, K, w, n + c, k0, k1, pair);
+      }
+      for (int r = 0; r < R; r++) {
+        acc[r][c] = pair[r][0];
+        if (c + 1 < C) {
+          acc[r][c + 1] = pair[r][1];
+        }
+      }
+    }
+  }
+}
+
+// bfloat16 weights and float32 x: x split into even and odd k once, then tiles of up to 8 rows.
+void split_columns(const FloatProduct& p, int n0, int n1) {
+  constexpr int kRowGroup = 8;
+  const int ld = split_stride(p.K);
+  thread_local float* split = nullptr;
+  thread_local size_t capacity = 0;
+  const size_t need = size_t(p.rows) * ld;
+  if (need > capacity) {
+    std::free(split);
+    split = static_cast<float*>(std::aligned_alloc(64, need * sizeof(float) / 64 * 64 + 64));
+    capacity = need;
+  }
+  split_even_odd(p.x, p.ldx, p.rows, p.K, split);
+  const uint16_t* w = static_cast<const uint16_t*>(p.w);
+  // K in chunks whose x (every row) fills at most a third of L1, so that a tile's weights stay in L1 while each
+  // group of rows passes over them; up to 8 rows take K whole.
+  const int kChunk = p.rows <= kRowGroup ? p.K : max_int(kSplitBlock, 16384 / (p.rows * 4) / kSplitBlock * kSplitBlock);
+  __m512 acc[kMaxRows][4];
+  for (int n = n0; n < n1; n += 4) {
+    const int C = min_int(4, n1 - n);
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int k0 = 0; k0 < p.K; k0 += kChunk) {
+      const int k1 = min_int(p.K, k0 + kChunk);
+      for (int r = 0; r < p.rows; r += kRowGroup) {
+        const float* xr = split + size_t(r) * ld;
+        switch (min_int(kRowGroup, p.rows - r)) {
+#define T5_ROWS(R)                                            \
+  case R:                                                     \
+    split_rows<R>(C, xr, ld, p.K, w, n, k0, k1, acc + r);     \
+    break;
+          T5_ROWS(1)
+          T5_ROWS(2)
+          T5_ROWS(3)
+          T5_ROWS(4)
+          T5_ROWS(5)
+          T5_ROWS(6)
+          T5_ROWS(7)
+          T5_ROWS(8)
+#undef T5_ROWS
+        }
+      }
+    }
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = C; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+      _mm_mask_storeu_ps(p.out + size_t(r) * p.N + n, __mmask8((1u << C) - 1),
+                         sum_each(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    }
+  }
+}
+
 template <WeightType WT, bool PAIRS, int R>
 void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m512 (*acc)[4]) {
   auto run = [&](auto columns) {
@@ -142,19 +324,6 @@ void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m51
     default:
       return run(std::integral_constant<int, 4>{});
   }
-}
-
-// The sums of the lanes of a, b, c and d, each added in the order _mm512_reduce_add_ps adds (the halves, the
-// quarters, then pairs), so the results are the same, for a third of its shuffles.
-inline __m128 sum_each(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // Lanes 0-7: a's halves summed, 8-15: b's (and c, d).
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
-  // Each 128-bit lane: one vector's quarters summed (a, b, c, d in turn).
-  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
-  const __m512 pairs = _mm512_add_ps(q, _mm512_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
-  const __m512 sums = _mm512_add_ps(pairs, _mm512_shuffle_ps(pairs, pairs, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), sums));
 }
 
 template <WeightType WT, bool PAIRS>
@@ -390,7 +559,7 @@ void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
     case kFloat32:
       return float_columns<kFloat32, false>(p, n0, n1);
     case kBFloat16:
-      return p.x_bf16 ? float_columns<kBFloat16, true>(p, n0, n1) : float_columns<kBFloat16, false>(p, n0, n1);
+      return p.x_bf16 ? float_columns<kBFloat16, true>(p, n0, n1) : split_columns(p, n0, n1);
     default:
       return float_columns<kFloat16, false>(p, n0, n1);
   }
