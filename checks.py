@@ -89,6 +89,12 @@ def read_config(path: Path) -> dict:
         raise BrokenFile(f"{config_file}: mlx.fp32_modules must be a list of module names, got {fp32_modules!r}")
     if mlx.get("linear_dtype") not in (None, "bfloat16") or (mlx.get("linear_dtype") and mlx["dtype"] != "float32"):
         raise BrokenFile(f"{config_file}: mlx.linear_dtype must be absent or bfloat16 (with float32), got {mlx!r}")
+    if mlx.get("embedding_dtype") not in (None, "bfloat16") or (
+        mlx.get("embedding_dtype") and not mlx.get("linear_dtype")
+    ):
+        raise BrokenFile(
+            f"{config_file}: mlx.embedding_dtype must be absent or bfloat16 (with linear_dtype), got {mlx!r}"
+        )
     return config
 
 
@@ -208,6 +214,8 @@ def weight_headers(path: Path, config: dict) -> tuple[dict, dict]:
         expected = DTYPE_NAMES[mlx["dtype"]]
         if mlx.get("linear_dtype") and is_linear_weight(name, shape):
             expected = DTYPE_NAMES[mlx["linear_dtype"]]
+        if mlx.get("embedding_dtype") and name == "shared.weight":
+            expected = DTYPE_NAMES[mlx["embedding_dtype"]]
         if f"{name.removesuffix('.weight')}.scales" in headers:
             expected = "U32"
         elif name.endswith(".mlp.wo.weight") and "wo" in (mlx.get("fp32_modules") or []):

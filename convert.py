@@ -417,8 +417,9 @@ def convert(
     """Convert the T5 checkpoint `model` (hub id or local HF directory) to an MLX directory; return its path.
 
     With dtype float32 and keep_bfloat16, the linear layers' matrices of a checkpoint that stores them all in bfloat16
-    stay bfloat16 (`mlx.linear_dtype`): float32 holds each of them exactly, so the model computes the same numbers in
-    float32 while its products read half the bytes. Everything is checked before anything is written, and the output
+    stay bfloat16 (`mlx.linear_dtype`), and so do its token embeddings where they are bfloat16 (`mlx.embedding_dtype`):
+    float32 holds each of them exactly, so the model computes the same numbers in float32 while its products read half
+    the bytes. Everything is checked before anything is written, and the output
     appears complete or not at all.
     """
     out = Path(mlx_path) if mlx_path else default_mlx_path(model)
@@ -441,6 +442,11 @@ def convert(
         keep = keep and all(tensors[name][2] == "BF16" for name in linear)
         if keep:
             config["mlx"]["linear_dtype"] = "bfloat16"
+            # The token embeddings too (a tied head's weights): the model widens the rows it looks up.
+            embedding = [name for name, key in keys.items() if key == "shared.weight"]
+            if embedding and tensors[embedding[0]][2] == "BF16":
+                config["mlx"]["embedding_dtype"] = "bfloat16"
+                linear.update(embedding)
         target = DTYPES[dtype]
         plans = [
             plan_tensor(key, name, shapes[key], mx.bfloat16 if keep and name in linear else target, quantization)
@@ -491,8 +497,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--keep-bfloat16",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="With --dtype float32, keep the linear layers of a bfloat16 checkpoint in bfloat16: the same numbers "
-        "(float32 holds them exactly) at half the bytes, computed in float32.",
+        help="With --dtype float32, keep the linear layers (and token embeddings) of a bfloat16 checkpoint in "
+        "bfloat16: the same numbers (float32 holds them exactly) at half the bytes, computed in float32.",
     )
     parser.add_argument("--force", action="store_true", help="Replace the output directory if it exists.")
     return parser

@@ -506,8 +506,8 @@ class Decoder(Module):
         one native operation: each token's most likely successor fed to the next step (all but the last fed, so the
         cache grows by L + count - 1). None where the native layers cannot compute it (the caller decodes step by step
         then)."""
-        # The embedding table stands for the activations: the layers run natively on its float32 rows.
-        if not kernels.native_layers_take(embedding) or self.final_norm.weight.dtype != mx.float32:
+        # The layers run natively in float32 on the table's rows (float32, or bfloat16 widened).
+        if embedding.dtype not in (mx.float32, mx.bfloat16) or not kernels.native_layers_take(self.final_norm.weight):
             return None
         if type(head) is not FusedLinear:
             return None
@@ -554,11 +554,18 @@ class T5(Module):
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         self.group = None  # the ranks sharing the attention heads and feed-forward units, once sharded
 
+    def embed(self, ids):
+        """The embeddings of token ids, in the activations' dtype (the norms'): a float32 model may keep its table in
+        bfloat16 (convert.py's keep_bfloat16), whose rows float32 holds exactly."""
+        x = self.shared(ids)
+        dtype = self.decoder.final_norm.weight.dtype
+        return x.astype(dtype) if x.dtype == mx.bfloat16 and dtype == mx.float32 else x
+
     def encode(self, input_ids, attention_mask=None):
         """(B, L) padded token ids and their 0/1 mask -> encoder output (B, L, d_model)."""
         if attention_mask is None:
             attention_mask = mx.ones(input_ids.shape, dtype=mx.int32)
-        return self.encoder(self.shared(input_ids), attention_mask)
+        return self.encoder(self.embed(input_ids), attention_mask)
 
     def memory_needed(self, length: int, batch_size: int = 1, max_tokens: int = 0) -> int:
         """Bytes beyond the weights that encoding `batch_size` prompts of `length` tokens and decoding `max_tokens`
@@ -592,7 +599,7 @@ class T5(Module):
         # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         head = self["lm_head"] if "lm_head" in self else self.shared.as_linear
-        return self.decoder(self.shared(decoder_ids), cross_kv, cross_bias, cache, head, scale)
+        return self.decoder(self.embed(decoder_ids), cross_kv, cross_bias, cache, head, scale)
 
     def greedy_draft(self, decoder_ids, cross_kv, cache, count):
         """The greedy continuation (count,) int32 of decoder_ids (1, L) in one native operation, or None where the

@@ -508,11 +508,20 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   };
   if (spec.greedy_steps) {
     // Greedy drafting (one row): the tokens in, each step's most likely token fed as the next step's, steps tokens
-    // out. Embeddings are rows of a float32 table.
-    const float* table = weights.array().data<float>();
+    // out. Embeddings are rows of a float32 table, or of a bfloat16 one widened (exactly).
+    const mx::array& table = weights.array();
     const int32_t* ids = x_in.data<int32_t>();
     const auto& st = x_in.strides();
-    auto embed = [&](int token, float* row) { std::memcpy(row, table + size_t(token) * D, D * sizeof(float)); };
+    auto embed = [&](int token, float* row) {
+      if (table.dtype() == mx::bfloat16) {
+        const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
+        for (int d = 0; d < D; d++) {
+          row[d] = bf16_to_float(values[d]);
+        }
+      } else {
+        std::memcpy(row, table.data<float>() + size_t(token) * D, D * sizeof(float));
+      }
+    };
     for (int i = 0; i < L; i++) {
       embed(ids[i * st[1]], &x[size_t(i) * D]);
     }
@@ -605,8 +614,9 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   const bool drafting = greedy_steps > 0;
   if (drafting) {
     check(x.ndim() == 2 && x.shape(0) == 1 && x.dtype() == mx::int32, "token ids must be (1, L) int32");
-    check(head.has_value() && embedding && embedding->ndim() == 2 && embedding->dtype() == mx::float32,
-          "greedy drafting needs the head and a float32 embedding table");
+    check(head.has_value() && embedding && embedding->ndim() == 2 &&
+              (embedding->dtype() == mx::float32 || embedding->dtype() == mx::bfloat16),
+          "greedy drafting needs the head and a float32 or bfloat16 embedding table");
   } else {
     check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
   }

@@ -95,6 +95,16 @@ BROKEN = {
     "mlx-fp32-modules": ("float", lambda p: edit_mlx(p, fp32_modules="wo"), ["mlx.fp32_modules must be a list"]),
     "mlx-dtype": ("float", lambda p: edit_mlx(p, dtype="float64"), ["mlx must say the dtype"]),
     "mlx-dtype-lies": ("float", lambda p: edit_mlx(p, dtype="float16"), ["is F32, but config.json says F16"]),
+    "mlx-embedding-dtype": (
+        "float",
+        lambda p: edit_mlx(p, linear_dtype="bfloat16", embedding_dtype="float16"),
+        ["mlx.embedding_dtype must be absent or bfloat16"],
+    ),
+    "mlx-embedding-dtype-alone": (
+        "float",
+        lambda p: edit_mlx(p, embedding_dtype="bfloat16"),
+        ["mlx.embedding_dtype must be absent or bfloat16 (with linear_dtype)"],
+    ),
     # model.safetensors
     "weights-missing": ("float", lambda p: (p / "model.safetensors").unlink(), ["model.safetensors is missing"]),
     "weights-empty": ("float", lambda p: (p / "model.safetensors").write_bytes(b""), ["model.safetensors is empty"]),

@@ -11,6 +11,7 @@ from transformers import AutoModelForSeq2SeqLM
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import convert
+import kernels
 from cache import KVCache
 from loader import load_model
 from model import FusedLinear, relative_position_bucket
@@ -271,32 +272,45 @@ def test_step_by_step_logits_match_transformers_as_the_bias_table_grows(
     assert (table is None) == (table_bytes == 0) and (table is None or table.shape[-1] == 32)
 
 
-def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(hf_checkpoint, tmp_path):
-    """A bfloat16 checkpoint converted to float32: its linear layers stay bfloat16 (bit for bit), everything else is
-    float32, and the model computes what transformers computes from the same checkpoint in float32; with
-    keep_bfloat16=False every weight is float32 and the logits are the same."""
+@pytest.mark.parametrize("variant", ["t5-v1_1", "t5"])
+def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(hf_checkpoint, tmp_path, variant):
+    """A bfloat16 checkpoint converted to float32: its linear layers and token embeddings stay bfloat16 (bit for bit),
+    everything else is float32, and the model computes what transformers computes from the same checkpoint in float32,
+    greedy drafting included (a tied head reads the bfloat16 table); with keep_bfloat16=False every weight is float32
+    and the logits are the same."""
     source = tmp_path / "bf16"
     # (a model of its own: the session's shared reference stays float32)
-    AutoModelForSeq2SeqLM.from_pretrained(hf_checkpoint("t5-v1_1")).to(torch.bfloat16).save_pretrained(source)
-    for file in hf_checkpoint("t5-v1_1").glob("*token*"):
+    AutoModelForSeq2SeqLM.from_pretrained(hf_checkpoint(variant)).to(torch.bfloat16).save_pretrained(source)
+    for file in hf_checkpoint(variant).glob("*token*"):
         (source / file.name).write_bytes(file.read_bytes())
     kept = convert.convert(str(source), mlx_path=str(tmp_path / "kept"))
     widened = convert.convert(str(source), mlx_path=str(tmp_path / "widened"), keep_bfloat16=False)
-    assert json.loads((kept / "config.json").read_text())["mlx"]["linear_dtype"] == "bfloat16"
-    assert "linear_dtype" not in json.loads((widened / "config.json").read_text())["mlx"]
+    settings = json.loads((kept / "config.json").read_text())["mlx"]
+    assert settings["linear_dtype"] == settings["embedding_dtype"] == "bfloat16"
+    assert not {"linear_dtype", "embedding_dtype"} & set(json.loads((widened / "config.json").read_text())["mlx"])
     stored = mx.load(str(kept / "model.safetensors"))
     linear = [name for name, w in stored.items() if w.ndim == 2 and (".layers." in name or name == "lm_head.weight")]
-    assert "lm_head.weight" in linear and len(linear) > 10
-    assert all(w.dtype == (mx.bfloat16 if name in linear else mx.float32) for name, w in stored.items())
+    assert ("lm_head.weight" in linear) == (variant == "t5-v1_1") and len(linear) > 10
+    kept_names = {*linear, "shared.weight"}
+    assert all(w.dtype == (mx.bfloat16 if name in kept_names else mx.float32) for name, w in stored.items())
     assert all(w.dtype == mx.float32 for w in mx.load(str(widened / "model.safetensors")).values())
 
     reference = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32).eval()
     input_ids, mask, decoder_ids = padded_batch(reference.config.vocab_size)
     with torch.no_grad():
         expected = reference(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
-    logits = {}
+    logits, models = {}, {}
     for path in (kept, widened):
-        model, _, _ = load_model(path)
-        logits[path] = model(to_mx(input_ids), to_mx(decoder_ids), to_mx(mask))
+        models[path], _, _ = load_model(path)
+        logits[path] = models[path](to_mx(input_ids), to_mx(decoder_ids), to_mx(mask))
         assert max_abs_diff(logits[path], expected) < TOLERANCE
     assert float(mx.abs(logits[kept] - logits[widened]).max()) < 1e-5
+
+    # Greedy drafting from the bfloat16 table: the tokens of the float32 table, natively where the layers are native.
+    drafts = {}
+    for path, model in models.items():
+        cross_kv = model.cross_kv(model.encode(to_mx(input_ids[:1])))
+        drafts[path] = model.greedy_draft(mx.array([[0]]), cross_kv, model.make_cache(), 5)
+    assert (drafts[kept] is None) == (drafts[widened] is None) == (kernels.native is None)
+    if kernels.native is not None:
+        assert drafts[kept].tolist() == drafts[widened].tolist()
