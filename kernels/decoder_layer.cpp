@@ -159,16 +159,31 @@ void rms_norm(const float* x, int ld, int rows, int D, const float* weight, floa
   }
 }
 
-float activate(float x, int activation) {
+// The activation of the feed-forward block on each of n values of u (times the gate's value where gated) -> out. The
+// kind is chosen once, outside the loop: a choice per value made relu a branch per value, mispredicted half the time.
+void activate(const float* u, const float* gate, int n, int activation, float* out) {
+  auto each = [&](auto f) {
+    if (gate) {
+      for (int i = 0; i < n; i++) {
+        out[i] = f(u[i]) * gate[i];
+      }
+    } else {
+      for (int i = 0; i < n; i++) {
+        out[i] = f(u[i]);
+      }
+    }
+  };
   switch (activation) {
     case kRelu:
-      return std::max(x, 0.0f);
+      return each([](float x) { return x < 0.0f ? 0.0f : x; });  // std::max(x, 0): NaN stays NaN
     case kGelu:
-      return x * (1.0f + std::erf(x / std::sqrt(2.0f))) / 2.0f;
+      return each([](float x) { return x * (1.0f + std::erf(x / std::sqrt(2.0f))) / 2.0f; });
     case kGeluTanh:
-      return 0.5f * x * (1.0f + std::tanh(std::sqrt(2.0f / float(M_PI)) * (x + 0.044715f * (x * x * x))));
+      return each([](float x) {
+        return 0.5f * x * (1.0f + std::tanh(std::sqrt(2.0f / float(M_PI)) * (x + 0.044715f * (x * x * x))));
+      });
     default:
-      return x * (1.0f / (1.0f + std::exp(-x)));
+      return each([](float x) { return x * (1.0f / (1.0f + std::exp(-x))); });
   }
 }
 
@@ -294,10 +309,7 @@ void feed_forward(int R, int d_ff, bool gated, int activation, const float* h, i
   product(kWi, h, ld_model, u.data(), width);
   for (int r = 0; r < R; r++) {
     const float* row = &u[size_t(r) * width];
-    for (int f = 0; f < d_ff; f++) {
-      const float a = activate(row[f], activation);
-      hidden[size_t(r) * ld_ff + f] = gated ? a * row[d_ff + f] : a;
-    }
+    activate(row, gated ? row + d_ff : nullptr, d_ff, activation, &hidden[size_t(r) * ld_ff]);
   }
   product(kWo, hidden.data(), ld_ff, y, -1);
 }
