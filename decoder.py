@@ -187,7 +187,7 @@ class SpeculativeDecoder:
         """Keep auto's acceptance estimates for this pair's next run."""
         if self.acceptance is not None and not self.sharded():
             path = self.acceptance_file or step_costs.acceptance_path(self)
-            step_costs.write(path, dict(counts=self.acceptance.to_dict()))
+            step_costs.write_soon(path, dict(counts=self.acceptance.to_dict()))
 
     def generate_batch(
         self,

@@ -100,15 +100,6 @@ class Acceptance:
         return {source: [list(p) for p in positions] for source, positions in self.counts.items()}
 
 
-def expected_tokens(alphas: List[float]) -> float:
-    """E(k) for k = len(alphas): tokens a step yields, the main model's own token included."""
-    expected, reach = 1.0, 1.0
-    for alpha in alphas:
-        reach *= alpha
-        expected += reach
-    return expected
-
-
 class AutoDraftLength:
     """Chooses the number of drafts per step from measured step costs and the acceptance estimates.
 
@@ -144,12 +135,16 @@ class AutoDraftLength:
     def compute_rates(self, sources: Sequence[Optional[str]], top: int, optimism: float) -> List[float]:
         drafting = [source for source in sources if source]
         table = self.costs["model" if "model" in drafting else drafting[0]]
-        alphas = {source: self.acceptance.estimates(source, top, optimism) for source in set(drafting)}
-        rates = []
-        for k in range(top + 1):
-            tokens = len(sources) - len(drafting) + sum(expected_tokens(alphas[source][:k]) for source in drafting)
-            rates.append(tokens / table[k])
-        return rates
+        # E(k) of each source for every k at once (1 + the reach of each draft, summed in order).
+        expected = {}
+        for source in set(drafting):
+            values, reach = [1.0], 1.0
+            for alpha in self.acceptance.estimates(source, top, optimism):
+                reach *= alpha
+                values.append(values[-1] + reach)
+            expected[source] = values
+        plain = len(sources) - len(drafting)
+        return [(plain + sum(expected[source][k] for source in drafting)) / table[k] for k in range(top + 1)]
 
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         """The number of drafts for the next step of rows whose drafts would come from `sources` (None: no draft for

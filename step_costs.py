@@ -15,6 +15,7 @@ never the model's directory. A file that cannot be read is measured again and re
 
 import blas
 
+import atexit
 import hashlib
 import json
 import os
@@ -43,6 +44,11 @@ BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a st
 MIN_ROUNDS, MAX_ROUNDS = 3, 8  # timed rounds, after one untimed warm-up round
 BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
 warned = set()  # paths already warned about, so that each is reported once
+# A file written again within this many seconds of its last write waits: the latest record is written by the next
+# write after that, or when the process exits (a loop of short generations would otherwise write after each one).
+WRITE_INTERVAL = 2.0
+pending: Dict[Path, dict] = {}  # records not yet written, by path
+last_written: Dict[Path, float] = {}
 
 
 def cache_dir() -> Path:
@@ -59,7 +65,10 @@ def warn(path: Path, message: str):
 
 
 def read(path: Path) -> Optional[dict]:
-    """The JSON object in `path`; None when there is none or it is unreadable (after a warning)."""
+    """The JSON object in `path` (or the record waiting to be written there); None when there is none or it is
+    unreadable (after a warning)."""
+    if path in pending:
+        return json.loads(json.dumps(pending[path]))
     if not path.exists():
         return None
     try:
@@ -70,6 +79,28 @@ def read(path: Path) -> Optional[dict]:
     except (OSError, ValueError) as e:
         warn(path, f"ignoring the unreadable cache file {path} ({e}); it will be measured again and replaced")
         return None
+
+
+def write_soon(path: Path, record: dict):
+    """Write `record` to `path` now, or where the file was written less than WRITE_INTERVAL seconds ago, when the next
+    write comes after that, or at exit."""
+    now = time.monotonic()
+    if now - last_written.get(path, float("-inf")) < WRITE_INTERVAL:
+        if not pending:
+            atexit.register(flush)
+        pending[path] = record
+        return
+    pending.pop(path, None)
+    last_written[path] = now
+    write(path, record)
+
+
+def flush():
+    """Write every record still waiting."""
+    while pending:
+        path, record = pending.popitem()
+        write(path, record)
+    atexit.unregister(flush)
 
 
 def write(path: Path, record: dict):

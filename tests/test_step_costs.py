@@ -16,6 +16,8 @@ from draft_length import Acceptance, AutoDraftLength
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(step_costs.ENV_VAR, str(tmp_path))
     monkeypatch.setattr(step_costs, "warned", set())
+    monkeypatch.setattr(step_costs, "pending", {})
+    monkeypatch.setattr(step_costs, "last_written", {})
     return tmp_path
 
 
@@ -97,3 +99,23 @@ def test_acceptance_is_remembered_per_pair_and_drafter(cache, main, drafts):
     other = SpeculativeDecoder(model, drafts["unrelated"], tokenizer, num_draft="auto", max_num_draft=3)
     lookup = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", drafter="hybrid")
     assert other.remembered_acceptance().to_dict() == lookup.remembered_acceptance().to_dict() == {}
+
+
+def test_acceptance_written_again_soon_waits_for_the_next_write_or_exit(cache, monkeypatch):
+    """A loop of short generations does not write the file after each: a record within WRITE_INTERVAL of the last
+    write waits (reads see it), and is written by the next write after the interval, or at exit."""
+    clock = [100.0]
+    monkeypatch.setattr(step_costs.time, "monotonic", lambda: clock[0])
+    path = cache / "acceptance" / "pair.json"
+    step_costs.write_soon(path, {"counts": 1})
+    assert json.loads(path.read_text()) == {"counts": 1}
+    clock[0] += 1.0
+    step_costs.write_soon(path, {"counts": 2})
+    assert json.loads(path.read_text()) == {"counts": 1} and step_costs.read(path) == {"counts": 2}
+    clock[0] += 1.5
+    step_costs.write_soon(path, {"counts": 3})
+    assert json.loads(path.read_text()) == {"counts": 3} and not step_costs.pending
+    clock[0] += 0.5
+    step_costs.write_soon(path, {"counts": 4})
+    step_costs.flush()  # as at exit
+    assert json.loads(path.read_text()) == {"counts": 4} and not step_costs.pending
