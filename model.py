@@ -585,8 +585,15 @@ class T5(Module):
         return encoder + attention + cross_kv + cache + logits
 
     def cross_kv(self, encoder_output):
-        """Each decoder layer's cross-attention keys and values, computed once per prompt."""
-        return [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder.layers]
+        """Each decoder layer's cross-attention keys and values, computed once per prompt: as one native operation
+        where the layers are native (float32 activations on the CPU, each projection one the kernels take)."""
+        attentions = [layer.cross_attn for layer in self.decoder.layers]
+        if kernels.native_layers_take(encoder_output) and all(type(a["k"]) is FusedLinear for a in attentions):
+            weights = [w for a in attentions for w in (a.k.native_weight(), a.v.native_weight())]
+            if None not in weights and len({w[4] for w in weights}) == 1:
+                projected = kernels.cross_projections(encoder_output, weights, attentions[0].num_heads)
+                return list(zip(projected[::2], projected[1::2]))
+        return [attention.project_kv(encoder_output) for attention in attentions]
 
     def make_cache(self, batch_size: int = 1):
         """An empty self-attention cache per decoder layer, for `batch_size` rows."""

@@ -249,6 +249,14 @@ def encoder_layers(x, bias, layers, final_norm, num_heads, eps, activation, gate
     )
 
 
+def cross_projections(x, weights, num_heads):
+    """Every decoder layer's cross-attention keys and values of the encoder output x (B, P, D) float32 as one
+    operation -> [keys, values of each layer in turn], each (B, H, P, d_kv). weights: each layer's key and value
+    projections in turn, (weight, scales, biases, group_size, bits) each (bits 0: float)."""
+    used.add("native cross projections")
+    return native.cross_projections(x, weights, num_heads, int8_layer(weights[0][4]))
+
+
 def int8_layer(bits) -> bool:
     """Whether native layers whose first product has `bits`-bit weights (0: float) take int8 activations."""
     return bool(bits) and int8_activations(bits)

@@ -111,6 +111,19 @@ NB_MODULE(_native, m) {
       "T5 encoder layers and the final norm in float32 -> the encoder output. bias (1 or B, H, L, L): the position "
       "and padding bias; layers: ([2 norms], [4 weights]) for qkv, o, wi (wi_0 and wi_1 stacked if gated), wo, each "
       "(w, scales, biases, group_size, bits), bits 0 for float weights.");
+  m.def(
+      "cross_projections",
+      [](const mx::array& x, nb::list weights, int num_heads, bool integer) {
+        std::vector<t5kernels::LayerWeight> projections;
+        for (nb::handle w : weights) {
+          projections.push_back(layer_weight(w));
+        }
+        return t5kernels::cross_projections(x, projections, num_heads, integer);
+      },
+      "x"_a, "weights"_a, "num_heads"_a, "integer"_a,
+      "Every decoder layer's cross-attention keys and values of the encoder output x (B, P, D) float32 -> [keys, "
+      "values of each layer in turn], each (B, H, P, d_kv). weights: each layer's key and value projections in turn, "
+      "each (w, scales, biases, group_size, bits), bits 0 for float weights.");
   m.def("isa", &t5kernels::kernel_isa, "The instruction set new products run on: avx512, avx2 or portable.");
   m.def("isas", &t5kernels::kernel_isas, "The instruction sets this CPU runs.");
   m.def("set_isa", &t5kernels::set_kernel_isa, "name"_a, "Run new products on this instruction set.");

@@ -840,4 +840,79 @@ void EncoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
   throw std::runtime_error("EncoderLayers runs on the CPU only");
 }
 
+std::vector<mx::array> cross_projections(const mx::array& x, const std::vector<LayerWeight>& weights, int num_heads,
+                                         bool integer, mx::StreamOrDevice s) {
+  const char* op = "cross_projections";
+  check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, P, D) float32", op);
+  check(!weights.empty() && weights.size() % 2 == 0 && num_heads > 0, "keys and values of at least one layer, and heads",
+        op);
+  const int B = x.shape(0), P = x.shape(1), D = x.shape(2);
+  auto stream = mx::to_stream(s);
+  CrossProjections::Spec spec{num_heads, 0, integer, current_kernel_isa()};
+  WeightSlots slots{{}, {}, {}, stream};
+  for (const LayerWeight& w : weights) {
+    check(w.w.ndim() == 2 && w.w.shape(0) % num_heads == 0, "a projection's weight must be (H d_kv, D)", op);
+    const int inner = w.w.shape(0);
+    check(spec.d_kv == 0 || spec.d_kv * num_heads == inner, "every projection has the same d_kv", op);
+    spec.d_kv = inner / num_heads;
+    check_weight(w, D, inner, op);
+    slots.push(w);
+    spec.group_sizes.push_back(w.bits ? w.group_size : 0);
+    spec.bits.push_back(w.bits);
+  }
+  std::vector<mx::array> inputs = {x};
+  inputs.insert(inputs.end(), slots.late.begin(), slots.late.end());
+  spec.held = std::move(slots.held);
+  spec.slots = std::move(slots.slots);
+  const int outputs = int(weights.size());
+  const mx::Shape shape = {B, num_heads, P, spec.d_kv};
+  auto primitive = std::make_shared<CrossProjections>(stream, std::move(spec));
+  return mx::array::make_arrays(std::vector<mx::Shape>(outputs, shape), std::vector<mx::Dtype>(outputs, mx::float32),
+                                primitive, inputs);
+}
+
+void CrossProjections::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  for (auto& out : outputs) {
+    encoder.set_output_array(out);
+  }
+  encoder.dispatch([inputs, outputs, spec = spec_]() mutable {
+    const mx::array& x_in = inputs[0];
+    const int B = x_in.shape(0), P = x_in.shape(1), D = x_in.shape(2), R = B * P;
+    const int H = spec.heads, dk = spec.d_kv, inner = H * dk, ld = padded(D);
+    // x's rows, ld apart (see run_product), and one projection's rows before they are split by head.
+    std::vector<float> rows(size_t(R) * D), x(size_t(R) * ld, 0.0f), y(size_t(R) * inner);
+    read_rows(x_in, rows.data());
+    for (int r = 0; r < R; r++) {
+      std::memcpy(&x[size_t(r) * ld], &rows[size_t(r) * D], D * sizeof(float));
+    }
+    WeightReader weights{spec.held, spec.slots, inputs, 1};
+    for (size_t i = 0; i < outputs.size(); i++) {
+      const Weights w = weights.weight(spec.group_sizes[i], spec.bits[i]);
+      product_rows(spec.isa, spec.integer, x.data(), ld, R, D, *w.w, w.scales, w.biases, w.group_size, w.bits,
+                   y.data(), inner);
+      // (B, P, H, d_kv) -> (B, H, P, d_kv)
+      float* out = outputs[i].data<float>();
+      for (int b = 0; b < B; b++) {
+        for (int h = 0; h < H; h++) {
+          for (int p = 0; p < P; p++) {
+            std::memcpy(out + ((size_t(b) * H + h) * P + p) * dk, &y[(size_t(b) * P + p) * inner + size_t(h) * dk],
+                        dk * sizeof(float));
+          }
+        }
+      }
+    }
+  });
+}
+
+void CrossProjections::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("CrossProjections runs on the CPU only");
+}
+
 }  // namespace t5kernels

@@ -101,6 +101,36 @@ class EncoderLayers : public mx::Primitive {
   Spec spec_;
 };
 
+// Each decoder layer's cross-attention keys and values of the encoder output x (B, P, D) float32, as one operation:
+// weights holds each layer's key and value projections in turn (2 per layer, each (H d_kv, D)), and the outputs are
+// their products with x as (B, H, P, d_kv) float32, keys and values of each layer in turn. integer: quantized weights
+// take int8 activations (as decode_matmul's integer).
+std::vector<mx::array> cross_projections(const mx::array& x, const std::vector<LayerWeight>& weights, int num_heads,
+                                         bool integer, mx::StreamOrDevice s = {});
+
+class CrossProjections : public mx::Primitive {
+ public:
+  struct Spec {
+    int heads, d_kv;
+    bool integer;
+    int isa;
+    std::vector<int> group_sizes, bits;  // per weight
+    std::vector<mx::array> held;  // the weights' arrays, as DecoderLayers::Spec keeps them
+    std::vector<int> slots;
+  };
+
+  CrossProjections(mx::Stream stream, Spec spec) : mx::Primitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "CrossProjections";
+  }
+
+ private:
+  Spec spec_;
+};
+
 class DecoderLayers : public mx::Primitive {
  public:
   struct Spec {

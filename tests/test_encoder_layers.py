@@ -130,3 +130,54 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
         call(x, bias, [(layers[0][0], weights)], final, heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="activation"):
         call(x, bias, layers, final, heads, 1e-6, 9, False, False)
+
+
+CROSS = "native cross projections"
+
+
+def cross_kv(model, encoder_output, fused, on):
+    """Each decoder layer's cross keys and values (numpy), natively or with MLX's operations; checks which ran."""
+    fused(on)
+    kernels.used.discard(CROSS)
+    projected = model.cross_kv(encoder_output)
+    mx.eval(projected)
+    assert (CROSS in kernels.used) == on
+    return [np.array(a) for pair in projected for a in pair]
+
+
+@pytest.mark.parametrize(
+    "variant, options",
+    [
+        ("t5", {}),
+        ("t5-v1_1", {}),
+        ("t5", dict(quantize=True, q_bits=4, q_group_size=32)),
+        ("t5-v1_1", dict(quantize=True, q_bits=8, q_group_size=64)),
+    ],
+)
+def test_cross_projections_equal_each_layers_own_products(variant, options, converted, fused):
+    """The cross-attention keys and values of every decoder layer as one operation: bit for bit the products the
+    layers' own projections compute (the same kernels, row by row), for a padded batch, float and quantized weights."""
+    model, tokenizer, _ = load_model(converted(variant, **options))
+    batch = tokenizer([PROMPTS[0], PROMPTS[1][:12], PROMPTS[2]], padding=True)
+    encoder_output = model.encode(mx.array(batch.input_ids), mx.array(batch.attention_mask))
+    expected = cross_kv(model, encoder_output, fused, False)
+    got = cross_kv(model, encoder_output, fused, True)
+    args = model.args
+    assert len(got) == 2 * args.num_decoder_layers
+    shape = (3, args.num_heads, encoder_output.shape[1], args.d_kv)
+    assert all(a.shape == shape for a in got) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert min(np.abs(a).max() for a in expected) > 1e-3  # not trivially small
+
+
+def test_cross_projections_refuse_bad_inputs(converted):
+    model, _, _ = load_model(converted("t5"))
+    attentions = [layer.cross_attn for layer in model.decoder.layers]
+    weights = [w for a in attentions for w in (a.k.native_weight(), a.v.native_weight())]
+    x, heads = mx.zeros((1, 3, model.args.d_model)), model.args.num_heads
+    mx.eval(kernels.native.cross_projections(x, weights, heads, False))  # as given, it runs
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.native.cross_projections(x.astype(mx.float16), weights, heads, False)
+    with pytest.raises(ValueError, match="keys and values"):
+        kernels.native.cross_projections(x, weights[:1], heads, False)
+    with pytest.raises(ValueError, match="float weights"):
+        kernels.native.cross_projections(x[..., :-1], weights, heads, False)
