@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
-from generation import Generation, Stats, count_accepted, record_step, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, step_tokens
 
 
 @dataclass
@@ -175,4 +175,4 @@ def finish(row: Row, tokenizer) -> Generation:
     tokens = row.sequence[1:]
     row.stats.generated = len(tokens)
     row.stats.seconds = time.perf_counter() - row.start
-    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, row.stats)
+    return Generation(detokenizer(tokenizer)(tokens), tokens, row.stats)

@@ -19,7 +19,7 @@ import batch_decoder
 import step_costs
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
-from generation import Generation, Stats, count_accepted, record_step, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, step_tokens
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -104,6 +104,7 @@ class SpeculativeDecoder:
         draft_length = None if regular else self.draft_length(stats, batch_size=1)
         tokens: List[int] = []
         text = ""
+        detokenize = detokenizer(self.tokenizer)
         start = time.perf_counter()
         prompt_ids = mx.array(self.tokenizer(prompt).input_ids)[None]
         if regular:
@@ -113,7 +114,7 @@ class SpeculativeDecoder:
         for new_tokens in steps:
             tokens.extend(new_tokens)
             # Decode the whole prefix so that SentencePiece spacing comes out right; emit what is new.
-            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            decoded = detokenize(tokens)
             if stream is not None and decoded.startswith(text) and len(decoded) > len(text):
                 stream(decoded[len(text) :])
             text = decoded
@@ -278,7 +279,7 @@ class SpeculativeDecoder:
                 limit = max_tokens - generated - 1
                 num_draft = draft_length.choose(drafter.source(sequence), limit) if planned is None else planned
                 run = draft_length.plain_run(limit + 1) if num_draft == 0 and not drafter.reads_tokens else 1
-                key, step_key = mx.random.split(key)
+                key, step_key = self.split_key(key)
                 if run > 1:
                     # A run of plain steps, as regular decoding takes them; the policy asks again after it.
                     for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache):
@@ -302,7 +303,7 @@ class SpeculativeDecoder:
             if not draft.tokens.size and not drafter.reads_tokens and generated + 1 < max_tokens:
                 planned = draft_length.choose(drafter.source(sequence), limit=max_tokens - generated - 2)
                 if planned == 0:
-                    key, step_key = mx.random.split(key)
+                    key, step_key = self.split_key(key)
                     ahead, planned = self.step(extra[0], no_draft(), step_key, cross_kv, cache), None
             # The one synchronisation per step.
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
@@ -329,6 +330,12 @@ class SpeculativeDecoder:
             if not ignore_eos and new_tokens[-1] == model.args.eos_token_id:
                 return
 
+    def split_key(self, key):
+        """Two keys from `key`; for greedy decoding at delta 0, which draws nothing, `key` twice (no operations)."""
+        if self.sampler.greedy and self.delta == 0:
+            return key, key
+        return mx.random.split(key)
+
     def agreed(self, seconds: float) -> float:
         """A step's time as every rank of a sharded main model takes it (their mean), so that auto chooses alike."""
         return self.agree([seconds])[0] if self.num_draft == "auto" else seconds
@@ -353,7 +360,7 @@ class SpeculativeDecoder:
             extra = mx.argmax(self.model.decode(last_token.astype(mx.int32)[None], cross_kv, cache)[0], axis=-1)
             mx.async_eval(extra)
             return draft, NO_ACCEPTANCE, extra
-        accept_key, extra_key = mx.random.split(key)
+        accept_key, extra_key = self.split_key(key)
         verify_input = mx.concatenate([last_token.astype(mx.int32), draft.tokens])[None]
         logits = self.model.decode(verify_input, cross_kv, cache)[0]
         accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)

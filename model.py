@@ -2,6 +2,7 @@
 
 import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -339,6 +340,14 @@ def padding_bias(attention_mask, dtype):
     return mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
 
 
+@functools.lru_cache(maxsize=256)
+def distance_buckets(length: int, num_buckets: int, max_distance: int) -> mx.array:
+    """The encoder's bucket of each key-minus-query distance -(L-1)..L-1, kept per prompt length (a function of the
+    length and the model's settings alone)."""
+    distances = np.arange(1 - length, length)
+    return mx.array(relative_position_bucket(distances, True, num_buckets, max_distance))
+
+
 class Encoder(Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -349,14 +358,9 @@ class Encoder(Module):
 
     def distance_bias(self, length):
         """(heads, 2L - 1): the bias of each key-minus-query distance -(L-1)..L-1, from the bucket of each."""
-        distances = np.arange(1 - length, length)
-        buckets = relative_position_bucket(
-            distances,
-            bidirectional=True,
-            num_buckets=self.args.relative_attention_num_buckets,
-            max_distance=self.args.relative_attention_max_distance,
-        )
-        return self.relative_attention_bias(mx.array(buckets)).T
+        args = self.args
+        buckets = distance_buckets(length, args.relative_attention_num_buckets, args.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).T
 
     def block_rows(self, batch_size, length):
         """Query rows per block of self-attention: scores of about ATTENTION_BLOCK_BYTES, at least one row."""

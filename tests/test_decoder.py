@@ -318,3 +318,27 @@ def test_draft_models_have_distinct_weights(drafts):
     noisy = dict(tree_flatten(drafts["noisy"].parameters()))
     same = dict(tree_flatten(drafts["self"].parameters()))
     assert any(not mx.array_equal(noisy[name], same[name]) for name in noisy)
+
+
+def test_the_streaming_detokenizer_gives_the_tokenizers_own_text(tokenizer_dir):
+    """generation.detokenizer: the fast backend's decode where transformers adds nothing, tokenizer.decode otherwise;
+    the same text for ids with special tokens, unknown pieces and every id of the vocabulary."""
+    from transformers import AutoTokenizer
+
+    from generation import detokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert tokenizer.is_fast and not tokenizer.clean_up_tokenization_spaces
+    rng = np.random.default_rng(0)
+    sequences = [tokenizer(p).input_ids for p in PROMPTS] + [
+        list(rng.integers(0, len(tokenizer), 40)) for _ in range(50)
+    ]
+    sequences = [[int(i) for i in ids] for ids in sequences] + [list(range(len(tokenizer)))]
+    fast = detokenizer(tokenizer)
+    assert all(fast(ids) == tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences)
+    # With transformers' clean-up of spaces on, the tokenizer decodes: " ." joined as it would.
+    tokenizer.clean_up_tokenization_spaces = True
+    text = tokenizer("a , b .").input_ids
+    cleaned = tokenizer.decode(text, skip_special_tokens=True)
+    assert cleaned != tokenizer.backend_tokenizer.decode(text, skip_special_tokens=True)
+    assert detokenizer(tokenizer)(text) == cleaned
