@@ -123,14 +123,15 @@ def batch_generations(
         for b, row in enumerate(active):
             row.key = keys[b, 0]
             num_accepted = count_accepted(accepted[b][: lengths[b]])
+            new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
             if regular:
                 row.stats.add_step(None, 0, 0)
             else:
-                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted)
+                kept_drafts = min(num_accepted, len(new_tokens))
+                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, kept_drafts)
             stats.drafted += lengths[b]
             stats.accepted += num_accepted
             stats.lookup_drafted += lengths[b] if sources[b] == "lookup" else 0
-            new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
             row.sequence.extend(new_tokens)
             if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
                 stats.generated += row.generated

@@ -70,10 +70,13 @@ class Generation:
     stats: Stats = field(default_factory=Stats)
 
 
-def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int):
-    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source)."""
+def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int, kept: int):
+    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source). `kept`: the
+    accepted drafts the output kept (none past an EOS). The stats count every accepted draft; the policy only those
+    kept, so that it counts what drafting yields: drafts past the end of a short output add nothing, however well the
+    draft agrees there."""
     stats.add_step(source, drafted, accepted)
-    draft_length.record_acceptance(source, drafted, accepted)
+    draft_length.record_acceptance(source, drafted, kept)
 
 
 def count_accepted(verdicts: List[bool]) -> int:

@@ -119,3 +119,33 @@ def test_acceptance_written_again_soon_waits_for_the_next_write_or_exit(cache, m
     step_costs.write_soon(path, {"counts": 4})
     step_costs.flush()  # as at exit
     assert json.loads(path.read_text()) == {"counts": 4} and not step_costs.pending
+
+
+def test_auto_learns_only_from_the_drafts_an_output_keeps(cache, main, drafts, monkeypatch):
+    """The model drafting for itself agrees with every draft, past the EOS too: the stats count those as accepted, the
+    policy's estimates only the drafts the output kept (up to the EOS), since drafts past it yield nothing."""
+    model, tokenizer, _ = main
+    plain = SpeculativeDecoder(model, None, tokenizer).generate(
+        PROMPTS[0], max_tokens=16, regular=True, ignore_eos=True
+    )
+    # An EOS the output reaches as a draft with drafts after it, in steps of 3 drafts and the main model's token (the
+    # self-draft agrees on everything): the first new token at index 4s or 4s + 1 for some step s >= 1.
+    eos = next(i for i in range(4, 16) if i % 4 < 2 and plain.tokens[i] not in plain.tokens[:i])
+    monkeypatch.setattr(model.args, "eos_token_id", plain.tokens[eos])
+    observed = []
+    record = AutoDraftLength.record_acceptance
+    monkeypatch.setattr(
+        AutoDraftLength,
+        "record_acceptance",
+        lambda self, source, drafted, accepted: observed.append((drafted, accepted))
+        or record(self, source, drafted, accepted),
+    )
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=3)
+    decoder.acceptance = Acceptance()
+    decoder.draft_lengths[1] = AutoDraftLength(3, {"model": [1.0, 1.01, 1.02, 1.03]}, decoder.acceptance)
+    generation = decoder.generate(PROMPTS[0], max_tokens=16)
+    assert generation.tokens == plain.tokens[: eos + 1]
+    stats = generation.stats
+    assert stats.accepted == stats.drafted == sum(drafted for drafted, _ in observed) > 0
+    # Whole steps, then the one whose drafts past the EOS go unused.
+    assert observed == [(3, 3)] * (eos // 4) + [(3, eos % 4 + 1)]
