@@ -742,20 +742,27 @@ int cache_input(const DecoderLayers::Spec& spec, int layer) {
   return (spec.has_cross_bias ? 3 : 2) + 4 * layer;
 }
 
-void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  // Each cache comes out in a new buffer: an input of a primitive with several outputs is held by each of them, so
-  // MLX never lets one take it over. Only the positions in use are copied (see copy_cache).
+// Every output in a new buffer, the inputs and outputs made known to the stream's encoder, and `run` dispatched on it.
+template <class Run>
+void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, Run&& run) {
   for (auto& out : outputs) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
+  auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& input : inputs) {
     encoder.set_input_array(input);
   }
   for (auto& out : outputs) {
     encoder.set_output_array(out);
   }
-  encoder.dispatch([inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
+  encoder.dispatch(std::forward<Run>(run));
+}
+
+void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  // Each cache comes out in a new buffer: an input of a primitive with several outputs is held by each of them, so
+  // MLX never lets one take it over. Only the positions in use are copied (see copy_cache).
+  dispatch(stream(), inputs, outputs,
+           [inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
 }
 
 void DecoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -826,14 +833,8 @@ mx::array encoder_layers(const mx::array& x, const mx::array& bias, const std::v
 }
 
 void EncoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(out);
-  encoder.dispatch([inputs, out, spec = spec_]() mutable { run_encoder(spec, inputs, out); });
+  dispatch(stream(), inputs, outputs,
+           [inputs, out = outputs[0], spec = spec_]() mutable { run_encoder(spec, inputs, out); });
 }
 
 void EncoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -872,17 +873,7 @@ std::vector<mx::array> cross_projections(const mx::array& x, const std::vector<L
 }
 
 void CrossProjections::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& out : outputs) {
-    encoder.set_output_array(out);
-  }
-  encoder.dispatch([inputs, outputs, spec = spec_]() mutable {
+  dispatch(stream(), inputs, outputs, [inputs, outputs, spec = spec_]() mutable {
     const mx::array& x_in = inputs[0];
     const int B = x_in.shape(0), P = x_in.shape(1), D = x_in.shape(2), R = B * P;
     const int H = spec.heads, dk = spec.d_kv, inner = H * dk, ld = padded(D);

@@ -21,6 +21,29 @@ inline int max_int(int a, int b) {
   return a > b ? a : b;
 }
 
+// f(std::integral_constant<int, R>{}) for R = rows, 1 to 8: a row count known at run time as a template's.
+template <class F>
+void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    default:
+      return f(std::integral_constant<int, 8>{});
+  }
+}
+
 // 16 weights from index on, the first `valid` only (the rest zero) where TAIL.
 template <WeightType WT, bool TAIL>
 inline __m512 load16(const void* w, size_t index, __mmask16 valid) {
@@ -247,6 +270,35 @@ void split_rows(int C, const float* x, int ldx, int K, const uint16_t* w, int n,
   }
 }
 
+// Columns [n0, n1) of p in tiles of 4: every row's accumulators start at zero, K goes in chunks of k_chunk, each
+// chunk's rows in groups of at most `group` rows (tile(first row, rows, C, n, k0, k1, acc) accumulates them), then each
+// row's four sums are stored.
+template <class Tile>
+void column_tiles(const FloatProduct& p, int n0, int n1, int group, int k_chunk, Tile&& tile) {
+  __m512 acc[kMaxRows][4];
+  for (int n = n0; n < n1; n += 4) {
+    const int C = min_int(4, n1 - n);
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = 0; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int k0 = 0; k0 < p.K; k0 += k_chunk) {
+      const int k1 = min_int(p.K, k0 + k_chunk);
+      for (int r = 0; r < p.rows; r += group) {
+        tile(r, min_int(group, p.rows - r), C, n, k0, k1, acc + r);
+      }
+    }
+    for (int r = 0; r < p.rows; r++) {
+      for (int c = C; c < 4; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+      _mm_mask_storeu_ps(p.out + size_t(r) * p.N + n, __mmask8((1u << C) - 1),
+                         sum_each(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    }
+  }
+}
+
 // bfloat16 weights and float32 x: x split into even and odd k once, then tiles of up to 8 rows.
 void split_columns(const FloatProduct& p, int n0, int n1) {
   constexpr int kRowGroup = 8;
@@ -263,55 +315,23 @@ void split_columns(const FloatProduct& p, int n0, int n1) {
   const uint16_t* w = static_cast<const uint16_t*>(p.w);
   // K in chunks whose x (every row) fills at most a third of L1, so that a tile's weights stay in L1 while each
   // group of rows passes over them; up to 8 rows take K whole.
-  const int kChunk = p.rows <= kRowGroup ? p.K : max_int(kSplitBlock, 16384 / (p.rows * 4) / kSplitBlock * kSplitBlock);
-  __m512 acc[kMaxRows][4];
-  for (int n = n0; n < n1; n += 4) {
-    const int C = min_int(4, n1 - n);
-    for (int r = 0; r < p.rows; r++) {
-      for (int c = 0; c < 4; c++) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
-    }
-    for (int k0 = 0; k0 < p.K; k0 += kChunk) {
-      const int k1 = min_int(p.K, k0 + kChunk);
-      for (int r = 0; r < p.rows; r += kRowGroup) {
-        const float* xr = split + size_t(r) * ld;
-        switch (min_int(kRowGroup, p.rows - r)) {
-#define T5_ROWS(R)                                            \
-  case R:                                                     \
-    split_rows<R>(C, xr, ld, p.K, w, n, k0, k1, acc + r);     \
-    break;
-          T5_ROWS(1)
-          T5_ROWS(2)
-          T5_ROWS(3)
-          T5_ROWS(4)
-          T5_ROWS(5)
-          T5_ROWS(6)
-          T5_ROWS(7)
-          T5_ROWS(8)
-#undef T5_ROWS
-        }
-      }
-    }
-    for (int r = 0; r < p.rows; r++) {
-      for (int c = C; c < 4; c++) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
-      _mm_mask_storeu_ps(p.out + size_t(r) * p.N + n, __mmask8((1u << C) - 1),
-                         sum_each(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    }
-  }
+  const int k_chunk = p.rows <= kRowGroup ? p.K : max_int(kSplitBlock, 16384 / (p.rows * 4) / kSplitBlock * kSplitBlock);
+  column_tiles(p, n0, n1, kRowGroup, k_chunk, [&](int r, int rows, int C, int n, int k0, int k1, __m512(*acc)[4]) {
+    const float* xr = split + size_t(r) * ld;
+    with_rows(rows, [&](auto count) { split_rows<decltype(count)::value>(C, xr, ld, p.K, w, n, k0, k1, acc); });
+  });
 }
 
+// Rows [r, r + R) of p against C columns from n on; acc: those rows' accumulators.
 template <WeightType WT, bool PAIRS, int R>
 void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m512 (*acc)[4]) {
   auto run = [&](auto columns) {
     constexpr int kC = decltype(columns)::value;
     if constexpr (PAIRS) {
       pair_tile<R, kC>(p.x_bf16 + size_t(r) * p.ldx, p.ldx, p.K, static_cast<const uint16_t*>(p.w), n, k0, k1,
-                       acc + r);
+                       acc);
     } else {
-      float_tile<WT, R, kC>(p.x + size_t(r) * p.ldx, p.ldx, p.K, p.w, n, k0, k1, acc + r);
+      float_tile<WT, R, kC>(p.x + size_t(r) * p.ldx, p.ldx, p.K, p.w, n, k0, k1, acc);
     }
   };
   switch (C) {
@@ -330,41 +350,19 @@ template <WeightType WT, bool PAIRS>
 void float_columns(const FloatProduct& p, int n0, int n1) {
   // K in chunks whose x (every row) fills at most a third of L1, so that a tile's weights stay in L1 while each
   // group of 4 rows passes over them; up to 4 rows take K whole.
-  const int kChunk = p.rows <= 4 ? p.K : max_int(64, 16384 / (p.rows * 4) / 64 * 64);
-  __m512 acc[kMaxRows][4];
-  for (int n = n0; n < n1; n += 4) {
-    const int C = min_int(4, n1 - n);
-    for (int r = 0; r < p.rows; r++) {
-      for (int c = 0; c < 4; c++) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
+  const int k_chunk = p.rows <= 4 ? p.K : max_int(64, 16384 / (p.rows * 4) / 64 * 64);
+  column_tiles(p, n0, n1, 4, k_chunk, [&](int r, int rows, int C, int n, int k0, int k1, __m512(*acc)[4]) {
+    switch (rows) {
+      case 1:
+        return tile_rows<WT, PAIRS, 1>(C, p, r, n, k0, k1, acc);
+      case 2:
+        return tile_rows<WT, PAIRS, 2>(C, p, r, n, k0, k1, acc);
+      case 3:
+        return tile_rows<WT, PAIRS, 3>(C, p, r, n, k0, k1, acc);
+      default:
+        return tile_rows<WT, PAIRS, 4>(C, p, r, n, k0, k1, acc);
     }
-    for (int k0 = 0; k0 < p.K; k0 += kChunk) {
-      const int k1 = min_int(p.K, k0 + kChunk);
-      for (int r = 0; r < p.rows; r += 4) {
-        switch (min_int(4, p.rows - r)) {
-          case 1:
-            tile_rows<WT, PAIRS, 1>(C, p, r, n, k0, k1, acc);
-            break;
-          case 2:
-            tile_rows<WT, PAIRS, 2>(C, p, r, n, k0, k1, acc);
-            break;
-          case 3:
-            tile_rows<WT, PAIRS, 3>(C, p, r, n, k0, k1, acc);
-            break;
-          default:
-            tile_rows<WT, PAIRS, 4>(C, p, r, n, k0, k1, acc);
-        }
-      }
-    }
-    for (int r = 0; r < p.rows; r++) {
-      for (int c = C; c < 4; c++) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
-      _mm_mask_storeu_ps(p.out + size_t(r) * p.N + n, __mmask8((1u << C) - 1),
-                         sum_each(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-    }
-  }
+  });
 }
 
 // The integer products. A block is 64 bytes of one column's weights: 64 values of 8 bits or 128 of 4 bits, and lane
@@ -488,21 +486,9 @@ void int_columns(const IntProduct& p, int n0, int n1) {
     for (int s0 = 0; s0 < steps; s0 += chunk) {
       const int s1 = min_int(steps, s0 + chunk);
       for (int m = 0; m < p.rows; m += kRowGroup) {
-        switch (min_int(kRowGroup, p.rows - m)) {
-#define T5_ROWS(R)                                               \
-  case R:                                                        \
-    int_strip<BITS, GROUP, ST, DOTS, R>(p, n, m, s0, s1, facc + m); \
-    break;
-          T5_ROWS(1)
-          T5_ROWS(2)
-          T5_ROWS(3)
-          T5_ROWS(4)
-          T5_ROWS(5)
-          T5_ROWS(6)
-          T5_ROWS(7)
-          T5_ROWS(8)
-#undef T5_ROWS
-        }
+        with_rows(min_int(kRowGroup, p.rows - m), [&](auto rows) {
+          int_strip<BITS, GROUP, ST, DOTS, decltype(rows)::value>(p, n, m, s0, s1, facc + m);
+        });
       }
     }
     if constexpr (!DOTS) {
