@@ -127,8 +127,7 @@ def batch_generations(
             if regular:
                 row.stats.add_step(None, 0, 0)
             else:
-                kept_drafts = min(num_accepted, len(new_tokens))
-                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, kept_drafts)
+                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, new_tokens)
             stats.drafted += lengths[b]
             stats.accepted += num_accepted
             stats.lookup_drafted += lengths[b] if sources[b] == "lookup" else 0

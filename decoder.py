@@ -283,7 +283,7 @@ class SpeculativeDecoder:
                 if run > 1:
                     # A run of plain steps, as regular decoding takes them; the policy asks again after it.
                     for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache):
-                        record_step(stats, draft_length, None, 0, 0, 0)
+                        record_step(stats, draft_length, None, 0, 0, [token])
                         generated += 1
                         sequence.append(token)
                         yield [token]
@@ -315,9 +315,7 @@ class SpeculativeDecoder:
             new_tokens = step_tokens(
                 drafts, num_accepted, extra, model.args.eos_token_id, ignore_eos, max_tokens - generated
             )
-            record_step(
-                stats, draft_length, draft.source, len(drafts), num_accepted, min(num_accepted, len(new_tokens))
-            )
+            record_step(stats, draft_length, draft.source, len(drafts), num_accepted, new_tokens)
             generated += len(new_tokens)
 
             # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step, or was fed

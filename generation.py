@@ -70,13 +70,13 @@ class Generation:
     stats: Stats = field(default_factory=Stats)
 
 
-def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int, kept: int):
-    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source). `kept`: the
-    accepted drafts the output kept (none past an EOS). The stats count every accepted draft; the policy only those
-    kept, so that it counts what drafting yields: drafts past the end of a short output add nothing, however well the
-    draft agrees there."""
+def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int, new_tokens: List[int]):
+    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source); new_tokens:
+    what the step added to the output (step_tokens). The stats count every accepted draft; the policy only those the
+    output kept (none past an EOS), so that it counts what drafting yields: drafts past the end of a short output add
+    nothing, however well the draft agrees there."""
     stats.add_step(source, drafted, accepted)
-    draft_length.record_acceptance(source, drafted, kept)
+    draft_length.record_acceptance(source, drafted, min(accepted, len(new_tokens)))
 
 
 def count_accepted(verdicts: List[bool]) -> int:

@@ -209,8 +209,8 @@ def decoder_layers(
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
     weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float).
     With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With greedy_steps > 0,
-    x is token ids (1, L) embedded with `embedding` (vocab, D) float32 and the first output is the greedy continuation
-    of that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
+    x is token ids (1, L) embedded with `embedding` (vocab, D) float32 or bfloat16 and the first output is the greedy
+    continuation of that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))

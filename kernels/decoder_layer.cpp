@@ -285,15 +285,16 @@ struct Layer {
   Weights weights[kWeights];
 };
 
-// x (B, L, D) float32 of any strides -> B * L rows of D floats, one after another.
-void read_rows(const mx::array& x, float* rows) {
+// x (B, L, D) float32 of any strides -> B * L rows of D floats, ld apart (D unless given).
+void read_rows(const mx::array& x, float* rows, int ld = 0) {
   const int B = x.shape(0), L = x.shape(1), D = x.shape(2);
+  ld = ld ? ld : D;
   const float* base = x.data<float>();
   const auto& st = x.strides();
   for (int b = 0; b < B; b++) {
     for (int i = 0; i < L; i++) {
       for (int d = 0; d < D; d++) {
-        rows[(size_t(b) * L + i) * D + d] = base[b * st[0] + i * st[1] + d * st[2]];
+        rows[(size_t(b) * L + i) * ld + d] = base[b * st[0] + i * st[1] + d * st[2]];
       }
     }
   }
@@ -878,11 +879,8 @@ void CrossProjections::eval_cpu(const std::vector<mx::array>& inputs, std::vecto
     const int B = x_in.shape(0), P = x_in.shape(1), D = x_in.shape(2), R = B * P;
     const int H = spec.heads, dk = spec.d_kv, inner = H * dk, ld = padded(D);
     // x's rows, ld apart (see run_product), and one projection's rows before they are split by head.
-    std::vector<float> rows(size_t(R) * D), x(size_t(R) * ld, 0.0f), y(size_t(R) * inner);
-    read_rows(x_in, rows.data());
-    for (int r = 0; r < R; r++) {
-      std::memcpy(&x[size_t(r) * ld], &rows[size_t(r) * D], D * sizeof(float));
-    }
+    std::vector<float> x(size_t(R) * ld, 0.0f), y(size_t(R) * inner);
+    read_rows(x_in, x.data(), ld);
     WeightReader weights{spec.held, spec.slots, inputs, 1};
     for (size_t i = 0; i < outputs.size(); i++) {
       const Weights w = weights.weight(spec.group_sizes[i], spec.bits[i]);

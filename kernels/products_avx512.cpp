@@ -21,26 +21,16 @@ inline int max_int(int a, int b) {
   return a > b ? a : b;
 }
 
-// f(std::integral_constant<int, R>{}) for R = rows, 1 to 8: a row count known at run time as a template's.
-template <class F>
-void with_rows(int rows, F&& f) {
-  switch (rows) {
-    case 1:
-      return f(std::integral_constant<int, 1>{});
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    case 3:
-      return f(std::integral_constant<int, 3>{});
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    case 5:
-      return f(std::integral_constant<int, 5>{});
-    case 6:
-      return f(std::integral_constant<int, 6>{});
-    case 7:
-      return f(std::integral_constant<int, 7>{});
-    default:
-      return f(std::integral_constant<int, 8>{});
+// f(std::integral_constant<int, N>{}) for N = n, 1 to Max (Max for n >= Max): a count known at run time (rows of a
+// tile, its columns) as a template's.
+template <int Max, class F>
+void with_count(int n, F&& f) {
+  if constexpr (Max == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (n >= Max) {
+    f(std::integral_constant<int, Max>{});
+  } else {
+    with_count<Max - 1>(n, f);
   }
 }
 
@@ -238,16 +228,7 @@ void split_tile(const float* x, int ldx, int K, const uint16_t* w, int n, int k0
 template <int R>
 void split_rows(int C, const float* x, int ldx, int K, const uint16_t* w, int n, int k0, int k1, __m512 (*acc)[4]) {
   if constexpr (R <= 4) {
-    switch (C) {
-      case 1:
-        return split_tile<R, 1>(x, ldx, K, w, n, k0, k1, acc);
-      case 2:
-        return split_tile<R, 2>(x, ldx, K, w, n, k0, k1, acc);
-      case 3:
-        return split_tile<R, 3>(x, ldx, K, w, n, k0, k1, acc);
-      default:
-        return split_tile<R, 4>(x, ldx, K, w, n, k0, k1, acc);
-    }
+    with_count<4>(C, [&](auto columns) { split_tile<R, decltype(columns)::value>(x, ldx, K, w, n, k0, k1, acc); });
   } else {
     __m512 pair[R][4];  // split_tile's accumulators for columns c, c + 1
     for (int c = 0; c < C; c += 2) {
@@ -318,14 +299,16 @@ void split_columns(const FloatProduct& p, int n0, int n1) {
   const int k_chunk = p.rows <= kRowGroup ? p.K : max_int(kSplitBlock, 16384 / (p.rows * 4) / kSplitBlock * kSplitBlock);
   column_tiles(p, n0, n1, kRowGroup, k_chunk, [&](int r, int rows, int C, int n, int k0, int k1, __m512(*acc)[4]) {
     const float* xr = split + size_t(r) * ld;
-    with_rows(rows, [&](auto count) { split_rows<decltype(count)::value>(C, xr, ld, p.K, w, n, k0, k1, acc); });
+    with_count<kRowGroup>(rows, [&](auto count) {
+      split_rows<decltype(count)::value>(C, xr, ld, p.K, w, n, k0, k1, acc);
+    });
   });
 }
 
 // Rows [r, r + R) of p against C columns from n on; acc: those rows' accumulators.
 template <WeightType WT, bool PAIRS, int R>
 void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m512 (*acc)[4]) {
-  auto run = [&](auto columns) {
+  with_count<4>(C, [&](auto columns) {
     constexpr int kC = decltype(columns)::value;
     if constexpr (PAIRS) {
       pair_tile<R, kC>(p.x_bf16 + size_t(r) * p.ldx, p.ldx, p.K, static_cast<const uint16_t*>(p.w), n, k0, k1,
@@ -333,17 +316,7 @@ void tile_rows(int C, const FloatProduct& p, int r, int n, int k0, int k1, __m51
     } else {
       float_tile<WT, R, kC>(p.x + size_t(r) * p.ldx, p.ldx, p.K, p.w, n, k0, k1, acc);
     }
-  };
-  switch (C) {
-    case 1:
-      return run(std::integral_constant<int, 1>{});
-    case 2:
-      return run(std::integral_constant<int, 2>{});
-    case 3:
-      return run(std::integral_constant<int, 3>{});
-    default:
-      return run(std::integral_constant<int, 4>{});
-  }
+  });
 }
 
 template <WeightType WT, bool PAIRS>
@@ -352,16 +325,7 @@ void float_columns(const FloatProduct& p, int n0, int n1) {
   // group of 4 rows passes over them; up to 4 rows take K whole.
   const int k_chunk = p.rows <= 4 ? p.K : max_int(64, 16384 / (p.rows * 4) / 64 * 64);
   column_tiles(p, n0, n1, 4, k_chunk, [&](int r, int rows, int C, int n, int k0, int k1, __m512(*acc)[4]) {
-    switch (rows) {
-      case 1:
-        return tile_rows<WT, PAIRS, 1>(C, p, r, n, k0, k1, acc);
-      case 2:
-        return tile_rows<WT, PAIRS, 2>(C, p, r, n, k0, k1, acc);
-      case 3:
-        return tile_rows<WT, PAIRS, 3>(C, p, r, n, k0, k1, acc);
-      default:
-        return tile_rows<WT, PAIRS, 4>(C, p, r, n, k0, k1, acc);
-    }
+    with_count<4>(rows, [&](auto count) { tile_rows<WT, PAIRS, decltype(count)::value>(C, p, r, n, k0, k1, acc); });
   });
 }
 
@@ -486,7 +450,7 @@ void int_columns(const IntProduct& p, int n0, int n1) {
     for (int s0 = 0; s0 < steps; s0 += chunk) {
       const int s1 = min_int(steps, s0 + chunk);
       for (int m = 0; m < p.rows; m += kRowGroup) {
-        with_rows(min_int(kRowGroup, p.rows - m), [&](auto rows) {
+        with_count<kRowGroup>(p.rows - m, [&](auto rows) {
           int_strip<BITS, GROUP, ST, DOTS, decltype(rows)::value>(p, n, m, s0, s1, facc + m);
         });
       }
