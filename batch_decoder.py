@@ -103,10 +103,17 @@ def batch_generations(
 
         # Verify: each row's last accepted token and its drafts, all rows in one forward pass.
         verify_input = mx.concatenate([mx.array([sequence[-1:] for sequence in sequences]), draft_tokens], axis=1)
-        logits = rows.decode(verify_input)
-        accepted, extra = judge_rows(
-            decoder.sampler, decoder.delta, logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3]
-        )
+        if decoder.sampler.greedy:
+            # Greedy decoding needs only the main model's choice after each token.
+            judge = decoder.sampler.judge_choices
+            accepted, extra = mx.vmap(lambda choices, drafts, key: judge(choices, drafts, decoder.delta, key))(
+                rows.choices(verify_input), draft_tokens, keys[:, 2]
+            )
+        else:
+            logits = rows.decode(verify_input)
+            accepted, extra = judge_rows(
+                decoder.sampler, decoder.delta, logits, draft_tokens, draft_probs, keys[:, 2], keys[:, 3]
+            )
         # The one synchronisation per step.
         accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
         now = time.perf_counter()

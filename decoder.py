@@ -239,6 +239,8 @@ class SpeculativeDecoder:
         built past the last."""
 
         def step(token, key):
+            if self.sampler.greedy:
+                return self.choices(token.reshape(1, 1), cross_kv, cache)[-1]
             return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
 
         keys = mx.random.split(key, count)
@@ -355,17 +357,30 @@ class SpeculativeDecoder:
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
         main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for."""
         last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
-        if not draft.tokens.size and self.sampler.greedy and self.delta == 0:
-            # A plain greedy step is regular decoding's step: nothing to judge, no keys to split.
-            extra = mx.argmax(self.model.decode(last_token.astype(mx.int32)[None], cross_kv, cache)[0], axis=-1)
-            mx.async_eval(extra)
-            return draft, NO_ACCEPTANCE, extra
-        accept_key, extra_key = self.split_key(key)
-        verify_input = mx.concatenate([last_token.astype(mx.int32), draft.tokens])[None]
-        logits = self.model.decode(verify_input, cross_kv, cache)[0]
-        accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
+        verify_input = last_token.astype(mx.int32)
+        if draft.tokens.size:
+            verify_input = mx.concatenate([verify_input, draft.tokens])
+        if self.sampler.greedy:
+            # Greedy decoding needs only the main model's choice after each token.
+            extra = self.choices(verify_input[None], cross_kv, cache)
+            if not draft.tokens.size:  # a plain step is regular decoding's step: nothing to judge, no keys to split
+                mx.async_eval(extra)
+                return draft, NO_ACCEPTANCE, extra
+            accepted, extra = self.sampler.judge_choices(extra, draft.tokens, self.delta, self.split_key(key)[0])
+        else:
+            accept_key, extra_key = self.split_key(key)
+            logits = self.model.decode(verify_input[None], cross_kv, cache)[0]
+            accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
+
+    def choices(self, ids, cross_kv, cache):
+        """The main model's most likely token after each of ids (1, L), (L,): one native operation where the model
+        allows it (no logits), else the argmax of its logits."""
+        choices = self.model.greedy_choices(ids, cross_kv, cache)
+        if choices is None:
+            return mx.argmax(self.model.decode(ids, cross_kv, cache)[0], axis=-1)
+        return choices[0]
 
 
 # What a step without drafts accepted.

@@ -505,24 +505,27 @@ class Decoder(Module):
             for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, parts)
         ]
 
-    def greedy_tokens(self, ids, cross_kv, cache, head, scale, embedding, count):
-        """The greedy continuation (count,) int32 of the token ids (1, L) that continue what `cache` holds, computed as
-        one native operation: each token's most likely successor fed to the next step (all but the last fed, so the
-        cache grows by L + count - 1). None where the native layers cannot compute it (the caller decodes step by step
-        then)."""
+    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count):
+        """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
+        count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0 (one
+        row): the greedy continuation (count,) int32, each token's most likely successor fed to the next step (all but
+        the last fed, so the cache grows by L + count - 1). None where the native layers cannot compute it (the caller
+        takes the logits then)."""
         # The layers run natively in float32 on the table's rows (float32, or bfloat16 widened).
         if embedding.dtype not in (mx.float32, mx.bfloat16) or not kernels.native_layers_take(self.final_norm.weight):
             return None
         if type(head) is not FusedLinear:
             return None
         head_weight = head.native_weight()
-        fed = ids.shape[1] + count - 1
-        layers = None if head_weight is None else self.native_layers(1, fed, cross_kv, cache)
+        fed = ids.shape[1] + max(count - 1, 0)
+        layers = None if head_weight is None else self.native_layers(ids.shape[0], fed, cross_kv, cache)
         if layers is None:
             return None
         output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
         bias = self.position_bias(cache[0].offsets, fed)
-        return self.run_native(ids.astype(mx.int32), bias, None, cache, layers, output_layer, fed, embedding, count)
+        return self.run_native(
+            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count
+        )
 
     def run_native(self, x, self_bias, cross_bias, cache, layers, output_layer, fed, embedding=None, greedy_steps=0):
         """kernels.decoder_layers on this decoder's layers; each cache takes its new buffers with `fed` positions
@@ -615,11 +618,20 @@ class T5(Module):
     def greedy_draft(self, decoder_ids, cross_kv, cache, count):
         """The greedy continuation (count,) int32 of decoder_ids (1, L) in one native operation, or None where the
         native layers do not apply (see Decoder.greedy_tokens)."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, None, count)
+
+    def greedy_choices(self, decoder_ids, cross_kv, cache, attention_mask=None):
+        """The most likely token after each of decoder_ids (B, L), int32 (the argmax of `decode`'s logits, the first of
+        equal ones), computed in one native operation without the logits; None where the native layers do not apply."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0)
+
+    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count):
         if type(self["shared"]) is not nn.Embedding or "lm_head" not in self:
             return None
+        cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         return self.decoder.greedy_tokens(
-            decoder_ids, cross_kv, cache, self["lm_head"], scale, self.shared.weight, count
+            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, self.shared.weight, count
         )
 
     def __call__(self, input_ids, decoder_ids, attention_mask=None):

@@ -124,14 +124,7 @@ class Sampler:
         """
         # Each draw takes its position's key: a row's tokens do not depend on how far a batch pads its drafts.
         if self.greedy:
-            # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0 (at delta 0,
-            # whatever u is drawn); the residual after a rejection is one-hot at the main model's argmax.
-            choices = mx.argmax(logits, axis=-1)
-            matches = choices[:-1] == drafts
-            if delta == 0:
-                return matches, choices
-            uniform = uniforms(accept_key, drafts.shape[0])
-            return accept_drafts(matches.astype(mx.float32), 1.0, uniform, delta), choices
+            return self.judge_choices(mx.argmax(logits, axis=-1), drafts, delta, accept_key)
         uniform = uniforms(accept_key, drafts.shape[0])
         main_probs = self.distribution(logits)
         if drafts.size == 0:
@@ -144,6 +137,17 @@ class Sampler:
         q = mx.take_along_axis(draft_probs, drafts[:, None], axis=-1)[:, 0]
         fallback = mx.concatenate([residual(main_probs[:-1], draft_probs), main_probs[-1:]])
         return accept_drafts(p, q, uniform, delta), self.sample_each(fallback, extra_key)
+
+    def judge_choices(self, choices, drafts, delta: float, accept_key):
+        """judge for greedy decoding, from the main model's choices (k + 1,) (the argmax of its logits at each
+        position): (accepted (k,), extra (k + 1,) = choices)."""
+        # One-hot distributions: p(x) / q(x) is 1 where the main model's argmax is the draft, else 0 (at delta 0,
+        # whatever u is drawn); the residual after a rejection is one-hot at the main model's argmax.
+        matches = choices[:-1] == drafts
+        if delta == 0:
+            return matches, choices
+        uniform = uniforms(accept_key, drafts.shape[0])
+        return accept_drafts(matches.astype(mx.float32), 1.0, uniform, delta), choices
 
     def sample_each(self, probs, key):
         """A token from each row of (n, vocab) probabilities, row i drawn with position i's key."""

@@ -53,14 +53,15 @@ def step_setup(model, rows, prompt_length, context):
     return cross_kv, cache
 
 
-def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=50):
-    """Median seconds of one `model.decode` call of `tokens` new tokens for each of `rows` rows, evaluated, the cache
-    rewound after each call."""
+def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=50, choices=False):
+    """Median seconds of one `model.decode` call (with choices, of `model.greedy_choices`, a greedy step's) of `tokens`
+    new tokens for each of `rows` rows, evaluated, the cache rewound after each call."""
     cross_kv, cache = step_setup(model, rows, prompt_length, context)
     inputs = mx.full((rows, tokens), 3)
+    step = model.greedy_choices if choices else model.decode
 
     def call():
-        mx.eval(model.decode(inputs, cross_kv, cache))
+        mx.eval(step(inputs, cross_kv, cache))
         for layer_cache in cache:
             layer_cache.trim(tokens)
 
@@ -92,35 +93,47 @@ def model_steps(model, name):
 
 
 class CallLog:
-    """Records the shape (rows, tokens) of every decode call of a model, and (tokens fed, tokens drafted) of every
-    greedy drafting call, to time each alone afterwards."""
+    """Records the shape (rows, tokens) of every decode call of a model and of every greedy choices call, and (tokens
+    fed, tokens drafted) of every greedy drafting call, to time each alone afterwards."""
 
     def __init__(self, model):
-        self.model, self.calls, self.drafts = model, Counter(), Counter()
-        self.decode, self.greedy_draft = model.decode, model.greedy_draft
+        self.model, self.calls, self.choices, self.drafts = model, Counter(), Counter(), Counter()
+        self.methods = {name: getattr(model, name) for name in ("decode", "greedy_choices", "greedy_draft")}
 
     def __enter__(self):
         def logged(decoder_ids, *args, **kwargs):
             self.calls[tuple(decoder_ids.shape)] += 1
-            return self.decode(decoder_ids, *args, **kwargs)
+            return self.methods["decode"](decoder_ids, *args, **kwargs)
+
+        def logged_choices(decoder_ids, *args, **kwargs):
+            choices = self.methods["greedy_choices"](decoder_ids, *args, **kwargs)
+            if choices is not None:
+                self.choices[tuple(decoder_ids.shape)] += 1
+            return choices
 
         def logged_draft(decoder_ids, cross_kv, cache, count):
-            tokens = self.greedy_draft(decoder_ids, cross_kv, cache, count)
+            tokens = self.methods["greedy_draft"](decoder_ids, cross_kv, cache, count)
             if tokens is not None:
                 self.drafts[decoder_ids.shape[1], count] += 1
             return tokens
 
-        self.model.decode, self.model.greedy_draft = logged, logged_draft
+        self.model.decode, self.model.greedy_choices, self.model.greedy_draft = logged, logged_choices, logged_draft
         return self
 
     def __exit__(self, *exc):
-        del self.model.decode, self.model.greedy_draft
+        for name in self.methods:
+            delattr(self.model, name)
 
 
-def steps_seconds(model, calls, context, drafts=()):
-    """The sum of the calls' step times, each timed alone at its shape (and of the greedy drafting calls)."""
-    seconds = sum(count * step_seconds(model, rows, tokens, context=context) for (rows, tokens), count in calls.items())
-    return seconds + sum(n * draft_seconds(model, fed, count, context=context) for (fed, count), n in drafts.items())
+def steps_seconds(model, log, context):
+    """The sum of a CallLog's calls' step times, each timed alone at its shape."""
+    seconds = 0.0
+    for calls, choices in ((log.calls, False), (log.choices, True)):
+        for (rows, tokens), count in calls.items():
+            seconds += count * step_seconds(model, rows, tokens, context=context, choices=choices)
+    return seconds + sum(
+        n * draft_seconds(model, fed, count, context=context) for (fed, count), n in log.drafts.items()
+    )
 
 
 def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
@@ -152,7 +165,7 @@ def loop_share(decoder, prompt, max_tokens, regular):
     time.sleep(PAUSE)
     stats = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).stats
     loop = stats.seconds - stats.encode_seconds
-    steps = sum(steps_seconds(log.model, log.calls, max_tokens // 2, log.drafts) for log in logs)
+    steps = sum(steps_seconds(log.model, log, max_tokens // 2) for log in logs)
     return loop / steps - 1, generation.stats
 
 

@@ -208,9 +208,10 @@ def decoder_layers(
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
     weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float).
-    With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With greedy_steps > 0,
-    x is token ids (1, L) embedded with `embedding` (vocab, D) float32 or bfloat16 and the first output is the greedy
-    continuation of that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
+    With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With an `embedding`
+    (vocab, D) float32 or bfloat16 and the head, x is token ids (B, L) and the first output each position's most likely
+    next token (B, L) int32 (a greedy verification); with greedy_steps > 0 too (one row), the greedy continuation of
+    that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))

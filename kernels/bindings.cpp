@@ -83,8 +83,9 @@ NB_MODULE(_native, m) {
       "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
       "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
       "bits 0 for float weights. With head (final norm weight, scale, weight, int8 activations), the first output is "
-      "the logits. With greedy_steps > 0, x is token ids (1, L) int32 embedded with `embedding` (vocab, D) float32, "
-      "and the first output is the greedy continuation of that many tokens, each fed to the next step.");
+      "the logits. With `embedding` (vocab, D) float32 or bfloat16, x is token ids (B, L) int32 and the first output "
+      "each position's most likely next token (B, L) int32; with greedy_steps > 0 too (one row), the greedy "
+      "continuation of that many tokens, each fed to the next step.");
   m.def(
       "encoder_layers",
       [](const mx::array& x, const mx::array& bias, nb::list layers, const mx::array& final_norm, int num_heads,

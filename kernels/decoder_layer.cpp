@@ -452,7 +452,7 @@ int argmax(const float* values, int n) {
 void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const mx::array& x_in = inputs[0];
   const int B = x_in.shape(0), L = x_in.shape(1), R = B * L;
-  const int D = spec.greedy_steps ? spec.d_model : x_in.shape(2);
+  const int D = spec.token_ids ? spec.d_model : x_in.shape(2);
   const Strided4 self_bias(inputs[1]);
   const bool bias_per_row = inputs[1].shape(0) != 1;
   std::optional<Strided4> cross_bias;
@@ -519,44 +519,56 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     product_rows(spec.isa, spec.head_integer, h.data(), ld, rows, D, *head.w, head.scales, head.biases,
                  head.group_size, head.bits, out, spec.head_rows);
   };
-  if (spec.greedy_steps) {
-    // Greedy drafting (one row): the tokens in, each step's most likely token fed as the next step's, steps tokens
-    // out. Embeddings are rows of a float32 table, or of a bfloat16 one widened (exactly).
-    const mx::array& table = weights.array();
-    const int32_t* ids = x_in.data<int32_t>();
-    const auto& st = x_in.strides();
-    auto embed = [&](int token, float* row) {
-      if (table.dtype() == mx::bfloat16) {
-        const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
-        for (int d = 0; d < D; d++) {
-          row[d] = bf16_to_float(values[d]);
-        }
-      } else {
-        std::memcpy(row, table.data<float>() + size_t(token) * D, D * sizeof(float));
-      }
-    };
-    for (int i = 0; i < L; i++) {
-      embed(ids[i * st[1]], &x[size_t(i) * D]);
-    }
-    std::vector<float> scores(spec.head_rows);
-    int32_t* tokens = outputs[0].data<int32_t>();
-    for (int step = 0; step < spec.greedy_steps; step++) {
-      const int rows = step ? 1 : L, first = step ? L + step - 1 : 0;
-      run_layers(x.data(), rows, first);
-      logits(&x[size_t(rows - 1) * D], 1, scores.data());
-      tokens[step] = argmax(scores.data(), spec.head_rows);
-      if (step + 1 < spec.greedy_steps) {
-        embed(tokens[step], x.data());
-      }
+  if (!spec.token_ids) {
+    read_rows(x_in, x.data());
+    run_layers(x.data(), L, 0);
+    if (spec.has_head) {
+      logits(x.data(), R, outputs[0].data<float>());
+    } else {
+      std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
     }
     return;
   }
-  read_rows(x_in, x.data());
-  run_layers(x.data(), L, 0);
-  if (spec.has_head) {
-    logits(x.data(), R, outputs[0].data<float>());
-  } else {
-    std::memcpy(outputs[0].data<float>(), x.data(), x.size() * sizeof(float));
+  // Token ids in: rows of the embedding table, float32 or bfloat16 widened (exactly).
+  const mx::array& table = weights.array();
+  const int32_t* ids = x_in.data<int32_t>();
+  const auto& st = x_in.strides();
+  auto embed = [&](int token, float* row) {
+    if (table.dtype() == mx::bfloat16) {
+      const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
+      for (int d = 0; d < D; d++) {
+        row[d] = bf16_to_float(values[d]);
+      }
+    } else {
+      std::memcpy(row, table.data<float>() + size_t(token) * D, D * sizeof(float));
+    }
+  };
+  for (int b = 0; b < B; b++) {
+    for (int i = 0; i < L; i++) {
+      embed(ids[b * st[0] + i * st[1]], &x[(size_t(b) * L + i) * D]);
+    }
+  }
+  int32_t* tokens = outputs[0].data<int32_t>();
+  if (!spec.greedy_steps) {
+    // Greedy verification: the most likely token after each position.
+    std::vector<float> scores(size_t(R) * spec.head_rows);
+    run_layers(x.data(), L, 0);
+    logits(x.data(), R, scores.data());
+    for (int r = 0; r < R; r++) {
+      tokens[r] = argmax(&scores[size_t(r) * spec.head_rows], spec.head_rows);
+    }
+    return;
+  }
+  // Greedy drafting (one row): each step's most likely token fed as the next step's, steps tokens out.
+  std::vector<float> scores(spec.head_rows);
+  for (int step = 0; step < spec.greedy_steps; step++) {
+    const int rows = step ? 1 : L, first = step ? L + step - 1 : 0;
+    run_layers(x.data(), rows, first);
+    logits(&x[size_t(rows - 1) * D], 1, scores.data());
+    tokens[step] = argmax(scores.data(), spec.head_rows);
+    if (step + 1 < spec.greedy_steps) {
+      embed(tokens[step], x.data());
+    }
   }
 }
 
@@ -624,16 +636,19 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<mx::array>& embedding, int greedy_steps,
                                       mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
-  const bool drafting = greedy_steps > 0;
-  if (drafting) {
-    check(x.ndim() == 2 && x.shape(0) == 1 && x.dtype() == mx::int32, "token ids must be (1, L) int32");
-    check(head.has_value() && embedding && embedding->ndim() == 2 &&
+  const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
+  check(greedy_steps >= 0, "greedy_steps must not be negative");
+  if (token_ids) {
+    check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
+          "token ids must be (B, L) int32, (1, L) for greedy drafting");
+    check(head.has_value() && embedding->ndim() == 2 &&
               (embedding->dtype() == mx::float32 || embedding->dtype() == mx::bfloat16),
-          "greedy drafting needs the head and a float32 or bfloat16 embedding table");
+          "token ids need the head and a float32 or bfloat16 embedding table");
   } else {
+    check(!drafting, "greedy drafting needs an embedding table");
     check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
   }
-  const int B = x.shape(0), L = x.shape(1), D = drafting ? embedding->shape(1) : x.shape(2);
+  const int B = x.shape(0), L = x.shape(1), D = token_ids ? embedding->shape(1) : x.shape(2);
   // Positions written past each row's length: the new ones, and each draft fed but the last.
   const int new_positions = L + std::max(0, greedy_steps - 1);
   check(int(offsets.size()) == B, "one offset per row");
@@ -657,7 +672,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   std::vector<mx::array> inputs = {x, self_bias};
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
-                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, D};
+                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids, D};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
@@ -725,10 +740,10 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     shapes[0] = {B, L, vocab};
   }
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
-  if (drafting) {
+  if (token_ids) {
     check(embedding->shape(0) >= spec.head_rows, "the embedding table must have a row for every id the head gives");
     weights.push(*embedding);
-    shapes[0] = {greedy_steps};
+    shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
     dtypes[0] = mx::int32;
   }
   inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
@@ -771,7 +786,14 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 }
 
 std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>& inputs) {
-  std::vector<mx::Shape> shapes = {inputs[0].shape()};
+  // x, or each position's token (token ids in), or the greedy continuation, or the logits.
+  mx::Shape first = inputs[0].shape();
+  if (spec_.greedy_steps) {
+    first = {spec_.greedy_steps};
+  } else if (spec_.has_head && !spec_.token_ids) {
+    first.back() = spec_.head_rows;
+  }
+  std::vector<mx::Shape> shapes = {first};
   for (int l = 0; l < spec_.layers; l++) {
     const int first = cache_input(spec_, l);
     shapes.push_back(inputs[first].shape());

@@ -48,10 +48,11 @@ struct Head {
 // an optional additive bias over the prompt's positions. Returns x out and each layer's cache with the new keys and
 // values written at each row's positions offsets[b]..offsets[b] + L - 1 (in the input's buffer where nothing else
 // holds it, else in a copy); the cache needs room for them. With a head, the first output is the logits
-// (B, L, vocab) instead of x. With greedy_steps > 0 (one row), x is token ids (1, L) int32 instead, embedded with
-// `embedding` (vocab, D) float32, and the first output is the greedy continuation of greedy_steps tokens (int32): each
-// step's most likely token is fed to the next step (the last is not fed), all in one operation; self_bias then covers
-// the L + greedy_steps - 1 positions fed.
+// (B, L, vocab) instead of x. With an `embedding` (vocab, D) float32 or bfloat16 table and the head, x is token ids
+// (B, L) int32 instead, and the first output each position's most likely next token (B, L) int32, the greedy
+// verification of drafts. With greedy_steps > 0 too (one row), the first output is the greedy continuation of
+// greedy_steps tokens (int32): each step's most likely token is fed to the next step (the last is not fed), all in one
+// operation; self_bias then covers the L + greedy_steps - 1 positions fed.
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
@@ -146,6 +147,7 @@ class DecoderLayers : public mx::Primitive {
     int head_rows, head_group_size, head_bits;
     bool head_integer;
     int greedy_steps = 0;  // > 0: greedy drafting of that many tokens from token ids (decoder_layers)
+    bool token_ids = false;  // x is token ids: greedy drafting, or each position's most likely next token
     int d_model = 0;
     // Where each weight is, in order (each layer's three norms and six products' arrays, then the final norm and
     // the head's): held[slot] for slot >= 0, else the input ~slot places after the layers' caches.

@@ -40,14 +40,17 @@ def test_call_log_sees_every_decode_call(main, drafts):
     decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
     with decode_step.CallLog(model) as main_log, decode_step.CallLog(drafts["noisy"]) as draft_log:
         stats = decoder.generate(PROMPTS[0], max_tokens=10, ignore_eos=True).stats
-    assert sum(main_log.calls.values()) == stats.main_calls
+    main_calls = main_log.calls + main_log.choices
+    assert sum(main_calls.values()) == stats.main_calls
+    # Greedy verifications are one call of the main model's choices (native layers), else one decode call.
+    assert sum(main_log.choices.values()) == (stats.main_calls if kernels.native is not None else 0)
     # Each verification is one row of its drafts and the token before them.
-    assert sum(tokens * count for (_, tokens), count in main_log.calls.items()) == stats.main_calls + stats.drafted
+    assert sum(tokens * count for (_, tokens), count in main_calls.items()) == stats.main_calls + stats.drafted
     # Greedy drafts are one call per verification (native layers), else one decode call per draft.
     greedy = sum(count * n for (_, count), n in draft_log.drafts.items())
     assert sum(draft_log.calls.values()) + greedy == stats.drafted
     assert greedy == (stats.drafted if kernels.native is not None else 0)
-    assert "decode" not in vars(model) and "greedy_draft" not in vars(model)  # the model's own methods again
+    assert not {"decode", "greedy_choices", "greedy_draft"} & set(vars(model))  # the model's own methods again
 
 
 def test_regular_loop_share_is_measured_against_its_steps(main):

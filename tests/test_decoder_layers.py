@@ -265,3 +265,30 @@ def test_greedy_drafting_is_declined_where_the_native_layers_do_not_apply(conver
     cache = half.make_cache()
     assert half.greedy_draft(mx.array([[0]]), half_kv, cache, 3) is None
     assert cache[0].offsets == [0]  # nothing was reserved or written
+
+
+@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_greedy_choices_are_the_argmax_of_the_native_logits(variant, rows, converted, fused):
+    # T5.greedy_choices: a greedy verification as one native operation that returns the main model's choice after
+    # each token instead of the logits. The choices are exactly the argmax (the first of equal values) of the same
+    # native layers' logits, for one row and for padded prompts whose rows are at their own lengths, and the cache
+    # takes the same keys and values.
+    model, tokenizer, _ = load_model(converted(variant))
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:rows])
+    fused(True)
+    caches = model.make_cache(rows), model.make_cache(rows)
+    steps = [([[0, 5, 9, 2]] * rows, None), ([[7, 3, 3], [1, 8, 4]][:rows], [2, 0][:rows]), ([[6]] * rows, None)]
+    for ids, rewind in steps:
+        if rewind:
+            for layer_cache in (*caches[0], *caches[1]):
+                layer_cache.trim_rows(rewind)
+        expected = mx.argmax(model.decode(mx.array(ids), cross_kv, caches[0], mask), axis=-1)
+        choices = model.greedy_choices(mx.array(ids), cross_kv, caches[1], mask)
+        assert choices is not None and choices.dtype == mx.int32 and choices.shape == (rows, len(ids[0]))
+        assert choices.tolist() == expected.tolist()
+        assert caches[0][0].offsets == caches[1][0].offsets
+        for ours, theirs in zip(caches[1], caches[0]):
+            assert np.array_equal(np.array(ours.keys[:, :, : ours.offset]), np.array(theirs.keys[:, :, : ours.offset]))
+    fused(False)
+    assert model.greedy_choices(mx.array([[0]]), cross_kv, model.make_cache(rows), mask) is None

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(kernels.native is None, reason=f"native kernels 
 
 ISAS = ["portable", "avx2", "avx512"]
 FLOAT_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
-# 1-16 rows take one pass over the weights; more rows several blocks of 16.
-ROWS = [1, 2, 3, 5, 8, 11, 16, 17, 40, 600]
+# 1-16 rows take one pass over the weights (bfloat16 weights with float32 x: 1-12), more rows several blocks.
+ROWS = [1, 2, 3, 5, 8, 9, 11, 12, 13, 16, 17, 40, 600]
 
 
 @pytest.fixture(params=ISAS)
@@ -169,7 +169,7 @@ def products(isa):
     return K, out
 
 
-@pytest.mark.parametrize("rows", [2, 5, 8, 16, 17, 40])
+@pytest.mark.parametrize("rows", [2, 5, 8, 9, 12, 13, 16, 17, 40])
 def test_rows_independent(isa, rows):
     K, cases = products(isa)
     x = mx.array(np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32))
