@@ -135,12 +135,13 @@ class SpeculativeDecoder:
         mx.eval(cross_kv)
         return cross_kv, self.model.make_cache(), encoder_output if self.shared_encoder else None
 
-    def make_drafter(self):
-        """A drafter for one sequence."""
+    def make_drafter(self, stop: Optional[int] = None):
+        """A drafter for one sequence; `stop`: a token after which nothing is worth drafting (EOS where it ends the
+        output)."""
         lookup = LookupDrafter(self.max_ngram, self.model.args.eos_token_id)
         if self.drafter == "lookup":
             return lookup
-        model_drafter = ModelDrafter(self.draft_model, self.sampler)
+        model_drafter = ModelDrafter(self.draft_model, self.sampler, stop)
         return HybridDrafter(lookup, model_drafter) if self.drafter == "hybrid" else model_drafter
 
     def draft_sources(self):
@@ -258,7 +259,9 @@ class SpeculativeDecoder:
     ) -> Iterator[List[int]]:
         """Accepted tokens, step by step: drafts accepted by the main model plus its own next token. The drafter and
         draft-length policy are the decoder's own unless given."""
-        model, drafter = self.model, drafter or self.make_drafter()
+        # Where EOS ends the output, nothing after a drafted EOS is drafted or verified.
+        stop = None if ignore_eos else self.model.args.eos_token_id
+        model, drafter = self.model, drafter or self.make_drafter(stop)
         draft_length = draft_length or self.draft_length(stats, batch_size=1)
         key = mx.random.key(self.seed)
         tick = time.perf_counter()
@@ -295,7 +298,7 @@ class SpeculativeDecoder:
                     last_sync, planned = time.perf_counter(), None
                     continue
                 step = self.step(
-                    sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache
+                    sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache, stop
                 )
             draft, accepted, extra = step
             # A plain step followed by another (the drafter's choice not depending on the tokens) builds the next
@@ -311,7 +314,9 @@ class SpeculativeDecoder:
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
-            num_accepted = count_accepted(accepted)
+            if stop in drafts:  # a draft ends at an EOS that would end the output: nothing after it is used
+                drafts = drafts[: drafts.index(stop) + 1]
+            num_accepted = min(count_accepted(accepted), len(drafts))
             draft_length.record_time(draft.source, len(drafts), self.agreed(now - last_sync))
             last_sync = now
             new_tokens = step_tokens(
@@ -353,16 +358,17 @@ class SpeculativeDecoder:
         """Whether `flag` holds on every rank."""
         return self.agree([float(flag)])[0] == 1.0
 
-    def step(self, last_token, draft, key, cross_kv, cache):
+    def step(self, last_token, draft, key, cross_kv, cache, stop=None):
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
-        main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for."""
+        main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for. `stop`: a token (EOS where it
+        ends the output) after which a greedy verification computes nothing (nothing there is accepted)."""
         last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
         verify_input = last_token.astype(mx.int32)
         if draft.tokens.size:
             verify_input = mx.concatenate([verify_input, draft.tokens])
         if self.sampler.greedy:
             # Greedy decoding needs only the main model's choice after each token.
-            extra = self.choices(verify_input[None], cross_kv, cache)
+            extra = self.choices(verify_input[None], cross_kv, cache, stop)
             if not draft.tokens.size:  # a plain step is regular decoding's step: nothing to judge, no keys to split
                 mx.async_eval(extra)
                 return draft, NO_ACCEPTANCE, extra
@@ -374,10 +380,11 @@ class SpeculativeDecoder:
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
 
-    def choices(self, ids, cross_kv, cache):
+    def choices(self, ids, cross_kv, cache, stop=None):
         """The main model's most likely token after each of ids (1, L), (L,): one native operation where the model
-        allows it (no logits), else the argmax of its logits."""
-        choices = self.model.greedy_choices(ids, cross_kv, cache)
+        allows it (no logits; none computed after a `stop` token past the first, see T5.greedy_choices), else the
+        argmax of its logits."""
+        choices = self.model.greedy_choices(ids, cross_kv, cache, stop=stop)
         if choices is None:
             return mx.argmax(self.model.decode(ids, cross_kv, cache)[0], axis=-1)
         return choices[0]

@@ -33,13 +33,15 @@ def no_draft() -> Draft:
 
 
 class ModelDrafter:
-    """A small T5 with the main model's vocabulary, decoding autoregressively with its own cache."""
+    """A small T5 with the main model's vocabulary, decoding autoregressively with its own cache. `stop`: a token
+    after which nothing is worth drafting (EOS where it ends the output); greedy drafts stop computing there."""
 
     reads_tokens = False  # whether source() depends on the tokens so far
 
-    def __init__(self, model, sampler: Sampler):
+    def __init__(self, model, sampler: Sampler, stop: Optional[int] = None):
         self.model = model
         self.sampler = sampler
+        self.stop = stop
 
     def prepare(self, prompt_ids, encoder_output=None):
         """prompt_ids: (1, L). The prompt is encoded at the first draft, once (or taken as `encoder_output`, the main
@@ -62,7 +64,7 @@ class ModelDrafter:
         # (and the verification) overlaps it. Nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
         if self.sampler.greedy:
-            tokens = self.model.greedy_draft(draft_input, self.cross_kv, self.cache, k)
+            tokens = self.model.greedy_draft(draft_input, self.cross_kv, self.cache, k, self.stop)
             if tokens is not None:
                 mx.async_eval(tokens)
                 return Draft(tokens, None, "model")

@@ -505,12 +505,13 @@ class Decoder(Module):
             for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, parts)
         ]
 
-    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count):
+    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
         count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0 (one
         row): the greedy continuation (count,) int32, each token's most likely successor fed to the next step (all but
-        the last fed, so the cache grows by L + count - 1). None where the native layers cannot compute it (the caller
-        takes the logits then)."""
+        the last fed, so the cache grows by L + count - 1). `stop` (one row): a token after which nothing is computed
+        (see kernels.decoder_layers). None where the native layers cannot compute it (the caller takes the logits
+        then)."""
         # The layers run natively in float32 on the table's rows (float32, or bfloat16 widened).
         if embedding.dtype not in (mx.float32, mx.bfloat16) or not kernels.native_layers_take(self.final_norm.weight):
             return None
@@ -524,10 +525,12 @@ class Decoder(Module):
         output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
         bias = self.position_bias(cache[0].offsets, fed)
         return self.run_native(
-            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count
+            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count, stop
         )
 
-    def run_native(self, x, self_bias, cross_bias, cache, layers, output_layer, fed, embedding=None, greedy_steps=0):
+    def run_native(
+        self, x, self_bias, cross_bias, cache, layers, output_layer, fed, embedding=None, greedy_steps=0, stop=None
+    ):
         """kernels.decoder_layers on this decoder's layers; each cache takes its new buffers with `fed` positions
         written. Returns the first output (x, the logits, or the greedy tokens)."""
         first = self.layers[0]
@@ -544,6 +547,7 @@ class Decoder(Module):
             output_layer,
             embedding=embedding,
             greedy_steps=greedy_steps,
+            stop=stop,
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)
@@ -615,23 +619,26 @@ class T5(Module):
         head = self["lm_head"] if "lm_head" in self else self.shared.as_linear
         return self.decoder(self.embed(decoder_ids), cross_kv, cross_bias, cache, head, scale)
 
-    def greedy_draft(self, decoder_ids, cross_kv, cache, count):
+    def greedy_draft(self, decoder_ids, cross_kv, cache, count, stop=None):
         """The greedy continuation (count,) int32 of decoder_ids (1, L) in one native operation, or None where the
-        native layers do not apply (see Decoder.greedy_tokens)."""
-        return self.greedy_tokens(decoder_ids, cross_kv, cache, None, count)
+        native layers do not apply (see Decoder.greedy_tokens). After a `stop` token (EOS where it ends the output)
+        nothing is computed, and the rest of the tokens are `stop`."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, None, count, stop)
 
-    def greedy_choices(self, decoder_ids, cross_kv, cache, attention_mask=None):
+    def greedy_choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None):
         """The most likely token after each of decoder_ids (B, L), int32 (the argmax of `decode`'s logits, the first of
-        equal ones), computed in one native operation without the logits; None where the native layers do not apply."""
-        return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0)
+        equal ones), computed in one native operation without the logits; None where the native layers do not apply.
+        With a `stop` token (one row: EOS where it ends the output), nothing is computed from its first occurrence past
+        the first id on, and the tokens there are -1 (what follows a stop token is never kept)."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0, stop)
 
-    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count):
+    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None):
         if type(self["shared"]) is not nn.Embedding or "lm_head" not in self:
             return None
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         return self.decoder.greedy_tokens(
-            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, self.shared.weight, count
+            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, self.shared.weight, count, stop
         )
 
     def __call__(self, input_ids, decoder_ids, attention_mask=None):

@@ -111,8 +111,8 @@ class CallLog:
                 self.choices[tuple(decoder_ids.shape)] += 1
             return choices
 
-        def logged_draft(decoder_ids, cross_kv, cache, count):
-            tokens = self.methods["greedy_draft"](decoder_ids, cross_kv, cache, count)
+        def logged_draft(decoder_ids, cross_kv, cache, count, stop=None):
+            tokens = self.methods["greedy_draft"](decoder_ids, cross_kv, cache, count, stop)
             if tokens is not None:
                 self.drafts[decoder_ids.shape[1], count] += 1
             return tokens

@@ -204,6 +204,7 @@ def decoder_layers(
     head=None,
     embedding=None,
     greedy_steps=0,
+    stop=None,
 ):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
@@ -211,7 +212,10 @@ def decoder_layers(
     With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With an `embedding`
     (vocab, D) float32 or bfloat16 and the head, x is token ids (B, L) and the first output each position's most likely
     next token (B, L) int32 (a greedy verification); with greedy_steps > 0 too (one row), the greedy continuation of
-    that many tokens (int32), each fed to the next step: a draft model's steps as one operation."""
+    that many tokens (int32), each fed to the next step: a draft model's steps as one operation. A `stop` token id (one
+    row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the remaining tokens are
+    the stop token), and a verification computes nothing from the first stop token past the first id on (their tokens
+    are -1)."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))
@@ -229,6 +233,7 @@ def decoder_layers(
         head,
         embedding,
         greedy_steps,
+        -1 if stop is None else stop,
     )
 
 

@@ -413,9 +413,11 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
 }
 
 // A layer's cache out: the input's positions below `longest` (the longest row's length: every position a row could
-// read, here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written, so that
-// nothing read is left undefined. Positions from `end` on are never read.
-void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, int longest, int end) {
+// read, here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written (all the
+// new positions where `zero_new`: a call that may stop early leaves some unwritten), so that nothing read is left
+// undefined. Positions from `end` on are never read.
+void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, int longest, int end,
+                bool zero_new) {
   const Strided4 source(in);
   const int B = in.shape(0), H = in.shape(1), C = in.shape(2), dk = in.shape(3);
   float* data = out.data<float>();
@@ -432,7 +434,7 @@ void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& off
         }
       }
       const int written = offsets[b] + end - longest;  // row b's new keys end here
-      const int zero_from = std::max(longest, written);
+      const int zero_from = zero_new ? longest : std::max(longest, written);
       std::fill(rows + size_t(zero_from) * dk, rows + size_t(end) * dk, 0.0f);
     }
   }
@@ -478,8 +480,10 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   const int written = L + std::max(0, spec.greedy_steps - 1);
   for (int l = 0; l < spec.layers; l++) {
     const int cache_input = first_cache + 4 * l;
-    copy_cache(inputs[cache_input], outputs[1 + 2 * l], spec.offsets, longest, longest + written);
-    copy_cache(inputs[cache_input + 1], outputs[2 + 2 * l], spec.offsets, longest, longest + written);
+    for (int i = 0; i < 2; i++) {
+      copy_cache(inputs[cache_input + i], outputs[1 + 2 * l + i], spec.offsets, longest, longest + written,
+                 spec.stop >= 0);
+    }
   }
   // The layers on `rows` rows per batch row of x, the first at position offsets[b] + first, their bias rows from
   // `first` on.
@@ -550,22 +554,36 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   }
   int32_t* tokens = outputs[0].data<int32_t>();
   if (!spec.greedy_steps) {
-    // Greedy verification: the most likely token after each position.
-    std::vector<float> scores(size_t(R) * spec.head_rows);
-    run_layers(x.data(), L, 0);
-    logits(x.data(), R, scores.data());
+    // Greedy verification: the most likely token after each position. With a stop token (one row), nothing is
+    // computed from its first occurrence past the row's first token on (-1 there: no token matches it); whatever
+    // follows the stop token is never kept.
+    int rows = L;
+    for (int i = 1; spec.stop >= 0 && i < L; i++) {
+      if (ids[i * st[1]] == spec.stop) {
+        rows = i;
+        break;
+      }
+    }
+    std::vector<float> scores(size_t(B) * rows * spec.head_rows);
+    run_layers(x.data(), rows, 0);
+    logits(x.data(), B * rows, scores.data());
     for (int r = 0; r < R; r++) {
-      tokens[r] = argmax(&scores[size_t(r) * spec.head_rows], spec.head_rows);
+      tokens[r] = r < B * rows ? argmax(&scores[size_t(r) * spec.head_rows], spec.head_rows) : -1;
     }
     return;
   }
-  // Greedy drafting (one row): each step's most likely token fed as the next step's, steps tokens out.
+  // Greedy drafting (one row): each step's most likely token fed as the next step's, steps tokens out; after a stop
+  // token, nothing more is computed and the rest are the stop token too.
   std::vector<float> scores(spec.head_rows);
   for (int step = 0; step < spec.greedy_steps; step++) {
     const int rows = step ? 1 : L, first = step ? L + step - 1 : 0;
     run_layers(x.data(), rows, first);
     logits(&x[size_t(rows - 1) * D], 1, scores.data());
     tokens[step] = argmax(scores.data(), spec.head_rows);
+    if (tokens[step] == spec.stop) {
+      std::fill(tokens + step + 1, tokens + spec.greedy_steps, spec.stop);
+      break;
+    }
     if (step + 1 < spec.greedy_steps) {
       embed(tokens[step], x.data());
     }
@@ -633,11 +651,12 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
-                                      const std::optional<mx::array>& embedding, int greedy_steps,
+                                      const std::optional<mx::array>& embedding, int greedy_steps, int stop,
                                       mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
   check(greedy_steps >= 0, "greedy_steps must not be negative");
+  check(stop < 0 || (token_ids && x.shape(0) == 1), "a stop token needs token ids of one row");
   if (token_ids) {
     check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
           "token ids must be (B, L) int32, (1, L) for greedy drafting");
@@ -672,7 +691,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   std::vector<mx::array> inputs = {x, self_bias};
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
-                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids, D};
+                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids, std::max(stop, -1), D};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);

@@ -52,13 +52,16 @@ struct Head {
 // (B, L) int32 instead, and the first output each position's most likely next token (B, L) int32, the greedy
 // verification of drafts. With greedy_steps > 0 too (one row), the first output is the greedy continuation of
 // greedy_steps tokens (int32): each step's most likely token is fed to the next step (the last is not fed), all in one
-// operation; self_bias then covers the L + greedy_steps - 1 positions fed.
+// operation; self_bias then covers the L + greedy_steps - 1 positions fed. A `stop` token (one row of ids; EOS where it
+// ends the output) ends the work early: greedy drafting stops after drafting it (the remaining tokens are the stop
+// token), and a verification computes nothing from the first stop token past the first id on (their tokens are -1).
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer,
                                       const std::optional<Head>& head = std::nullopt,
                                       const std::optional<mx::array>& embedding = std::nullopt, int greedy_steps = 0,
+                                      int stop = -1,
                                       mx::StreamOrDevice s = {});
 
 // One encoder layer's inputs: the two RMS norm weights (self-attention, feed-forward) and the four products: qkv (the
@@ -148,6 +151,7 @@ class DecoderLayers : public mx::Primitive {
     bool head_integer;
     int greedy_steps = 0;  // > 0: greedy drafting of that many tokens from token ids (decoder_layers)
     bool token_ids = false;  // x is token ids: greedy drafting, or each position's most likely next token
+    int stop = -1;  // with token ids, a token after which nothing is computed (-1: none)
     int d_model = 0;
     // Where each weight is, in order (each layer's three norms and six products' arrays, then the final norm and
     // the head's): held[slot] for slot >= 0, else the input ~slot places after the layers' caches.

@@ -292,3 +292,32 @@ def test_greedy_choices_are_the_argmax_of_the_native_logits(variant, rows, conve
             assert np.array_equal(np.array(ours.keys[:, :, : ours.offset]), np.array(theirs.keys[:, :, : ours.offset]))
     fused(False)
     assert model.greedy_choices(mx.array([[0]]), cross_kv, model.make_cache(rows), mask) is None
+
+
+def test_a_stop_token_ends_greedy_drafting_and_verification_early(converted, fused):
+    # With a stop token (EOS where it ends the output), drafting stops computing once it drafts it (the rest of the
+    # tokens are the stop token) and a verification computes nothing from the first stop token past its first id on
+    # (the choices there are -1, which no draft matches). What is computed is what the call without a stop computes.
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    fused(True)
+    full = model.greedy_draft(mx.array([[0]]), cross_kv, model.make_cache(), 6).tolist()
+    stop = full[2]
+    first = full.index(stop)
+    cache = model.make_cache()
+    stopped = model.greedy_draft(mx.array([[0]]), cross_kv, cache, 6, stop=stop).tolist()
+    assert stopped == full[: first + 1] + [stop] * (5 - first)
+    assert cache[0].offsets == [6]  # every position fed is the cache's, the unwritten ones zeros
+    assert not np.any(np.array(cache[0].keys[:, :, first + 1 : 6]))
+
+    ids = [0, 7, stop, 9, stop]
+    expected = model.greedy_choices(mx.array([ids]), cross_kv, model.make_cache()).tolist()[0]
+    choices = model.greedy_choices(mx.array([ids]), cross_kv, model.make_cache(), stop=stop).tolist()[0]
+    assert choices == expected[:2] + [-1, -1, -1]
+    # The first id is the token before the drafts, never a reason to stop.
+    assert model.greedy_choices(mx.array([[stop, 7]]), cross_kv, model.make_cache(), stop=stop).tolist()[0] == (
+        model.greedy_choices(mx.array([[stop, 7]]), cross_kv, model.make_cache()).tolist()[0]
+    )
+    two_rows, _ = prompt_state(model, tokenizer, PROMPTS[:2])
+    with pytest.raises(ValueError, match="stop token"):
+        model.greedy_choices(mx.array([[0, 7], [0, 8]]), two_rows, model.make_cache(2), stop=stop)

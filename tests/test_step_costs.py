@@ -122,8 +122,8 @@ def test_acceptance_written_again_soon_waits_for_the_next_write_or_exit(cache, m
 
 
 def test_auto_learns_only_from_the_drafts_an_output_keeps(cache, main, drafts, monkeypatch):
-    """The model drafting for itself agrees with every draft, past the EOS too: the stats count those as accepted, the
-    policy's estimates only the drafts the output kept (up to the EOS), since drafts past it yield nothing."""
+    """The model drafting for itself agrees with every draft. A draft ends at an EOS that ends the output: nothing past
+    it is drafted or verified, and neither the stats nor the policy's estimates count anything past it."""
     model, tokenizer, _ = main
     plain = SpeculativeDecoder(model, None, tokenizer).generate(
         PROMPTS[0], max_tokens=16, regular=True, ignore_eos=True
@@ -147,5 +147,5 @@ def test_auto_learns_only_from_the_drafts_an_output_keeps(cache, main, drafts, m
     assert generation.tokens == plain.tokens[: eos + 1]
     stats = generation.stats
     assert stats.accepted == stats.drafted == sum(drafted for drafted, _ in observed) > 0
-    # Whole steps, then the one whose drafts past the EOS go unused.
-    assert observed == [(3, 3)] * (eos // 4) + [(3, eos % 4 + 1)]
+    # Whole steps, then the one whose draft ends at the EOS.
+    assert observed == [(3, 3)] * (eos // 4) + [(eos % 4 + 1, eos % 4 + 1)]
