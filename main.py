@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import kernels
 from checks import is_conversion, recorded_source
-from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder, Stats
+from decoder import DRAFTERS, MAX_NUM_DRAFT, IncompatibleDraftError, SpeculativeDecoder, Stats
 from loader import ModelLoadError, load_model
 from prompt_file import PromptFileError, read_prompts
 
@@ -95,7 +95,9 @@ def setup_arg_parser():
         help="Tokens drafted per verification step: a positive integer, or 'auto' to choose before every step the "
         "number (0 included) with the most expected tokens per second, from the acceptance and step times measured",
     )
-    parser.add_argument("--max-num-draft", type=int, default=8, help="The most tokens --num-draft auto drafts per step")
+    parser.add_argument(
+        "--max-num-draft", type=int, default=MAX_NUM_DRAFT, help="The most tokens --num-draft auto drafts per step"
+    )
     parser.add_argument(
         "--drafter",
         choices=DRAFTERS,

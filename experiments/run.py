@@ -19,7 +19,7 @@ from pathlib import Path
 
 import convert
 from benchmarks import batch_sizes
-from decoder import DRAFTERS, IncompatibleDraftError, SpeculativeDecoder
+from decoder import DRAFTERS, MAX_NUM_DRAFT, IncompatibleDraftError, SpeculativeDecoder
 from experiments.metrics import TRUTH, EmbeddingModelError, Quality, note
 from experiments.prompts import read_references, truncate
 from experiments.report import best_settings, cell, plot, summary
@@ -100,7 +100,7 @@ def setup_arg_parser():
     parser.add_argument(
         "--drafter", choices=DRAFTERS, nargs="+", default=list(DRAFTERS), help="Drafters, at the base draft length"
     )
-    parser.add_argument("--max-num-draft", type=int, default=8, help="The most drafts per step of auto")
+    parser.add_argument("--max-num-draft", type=int, default=MAX_NUM_DRAFT, help="The most drafts per step of auto")
     parser.add_argument(
         "--delta", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0], help="Acceptance leniencies"
     )

@@ -7,7 +7,7 @@ from typing import Union
 
 from tqdm import tqdm
 
-from decoder import DRAFTERS, SpeculativeDecoder
+from decoder import DRAFTERS, MAX_NUM_DRAFT, SpeculativeDecoder
 
 
 class IdentityError(AssertionError):
@@ -72,7 +72,7 @@ def sweep(args):
     return base, sorted(settings, key=Setting.order)
 
 
-def decode(pair, setting, prompts, seed, ignore_eos, warm_up, max_num_draft=8):
+def decode(pair, setting, prompts, seed, ignore_eos, warm_up, max_num_draft=MAX_NUM_DRAFT):
     """The generation of each prompt under `setting`, timed; after one untimed run of the first when `warm_up`."""
     model, draft_model, tokenizer = pair
     decoder = SpeculativeDecoder(

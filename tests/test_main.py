@@ -145,7 +145,7 @@ def test_human_output_streams_text_then_stats(main_model):
     assert expected["settings"] == dict(
         drafter="model",
         num_draft=5,
-        max_num_draft=8,
+        max_num_draft=12,
         max_ngram=3,
         delta=0.0,
         temperature=1.0,
