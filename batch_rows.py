@@ -60,10 +60,8 @@ class Rows:
         return self.model.decode(ids, self.cross_kv, self.cache, self.mask)
 
     def choices(self, ids):
-        """The main model's most likely token (B, L) after each of ids (B, L) continuing each row: one native operation
-        where the model allows it (no logits), else the argmax of the logits."""
-        choices = self.model.greedy_choices(ids, self.cross_kv, self.cache, self.mask)
-        return mx.argmax(self.decode(ids), axis=-1) if choices is None else choices
+        """The main model's most likely token (B, L) after each of ids (B, L) continuing each row (T5.choices)."""
+        return self.model.choices(ids, self.cross_kv, self.cache, self.mask)
 
     def rewind(self, lengths: List[int]):
         """Row b keeps at most its first lengths[b] positions."""

@@ -244,7 +244,7 @@ class SpeculativeDecoder:
 
         def step(token, key):
             if self.sampler.greedy:
-                return self.choices(token.reshape(1, 1), cross_kv, cache)[-1]
+                return self.model.choices(token.reshape(1, 1), cross_kv, cache)[0, -1]
             return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
 
         keys = mx.random.split(key, count)
@@ -371,7 +371,7 @@ class SpeculativeDecoder:
             verify_input = mx.concatenate([verify_input, draft.tokens])
         if self.sampler.greedy:
             # Greedy decoding needs only the main model's choice after each token.
-            extra = self.choices(verify_input[None], cross_kv, cache, stop)
+            extra = self.model.choices(verify_input[None], cross_kv, cache, stop=stop)[0]
             if not draft.tokens.size:  # a plain step is regular decoding's step: nothing to judge, no keys to split
                 mx.async_eval(extra)
                 return draft, NO_ACCEPTANCE, extra
@@ -382,15 +382,6 @@ class SpeculativeDecoder:
             accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
-
-    def choices(self, ids, cross_kv, cache, stop=None):
-        """The main model's most likely token after each of ids (1, L), (L,): one native operation where the model
-        allows it (no logits; none computed after a `stop` token past the first, see T5.greedy_choices), else the
-        argmax of its logits."""
-        choices = self.model.greedy_choices(ids, cross_kv, cache, stop=stop)
-        if choices is None:
-            return mx.argmax(self.model.decode(ids, cross_kv, cache)[0], axis=-1)
-        return choices[0]
 
 
 # What a step without drafts accepted.

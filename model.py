@@ -632,7 +632,17 @@ class T5(Module):
         the first id on, and the tokens there are -1 (what follows a stop token is never kept)."""
         return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0, stop)
 
+    def choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None):
+        """The most likely token after each of decoder_ids (B, L): `greedy_choices` where the native layers apply, else
+        the argmax of `decode`'s logits (which computes every position, a stop token or not)."""
+        choices = self.greedy_choices(decoder_ids, cross_kv, cache, attention_mask, stop)
+        if choices is None:
+            return mx.argmax(self.decode(decoder_ids, cross_kv, cache, attention_mask), axis=-1)
+        return choices
+
     def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None):
+        """greedy_draft (count > 0) and greedy_choices (count 0): the decoder's native greedy tokens, with this
+        model's head, scale and embedding table; None where they do not apply."""
         if type(self["shared"]) is not nn.Embedding or "lm_head" not in self:
             return None
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)

@@ -691,7 +691,8 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   std::vector<mx::array> inputs = {x, self_bias};
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
-                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids, std::max(stop, -1), D};
+                           head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids,
+                           std::max(stop, -1), D};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
