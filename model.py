@@ -188,6 +188,9 @@ class Attention(Module):
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+NO_SCALES = (None, None, 0, 0, "affine")  # kernels.native_takes's arguments past the weight for a float product
+
+
 class FusedLinear(Module):
     """Bias-free linear layers (nn.Linear, nn.QuantizedLinear or a tied embedding), stacked into one product (their
     outputs side by side) that `kernels.linear` computes: native decode-shaped kernels on the CPU where built.
@@ -207,18 +210,31 @@ class FusedLinear(Module):
 
     def native_weight(self):
         """(weight, scales, biases, group_size, bits) as kernels.decoder_layers takes a product (bits 0: float), or
-        None where it cannot (summed across ranks, or a quantization without biases)."""
+        None where it cannot (summed across ranks, or a quantization without biases). A float weight comes packed
+        where the kernels pack it (kernels.pack: made at the first call, kept while the weight stays the same)."""
         if self.group is not None:
             return None
         if "scales" not in self:
-            return self["weight"], None, None, 0, 0
+            return self.packed_weight(), None, None, 0, 0
         if "biases" not in self:
             return None
         return self["weight"], self["scales"], self["biases"], self.group_size, self.bits
 
+    def packed_weight(self):
+        """The float weight, packed where kernels.pack packs it (the same numbers in the native kernels' fastest
+        layout); made once per weight array, kept (not a parameter) and released with it."""
+        weight = self["weight"]
+        kept = self.__dict__.get("_packed")
+        if kept is None or kept[0] is not weight:
+            kept = (weight, kernels.pack(weight))
+            object.__setattr__(self, "_packed", kept)  # (not a parameter, and not an assignment)
+        return weight if kept[1] is None else kept[1]
+
     def __call__(self, x):
         if "scales" in self:
             y = kernels.linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        elif x.dtype == mx.float32 and self.group is None and kernels.native_takes(x, self.weight, *NO_SCALES):
+            y = kernels.linear(x, self.packed_weight())
         else:
             y = kernels.linear(x, self.weight)
         return y if self.group is None else mx.distributed.all_sum(y, group=self.group)

@@ -225,6 +225,18 @@ WeightType weight_type(mx::Dtype dtype) {
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
 
+// A float product's weights: float32, bfloat16 or float16 (N, K), or packed (products.h) bfloat16 as uint16 and float32
+// as uint32, their shape (N, K) too.
+WeightType float_weight_type(mx::Dtype dtype) {
+  if (dtype == mx::uint16) {
+    return kPackedBFloat16;
+  }
+  if (dtype == mx::uint32) {
+    return kPackedFloat32;
+  }
+  return weight_type(dtype);
+}
+
 // Where row m of x, an (..., K) array read as (rows, K), starts: its leading indices taken from m, last one first.
 int64_t row_offset(const mx::array& x, int64_t m) {
   int64_t offset = 0;
@@ -272,16 +284,16 @@ void store_rows(const float* values, int r0, int rows, mx::array& out) {
   }
 }
 
-// Column ranges per task, aligned to the float kernel's tiles of 4 columns: several per thread, so that a thread the
-// machine does not run for a while holds up little.
+// Column ranges per task, aligned to the kernels' tiles (`tile` columns: 4, or a packed block): several per thread, so
+// that a thread the machine does not run for a while holds up little.
 template <class F>
-void over_columns(int N, F&& columns) {
+void over_columns(int N, F&& columns, int tile = 4) {
   constexpr int kTasksPerThread = 4, kMinColumns = 32;
-  const int tiles = (N + 3) / 4;
-  const int tasks = std::max(1, std::min(pool().size() * kTasksPerThread, tiles / (kMinColumns / 4)));
+  const int tiles = (N + tile - 1) / tile;
+  const int tasks = std::max(1, std::min(pool().size() * kTasksPerThread, tiles / std::max(1, kMinColumns / tile)));
   const int per_task = (tiles + tasks - 1) / tasks;
   pool().run(tasks, [&](int t) {
-    const int n0 = std::min(N, t * per_task * 4), n1 = std::min(N, (t + 1) * per_task * 4);
+    const int n0 = std::min(N, t * per_task * tile), n1 = std::min(N, (t + 1) * per_task * tile);
     if (n0 < n1) {
       columns(n0, n1);
     }
@@ -291,8 +303,8 @@ void over_columns(int N, F&& columns) {
 // Columns [n0, n1) for every row block, in stretches of columns whose weights fit in L2, so that all the rows of a
 // long input pass over each stretch while it is there: the weights come from memory once per product.
 template <class F>
-void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns) {
-  const int stretch = std::max(4, (256 * 1024 / std::max(1, column_bytes)) / 4 * 4);
+void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns, int tile = 4) {
+  const int stretch = std::max(tile, (256 * 1024 / std::max(1, column_bytes)) / tile * tile);
   for (int a = n0; a < n1; a += stretch) {
     const int b = std::min(n1, a + stretch);
     for (int r = 0; r < M; r += kMaxRows) {
@@ -303,21 +315,31 @@ void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns) 
 
 void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int M, int K, const mx::array& w,
                    float* y, int N) {
-  const WeightType wtype = weight_type(w.dtype());
-  const int column_bytes = K * (wtype == kFloat32 ? 4 : 2);
-  over_columns(N, [&](int n0, int n1) {
-    over_row_blocks(M, n0, n1, column_bytes, [&](int r, int rows, int a, int b) {
-      FloatProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<void>(), wtype, y + size_t(r) * N, N,
-                     x_bf16 ? x_bf16 + size_t(r) * ldx : nullptr};
-      if (isa == kAvx512) {
-        float_columns_avx512(p, a, b);
-      } else if (isa == kAvx2) {
-        float_columns_avx2(p, a, b);
-      } else {
-        float_columns_portable(p, a, b);
-      }
-    });
-  });
+  const WeightType wtype = float_weight_type(w.dtype());
+  const int column_bytes = K * (wtype == kFloat32 || wtype == kPackedFloat32 ? 4 : 2);
+  // Packed weights: tasks of whole tiles as the AVX-512 kernel takes them (4 blocks of 16 columns for up to 4 rows,
+  // so that one row has four chains of multiply-adds to overlap; 2 blocks for up to 12 rows; else 1).
+  const int rows = std::min(M, kMaxRows);
+  const int tile = !is_packed(wtype) ? 4 : kPackColumns * (rows <= 4 ? 4 : rows <= 12 ? 2 : 1);
+  over_columns(
+      N,
+      [&](int n0, int n1) {
+        over_row_blocks(
+            M, n0, n1, column_bytes,
+            [&](int r, int rows, int a, int b) {
+              FloatProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<void>(), wtype, y + size_t(r) * N, N,
+                             x_bf16 ? x_bf16 + size_t(r) * ldx : nullptr};
+              if (isa == kAvx512) {
+                float_columns_avx512(p, a, b);
+              } else if (isa == kAvx2) {
+                float_columns_avx2(p, a, b);
+              } else {
+                float_columns_portable(p, a, b);
+              }
+            },
+            tile);
+      },
+      tile);
 }
 
 void quant_product(Isa isa, const float* x, int ldx, int M, int K, const mx::array& w, const mx::array& scales,
@@ -533,13 +555,18 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
     out_dtype = mx::promote_types(out_dtype, scales->dtype());
     inputs = {row_contiguous(w, stream), row_contiguous(*scales, stream), row_contiguous(*biases, stream)};
   } else {
-    if (!is_kernel_float(w.dtype())) {
-      throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
+    const bool packed = w.dtype() == mx::uint16 || w.dtype() == mx::uint32;
+    if (!is_kernel_float(w.dtype()) && !packed) {
+      throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16, float16 or packed");
+    }
+    if (packed && N % kPackColumns) {
+      throw std::invalid_argument("decode_matmul: packed weights need a multiple of 16 rows");
     }
     if (w.shape(1) != K) {
       throw std::invalid_argument("decode_matmul: x and w do not share K");
     }
-    out_dtype = mx::promote_types(out_dtype, w.dtype());
+    const mx::Dtype w_dtype = !packed ? w.dtype() : w.dtype() == mx::uint16 ? mx::bfloat16 : mx::float32;
+    out_dtype = mx::promote_types(out_dtype, w_dtype);
     inputs = {row_contiguous(w, stream)};
     bits = 0;
     group_size = 0;

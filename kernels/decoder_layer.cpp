@@ -224,9 +224,11 @@ void check_weight(const LayerWeight& w, int in, int out, const char* op) {
                w.scales->dtype() == mx::float16),
           "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128", op);
   } else {
+    const bool packed = w.w.dtype() == mx::uint16 || w.w.dtype() == mx::uint32;
     check(w.w.shape(1) == in &&
-              (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16),
-          "float weights must be float32, bfloat16 or float16", op);
+              (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16 || packed),
+          "float weights must be float32, bfloat16, float16 or packed", op);
+    check(!packed || w.w.shape(0) % kPackColumns == 0, "packed weights need a multiple of 16 rows", op);
   }
 }
 

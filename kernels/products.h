@@ -7,7 +7,22 @@
 
 namespace t5kernels {
 
-enum WeightType { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum WeightType { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kPackedBFloat16 = 3, kPackedFloat32 = 4 };
+
+// Packed weights (kPackedBFloat16, kPackedFloat32): an (N, K) matrix, N a multiple of kPackColumns, stored as blocks
+// of kPackColumns columns, each block k by k: weight (n, k) at packed_index(n, k, K). A step of k reads one vector of
+// outputs' weights, which multiplies a broadcast x: no sums across a vector's lanes, so a short K costs no more per
+// multiply-add than a long one. Each output is the sum over k in order, one multiply-add at a time, whatever the rows
+// beside it.
+constexpr int kPackColumns = 16;
+
+static inline size_t packed_index(size_t n, size_t k, size_t K) {
+  return (n / kPackColumns * K + k) * kPackColumns + n % kPackColumns;
+}
+
+static inline bool is_packed(WeightType type) {
+  return type == kPackedBFloat16 || type == kPackedFloat32;
+}
 
 // The instruction sets the kernels are built for, slowest first.
 enum Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -125,7 +140,10 @@ static inline float load_scalar(const void* base, size_t index, WeightType type)
     case kFloat32:
       return static_cast<const float*>(base)[index];
     case kBFloat16:
+    case kPackedBFloat16:
       return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+    case kPackedFloat32:
+      return static_cast<const float*>(base)[index];
     default:
       return f16_to_float(static_cast<const uint16_t*>(base)[index]);
   }

@@ -278,6 +278,75 @@ void quant_columns_groups(const QuantProduct& p, int n0, int n1) {
   }
 }
 
+// Packed weights (products.h): R rows x one block of 16 columns (two vectors) from column n on, over all of K. Per k
+// the block's 16 weights are two vectors and each row's x[k] one broadcast, each multiply-add into its own
+// accumulator, so that every output is summed over k in order whatever R is.
+template <WeightType WT, int R>
+void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  }
+  const size_t first = packed_index(n, 0, K);
+  for (int k = 0; k < K; k++) {
+    const size_t index = first + size_t(k) * kPackColumns;
+    __m256 low, high;
+    if constexpr (WT == kPackedFloat32) {
+      low = _mm256_loadu_ps(static_cast<const float*>(w) + index);
+      high = _mm256_loadu_ps(static_cast<const float*>(w) + index + 8);
+    } else {
+      const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + index));
+      low = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(both)), 16));
+      high = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(both, 1)), 16));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      const __m256 xv = _mm256_broadcast_ss(x + size_t(r) * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(xv, low, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, high, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    _mm256_storeu_ps(out + size_t(r) * ldo + n, acc[r][0]);
+    _mm256_storeu_ps(out + size_t(r) * ldo + n + 8, acc[r][1]);
+  }
+}
+
+// Columns [n0, n1) (multiples of 16) of packed weights: each block of 16 columns for groups of up to 6 rows in turn
+// (12 accumulators, the block's two vectors and a broadcast fill the 16 registers).
+template <WeightType WT>
+void packed_columns(const FloatProduct& p, int n0, int n1) {
+  for (int n = n0; n < n1; n += kPackColumns) {
+    for (int r = 0; r < p.rows;) {
+      const int R = min_int(6, p.rows - r);
+      const float* x = p.x + size_t(r) * p.ldx;
+      float* out = p.out + size_t(r) * p.N;
+      switch (R) {
+        case 1:
+          packed_tile<WT, 1>(x, p.ldx, p.K, p.w, n, out, p.N);
+          break;
+        case 2:
+          packed_tile<WT, 2>(x, p.ldx, p.K, p.w, n, out, p.N);
+          break;
+        case 3:
+          packed_tile<WT, 3>(x, p.ldx, p.K, p.w, n, out, p.N);
+          break;
+        case 4:
+          packed_tile<WT, 4>(x, p.ldx, p.K, p.w, n, out, p.N);
+          break;
+        case 5:
+          packed_tile<WT, 5>(x, p.ldx, p.K, p.w, n, out, p.N);
+          break;
+        default:
+          packed_tile<WT, 6>(x, p.ldx, p.K, p.w, n, out, p.N);
+      }
+      r += R;
+    }
+  }
+}
+
 }  // namespace
 
 void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
@@ -286,6 +355,10 @@ void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
       return float_columns<kFloat32>(p, n0, n1);
     case kBFloat16:
       return float_columns<kBFloat16>(p, n0, n1);
+    case kPackedBFloat16:
+      return packed_columns<kPackedBFloat16>(p, n0, n1);
+    case kPackedFloat32:
+      return packed_columns<kPackedFloat32>(p, n0, n1);
     default:
       return float_columns<kFloat16>(p, n0, n1);
   }

@@ -505,6 +505,67 @@ void int_columns_any(const IntProduct& p, int n0, int n1) {
   }
 }
 
+// Packed weights (products.h): R rows x CB blocks of 16 columns from column n on, over all of K. Per k, each block's
+// 16 weights are one vector, and each row's x[k] one broadcast: R x CB multiply-adds, each into its own accumulator,
+// so that every output is summed over k in order whatever R and CB are.
+template <WeightType WT, int R, int CB>
+void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
+  __m512 acc[R][CB];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; c++) {
+      acc[r][c] = _mm512_setzero_ps();
+    }
+  }
+  const size_t first = packed_index(n, 0, K), block = size_t(K) * kPackColumns;
+  for (int k = 0; k < K; k++) {
+    __m512 wv[CB];
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; c++) {
+      const size_t index = first + c * block + size_t(k) * kPackColumns;
+      if constexpr (WT == kPackedFloat32) {
+        wv[c] = _mm512_loadu_ps(static_cast<const float*>(w) + index);
+      } else {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + index));
+        wv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const __m512 xv = _mm512_set1_ps(x[size_t(r) * ldx + k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; c++) {
+        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; c++) {
+      _mm512_storeu_ps(out + size_t(r) * ldo + n + c * kPackColumns, acc[r][c]);
+    }
+  }
+}
+
+// Columns [n0, n1) (multiples of 16) of packed weights for all of p's rows (at most kMaxRows) at once: up to 4 rows
+// take 4 blocks at a time, up to 12 rows 2 blocks, more rows one (R x CB accumulators fill at most 24 registers).
+template <WeightType WT>
+void packed_columns(const FloatProduct& p, int n0, int n1) {
+  with_count<kMaxRows>(p.rows, [&](auto count) {
+    constexpr int R = decltype(count)::value;
+    constexpr int CB = R <= 4 ? 4 : R <= 12 ? 2 : 1;
+    int n = n0;
+    for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
+      packed_tile<WT, R, CB>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);
+    }
+    for (; n < n1; n += kPackColumns) {
+      packed_tile<WT, R, 1>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);
+    }
+  });
+}
+
 }  // namespace
 
 void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
@@ -513,6 +574,10 @@ void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
       return float_columns<kFloat32, false>(p, n0, n1);
     case kBFloat16:
       return p.x_bf16 ? float_columns<kBFloat16, true>(p, n0, n1) : split_columns(p, n0, n1);
+    case kPackedBFloat16:
+      return packed_columns<kPackedBFloat16>(p, n0, n1);
+    case kPackedFloat32:
+      return packed_columns<kPackedFloat32>(p, n0, n1);
     default:
       return float_columns<kFloat16, false>(p, n0, n1);
   }

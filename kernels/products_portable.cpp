@@ -29,10 +29,11 @@ float f16_to_float(uint16_t v) {
 }
 
 void float_columns_portable(const FloatProduct& p, int n0, int n1) {
+  const bool packed = is_packed(p.wtype);
   for (int n = n0; n < n1; n++) {
     float acc[kMaxRows] = {};
     for (int k = 0; k < p.K; k++) {
-      float w = load_scalar(p.w, size_t(n) * p.K + k, p.wtype);
+      float w = load_scalar(p.w, packed ? packed_index(n, k, p.K) : size_t(n) * p.K + k, p.wtype);
       for (int m = 0; m < p.rows; m++) {
         acc[m] += p.x[size_t(m) * p.ldx + k] * w;
       }

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(kernels.native is None, reason=f"native kernels 
 
 ISAS = ["portable", "avx2", "avx512"]
 FLOAT_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
-# 1-16 rows take one pass over the weights (bfloat16 weights with float32 x: 1-12), more rows several blocks.
+# 1-16 rows take one pass over the weights (bfloat16 weights with float32 x: 1-12), more rows several blocks; packed
+# weights take 1-4, 5-12 and 13-16 rows with 4, 2 and 1 blocks of 16 columns at a time.
 ROWS = [1, 2, 3, 5, 8, 9, 11, 12, 13, 16, 17, 40, 600]
 
 
@@ -82,6 +83,50 @@ def test_float_weights_against_float64(isa, dtype, rows):
             ulp = 2.0**-8 if dtype == mx.bfloat16 else 2.0**-11
             bound = ulp * np.abs(reference) + 4e-6 * np.sqrt(K) * np.abs(reference).max() + 1e-6
             assert np.all(np.abs(as_f64(ours) - reference) <= bound)
+
+
+def unpacked(packed, dtype):
+    """kernels.pack's layout read back with numpy: (N, K) in blocks of 16 rows stored k by k -> the weight (N, K)."""
+    N, K = packed.shape
+    blocks = np.array(packed).reshape(N // 16, K, 16).transpose(0, 2, 1).reshape(N, K)
+    return mx.array(blocks).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+def test_packed_weights_against_float64(isa, dtype, rows):
+    rng = np.random.default_rng(rows + 1)
+    for K, N in [(1, 16), (17, 48), (131, 64), (517, 32), (192, 576)]:
+        x = mx.array(rng.standard_normal((rows, K)).astype(np.float32))
+        w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(dtype)
+        packed = kernels.pack(w)
+        assert packed.dtype == kernels.PACKED[dtype] and packed.shape == (N, K)
+        assert mx.array_equal(unpacked(packed, dtype), w).item()  # the same numbers, only moved
+        reference = as_f64(x) @ as_f64(w).T
+        terms = np.abs(as_f64(x)).max(axis=1, keepdims=True) * np.abs(as_f64(w)).max()
+        ours = kernels.linear(x, packed)
+        assert ours.dtype == mx.float32 and ours.shape == (rows, N)
+        assert_float32_close(ours, reference, np.broadcast_to(terms, (rows, K)))
+
+
+def test_pack_takes_what_the_kernels_take_within_its_budget(monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def weight(N, K, dtype=mx.float32):
+        return mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(dtype)
+
+    assert kernels.pack(weight(40, 8)) is None  # not a whole number of blocks of 16 outputs
+    assert kernels.pack(weight(32, 8, mx.float16)) is None
+    assert kernels.pack(weight(32, 8)) is not None
+    # The budget counts the live copies: one that would overflow it is not made, a freed one gives its bytes back.
+    monkeypatch.setenv(kernels.PACK_ENV_VAR, str((kernels.packed_bytes + 3 * 32 * 64 * 4) / (1 << 20)))
+    first, second = kernels.pack(weight(32, 64)), kernels.pack(weight(32, 64))
+    assert first is not None and second is not None
+    assert kernels.pack(weight(32, 128)) is None
+    del first
+    assert kernels.pack(weight(32, 128)) is not None
+    monkeypatch.setenv(kernels.PACK_ENV_VAR, "0")
+    assert kernels.pack(weight(32, 8)) is None
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -158,6 +203,9 @@ def products(isa):
         w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(dtype)
         out.append((f"{dtype}", lambda x, w=w: kernels.native.decode_matmul(x.astype(w.dtype), w)))
         out.append((f"{dtype} float32 x", lambda x, w=w: kernels.native.decode_matmul(x, w)))
+        if dtype in kernels.PACKED:
+            packed = kernels.pack(mx.array(rng.standard_normal((48, K)).astype(np.float32)).astype(dtype))
+            out.append((f"packed {dtype}", lambda x, w=packed: kernels.native.decode_matmul(x, w)))
     for bits in [4, 8]:
         for group_size in [32, 64, 128]:
             q = quantized_weights(N, K, group_size, bits, mx.float32, seed=bits + group_size)
