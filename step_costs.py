@@ -213,7 +213,21 @@ class Schedule:
         pass
 
     def table(self) -> List[float]:
-        return [statistics.median(times) for _, times in sorted(self.seconds.items())]
+        return smoothed([statistics.median(times) for _, times in sorted(self.seconds.items())])
+
+
+def smoothed(table: List[float]) -> List[float]:
+    """Measured step times (k = 0..max) with their noise evened out. From one draft on, a step's cost grows smoothly
+    with its drafts (the draft's steps one by one, the verification's rows together), so those are a least-squares
+    quadratic in k through the measurements, kept non-decreasing; plain steps (k = 0, which overlap each other) stay as
+    measured. Single blocks of a busy machine would otherwise make one length look cheaper than its neighbours and be
+    chosen for it."""
+    if len(table) < 5:
+        return table
+    ks = np.arange(1, len(table))
+    fitted = np.polyval(np.polyfit(ks, np.array(table[1:]), 2), ks)
+    fitted = np.maximum.accumulate(np.maximum(fitted, min(table[1:])))
+    return [table[0]] + [float(t) for t in fitted]
 
 
 class RepeatDrafter:

@@ -69,13 +69,18 @@ def drafting_seconds_per_token(model, tokenizer, prompt, count=4, rounds=16):
 
 
 def fastest_runs(decoders, prompts, repeats, **options):
-    """name -> per prompt, the fastest of `repeats` generations. The decoders take turns round by round, so that a
-    slow spell of the machine falls on all of them alike."""
-    runs = {name: [] for name in decoders}
-    for _ in range(repeats):
-        for name, (decoder, regular) in decoders.items():
-            runs[name].append([decoder.generate(prompt, regular=regular, **options) for prompt in prompts])
-    return {name: [min(tries, key=lambda g: g.stats.seconds) for tries in zip(*r)] for name, r in runs.items()}
+    """name -> per prompt, the fastest of `repeats` generations. Each prompt is decoded by every decoder in turn,
+    starting one further along the list at each prompt and round, so that a slow spell of the machine (they last
+    seconds) falls on all of them alike."""
+    names = list(decoders)
+    runs = {name: [[] for _ in prompts] for name in names}
+    for round_ in range(repeats):
+        for i, prompt in enumerate(prompts):
+            start = (i + round_) % len(names)
+            for name in names[start:] + names[:start]:
+                decoder, regular = decoders[name]
+                runs[name][i].append(decoder.generate(prompt, regular=regular, **options))
+    return {name: [min(tries, key=lambda g: g.stats.seconds) for tries in r] for name, r in runs.items()}
 
 
 def quality(decoder, examples, regular=True, **options):

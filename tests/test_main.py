@@ -15,6 +15,7 @@ from conftest import ROOT, save_checkpoint
 
 import convert
 import kernels
+from decoder import MAX_NUM_DRAFT
 
 # A prompt on which the tiny random "t5" model greedily writes text the tokenizer can decode.
 PROMPT = "def f(x): return x"
@@ -145,7 +146,7 @@ def test_human_output_streams_text_then_stats(main_model):
     assert expected["settings"] == dict(
         drafter="model",
         num_draft=5,
-        max_num_draft=12,
+        max_num_draft=MAX_NUM_DRAFT,
         max_ngram=3,
         delta=0.0,
         temperature=1.0,

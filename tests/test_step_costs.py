@@ -149,3 +149,20 @@ def test_auto_learns_only_from_the_drafts_an_output_keeps(cache, main, drafts, m
     assert stats.accepted == stats.drafted == sum(drafted for drafted, _ in observed) > 0
     # Whole steps, then the one whose draft ends at the EOS.
     assert observed == [(3, 3)] * (eos // 4) + [(eos % 4 + 1, eos % 4 + 1)]
+
+
+def test_measured_costs_are_smoothed_along_the_draft_length():
+    # An exact quadratic from one draft on comes back as it is; plain steps (k = 0) are never changed.
+    quadratic = [0.5] + [1.0 + 0.2 * k + 0.01 * k * k for k in range(1, 13)]
+    assert step_costs.smoothed(quadratic) == pytest.approx(quadratic, rel=1e-9)
+    # A dip and a spike of a busy machine are evened out: the table rises with k and stays nearer the trend than half
+    # of the largest disturbance (20%).
+    noisy = list(quadratic)
+    noisy[8] *= 0.85
+    noisy[11] *= 1.2
+    smooth = step_costs.smoothed(noisy)
+    assert smooth[0] == noisy[0]
+    assert all(a <= b for a, b in zip(smooth[1:], smooth[2:]))
+    assert max(abs(s - q) / q for s, q in zip(smooth[1:], quadratic[1:])) < 0.1
+    # Too few lengths to fit: as measured.
+    assert step_costs.smoothed([0.5, 1.0, 0.9]) == [0.5, 1.0, 0.9]
