@@ -317,10 +317,9 @@ void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int
                    float* y, int N) {
   const WeightType wtype = float_weight_type(w.dtype());
   const int column_bytes = K * (wtype == kFloat32 || wtype == kPackedFloat32 ? 4 : 2);
-  // Packed weights: tasks of whole tiles as the AVX-512 kernel takes them (4 blocks of 16 columns for up to 4 rows,
-  // so that one row has four chains of multiply-adds to overlap; 2 blocks for up to 12 rows; else 1).
-  const int rows = std::min(M, kMaxRows);
-  const int tile = !is_packed(wtype) ? 4 : kPackColumns * (rows <= 4 ? 4 : rows <= 12 ? 2 : 1);
+  // Packed weights: tasks of whole tiles as the AVX-512 kernel takes them (one row then has four chains of
+  // multiply-adds to overlap, not one).
+  const int tile = !is_packed(wtype) ? 4 : kPackColumns * packed_blocks(std::min(M, kMaxRows));
   over_columns(
       N,
       [&](int n0, int n1) {

@@ -549,13 +549,13 @@ void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* ou
   }
 }
 
-// Columns [n0, n1) (multiples of 16) of packed weights for all of p's rows (at most kMaxRows) at once: up to 4 rows
-// take 4 blocks at a time, up to 12 rows 2 blocks, more rows one (R x CB accumulators fill at most 24 registers).
+// Columns [n0, n1) (multiples of 16) of packed weights for all of p's rows (at most kMaxRows) at once, in tiles of
+// packed_blocks(rows) blocks (R x CB accumulators fill at most 24 registers; 27 spilled).
 template <WeightType WT>
 void packed_columns(const FloatProduct& p, int n0, int n1) {
   with_count<kMaxRows>(p.rows, [&](auto count) {
     constexpr int R = decltype(count)::value;
-    constexpr int CB = R <= 4 ? 4 : R <= 12 ? 2 : 1;
+    constexpr int CB = packed_blocks(R);
     int n = n0;
     for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
       packed_tile<WT, R, CB>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(kernels.native is None, reason=f"native kernels 
 ISAS = ["portable", "avx2", "avx512"]
 FLOAT_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 # 1-16 rows take one pass over the weights (bfloat16 weights with float32 x: 1-12), more rows several blocks; packed
-# weights take 1-4, 5-12 and 13-16 rows with 4, 2 and 1 blocks of 16 columns at a time.
+# weights take 1-4, 5-8, 9-12 and 13-16 rows with 4, 3, 2 and 1 blocks of 16 columns at a time.
 ROWS = [1, 2, 3, 5, 8, 9, 11, 12, 13, 16, 17, 40, 600]
 
 
