@@ -26,6 +26,7 @@ import step_costs
 from decoder import SpeculativeDecoder
 from experiments.run import model_dir
 from loader import load_model
+from prompt_file import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,12 @@ def setup_arg_parser():
     parser.add_argument("--draft-model-name", default="demo-draft", help="Draft model (as experiments/run.py)")
     parser.add_argument("--draft", choices=["trained", "random", "self"], default="trained", help="What drafts")
     parser.add_argument("--drafters", nargs="+", default=["model", "lookup"], help="Drafters to measure")
-    parser.add_argument("--prompts", type=Path, default=ROOT / "models" / "demo" / "prompts.txt", help="One per line")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=ROOT / "models" / "demo" / "prompts.txt",
+        help='One per line, or JSON Lines with a "prompt" field',
+    )
     parser.add_argument("--num-prompts", type=int, default=8, help="Use the first N prompts; 0: all")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt (EOS ignored)")
     parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2, 3, 4], help="Fixed draft lengths to compare")
@@ -64,7 +70,7 @@ def main(argv=None):
         draft_model.update(random)
     elif args.draft == "self":
         draft_model = model
-    prompts = [line for line in args.prompts.read_text().splitlines() if line.strip()][: args.num_prompts or None]
+    prompts = read_prompts(args.prompts)[: args.num_prompts or None]
     settings = [("regular", "model", 0)] + [(f"k={k}", "model", k) for k in args.fixed]
     settings = [s for s in settings if s[1] in args.drafters or s[0] == "regular"]
     for drafter in args.drafters:

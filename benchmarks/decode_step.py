@@ -34,6 +34,7 @@ import kernels
 from benchmarks import matmul
 from decoder import SpeculativeDecoder
 from loader import load_model
+from prompt_file import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
@@ -228,7 +229,7 @@ def against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeat
 
 def pair_sources(name, work):
     """(main checkpoint, draft checkpoint, prompts) of a pair, as transformers checkpoints."""
-    lines = (DEMO / "prompts.txt").read_text().splitlines()
+    lines = read_prompts(DEMO / "prompts.txt")
     if name == "demo":
         return DEMO / "main", DEMO / "draft", lines
     from tools.random_checkpoint import reuse_or_write

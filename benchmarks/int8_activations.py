@@ -25,6 +25,7 @@ import convert
 import kernels
 from decoder import SpeculativeDecoder
 from loader import load_model
+from prompt_file import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def main():
             file=sys.stderr,
         )
         sys.exit(2)
-    prompts = (DEMO_DIR / "prompts.txt").read_text().splitlines()
+    prompts = read_prompts(DEMO_DIR / "prompts.txt")
     print(f"kernels: {kernels.active}; {len(prompts)} prompts, {args.max_tokens} tokens each")
     results = {}
     with tempfile.TemporaryDirectory() as out:
