@@ -3,10 +3,11 @@ acceptance from earlier runs, both kept in a user cache directory.
 
 Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
 size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
-k = 0..max, a few steps of each k in a row, every k in turn, a few rounds, each step's time from one host
-synchronisation to the next. A first round warms up untimed (first runs of each shape are slow); each block's mean
-step time counts once (plain steps in a row alternate long and short, as each is built while the one before computes),
-and the median of the blocks per k is kept, keyed by all of the above; a change of any of them measures again.
+k = 0..max, a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a few
+rounds, each step's time from one host synchronisation to the next. A first round warms up untimed (first runs of each
+shape are slow); each block's mean step time counts once (plain steps in a row alternate long and short, as each is
+built while the one before computes), and the median of the blocks per k, smoothed along k, is kept, keyed by all of
+the above; a change of any of them measures again.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
@@ -174,26 +175,33 @@ class Done(Exception):
 
 
 class Schedule:
-    """A draft-length policy that measures: every k in 0..max_num_draft for BLOCK steps in a row, in turn; each block's
-    mean step time kept by k (its first step dropped), unless the round is a warm-up."""
+    """A draft-length policy that measures: a block of BLOCK steps of one k at a time, each block a decoding of its own
+    from the prompt, so that every k is timed at the short contexts of real outputs (one decoding through every k
+    would time the longest drafts at the longest contexts, whose attention costs more). A block's first step is
+    dropped (it follows the prompt's setup, and builds the draft's cross-attention keys); the mean of the others is
+    kept by k, unless the round is a warm-up. One step more than the block is taken and not kept: a plain step chooses
+    the next step's length before its own time is known."""
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
         self.seconds: Dict[int, List[float]] = {k: [] for k in range(max_num_draft + 1)}
 
     def round(self, warm_up: bool = False):
-        self.plan = [k for k in range(self.max_num_draft + 1) for _ in range(BLOCK)]
-        self.chosen = deque()  # (place in the plan, k) of the steps chosen and not yet timed
-        self.position = 0
         self.warm_up = warm_up
-        self.block: List[float] = []
+
+    def block(self, k: int):
+        """Start the block of k drafts a step."""
+        self.k = k
+        self.chosen = deque()  # indices in the block of the steps chosen and not yet timed
+        self.count = 0
+        self.times: List[float] = []
 
     def choose(self, source, limit):
-        if self.position == len(self.plan):
+        if self.count > BLOCK:
             raise Done
-        self.chosen.append((self.position, self.plan[self.position]))
-        self.position += 1
-        return self.chosen[-1][1]
+        self.chosen.append(self.count)
+        self.count += 1
+        return self.k
 
     choose_batch = choose
 
@@ -201,13 +209,12 @@ class Schedule:
         return 1
 
     def record_time(self, source, drafted, seconds):
-        place, k = self.chosen.popleft()
-        if place % BLOCK:
-            self.block.append(seconds)
-        if place % BLOCK == BLOCK - 1:
-            if not self.warm_up:
-                self.seconds[k].append(statistics.fmean(self.block))
-            self.block = []
+        if 0 < self.chosen.popleft() < BLOCK:
+            self.times.append(seconds)
+
+    def end_block(self):
+        if not self.warm_up and len(self.times) == BLOCK - 1:
+            self.seconds[self.k].append(statistics.fmean(self.times))
 
     def record_acceptance(self, source, drafted, accepted):
         pass
@@ -262,23 +269,27 @@ def measure(decoder, source: str, batch_size: int) -> List[float]:
         schedule.round(warm_up=rounds == 0)
         if rounds == 1:
             start = time.perf_counter()
-        # Decoding without end (EOS ignored, no token limit) until the schedule is through.
-        if batch_size == 1:
-            drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
-            steps = decoder.speculative_tokens(prompt_ids, 1 << 30, True, Stats(), drafter, schedule)
-        else:
-            if source == "lookup":
+        for k in range(decoder.max_num_draft + 1):
+            schedule.block(k)
+            if batch_size == 1:
+                drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
+            elif source == "lookup":
                 drafter = RowDrafters(RepeatDrafter, decoder.model.args.vocab_size)
             else:
                 drafter = BatchModelDrafter(decoder.draft_model, decoder.sampler)
-            steps = batch_decoder.batch_generations(
-                decoder, [PROMPT] * batch_size, 1 << 30, False, True, batch_size, Stats(), drafter, schedule
-            )
-        try:
-            for _ in steps:
+            # Decoding without end (EOS ignored, no token limit) until the block is through.
+            if batch_size == 1:
+                steps = decoder.speculative_tokens(prompt_ids, 1 << 30, True, Stats(), drafter, schedule)
+            else:
+                steps = batch_decoder.batch_generations(
+                    decoder, [PROMPT] * batch_size, 1 << 30, False, True, batch_size, Stats(), drafter, schedule
+                )
+            try:
+                for _ in steps:
+                    pass
+            except Done:
                 pass
-        except Done:
-            pass
+            schedule.end_block()
         rounds += 1
     return schedule.table()
 
