@@ -314,6 +314,17 @@ void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* ou
   }
 }
 
+// packed_tile for `rows` (1 to R) rows, the count made a template's.
+template <WeightType WT, int R = 6>
+void packed_rows(int rows, const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      return packed_rows<WT, R - 1>(rows, x, ldx, K, w, n, out, ldo);
+    }
+  }
+  packed_tile<WT, R>(x, ldx, K, w, n, out, ldo);
+}
+
 // Columns [n0, n1) (multiples of 16) of packed weights: each block of 16 columns for groups of up to 6 rows in turn
 // (12 accumulators, the block's two vectors and a broadcast fill the 16 registers).
 template <WeightType WT>
@@ -323,25 +334,7 @@ void packed_columns(const FloatProduct& p, int n0, int n1) {
       const int R = min_int(6, p.rows - r);
       const float* x = p.x + size_t(r) * p.ldx;
       float* out = p.out + size_t(r) * p.N;
-      switch (R) {
-        case 1:
-          packed_tile<WT, 1>(x, p.ldx, p.K, p.w, n, out, p.N);
-          break;
-        case 2:
-          packed_tile<WT, 2>(x, p.ldx, p.K, p.w, n, out, p.N);
-          break;
-        case 3:
-          packed_tile<WT, 3>(x, p.ldx, p.K, p.w, n, out, p.N);
-          break;
-        case 4:
-          packed_tile<WT, 4>(x, p.ldx, p.K, p.w, n, out, p.N);
-          break;
-        case 5:
-          packed_tile<WT, 5>(x, p.ldx, p.K, p.w, n, out, p.N);
-          break;
-        default:
-          packed_tile<WT, 6>(x, p.ldx, p.K, p.w, n, out, p.N);
-      }
+      packed_rows<WT>(R, x, p.ldx, p.K, p.w, n, out, p.N);
       r += R;
     }
   }
