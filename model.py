@@ -222,7 +222,8 @@ class FusedLinear(Module):
 
     def packed_weight(self):
         """The float weight, packed where kernels.pack packs it (the same numbers in the native kernels' fastest
-        layout); made once per weight array, kept (not a parameter) and released with it."""
+        layout); made once per weight array, kept (not a parameter) and released with it. A new array (an assignment,
+        `update`, `load_weights`) is packed again; an array changed in place keeps the copy of what it held."""
         weight = self["weight"]
         kept = self.__dict__.get("_packed")
         if kept is None or kept[0] is not weight:
