@@ -59,6 +59,7 @@ FLOATS = (mx.float32, mx.bfloat16, mx.float16)
 # (the demo main model's 9-row verification products 0.50 ms a step against 0.72 for its own bfloat16 weights, one
 # thread). The packed type each float type takes:
 PACKED = {mx.bfloat16: mx.uint16, mx.float32: mx.uint32}
+PACKED_NAMES = {packed: f"packed {dtype}".replace("mlx.core.", "") for dtype, packed in PACKED.items()}  # for `used`
 PACK_ENV_VAR = "T5_PACKED_MB"
 PACK_COLUMNS = 16
 # Megabytes of packed copies a process keeps at most (they are made at a weight's first product, beside the model's
@@ -229,8 +230,7 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
     """x (..., in) @ weight.T -> (..., out); with scales, weight is MLX-quantized (`mode`, biases for affine)."""
     if native_takes(x, weight, scales, biases, group_size, bits, mode):
         if scales is None:
-            packed = {v: f"packed {k}" for k, v in PACKED.items()}.get(weight.dtype, weight.dtype)
-            used.add(f"native {packed}".replace("mlx.core.", ""))
+            used.add(f"native {PACKED_NAMES.get(weight.dtype, weight.dtype)}".replace("mlx.core.", ""))
             return native.decode_matmul(x, weight)
         used.add(f"native {bits}-bit")
         return native.decode_matmul(x, weight, scales, biases, group_size, bits, integer=int8_activations(bits))

@@ -225,14 +225,10 @@ WeightType weight_type(mx::Dtype dtype) {
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
 
-// A float product's weights: float32, bfloat16 or float16 (N, K), or packed (products.h) bfloat16 as uint16 and float32
-// as uint32, their shape (N, K) too.
+// A float product's weights: float32, bfloat16 or float16 (N, K), or packed (is_packed_dtype), their shape (N, K) too.
 WeightType float_weight_type(mx::Dtype dtype) {
-  if (dtype == mx::uint16) {
-    return kPackedBFloat16;
-  }
-  if (dtype == mx::uint32) {
-    return kPackedFloat32;
+  if (is_packed_dtype(dtype)) {
+    return dtype == mx::uint16 ? kPackedBFloat16 : kPackedFloat32;
   }
   return weight_type(dtype);
 }
@@ -418,6 +414,10 @@ int current_kernel_isa() {
   return current_isa().load();
 }
 
+bool is_packed_dtype(mx::Dtype dtype) {
+  return dtype == mx::uint16 || dtype == mx::uint32;
+}
+
 namespace {
 
 void run_product(Isa isa, bool integer, const mx::array& x_in, const mx::array& w, const mx::array* scales,
@@ -554,7 +554,7 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
     out_dtype = mx::promote_types(out_dtype, scales->dtype());
     inputs = {row_contiguous(w, stream), row_contiguous(*scales, stream), row_contiguous(*biases, stream)};
   } else {
-    const bool packed = w.dtype() == mx::uint16 || w.dtype() == mx::uint32;
+    const bool packed = is_packed_dtype(w.dtype());
     if (!is_kernel_float(w.dtype()) && !packed) {
       throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16, float16 or packed");
     }

@@ -53,6 +53,8 @@ void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, 
                   const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N);
 void pool_run(int tasks, const std::function<void(int)>& task);
 int current_kernel_isa();
+// Whether a float product's weights of this dtype are packed (products.h): bfloat16 as uint16, float32 as uint32.
+bool is_packed_dtype(mx::Dtype dtype);
 
 class DecodeMatmul : public mx::Primitive {
  public:

@@ -224,7 +224,7 @@ void check_weight(const LayerWeight& w, int in, int out, const char* op) {
                w.scales->dtype() == mx::float16),
           "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128", op);
   } else {
-    const bool packed = w.w.dtype() == mx::uint16 || w.w.dtype() == mx::uint32;
+    const bool packed = is_packed_dtype(w.w.dtype());
     check(w.w.shape(1) == in &&
               (w.w.dtype() == mx::float32 || w.w.dtype() == mx::bfloat16 || w.w.dtype() == mx::float16 || packed),
           "float weights must be float32, bfloat16, float16 or packed", op);
