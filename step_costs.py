@@ -4,7 +4,8 @@ acceptance from earlier runs, both kept in a user cache directory.
 Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
 size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
 k = 0..max, a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a few
-rounds, each step's time from one host synchronisation to the next. A first round warms up untimed (first runs of each
+rounds, each step's time from one host synchronisation to the next (plain steps of one sequence: a run of them, from
+one token to the next). A first round warms up untimed (first runs of each
 shape are slow); each block's mean step time counts once (plain steps in a row alternate long and short, as each is
 built while the one before computes), and the median of the blocks per k, smoothed along k, is kept, keyed by all of
 the above; a change of any of them measures again.
@@ -180,7 +181,12 @@ class Schedule:
     would time the longest drafts at the longest contexts, whose attention costs more). A block's first step is
     dropped (it follows the prompt's setup, and builds the draft's cross-attention keys); the mean of the others is
     kept by k, unless the round is a warm-up. One step more than the block is taken and not kept: a plain step chooses
-    the next step's length before its own time is known."""
+    the next step's length before its own time is known.
+
+    Plain steps of one sequence are timed as auto takes them, a run at a time (plain_run): a run has no choice or
+    timing between its steps, and costs less a step than plain steps taken one by one, for which the table would
+    otherwise make drafting look cheap beside them. The run is timed from one token to the next, its first token
+    (which waits for the run's first step alone) dropped."""
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
@@ -195,9 +201,11 @@ class Schedule:
         self.chosen = deque()  # indices in the block of the steps chosen and not yet timed
         self.count = 0
         self.times: List[float] = []
+        self.in_run = False
+        self.stamps: List[float] = []  # when each token of a plain run came
 
     def choose(self, source, limit):
-        if self.count > BLOCK:
+        if self.count > BLOCK or self.in_run:
             raise Done
         self.chosen.append(self.count)
         self.count += 1
@@ -206,18 +214,22 @@ class Schedule:
     choose_batch = choose
 
     def plain_run(self, limit):
-        return 1
+        self.in_run = True
+        return min(BLOCK + 1, limit)
 
     def record_time(self, source, drafted, seconds):
         if 0 < self.chosen.popleft() < BLOCK:
             self.times.append(seconds)
 
+    def record_acceptance(self, source, drafted, accepted):
+        if self.in_run:
+            self.stamps.append(time.perf_counter())
+
     def end_block(self):
+        if self.in_run:
+            self.times = list(np.diff(self.stamps[1:]))
         if not self.warm_up and len(self.times) == BLOCK - 1:
             self.seconds[self.k].append(statistics.fmean(self.times))
-
-    def record_acceptance(self, source, drafted, accepted):
-        pass
 
     def table(self) -> List[float]:
         return smoothed([statistics.median(times) for _, times in sorted(self.seconds.items())])

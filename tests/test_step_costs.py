@@ -3,6 +3,8 @@ or the file is unreadable (one warning); acceptance remembered from one run to t
 directory of its own."""
 
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import PROMPTS
@@ -166,3 +168,25 @@ def test_measured_costs_are_smoothed_along_the_draft_length():
     assert max(abs(s - q) / q for s, q in zip(smooth[1:], quadratic[1:])) < 0.1
     # Too few lengths to fit: as measured.
     assert step_costs.smoothed([0.5, 1.0, 0.9]) == [0.5, 1.0, 0.9]
+
+
+def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, monkeypatch):
+    # Plain steps of one sequence are timed through plain_tokens, the run auto takes, from one token to the next: on a
+    # clock that moves only as those tokens come, a quarter of a second each, the table's plain step is that.
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft="auto", max_num_draft=3)
+    clock, runs = [0.0], []
+    plain_tokens = SpeculativeDecoder.plain_tokens
+
+    def ticking(self, token, count, *rest):
+        runs.append(count)
+        for generated in plain_tokens(self, token, count, *rest):
+            clock[0] += 0.25
+            yield generated
+
+    monkeypatch.setattr(SpeculativeDecoder, "plain_tokens", ticking)
+    monkeypatch.setattr(step_costs, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
+    table = step_costs.measure(decoder, "model", 1)
+    assert runs and set(runs) == {step_costs.BLOCK + 1}
+    assert table[0] == pytest.approx(0.25)
+    assert all(t < 0.25 for t in table[1:])  # drafting steps, on the real clock
