@@ -4,6 +4,7 @@ import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import functools
 import math
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -352,6 +353,28 @@ def kept_parts(stack):
     return None if None in kept[1] else kept[1]
 
 
+def native_weights(stack, parts):
+    """Each layer's (norm weights, native products) for the native layers, from `parts` (kept_parts(stack)); kept while
+    every module's weight is the object they were made from (a new weight comes with its new scales and biases), since
+    reading them anew (native_weight per product) costs a few microseconds each and a decoding step reads a few dozen.
+    A compiled function's arrays (other objects) are read anew."""
+    kept = stack.__dict__.get("_native_weights")  # (parts, their modules, those modules' weights, what was made)
+    if kept is None or kept[0] is not parts:
+        modules = [module for norms, linears in parts for module in (*norms, *linears)]
+    else:
+        modules = kept[1]
+        if all(map(operator.is_, kept[2], map(WEIGHT, modules))):
+            return kept[3]
+    weights = [
+        ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears]) for norms, linears in parts
+    ]
+    object.__setattr__(stack, "_native_weights", (parts, modules, list(map(WEIGHT, modules)), weights))
+    return weights
+
+
+WEIGHT = operator.itemgetter("weight")
+
+
 def padding_bias(attention_mask, dtype):
     """(B, L) mask of 1 = token, 0 = padding -> additive (B, 1, 1, L) attention bias."""
     return mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, mx.finfo(dtype).min).astype(dtype)
@@ -403,15 +426,11 @@ class Encoder(Module):
             native = kernels.native_layers_take(x) and self.final_norm.weight.dtype == mx.float32
             parts = kept_parts(self) if native else None
             if parts is not None:  # every layer and the final norm in one native operation
-                layers = [
-                    ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears])
-                    for norms, linears in parts
-                ]
                 first = self.layers[0]
                 return kernels.encoder_layers(
                     x,
                     whole,
-                    layers,
+                    native_weights(self, parts),
                     self.final_norm.weight,
                     heads,
                     first.mlp_norm.eps,
@@ -512,14 +531,10 @@ class Decoder(Module):
             return None
         shape = (batch, self.layers[0].self_attn.num_heads, length, self.args.d_kv)
         return [
-            (
-                *layer_cache.reserve(shape, mx.float32),
-                cross_keys,
-                cross_values,
-                [norm["weight"] for norm in norms],
-                [linear.native_weight() for linear in linears],
+            (*layer_cache.reserve(shape, mx.float32), cross_keys, cross_values, norms, linears)
+            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(
+                cache, cross_kv, native_weights(self, parts)
             )
-            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, parts)
         ]
 
     def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None):
