@@ -219,22 +219,47 @@ class FusedLinear(Module):
             return self.packed_weight(), None, None, 0, 0
         if "biases" not in self:
             return None
-        return self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+        return (*self.packed_quantized(), self.group_size, self.bits)
 
     def packed_weight(self):
         """The float weight, packed where kernels.pack packs it (the same numbers in the native kernels' fastest
         layout); made once per weight array, kept (not a parameter) and released with it. A new array (an assignment,
         `update`, `load_weights`) is packed again; an array changed in place keeps the copy of what it held."""
+        weight = self.kept_packing(kernels.pack)
+        return self["weight"] if weight is None else weight
+
+    def packed_quantized(self):
+        """(weight, scales, biases) of a quantized layer, packed where kernels.pack_quantized packs them, kept as
+        packed_weight keeps a float weight's copy; the layer's own while the packed copies do not run (another
+        instruction set or int8 activations, chosen after the copy was made)."""
+        if kernels.packed_quantized_run(self.bits):
+            packed = self.kept_packing(lambda weight: kernels.pack_quantized(weight, *self.quantized_parts()))
+            if packed is not None:
+                return packed
+        return self["weight"], self["scales"], self["biases"]
+
+    def quantized_parts(self):
+        return self["scales"], self["biases"], self.group_size, self.bits
+
+    def kept_packing(self, pack):
+        """pack(weight), made once per weight array and kept (not a parameter) while it is the layer's weight."""
         weight = self["weight"]
         kept = self.__dict__.get("_packed")
         if kept is None or kept[0] is not weight:
-            kept = (weight, kernels.pack(weight))
+            kept = (weight, pack(weight))
             object.__setattr__(self, "_packed", kept)  # (not a parameter, and not an assignment)
-        return weight if kept[1] is None else kept[1]
+        return kept[1]
 
     def __call__(self, x):
         if "scales" in self:
-            y = kernels.linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+            weight, scales, biases = self.weight, self.scales, self.biases
+            if (
+                x.dtype == mx.float32
+                and self.group is None
+                and kernels.native_takes(x, weight, *self.quantized_parts(), "affine")
+            ):
+                weight, scales, biases = self.packed_quantized()
+            y = kernels.linear(x, weight, scales, biases, self.group_size, self.bits)
         elif x.dtype == mx.float32 and self.group is None and kernels.native_takes(x, self.weight, *NO_SCALES):
             y = kernels.linear(x, self.packed_weight())
         else:
@@ -355,20 +380,23 @@ def kept_parts(stack):
 
 def native_weights(stack, parts):
     """Each layer's (norm weights, native products) for the native layers, from `parts` (kept_parts(stack)); kept while
-    every module's weight is the object they were made from (a new weight comes with its new scales and biases), since
-    reading them anew (native_weight per product) costs a few microseconds each and a decoding step reads a few dozen.
-    A compiled function's arrays (other objects) are read anew."""
-    kept = stack.__dict__.get("_native_weights")  # (parts, their modules, those modules' weights, what was made)
+    every module's weight is the object they were made from (a new weight comes with its new scales and biases) and
+    the kernels' settings are the same (kernels.settings), since reading them anew (native_weight per product) costs a
+    few microseconds each and a decoding step reads a few dozen. A compiled function's arrays (other objects) are read
+    anew."""
+    # (parts, their modules, those modules' weights, the kernels' settings, what was made)
+    kept = stack.__dict__.get("_native_weights")
+    settings = kernels.settings()
     if kept is None or kept[0] is not parts:
         modules = [module for norms, linears in parts for module in (*norms, *linears)]
     else:
         modules = kept[1]
-        if all(map(operator.is_, kept[2], map(WEIGHT, modules))):
-            return kept[3]
+        if kept[3] == settings and all(map(operator.is_, kept[2], map(WEIGHT, modules))):
+            return kept[4]
     weights = [
         ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears]) for norms, linears in parts
     ]
-    object.__setattr__(stack, "_native_weights", (parts, modules, list(map(WEIGHT, modules)), weights))
+    object.__setattr__(stack, "_native_weights", (parts, modules, list(map(WEIGHT, modules)), settings, weights))
     return weights
 
 

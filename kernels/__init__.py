@@ -203,6 +203,53 @@ def pack(weight):
     return packed
 
 
+def settings():
+    """What the native layers' weights as FusedLinear.native_weight gives them depend on beside the weights: the
+    instruction set and the quantized products' activations (packed copies run on one, with one)."""
+    return (native.isa() if native is not None else None, integer)
+
+
+def packed_quantized_run(bits) -> bool:
+    """Whether products of `bits`-bit weights run packed copies now: on the AVX-512 kernel, with float activations.
+    (The instruction set and the activations may change after a copy was made; the model's own arrays serve then.)"""
+    return native is not None and native.isa() == "avx512" and not int8_activations(bits)
+
+
+def pack_quantized(weight, scales, biases, group_size, bits):
+    """The packed copy (values, scales, biases) of an MLX affine-quantized weight (N, K * bits / 32) uint32 with
+    `bits` 4 or 8: its values as bytes in blocks of 16 columns (see products.h), uint8 (N, K * bits / 8), and its
+    scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernel multiplies several rows by it with
+    one pass over the weights (float activations). None where that kernel is not the one running, the product takes
+    int8 activations (their kernels read MLX's layout), N is not a multiple of 16, or the budget (pack_budget) is
+    spent; its bytes count against the budget while it lives."""
+    global packed_bytes
+    if not packed_quantized_run(bits) or weight.ndim != 2 or weight.dtype != mx.uint32:
+        return None
+    if bits not in (4, 8) or group_size not in (32, 64, 128) or weight.shape[0] % PACK_COLUMNS:
+        return None
+    (N, words), groups = weight.shape, scales.shape[1]
+    nbytes = weight.nbytes + 2 * N * groups * 4
+    if packed_bytes + nbytes > pack_budget():
+        return None
+
+    def blocked(a, width):  # (N, width) -> per block of 16 rows, column by column
+        return mx.contiguous(a.reshape(N // PACK_COLUMNS, PACK_COLUMNS, width).transpose(0, 2, 1)).reshape(N, width)
+
+    packed = (
+        blocked(weight.view(mx.uint8), 4 * words),
+        blocked(scales.astype(mx.float32), groups),
+        blocked(biases.astype(mx.float32), groups),
+    )
+    try:
+        mx.eval(packed)
+    except ValueError:  # inside a function transformation (compile, vmap), where nothing may be evaluated
+        return None
+    for array in packed:
+        packed_bytes += array.nbytes
+        weakref.finalize(array, release, array.nbytes)
+    return packed
+
+
 def release(nbytes: int):
     """A packed copy of `nbytes` bytes was freed."""
     global packed_bytes
@@ -220,7 +267,7 @@ def native_takes(x, weight, scales, biases, group_size, bits, mode) -> bool:
         and biases is not None
         and bits in (4, 8)
         and group_size in (32, 64, 128)
-        and weight.dtype == mx.uint32
+        and weight.dtype in (mx.uint32, mx.uint8)
         and scales.dtype in FLOATS
         and biases.dtype == scales.dtype
     )

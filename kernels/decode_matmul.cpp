@@ -337,8 +337,34 @@ void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int
       tile);
 }
 
+// Packed quantized weights (products.h): each group's sum of x, then tiles of whole blocks of columns, as packed float
+// weights go; on the AVX-512 kernel, else the portable one (the AVX2 kernels read MLX's layout only).
+void packed_quant_product(Isa isa, const float* x, int ldx, int M, int K, const mx::array& w, const mx::array& scales,
+                          const mx::array& biases, int group_size, int bits, float* y, int N) {
+  std::vector<float> x_sums(size_t(M) * ldx);
+  group_sums(x, ldx, M, K, group_size, x_sums.data());
+  const int tile = kPackColumns * packed_blocks(std::min(M, kMaxRows));
+  over_columns(
+      N,
+      [&](int n0, int n1) {
+        over_row_blocks(
+            M, n0, n1, K * bits / 8,
+            [&](int r, int rows, int a, int b) {
+              QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(),
+                             biases.data<void>(), kFloat32, group_size, bits, y + size_t(r) * N, N, nullptr,
+                             x_sums.data() + size_t(r) * ldx, true};
+              isa == kAvx512 ? packed_quant_columns_avx512(p, a, b) : packed_quant_columns_portable(p, a, b);
+            },
+            tile);
+      },
+      tile);
+}
+
 void quant_product(Isa isa, const float* x, int ldx, int M, int K, const mx::array& w, const mx::array& scales,
                    const mx::array& biases, int group_size, int bits, float* y, int N) {
+  if (is_packed_quant(w)) {
+    return packed_quant_product(isa, x, ldx, M, K, w, scales, biases, group_size, bits, y, N);
+  }
   std::vector<float> x_words, x_sums;
   const bool avx2 = isa != kPortable;  // AVX-512 takes the AVX2 kernel for float activations
   if (avx2) {
@@ -398,7 +424,7 @@ void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, 
                   const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N) {
   if (bits == 0) {
     float_product(Isa(isa), x, ldx, nullptr, M, K, w, y, N);
-  } else if (integer && has_integer_products(isa)) {
+  } else if (integer && has_integer_products(isa) && !is_packed_quant(w)) {
     int_product(isa, x, ldx, M, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
                 weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
   } else {
@@ -416,6 +442,10 @@ int current_kernel_isa() {
 
 bool is_packed_dtype(mx::Dtype dtype) {
   return dtype == mx::uint16 || dtype == mx::uint32;
+}
+
+bool is_packed_quant(const mx::array& w) {
+  return w.dtype() == mx::uint8;
 }
 
 namespace {
@@ -447,7 +477,7 @@ void run_product(Isa isa, bool integer, const mx::array& x_in, const mx::array& 
         x_bf16[i] = uint16_t(value >> 16);
       }
       float_product(isa, x.data(), ldx, bf16_pairs ? x_bf16.data() : nullptr, rows, K, w, y, N);
-    } else if (integer && has_integer_products(isa)) {
+    } else if (integer && has_integer_products(isa) && !is_packed_quant(w)) {
       int_product(isa, x.data(), ldx, rows, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
                   weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
     } else {
@@ -547,9 +577,13 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
     if (!is_kernel_float(scales->dtype()) || biases->dtype() != scales->dtype()) {
       throw std::invalid_argument("decode_matmul: scales and biases must share one float dtype");
     }
-    if (w.dtype() != mx::uint32 || K % group_size || w.shape(1) != K * bits / 32 ||
+    const bool packed = is_packed_quant(w);
+    if ((w.dtype() != mx::uint32 && !packed) || K % group_size || w.shape(1) != K * bits / (packed ? 8 : 32) ||
         scales->shape() != mx::Shape{N, K / group_size} || biases->shape() != scales->shape()) {
       throw std::invalid_argument("decode_matmul: quantized weight, scales or biases do not match x");
+    }
+    if (packed && (N % kPackColumns || scales->dtype() != mx::float32)) {
+      throw std::invalid_argument("decode_matmul: packed quantized weights need a multiple of 16 rows, float32 scales");
     }
     out_dtype = mx::promote_types(out_dtype, scales->dtype());
     inputs = {row_contiguous(w, stream), row_contiguous(*scales, stream), row_contiguous(*biases, stream)};

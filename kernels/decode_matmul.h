@@ -55,6 +55,8 @@ void pool_run(int tasks, const std::function<void(int)>& task);
 int current_kernel_isa();
 // Whether a float product's weights of this dtype are packed (products.h): bfloat16 as uint16, float32 as uint32.
 bool is_packed_dtype(mx::Dtype dtype);
+// Whether a quantized product's weights are packed (products.h): their values as bytes, uint8.
+bool is_packed_quant(const mx::array& w);
 
 class DecodeMatmul : public mx::Primitive {
  public:

@@ -213,16 +213,25 @@ void check(bool ok, const char* what, const char* op = "decoder_layers") {
 }
 
 // A product's weight (out, in): float, or MLX's affine quantization of one.
+// The inputs (K) of a weight's product: its columns, or the values its words or bytes hold where quantized.
+int weight_inputs(const LayerWeight& w) {
+  return w.bits ? w.w.shape(1) * (is_packed_quant(w.w) ? 8 : 32) / w.bits : w.w.shape(1);
+}
+
 void check_weight(const LayerWeight& w, int in, int out, const char* op) {
   if (w.bits) {
+    const bool packed = is_packed_quant(w.w);
     check(w.scales && w.biases && (w.bits == 4 || w.bits == 8) &&
-              (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) && w.w.dtype() == mx::uint32 &&
-              w.w.shape(1) * 32 / w.bits == in && in % w.group_size == 0 &&
+              (w.group_size == 32 || w.group_size == 64 || w.group_size == 128) &&
+              (w.w.dtype() == mx::uint32 || packed) && weight_inputs(w) == in &&
+              in % w.group_size == 0 &&
               w.scales->shape() == mx::Shape{out, in / w.group_size} && w.biases->shape() == w.scales->shape() &&
               w.biases->dtype() == w.scales->dtype() &&
               (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
                w.scales->dtype() == mx::float16),
           "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128", op);
+    check(!packed || (out % kPackColumns == 0 && w.scales->dtype() == mx::float32),
+          "packed quantized weights need a multiple of 16 rows and float32 scales", op);
   } else {
     const bool packed = is_packed_dtype(w.w.dtype());
     check(w.w.shape(1) == in &&
@@ -727,7 +736,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     }
     const int inner = num_heads * dk;
     const auto& wo = layer.weights[kWo];
-    const int d_ff = wo.bits ? wo.w.shape(1) * 32 / wo.bits : wo.w.shape(1);
+    const int d_ff = weight_inputs(wo);
     check(spec.d_ff == 0 || spec.d_ff == d_ff, "every layer has the same d_ff");
     spec.d_ff = d_ff;
     const int ins[kWeights] = {D, inner, D, inner, D, d_ff};
@@ -855,7 +864,7 @@ mx::array encoder_layers(const mx::array& x, const mx::array& bias, const std::v
     check(spec.d_kv == 0 || spec.d_kv == dk, "every layer has the same d_kv", op);
     spec.d_kv = dk;
     const auto& wo = layer.weights[kEncWo];
-    const int d_ff = wo.bits ? wo.w.shape(1) * 32 / wo.bits : wo.w.shape(1);
+    const int d_ff = weight_inputs(wo);
     check(spec.d_ff == 0 || spec.d_ff == d_ff, "every layer has the same d_ff", op);
     spec.d_ff = d_ff;
     const int ins[kEncoderWeights] = {D, inner, D, d_ff};

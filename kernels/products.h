@@ -74,7 +74,18 @@ struct QuantProduct {
   // Prepared once per call by prepare_quant_x for the AVX2 kernel: x rearranged word by word and each group's sum.
   const float* x_words;  // (rows, K)
   const float* x_sums;  // (rows, K / group), rows ldx apart
+  bool packed = false;  // w, scales and biases packed (see packed_quant_scale_index); x_sums set, x_words not
 };
+
+// Packed quantized weights (QuantProduct with packed set): the values of an (N, K) weight, N a multiple of
+// kPackColumns, as bytes in blocks of kPackColumns columns: 8-bit, per k the block's 16 values; 4-bit, per pair of k
+// 16 bytes, column c's value at the even k in byte c's low nibble and at the odd k in its high nibble. Scales and
+// biases float32, per block the groups one after another, each the block's 16 columns'. Each output is
+// sum over groups (in order) of scale * (sum over the group's k, in order, of x[k] * value) + bias * sum(x of the
+// group), whatever the rows beside it.
+static inline size_t packed_quant_scale_index(size_t n, size_t group, size_t groups) {
+  return (n / kPackColumns * groups + group) * kPackColumns + n % kPackColumns;
+}
 
 // Integer products for quantized weights: each row of x quantized per group to int8 (x_scale = max|x| / 127), each
 // group's dot product with the weights' unsigned values in int32, then out = sum over groups of
@@ -118,6 +129,7 @@ void int_columns_portable(const IntProduct& p, int n0, int n1);
 
 void float_columns_portable(const FloatProduct& p, int n0, int n1);
 void quant_columns_portable(const QuantProduct& p, int n0, int n1);
+void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1);
 
 // The AVX2/FMA/F16C kernels; call only where cpu_has_avx2() is true.
 bool cpu_has_avx2();
@@ -129,9 +141,12 @@ bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 void float_columns_avx512(const FloatProduct& p, int n0, int n1);
 void int_columns_avx512(const IntProduct& p, int n0, int n1);
+void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1);
 
 void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
                      float* x_sums);
+// Each group's sum of x's values, in k order: sums (rows, K / group), rows ldx apart like x's.
+void group_sums(const float* x, int ldx, int rows, int K, int group, float* sums);
 
 static inline float bf16_to_float(uint16_t v) {
   uint32_t bits = uint32_t(v) << 16;

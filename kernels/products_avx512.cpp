@@ -566,7 +566,94 @@ void packed_columns(const FloatProduct& p, int n0, int n1) {
   });
 }
 
+// Packed quantized weights (products.h): R rows x CB blocks of 16 columns from column n on. Per k, each block's 16
+// values are one vector (widened from 16 bytes, or from the low and high nibbles of 16 bytes for two k), multiplied by
+// each row's x[k]; at the end of each group, out += scale * sum + bias * sum(x of the group), per row and column.
+template <int BITS, int R, int CB>
+void packed_quant_tile(const QuantProduct& p, int n) {
+  const int K = p.K, group = p.group, groups = K / group;
+  const size_t block = size_t(K) * BITS * kPackColumns / 8;  // bytes of one block's values
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w) + size_t(n / kPackColumns) * block;
+  const size_t first_scale = size_t(n / kPackColumns) * groups * kPackColumns;
+  const float* scales = static_cast<const float*>(p.scales) + first_scale;
+  const float* biases = static_cast<const float*>(p.biases) + first_scale;
+  for (int g = 0; g < groups; g++) {
+    __m512 acc[R][CB];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; c++) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int k = g * group; k < (g + 1) * group; k += 8 / BITS) {
+      __m512 low[CB], high[CB];
+      const uint8_t* values = w + size_t(k) * BITS * kPackColumns / 8;
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; c++) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + c * block)));
+        if constexpr (BITS == 8) {
+          low[c] = _mm512_cvtepi32_ps(bytes);
+        } else {
+          low[c] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+          high[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) {
+        const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k]);
+#pragma GCC unroll 4
+        for (int c = 0; c < CB; c++) {
+          acc[r][c] = _mm512_fmadd_ps(xv, low[c], acc[r][c]);
+        }
+      }
+      if constexpr (BITS == 4) {
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) {
+          const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k + 1]);
+#pragma GCC unroll 4
+          for (int c = 0; c < CB; c++) {
+            acc[r][c] = _mm512_fmadd_ps(xv, high[c], acc[r][c]);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; c++) {
+      const __m512 scale = _mm512_loadu_ps(scales + (size_t(c) * groups + g) * kPackColumns);
+      const __m512 bias = _mm512_loadu_ps(biases + (size_t(c) * groups + g) * kPackColumns);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) {
+        float* out = p.out + size_t(r) * p.N + n + c * kPackColumns;
+        __m512 total = g ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+        total = _mm512_fmadd_ps(scale, acc[r][c], total);
+        total = _mm512_fmadd_ps(bias, _mm512_set1_ps(p.x_sums[size_t(r) * p.ldx + g]), total);
+        _mm512_storeu_ps(out, total);
+      }
+    }
+  }
+}
+
+template <int BITS>
+void packed_quant_columns(const QuantProduct& p, int n0, int n1) {
+  with_count<kMaxRows>(p.rows, [&](auto count) {
+    constexpr int R = decltype(count)::value;
+    constexpr int CB = packed_blocks(R);
+    int n = n0;
+    for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
+      packed_quant_tile<BITS, R, CB>(p, n);
+    }
+    for (; n < n1; n += kPackColumns) {
+      packed_quant_tile<BITS, R, 1>(p, n);
+    }
+  });
+}
+
 }  // namespace
+
+void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1) {
+  p.bits == 8 ? packed_quant_columns<8>(p, n0, n1) : packed_quant_columns<4>(p, n0, n1);
+}
 
 void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
   switch (p.wtype) {

@@ -67,6 +67,33 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
   }
 }
 
+void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1) {
+  const int groups = p.K / p.group;
+  const size_t block = size_t(p.K) * p.bits * kPackColumns / 8;
+  const uint8_t* values = reinterpret_cast<const uint8_t*>(p.w);
+  const float* scales = static_cast<const float*>(p.scales);
+  const float* biases = static_cast<const float*>(p.biases);
+  for (int m = 0; m < p.rows; m++) {
+    const float* x = p.x + size_t(m) * p.ldx;
+    for (int n = n0; n < n1; n++) {
+      const uint8_t* column = values + size_t(n / kPackColumns) * block + n % kPackColumns;
+      float total = 0.0f;
+      for (int g = 0; g < groups; g++) {
+        float sum = 0.0f;
+        for (int k = g * p.group; k < (g + 1) * p.group; k++) {
+          const int value = p.bits == 8 ? column[size_t(k) * kPackColumns]
+                                        : (column[size_t(k / 2) * kPackColumns] >> (4 * (k % 2))) & 15;
+          sum += x[k] * float(value);
+        }
+        const size_t index = packed_quant_scale_index(n, g, groups);
+        total += scales[index] * sum;
+        total += biases[index] * p.x_sums[size_t(m) * p.ldx + g];
+      }
+      p.out[size_t(m) * p.N + n] = total;
+    }
+  }
+}
+
 void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
                      float* x_sums) {
   // A block of 8 words holds 8 * per_word weights; the AVX2 kernel takes value i of all 8 words at once (lane j =
@@ -84,12 +111,19 @@ void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int gro
         }
       }
     }
+  }
+  group_sums(x, ldx, rows, K, group, x_sums);
+}
+
+void group_sums(const float* x, int ldx, int rows, int K, int group, float* sums) {
+  for (int m = 0; m < rows; m++) {
+    const float* xm = x + size_t(m) * ldx;
     for (int g = 0; g < K / group; g++) {
       float sum = 0;
       for (int k = 0; k < group; k++) {
         sum += xm[g * group + k];
       }
-      x_sums[size_t(m) * ldx + g] = sum;
+      sums[size_t(m) * ldx + g] = sum;
     }
   }
 }

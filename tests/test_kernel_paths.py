@@ -146,6 +146,76 @@ def test_quantized_float_activations_against_float64(isa, bits, group_size, rows
             assert_float32_close(ours, reference, np.broadcast_to(terms, (rows, K)))
 
 
+def packed_quantized(w, scales, biases, group_size, bits):
+    """kernels.pack_quantized's copy, made for the AVX-512 kernel (the only one it packs for) whatever path runs it:
+    the portable kernel reads the same layout."""
+    if "avx512" not in kernels.native.isas():
+        pytest.skip("this CPU does not run avx512, for which quantized weights are packed")
+    before = kernels.native.isa()
+    kernels.native.set_isa("avx512")
+    try:
+        return kernels.pack_quantized(w, scales, biases, group_size, bits)
+    finally:
+        kernels.native.set_isa(before)
+
+
+def unpacked_quantized(packed, bits, group_size):
+    """(values (N, K), scales (N, K / group), biases) of a packed quantized weight, read as products.h lays it out."""
+    codes, scales, biases = (np.array(a) for a in packed)
+    N, groups = scales.shape
+    blocks = codes.reshape(N // 16, -1, 16)  # per block: 16 bytes per k (8-bit) or per pair of k (4-bit)
+    if bits == 4:
+        blocks = np.stack([blocks & 15, blocks >> 4], axis=2).reshape(N // 16, -1, 16)
+    values = blocks.transpose(0, 2, 1).reshape(N, -1).astype(np.int64)
+    per_group = lambda a: a.reshape(N // 16, groups, 16).transpose(0, 2, 1).reshape(N, groups)  # noqa: E731
+    return values, per_group(scales), per_group(biases)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 12, 13, 16, 17, 600])
+def test_packed_quantized_weights_against_float64(isa, bits, group_size, rows):
+    rng = np.random.default_rng(bits * rows + group_size)
+    for K, N in [(group_size, 16), (3 * group_size, 48), (5 * group_size, 80)]:
+        x = mx.array(rng.standard_normal((rows, K)).astype(np.float32))
+        for dtype in [mx.float32, mx.bfloat16]:
+            w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
+            packed = packed_quantized(w, scales, biases, group_size, bits)
+            assert packed[0].dtype == mx.uint8 and packed[0].shape == (N, K * bits // 8)
+            # The same values, scales and biases, only moved (and the scales and biases widened to float32).
+            values, packed_scales, packed_biases = unpacked_quantized(packed, bits, group_size)
+            assert np.array_equal(values, unpack(w, bits))
+            assert np.array_equal(packed_scales, as_f64(scales)) and np.array_equal(packed_biases, as_f64(biases))
+            w_f64 = dequantized(w, scales, biases, group_size, bits)
+            reference = as_f64(x) @ w_f64.T
+            ours = kernels.linear(x, *packed, group_size, bits)
+            assert ours.dtype == mx.float32 and ours.shape == (rows, N)
+            terms = np.abs(as_f64(x)).max(axis=1, keepdims=True) * np.abs(w_f64).max()
+            assert_float32_close(ours, reference, np.broadcast_to(terms, (rows, K)))
+
+
+def test_pack_quantized_takes_what_its_kernel_takes(monkeypatch):
+    q8 = quantized_weights(32, 128, 64, 8, mx.float32, seed=0)
+    if "avx512" not in kernels.native.isas():
+        assert kernels.pack_quantized(*q8, 64, 8) is None  # no kernel reads the packed layout fast
+        return
+    before = kernels.native.isa()
+    try:
+        kernels.native.set_isa("avx512")
+        assert kernels.pack_quantized(*q8, 64, 8) is not None
+        assert kernels.pack_quantized(*quantized_weights(40, 128, 64, 8, mx.float32, seed=0), 64, 8) is None  # N % 16
+        monkeypatch.setattr(kernels, "integer", True)  # int8 activations: their kernels read MLX's layout
+        assert kernels.pack_quantized(*q8, 64, 8) is None
+        monkeypatch.setattr(kernels, "integer", None)
+        monkeypatch.setenv(kernels.PACK_ENV_VAR, "0")
+        assert kernels.pack_quantized(*q8, 64, 8) is None
+        monkeypatch.delenv(kernels.PACK_ENV_VAR)
+        kernels.native.set_isa("avx2")
+        assert kernels.pack_quantized(*q8, 64, 8) is None
+    finally:
+        kernels.native.set_isa(before)
+
+
 def quantize_x_reference(x, group_size):
     """Each row's groups to int8, in float32 as the kernels do: scale = max|x| / 127, q = rint(x * (127 / max|x|))."""
     rows, K = x.shape
@@ -214,6 +284,11 @@ def products(isa):
                     x, *q, g, b, integer=i
                 )
                 out.append((f"{bits}-bit g{group_size} integer={integer}", product))
+            if "avx512" in kernels.native.isas():
+                q = quantized_weights(48, K, group_size, bits, mx.float32, seed=bits + group_size)
+                packed = packed_quantized(*q, group_size, bits)
+                product = lambda x, p=packed, g=group_size, b=bits: kernels.linear(x, *p, g, b)  # noqa: E731
+                out.append((f"packed {bits}-bit g{group_size}", product))
     return K, out
 
 
