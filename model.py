@@ -190,6 +190,10 @@ class Attention(Module):
 
 
 NO_SCALES = (None, None, 0, 0, "affine")  # kernels.native_takes's arguments past the weight for a float product
+# The activations whose products read packed copies of the weights: float32, and bfloat16 (a bfloat16 model's), which
+# the kernels widen to float32 exactly; its products with bfloat16 weights are exact in float32, as vdpbf16ps's are,
+# and a packed copy is multiplied by up to 16 rows in one pass where the unpacked weights sum lanes per row.
+PACKED_X = (mx.float32, mx.bfloat16)
 
 
 class FusedLinear(Module):
@@ -254,13 +258,13 @@ class FusedLinear(Module):
         if "scales" in self:
             weight, scales, biases = self.weight, self.scales, self.biases
             if (
-                x.dtype == mx.float32
+                x.dtype in PACKED_X
                 and self.group is None
                 and kernels.native_takes(x, weight, *self.quantized_parts(), "affine")
             ):
                 weight, scales, biases = self.packed_quantized()
             y = kernels.linear(x, weight, scales, biases, self.group_size, self.bits)
-        elif x.dtype == mx.float32 and self.group is None and kernels.native_takes(x, self.weight, *NO_SCALES):
+        elif x.dtype in PACKED_X and self.group is None and kernels.native_takes(x, self.weight, *NO_SCALES):
             y = kernels.linear(x, self.packed_weight())
         else:
             y = kernels.linear(x, self.weight)

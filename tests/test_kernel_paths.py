@@ -107,6 +107,14 @@ def test_packed_weights_against_float64(isa, dtype, rows):
         ours = kernels.linear(x, packed)
         assert ours.dtype == mx.float32 and ours.shape == (rows, N)
         assert_float32_close(ours, reference, np.broadcast_to(terms, (rows, K)))
+        if dtype == mx.bfloat16:
+            # A bfloat16 model's x, widened exactly: the products exact in float32, one rounding at the end.
+            x_cast = x.astype(dtype)
+            ours = kernels.linear(x_cast, packed)
+            assert ours.dtype == dtype
+            reference = as_f64(x_cast) @ as_f64(w).T
+            bound = 2.0**-8 * np.abs(reference) + 4e-6 * np.sqrt(K) * np.abs(reference).max() + 1e-6
+            assert np.all(np.abs(as_f64(ours) - reference) <= bound)
 
 
 def test_pack_takes_what_the_kernels_take_within_its_budget(monkeypatch):
@@ -276,6 +284,9 @@ def products(isa):
         if dtype in kernels.PACKED:
             packed = kernels.pack(mx.array(rng.standard_normal((48, K)).astype(np.float32)).astype(dtype))
             out.append((f"packed {dtype}", lambda x, w=packed: kernels.native.decode_matmul(x, w)))
+            if dtype == mx.bfloat16:
+                product = lambda x, w=packed: kernels.native.decode_matmul(x.astype(mx.bfloat16), w)  # noqa: E731
+                out.append(("packed bfloat16, bfloat16 x", product))
     for bits in [4, 8]:
         for group_size in [32, 64, 128]:
             q = quantized_weights(N, K, group_size, bits, mx.float32, seed=bits + group_size)
