@@ -175,31 +175,38 @@ def loop_share(decoder, prompt, max_tokens, regular):
 
 
 class CTranslate2Greedy:
-    """CTranslate2's greedy decoding of a transformers checkpoint, converted once, in float32 on the CPU."""
+    """CTranslate2's greedy decoding of a transformers checkpoint, converted once, on the CPU: in float32, or in the
+    `quantization` its converter and runtime take (int8, ...)."""
 
-    def __init__(self, checkpoint, work, tokenizer):
+    def __init__(self, checkpoint, work, tokenizer, quantization="float32", random_weights=False):
         import ctranslate2
 
-        path = work / "ct2"
+        path = work / f"ct2-{quantization}"
         if not (path / "model.bin").exists():
             ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(
-                str(path), quantization="float32", force=True
+                str(path), quantization=quantization, force=True
             )
         threads = kernels.native.threads() if kernels.native else os.cpu_count()
         self.translator = ctranslate2.Translator(
-            str(path), device="cpu", compute_type="float32", inter_threads=1, intra_threads=threads
+            str(path), device="cpu", compute_type=quantization, inter_threads=1, intra_threads=threads
         )
         self.tokenizer = tokenizer
+        self.random_weights = random_weights
 
     def generate(self, prompt, max_tokens):
-        """The token ids of greedy decoding for exactly max_tokens tokens: the decoder start token (never chosen by a
-        trained model) ends decoding instead of EOS, so EOS is decoded past as this project's ignore_eos does."""
+        """The token ids of greedy decoding for exactly max_tokens tokens, EOS decoded past as this project's
+        ignore_eos does: a trained model's decoding is ended by the decoder start token, which it never chooses
+        (CTranslate2 never chooses an end token before the minimum length, so EOS must not be it). A model with random
+        weights chooses that token most of all; its decoding is ended by EOS, not before max_tokens (it chooses EOS
+        too seldom for that to matter; the tokens are compared)."""
         source = self.tokenizer.convert_ids_to_tokens(self.tokenizer(prompt).input_ids)
+        end = self.tokenizer.eos_token if self.random_weights else self.tokenizer.pad_token
         result = self.translator.translate_batch(
             [source],
             beam_size=1,
             max_decoding_length=max_tokens,
-            end_token=self.tokenizer.pad_token,
+            min_decoding_length=max_tokens if self.random_weights else 0,
+            end_token=end,
             return_end_token=True,
         )
         return self.tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])
@@ -258,7 +265,7 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
         speculative_loop_share=round(speculative_share, 3),
         speculative_mean_num_draft=round(stats.mean_num_draft, 2),
     )
-    ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer)
+    ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer, random_weights=name != "demo")
     speed, same = against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats)
     row.update({f"{method}_tok_s": round(value, 1) for method, value in speed.items()})
     row.update(

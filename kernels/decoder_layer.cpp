@@ -212,12 +212,12 @@ void check(bool ok, const char* what, const char* op = "decoder_layers") {
   }
 }
 
-// A product's weight (out, in): float, or MLX's affine quantization of one.
 // The inputs (K) of a weight's product: its columns, or the values its words or bytes hold where quantized.
 int weight_inputs(const LayerWeight& w) {
   return w.bits ? w.w.shape(1) * (is_packed_quant(w.w) ? 8 : 32) / w.bits : w.w.shape(1);
 }
 
+// A product's weight (out, in): float (packed or not), or MLX's affine quantization of one (packed or not).
 void check_weight(const LayerWeight& w, int in, int out, const char* op) {
   if (w.bits) {
     const bool packed = is_packed_quant(w.w);

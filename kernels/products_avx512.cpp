@@ -566,17 +566,20 @@ void packed_columns(const FloatProduct& p, int n0, int n1) {
   });
 }
 
-// Packed quantized weights (products.h): R rows x CB blocks of 16 columns from column n on. Per k, each block's 16
-// values are one vector (widened from 16 bytes, or from the low and high nibbles of 16 bytes for two k), multiplied by
-// each row's x[k]; at the end of each group, out += scale * sum + bias * sum(x of the group), per row and column.
+// Packed quantized weights (products.h): R rows x CB blocks of 16 columns from column n on. A 64-byte load is one
+// word of each of the block's 16 columns, 32 / BITS consecutive k; value j of every column (a shift and a mask, no
+// shuffles) widened to floats is multiplied by each row's x[k], broadcast. At the end of each group,
+// out += scale * sum + bias * sum(x of the group), per row and column.
 template <int BITS, int R, int CB>
 void packed_quant_tile(const QuantProduct& p, int n) {
+  constexpr int kPerWord = 32 / BITS;
   const int K = p.K, group = p.group, groups = K / group;
-  const size_t block = size_t(K) * BITS * kPackColumns / 8;  // bytes of one block's values
-  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w) + size_t(n / kPackColumns) * block;
+  const size_t block = size_t(K) / kPerWord * kPackColumns;  // words of one block
+  const uint32_t* w = p.w + size_t(n / kPackColumns) * block;
   const size_t first_scale = size_t(n / kPackColumns) * groups * kPackColumns;
   const float* scales = static_cast<const float*>(p.scales) + first_scale;
   const float* biases = static_cast<const float*>(p.biases) + first_scale;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
   for (int g = 0; g < groups; g++) {
     __m512 acc[R][CB];
 #pragma GCC unroll 16
@@ -586,34 +589,26 @@ void packed_quant_tile(const QuantProduct& p, int n) {
         acc[r][c] = _mm512_setzero_ps();
       }
     }
-    for (int k = g * group; k < (g + 1) * group; k += 8 / BITS) {
-      __m512 low[CB], high[CB];
-      const uint8_t* values = w + size_t(k) * BITS * kPackColumns / 8;
+    for (int k = g * group; k < (g + 1) * group; k += kPerWord) {
+      __m512i words[CB];
 #pragma GCC unroll 4
       for (int c = 0; c < CB; c++) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + c * block)));
-        if constexpr (BITS == 8) {
-          low[c] = _mm512_cvtepi32_ps(bytes);
-        } else {
-          low[c] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
-          high[c] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-        }
+        words[c] = _mm512_loadu_si512(w + c * block + size_t(k / kPerWord) * kPackColumns);
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < R; r++) {
-        const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < kPerWord; j++) {
+        __m512 values[CB];
 #pragma GCC unroll 4
         for (int c = 0; c < CB; c++) {
-          acc[r][c] = _mm512_fmadd_ps(xv, low[c], acc[r][c]);
+          __m512i v = j ? _mm512_srli_epi32(words[c], BITS * j) : words[c];
+          values[c] = _mm512_cvtepi32_ps(j + 1 < kPerWord ? _mm512_and_si512(v, mask) : v);
         }
-      }
-      if constexpr (BITS == 4) {
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
-          const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k + 1]);
+          const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k + j]);
 #pragma GCC unroll 4
           for (int c = 0; c < CB; c++) {
-            acc[r][c] = _mm512_fmadd_ps(xv, high[c], acc[r][c]);
+            acc[r][c] = _mm512_fmadd_ps(xv, values[c], acc[r][c]);
           }
         }
       }

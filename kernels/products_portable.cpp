@@ -68,22 +68,19 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
 }
 
 void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1) {
-  const int groups = p.K / p.group;
-  const size_t block = size_t(p.K) * p.bits * kPackColumns / 8;
-  const uint8_t* values = reinterpret_cast<const uint8_t*>(p.w);
+  const int groups = p.K / p.group, per_word = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
   const float* scales = static_cast<const float*>(p.scales);
   const float* biases = static_cast<const float*>(p.biases);
   for (int m = 0; m < p.rows; m++) {
     const float* x = p.x + size_t(m) * p.ldx;
     for (int n = n0; n < n1; n++) {
-      const uint8_t* column = values + size_t(n / kPackColumns) * block + n % kPackColumns;
       float total = 0.0f;
       for (int g = 0; g < groups; g++) {
         float sum = 0.0f;
         for (int k = g * p.group; k < (g + 1) * p.group; k++) {
-          const int value = p.bits == 8 ? column[size_t(k) * kPackColumns]
-                                        : (column[size_t(k / 2) * kPackColumns] >> (4 * (k % 2))) & 15;
-          sum += x[k] * float(value);
+          const uint32_t word = p.w[packed_index(n, k / per_word, p.K / per_word)];
+          sum += x[k] * float((word >> (p.bits * (k % per_word))) & mask);
         }
         const size_t index = packed_quant_scale_index(n, g, groups);
         total += scales[index] * sum;

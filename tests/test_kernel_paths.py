@@ -171,10 +171,8 @@ def unpacked_quantized(packed, bits, group_size):
     """(values (N, K), scales (N, K / group), biases) of a packed quantized weight, read as products.h lays it out."""
     codes, scales, biases = (np.array(a) for a in packed)
     N, groups = scales.shape
-    blocks = codes.reshape(N // 16, -1, 16)  # per block: 16 bytes per k (8-bit) or per pair of k (4-bit)
-    if bits == 4:
-        blocks = np.stack([blocks & 15, blocks >> 4], axis=2).reshape(N // 16, -1, 16)
-    values = blocks.transpose(0, 2, 1).reshape(N, -1).astype(np.int64)
+    words = codes.view(np.uint32).reshape(N // 16, -1, 16)  # per block of 16 columns, word by word
+    values = unpack(words.transpose(0, 2, 1).reshape(N, -1), bits)
     per_group = lambda a: a.reshape(N // 16, groups, 16).transpose(0, 2, 1).reshape(N, groups)  # noqa: E731
     return values, per_group(scales), per_group(biases)
 
