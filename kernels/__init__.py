@@ -11,7 +11,8 @@ T5_KERNELS=integer quantizes each row of x to int8 per group for them (integer d
 INTEGER_DEFAULT_BITS).
 T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this CPU runs by default).
 `pack(weight)` copies a float32 or bfloat16 weight into the layout the kernels multiply several rows by fastest (see
-PACKED); T5_PACKED_MB bounds the bytes of such copies a process keeps.
+PACKED), `pack_quantized(...)` a 4/8-bit one (for the AVX-512 kernel); T5_PACKED_MB bounds the bytes of such copies a
+process keeps.
 `decoder_layers(...)` computes the T5 decoder layers of a decode step (float32 activations) as one operation: a small
 model's step is otherwise mostly the scheduling of a few hundred small operations. T5_FUSED_LAYERS=0 keeps the
 layers as MLX operations (whose products still run here).

@@ -14,7 +14,10 @@ from decoder import SpeculativeDecoder
 from loader import load_model
 
 
-def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_model, tmp_path):
+@pytest.mark.parametrize("random_weights", [False, True])
+def test_ctranslate2_greedy_gives_transformers_greedy_tokens(random_weights, hf_checkpoint, hf_model, tmp_path):
+    # Ended by the decoder start token (a trained model's) or by EOS past the last token (a random model's): the same
+    # greedy tokens from this random checkpoint, which chooses neither.
     pytest.importorskip("ctranslate2")
     import convert
 
@@ -23,7 +26,7 @@ def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_m
     model, tokenizer, _ = load_model(convert.convert(str(path), mlx_path=str(tmp_path / "mlx")))
     assert len(tokenizer) == 350
     reference = hf_model(path)
-    greedy = decode_step.CTranslate2Greedy(path, tmp_path, tokenizer)
+    greedy = decode_step.CTranslate2Greedy(path, tmp_path, tokenizer, random_weights=random_weights)
     decoder = SpeculativeDecoder(model, None, tokenizer)
     for prompt in PROMPTS:
         input_ids = torch.tensor([tokenizer(prompt).input_ids])
@@ -32,6 +35,7 @@ def test_ctranslate2_greedy_gives_transformers_greedy_tokens(hf_checkpoint, hf_m
                 input_ids, max_new_tokens=40, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0
             )[0, 1:].tolist()
         assert greedy.generate(prompt, 40) == expected
+        assert 0 not in expected and 1 not in expected
         assert decoder.generate(prompt, max_tokens=40, regular=True, ignore_eos=True).tokens == expected
 
 
