@@ -549,20 +549,28 @@ void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* ou
   }
 }
 
-// Columns [n0, n1) (multiples of 16) of packed weights for all of p's rows (at most kMaxRows) at once, in tiles of
-// packed_blocks(rows) blocks (R x CB accumulators fill at most 24 registers; 27 spilled).
-template <WeightType WT>
-void packed_columns(const FloatProduct& p, int n0, int n1) {
-  with_count<kMaxRows>(p.rows, [&](auto count) {
+// Columns [n0, n1) (multiples of 16) of packed weights for all of `rows` rows (at most kMaxRows) at once, in tiles of
+// packed_blocks(rows) blocks (R x CB accumulators fill at most 24 registers; 27 spilled): tile(R, CB, n) for each,
+// R and CB as std::integral_constant.
+template <class Tile>
+void packed_tiles(int rows, int n0, int n1, Tile&& tile) {
+  with_count<kMaxRows>(rows, [&](auto count) {
     constexpr int R = decltype(count)::value;
     constexpr int CB = packed_blocks(R);
     int n = n0;
     for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
-      packed_tile<WT, R, CB>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);
+      tile(count, std::integral_constant<int, CB>{}, n);
     }
     for (; n < n1; n += kPackColumns) {
-      packed_tile<WT, R, 1>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);
+      tile(count, std::integral_constant<int, 1>{}, n);
     }
+  });
+}
+
+template <WeightType WT>
+void packed_columns(const FloatProduct& p, int n0, int n1) {
+  packed_tiles(p.rows, n0, n1, [&](auto rows, auto blocks, int n) {
+    packed_tile<WT, decltype(rows)::value, decltype(blocks)::value>(p.x, p.ldx, p.K, p.w, n, p.out, p.N);
   });
 }
 
@@ -631,16 +639,8 @@ void packed_quant_tile(const QuantProduct& p, int n) {
 
 template <int BITS>
 void packed_quant_columns(const QuantProduct& p, int n0, int n1) {
-  with_count<kMaxRows>(p.rows, [&](auto count) {
-    constexpr int R = decltype(count)::value;
-    constexpr int CB = packed_blocks(R);
-    int n = n0;
-    for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
-      packed_quant_tile<BITS, R, CB>(p, n);
-    }
-    for (; n < n1; n += kPackColumns) {
-      packed_quant_tile<BITS, R, 1>(p, n);
-    }
+  packed_tiles(p.rows, n0, n1, [&](auto rows, auto blocks, int n) {
+    packed_quant_tile<BITS, decltype(rows)::value, decltype(blocks)::value>(p, n);
   });
 }
 
