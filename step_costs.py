@@ -4,11 +4,11 @@ acceptance from earlier runs, both kept in a user cache directory.
 Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
 size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
 k = 0..max, a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a few
-rounds, each step's time from one host synchronisation to the next (plain steps of one sequence: a run of them, from
-one token to the next). A first round warms up untimed (first runs of each
-shape are slow); each block's mean step time counts once (plain steps in a row alternate long and short, as each is
-built while the one before computes), and the median of the blocks per k, smoothed along k, is kept, keyed by all of
-the above; a change of any of them measures again.
+rounds, each step's time from one host synchronisation to the next (plain steps of one sequence: a run of them, from one
+token to the next). A first round warms up untimed (first runs of each shape are slow); each block's mean step time
+counts once (plain steps in a row alternate long and short, as each is built while the one before computes), and the
+median of the blocks per k, smoothed along k, is kept, keyed by all of the above; a change of any of them measures
+again.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
@@ -38,8 +38,17 @@ from generation import Stats
 
 ENV_VAR = "T5_SPECULATIVE_CACHE"
 ROOT = Path(__file__).resolve().parent
-# The code that decodes: a change to any of it may change the costs.
-SOURCES = ("model.py", "cache.py", "decoder.py", "batch_decoder.py", "batch_rows.py", "drafters.py", "sampling.py")
+# The code that decodes, and this module, which measures it: a change to any of it may change the costs.
+SOURCES = (
+    "model.py",
+    "cache.py",
+    "decoder.py",
+    "batch_decoder.py",
+    "batch_rows.py",
+    "drafters.py",
+    "sampling.py",
+    "step_costs.py",
+)
 # Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
 PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
@@ -136,7 +145,13 @@ def identity_of(model) -> str:
 
 
 def project_version() -> str:
-    return digest([(ROOT / name).read_bytes().hex() if (ROOT / name).exists() else None for name in SOURCES])
+    """The decoding code's and the native kernels' build's identity (a rebuilt library may be faster or slower)."""
+    sources = [(ROOT / name).read_bytes().hex() if (ROOT / name).exists() else None for name in SOURCES]
+    build = None
+    if kernels.native is not None:
+        stat = Path(kernels.native.__file__).stat()
+        build = [stat.st_size, stat.st_mtime_ns]
+    return digest([sources, build])
 
 
 def cost_key(decoder, sources: List[str], batch_size: int) -> dict:

@@ -217,12 +217,12 @@ def packed_quantized_run(bits) -> bool:
 
 
 def pack_quantized(weight, scales, biases, group_size, bits):
-    """The packed copy (values, scales, biases) of an MLX affine-quantized weight (N, K * bits / 32) uint32 with
-    `bits` 4 or 8: its words in blocks of 16 columns, word by word (see products.h), as bytes, uint8
-    (N, K * bits / 8), and its scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernel multiplies several rows by it with
-    one pass over the weights (float activations). None where that kernel is not the one running, the product takes
-    int8 activations (their kernels read MLX's layout), N is not a multiple of 16, or the budget (pack_budget) is
-    spent; its bytes count against the budget while it lives."""
+    """The packed copy (values, scales, biases) of an MLX affine-quantized weight (N, K * bits / 32) uint32 with `bits`
+    4 or 8: its words in blocks of 16 columns, word by word (see products.h), as bytes, uint8 (N, K * bits / 8), and its
+    scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernel multiplies several rows by it with
+    one pass over the weights (float activations). None where that kernel is not the one running, the product takes int8
+    activations (their kernels read MLX's layout), N is not a multiple of 16, or the budget (pack_budget) is spent; its
+    bytes count against the budget while it lives."""
     global packed_bytes
     if not packed_quantized_run(bits) or weight.ndim != 2 or weight.dtype != mx.uint32:
         return None

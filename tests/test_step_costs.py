@@ -3,12 +3,15 @@ or the file is unreadable (one warning); acceptance remembered from one run to t
 directory of its own."""
 
 import json
+import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from conftest import PROMPTS
 
+import kernels
 import step_costs
 from decoder import SpeculativeDecoder
 from draft_length import Acceptance, AutoDraftLength
@@ -69,6 +72,12 @@ def test_a_changed_setting_measures_again(cache, measured, main, drafts, monkeyp
     decoder.generate_batch(PROMPTS[:2], max_tokens=4, ignore_eos=True, batch_size=2)
     assert measured == [("model", 1), ("lookup", 1), ("model", 1), ("model", 2)]
     assert len(list((cache / "step-costs").iterdir())) == 4
+    # A rebuilt kernel library (another file) measures again too.
+    if kernels.native is not None:
+        build = Path(kernels.native.__file__)
+        os.utime(build, ns=(build.stat().st_atime_ns, build.stat().st_mtime_ns + 1))
+        assert auto_stats(main, drafts["noisy"]).costs_cached is False
+        assert len(list((cache / "step-costs").iterdir())) == 5
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seconds": {"model": [0.1]}}'])
