@@ -309,6 +309,14 @@ void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns, 
   }
 }
 
+// Every (row block, column range) of an (M rows) x (N columns) product as tasks of the pool: over_columns, each range
+// over_row_blocks; `tile` for both.
+template <class F>
+void over_tiles(int M, int N, int column_bytes, F&& rows_columns, int tile = 4) {
+  over_columns(
+      N, [&](int n0, int n1) { over_row_blocks(M, n0, n1, column_bytes, rows_columns, tile); }, tile);
+}
+
 void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int M, int K, const mx::array& w,
                    float* y, int N) {
   const WeightType wtype = float_weight_type(w.dtype());
@@ -316,23 +324,18 @@ void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int
   // Packed weights: tasks of whole tiles as the AVX-512 kernel takes them (one row then has four chains of
   // multiply-adds to overlap, not one).
   const int tile = !is_packed(wtype) ? 4 : kPackColumns * packed_blocks(std::min(M, kMaxRows));
-  over_columns(
-      N,
-      [&](int n0, int n1) {
-        over_row_blocks(
-            M, n0, n1, column_bytes,
-            [&](int r, int rows, int a, int b) {
-              FloatProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<void>(), wtype, y + size_t(r) * N, N,
-                             x_bf16 ? x_bf16 + size_t(r) * ldx : nullptr};
-              if (isa == kAvx512) {
-                float_columns_avx512(p, a, b);
-              } else if (isa == kAvx2) {
-                float_columns_avx2(p, a, b);
-              } else {
-                float_columns_portable(p, a, b);
-              }
-            },
-            tile);
+  over_tiles(
+      M, N, column_bytes,
+      [&](int r, int rows, int a, int b) {
+        FloatProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<void>(), wtype, y + size_t(r) * N, N,
+                       x_bf16 ? x_bf16 + size_t(r) * ldx : nullptr};
+        if (isa == kAvx512) {
+          float_columns_avx512(p, a, b);
+        } else if (isa == kAvx2) {
+          float_columns_avx2(p, a, b);
+        } else {
+          float_columns_portable(p, a, b);
+        }
       },
       tile);
 }
@@ -344,18 +347,12 @@ void packed_quant_product(Isa isa, const float* x, int ldx, int M, int K, const 
   std::vector<float> x_sums(size_t(M) * ldx);
   group_sums(x, ldx, M, K, group_size, x_sums.data());
   const int tile = kPackColumns * packed_blocks(std::min(M, kMaxRows));
-  over_columns(
-      N,
-      [&](int n0, int n1) {
-        over_row_blocks(
-            M, n0, n1, K * bits / 8,
-            [&](int r, int rows, int a, int b) {
-              QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(),
-                             biases.data<void>(), kFloat32, group_size, bits, y + size_t(r) * N, N, nullptr,
-                             x_sums.data() + size_t(r) * ldx, true};
-              isa == kAvx512 ? packed_quant_columns_avx512(p, a, b) : packed_quant_columns_portable(p, a, b);
-            },
-            tile);
+  over_tiles(
+      M, N, K * bits / 8,
+      [&](int r, int rows, int a, int b) {
+        QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                       kFloat32, group_size, bits, y + size_t(r) * N, N, nullptr, x_sums.data() + size_t(r) * ldx};
+        isa == kAvx512 ? packed_quant_columns_avx512(p, a, b) : packed_quant_columns_portable(p, a, b);
       },
       tile);
 }
@@ -372,14 +369,12 @@ void quant_product(Isa isa, const float* x, int ldx, int M, int K, const mx::arr
     x_sums.resize(size_t(M) * ldx);
     prepare_quant_x(x, ldx, M, K, bits, group_size, x_words.data(), x_sums.data());
   }
-  over_columns(N, [&](int n0, int n1) {
-    over_row_blocks(M, n0, n1, K * bits / 8, [&](int r, int rows, int a, int b) {
-      QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-                     weight_type(scales.dtype()), group_size, bits, y + size_t(r) * N, N,
-                     avx2 ? x_words.data() + size_t(r) * ldx : nullptr,
-                     avx2 ? x_sums.data() + size_t(r) * ldx : nullptr};
-      avx2 ? quant_columns_avx2(p, a, b) : quant_columns_portable(p, a, b);
-    });
+  over_tiles(M, N, K * bits / 8, [&](int r, int rows, int a, int b) {
+    QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                   weight_type(scales.dtype()), group_size, bits, y + size_t(r) * N, N,
+                   avx2 ? x_words.data() + size_t(r) * ldx : nullptr,
+                   avx2 ? x_sums.data() + size_t(r) * ldx : nullptr};
+    avx2 ? quant_columns_avx2(p, a, b) : quant_columns_portable(p, a, b);
   });
 }
 
@@ -409,14 +404,12 @@ void int_product(int isa_number, const float* x, int ldx, int M, int K, const ui
     x_lanes.resize(size_t(M) * ldl);
     lane_scales(x_scales.data(), lds, M, K, ldq, bits, group_size, x_lanes.data());
   }
-  over_columns(N, [&](int n0, int n1) {
-    over_row_blocks(M, n0, n1, K * bits / 8, [&](int r, int rows, int a, int b) {
-      IntProduct p{q.data() + size_t(r) * ldq, ldq, x_scales.data() + size_t(r) * lds,
-                   x_sums.data() + size_t(r) * lds, lds, rows, K, w, scales, biases, stype, group_size, bits,
-                   dots ? nullptr : y + size_t(r) * N, N, dots ? dots + size_t(r) * N * groups : nullptr,
-                   isa == kAvx512 ? x_lanes.data() + size_t(r) * ldl : nullptr, ldl};
-      isa == kAvx512 ? int_columns_avx512(p, a, b) : int_columns_portable(p, a, b);
-    });
+  over_tiles(M, N, K * bits / 8, [&](int r, int rows, int a, int b) {
+    IntProduct p{q.data() + size_t(r) * ldq, ldq, x_scales.data() + size_t(r) * lds,
+                 x_sums.data() + size_t(r) * lds, lds, rows, K, w, scales, biases, stype, group_size, bits,
+                 dots ? nullptr : y + size_t(r) * N, N, dots ? dots + size_t(r) * N * groups : nullptr,
+                 isa == kAvx512 ? x_lanes.data() + size_t(r) * ldl : nullptr, ldl};
+    isa == kAvx512 ? int_columns_avx512(p, a, b) : int_columns_portable(p, a, b);
   });
 }
 

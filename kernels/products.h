@@ -74,15 +74,14 @@ struct QuantProduct {
   // Prepared once per call by prepare_quant_x for the AVX2 kernel: x rearranged word by word and each group's sum.
   const float* x_words;  // (rows, K)
   const float* x_sums;  // (rows, K / group), rows ldx apart
-  bool packed = false;  // w, scales and biases packed (see packed_quant_scale_index); x_sums set, x_words not
 };
 
-// Packed quantized weights (QuantProduct with packed set): MLX's words (N, K * bits / 32), N a multiple of
-// kPackColumns, in blocks of kPackColumns columns stored word by word as packed floats are stored k by k (word i of
-// column n at packed_index(n, i, K * bits / 32)): one 64-byte load holds a word of each of a block's columns, and
-// value j of them all is a shift and a mask away. Scales and biases float32, per block the groups one after another,
-// each the block's 16 columns'. Each output is sum over groups (in order) of
-// scale * (sum over the group's k, in order, of x[k] * value) + bias * sum(x of the group), whatever the rows beside it.
+// Packed quantized weights (a QuantProduct's w, scales and biases; x_sums set, x_words not): MLX's words (N, K * bits /
+// 32), N a multiple of kPackColumns, in blocks of kPackColumns columns stored word by word as packed floats are stored
+// k by k (word i of column n at packed_index(n, i, K * bits / 32)): one 64-byte load holds a word of each of a block's
+// columns, and value j of them all is a shift and a mask away. Scales and biases float32, per block the groups one
+// after another, each the block's 16 columns'. Each output is sum over groups (in order) of scale * (sum over the
+// group's k, in order, of x[k] * value) + bias * sum(x of the group), whatever the rows beside it.
 static inline size_t packed_quant_scale_index(size_t n, size_t group, size_t groups) {
   return (n / kPackColumns * groups + group) * kPackColumns + n % kPackColumns;
 }

@@ -505,12 +505,9 @@ void int_columns_any(const IntProduct& p, int n0, int n1) {
   }
 }
 
-// Packed weights (products.h): R rows x CB blocks of 16 columns from column n on, over all of K. Per k, each block's
-// 16 weights are one vector, and each row's x[k] one broadcast: R x CB multiply-adds, each into its own accumulator,
-// so that every output is summed over k in order whatever R and CB are.
-template <WeightType WT, int R, int CB>
-void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
-  __m512 acc[R][CB];
+// A packed tile's R x CB accumulators, zeroed.
+template <int R, int CB>
+inline void zero_tile(__m512 (&acc)[R][CB]) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; r++) {
 #pragma GCC unroll 4
@@ -518,6 +515,29 @@ void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* ou
       acc[r][c] = _mm512_setzero_ps();
     }
   }
+}
+
+// One k of a packed tile: each row's x[k] (rows ldx apart), broadcast, times each block's 16 values, into that row's
+// and block's accumulator.
+template <int R, int CB>
+inline void multiply_add_rows(__m512 (&acc)[R][CB], const float* x, int ldx, int k, const __m512 (&values)[CB]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++) {
+    const __m512 xv = _mm512_set1_ps(x[size_t(r) * ldx + k]);
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; c++) {
+      acc[r][c] = _mm512_fmadd_ps(xv, values[c], acc[r][c]);
+    }
+  }
+}
+
+// Packed weights (products.h): R rows x CB blocks of 16 columns from column n on, over all of K. Per k, each block's
+// 16 weights are one vector, and each row's x[k] one broadcast: R x CB multiply-adds, each into its own accumulator,
+// so that every output is summed over k in order whatever R and CB are.
+template <WeightType WT, int R, int CB>
+void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
+  __m512 acc[R][CB];
+  zero_tile(acc);
   const size_t first = packed_index(n, 0, K), block = size_t(K) * kPackColumns;
   for (int k = 0; k < K; k++) {
     __m512 wv[CB];
@@ -531,14 +551,7 @@ void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* ou
         wv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const __m512 xv = _mm512_set1_ps(x[size_t(r) * ldx + k]);
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; c++) {
-        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-      }
-    }
+    multiply_add_rows(acc, x, ldx, k, wv);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; r++) {
@@ -590,13 +603,7 @@ void packed_quant_tile(const QuantProduct& p, int n) {
   const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
   for (int g = 0; g < groups; g++) {
     __m512 acc[R][CB];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; c++) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
-    }
+    zero_tile(acc);
     for (int k = g * group; k < (g + 1) * group; k += kPerWord) {
       __m512i words[CB];
 #pragma GCC unroll 4
@@ -611,14 +618,7 @@ void packed_quant_tile(const QuantProduct& p, int n) {
           __m512i v = j ? _mm512_srli_epi32(words[c], BITS * j) : words[c];
           values[c] = _mm512_cvtepi32_ps(j + 1 < kPerWord ? _mm512_and_si512(v, mask) : v);
         }
-#pragma GCC unroll 16
-        for (int r = 0; r < R; r++) {
-          const __m512 xv = _mm512_set1_ps(p.x[size_t(r) * p.ldx + k + j]);
-#pragma GCC unroll 4
-          for (int c = 0; c < CB; c++) {
-            acc[r][c] = _mm512_fmadd_ps(xv, values[c], acc[r][c]);
-          }
-        }
+        multiply_add_rows(acc, p.x, p.ldx, k + j, values);
       }
     }
 #pragma GCC unroll 4
