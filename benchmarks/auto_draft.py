@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 import step_costs
+from benchmarks import in_turn
 from decoder import SpeculativeDecoder
 from experiments.run import model_dir
 from loader import load_model
@@ -97,8 +98,7 @@ def main(argv=None):
         ]
         seconds, tokens, calibration = [0.0] * len(settings), [0] * len(settings), [0.0] * len(settings)
         for i, prompt in enumerate(prompts):
-            start = (i + round_number) % len(settings)
-            for j in list(range(start, len(settings))) + list(range(start)):
+            for j in in_turn(list(range(len(settings))), i, round_number):
                 name, _, num_draft = settings[j]
                 os.environ[step_costs.ENV_VAR] = empty if "empty" in name else kept
                 took, output, measuring = generate(decoders[j], prompt, args.max_tokens, regular=num_draft == 0)

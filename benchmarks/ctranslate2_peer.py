@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import convert
 import kernels
+from benchmarks import in_turn
 from benchmarks.decode_step import DEMO, CTranslate2Greedy
 from decoder import SpeculativeDecoder
 from loader import load_model
@@ -44,8 +45,7 @@ def fastest_per_prompt(methods, prompts, rounds):
     tokens = {name: [None] * len(prompts) for name in names}
     for round_ in range(rounds):
         for i, prompt in enumerate(prompts):
-            start = (i + round_) % len(names)
-            for name in names[start:] + names[:start]:
+            for name in in_turn(names, i, round_):
                 tick = time.perf_counter()
                 tokens[name][i] = methods[name](prompt)
                 fastest[name][i] = min(fastest[name][i], time.perf_counter() - tick)

@@ -23,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import convert
+from benchmarks import in_turn
 from decoder import DRAFTERS, SpeculativeDecoder
 from loader import load_model
 
@@ -76,8 +77,7 @@ def fastest_runs(decoders, prompts, repeats, **options):
     runs = {name: [[] for _ in prompts] for name in names}
     for round_ in range(repeats):
         for i, prompt in enumerate(prompts):
-            start = (i + round_) % len(names)
-            for name in names[start:] + names[:start]:
+            for name in in_turn(names, i, round_):
                 decoder, regular = decoders[name]
                 runs[name][i].append(decoder.generate(prompt, regular=regular, **options))
     return {name: [min(tries, key=lambda g: g.stats.seconds) for tries in r] for name, r in runs.items()}
