@@ -346,8 +346,7 @@ class DecoderLayer(Module):
 
     def native_parts(self):
         """The layer's norms and products (modules) that kernels.decoder_layers computes it from, or None where it
-        cannot: it needs the decoding layout (every product a FusedLinear, none summed across ranks) and float32
-        norms."""
+        cannot: it needs the decoding layout (every product a FusedLinear, none summed across ranks)."""
         attention, cross, mlp = self["self_attn"], self["cross_attn"], self["mlp"]
         if "qkv" not in attention:
             return None
@@ -362,11 +361,9 @@ class DecoderLayer(Module):
 def native_parts(norms, attention_linears, mlp):
     """(norms, linears) of a layer for the native layers: the attention's products, then the feed-forward's wi (or
     the stacked wi_01) and wo; None unless every product is a FusedLinear the kernels compute alone (not summed across
-    ranks) and every norm is float32."""
+    ranks)."""
     linears = (*attention_linears, mlp["wi_01" if mlp.is_gated else "wi"], mlp["wo"])
     if any(type(linear) is not FusedLinear or linear.native_weight() is None for linear in linears):
-        return None
-    if any(norm["weight"].dtype != mx.float32 for norm in norms):
         return None
     return norms, linears
 
@@ -383,25 +380,32 @@ def kept_parts(stack):
 
 
 def native_weights(stack, parts):
-    """Each layer's (norm weights, native products) for the native layers, from `parts` (kept_parts(stack)); kept while
-    every module's weight is the object they were made from (a new weight comes with its new scales and biases) and
-    the kernels' settings are the same (kernels.settings), since reading them anew (native_weight per product) costs a
-    few microseconds each and a decoding step reads a few dozen. A compiled function's arrays (other objects) are read
-    anew."""
+    """(each layer's (norm weights, native products), the final norm's weight) for the native layers, from `parts`
+    (kept_parts(stack)); the norms in float32 (the layers compute in float32). Kept while every module's weight is the
+    object they were made from (a new weight comes with its new scales and biases) and the kernels' settings are the
+    same (kernels.settings), since reading them anew (native_weight per product) costs a few microseconds each and a
+    decoding step reads a few dozen. A compiled function's arrays (other objects) are read anew."""
     # (parts, their modules, those modules' weights, the kernels' settings, what was made)
     kept = stack.__dict__.get("_native_weights")
     settings = kernels.settings()
     if kept is None or kept[0] is not parts:
-        modules = [module for norms, linears in parts for module in (*norms, *linears)]
+        modules = [module for norms, linears in parts for module in (*norms, *linears)] + [stack["final_norm"]]
     else:
         modules = kept[1]
         if kept[3] == settings and all(map(operator.is_, kept[2], map(WEIGHT, modules))):
             return kept[4]
-    weights = [
-        ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears]) for norms, linears in parts
+    layers = [
+        ([float32(norm["weight"]) for norm in norms], [linear.native_weight() for linear in linears])
+        for norms, linears in parts
     ]
-    object.__setattr__(stack, "_native_weights", (parts, modules, list(map(WEIGHT, modules)), settings, weights))
-    return weights
+    made = (layers, float32(stack["final_norm"]["weight"]))
+    object.__setattr__(stack, "_native_weights", (parts, modules, list(map(WEIGHT, modules)), settings, made))
+    return made
+
+
+def float32(x):
+    """x in float32: itself if it is, else widened (bfloat16 and float16 values exactly)."""
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
 
 
 WEIGHT = operator.itemgetter("weight")
@@ -455,15 +459,15 @@ class Encoder(Module):
         block = self.block_rows(B, L)
         if block >= L:  # one block: its bias computed once and shared by all layers
             whole = bias_of(0, L)
-            native = kernels.native_layers_take(x) and self.final_norm.weight.dtype == mx.float32
-            parts = kept_parts(self) if native else None
-            if parts is not None:  # every layer and the final norm in one native operation
+            parts = kept_parts(self) if kernels.native_layers_take(x) else None
+            if parts is not None:  # every layer and the final norm in one native operation, in float32
                 first = self.layers[0]
+                layers, final_norm = native_weights(self, parts)
                 return kernels.encoder_layers(
-                    x,
+                    float32(x),
                     whole,
-                    native_weights(self, parts),
-                    self.final_norm.weight,
+                    layers,
+                    final_norm,
                     heads,
                     first.mlp_norm.eps,
                     self.args.activation,
@@ -540,13 +544,14 @@ class Decoder(Module):
         layers = self.native_layers(*x.shape[:2], cross_kv, cache) if kernels.native_layers_take(x) else None
         self_bias = self.position_bias(cache[0].offsets, x.shape[1])
         if layers is not None:
-            # Every layer in one native operation, which writes each layer's new keys and values into its cache, and
-            # the logits too where the head is one the kernels compute.
+            # Every layer in one native operation (in float32), which writes each layer's new keys and values into its
+            # cache, and the logits too where the head is one the kernels compute.
+            layers, final_norm = layers
             head_weight = head.native_weight() if type(head) is FusedLinear else None
             output_layer = None
-            if head_weight is not None and self.final_norm.weight.dtype == mx.float32:
-                output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
-            x = self.run_native(x, self_bias, cross_bias, cache, layers, output_layer, x.shape[1])
+            if head_weight is not None:
+                output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
+            x = self.run_native(float32(x), self_bias, cross_bias, cache, layers, output_layer, x.shape[1])
             if output_layer is not None:
                 return x
         else:
@@ -556,18 +561,18 @@ class Decoder(Module):
         return head(x if scale is None else x * scale)
 
     def native_layers(self, batch, length, cross_kv, cache):
-        """Each layer's inputs as kernels.decoder_layers takes them (its cache made room for `length` new positions of
-        `batch` rows), or None where it cannot compute every layer."""
+        """(each layer's inputs as kernels.decoder_layers takes them (its cache made room for `length` new positions of
+        `batch` rows), the final norm's weight), all float32, or None where it cannot compute every layer (or the cache
+        holds another dtype's keys, written by MLX operations)."""
         parts = kept_parts(self)
-        if parts is None:
+        if parts is None or (cache[0].keys is not None and cache[0].keys.dtype != mx.float32):
             return None
         shape = (batch, self.layers[0].self_attn.num_heads, length, self.args.d_kv)
+        layers, final_norm = native_weights(self, parts)
         return [
-            (*layer_cache.reserve(shape, mx.float32), cross_keys, cross_values, norms, linears)
-            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(
-                cache, cross_kv, native_weights(self, parts)
-            )
-        ]
+            (*layer_cache.reserve(shape, mx.float32), float32(cross_keys), float32(cross_values), norms, linears)
+            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, layers)
+        ], final_norm
 
     def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
@@ -576,8 +581,8 @@ class Decoder(Module):
         the last fed, so the cache grows by L + count - 1). `stop` (one row): a token after which nothing is computed
         (see kernels.decoder_layers). None where the native layers cannot compute it (the caller takes the logits
         then)."""
-        # The layers run natively in float32 on the table's rows (float32, or bfloat16 widened).
-        if embedding.dtype not in (mx.float32, mx.bfloat16) or not kernels.native_layers_take(self.final_norm.weight):
+        # The layers run natively in float32 on the table's rows (float32, or half precision widened).
+        if not kernels.native_layers_take(embedding):
             return None
         if type(head) is not FusedLinear:
             return None
@@ -586,7 +591,8 @@ class Decoder(Module):
         layers = None if head_weight is None else self.native_layers(ids.shape[0], fed, cross_kv, cache)
         if layers is None:
             return None
-        output_layer = (self.final_norm.weight, 1.0 if scale is None else scale, head_weight)
+        layers, final_norm = layers
+        output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
         bias = self.position_bias(cache[0].offsets, fed)
         return self.run_native(
             ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count, stop
@@ -660,13 +666,13 @@ class T5(Module):
         return encoder + attention + cross_kv + cache + logits
 
     def cross_kv(self, encoder_output):
-        """Each decoder layer's cross-attention keys and values, computed once per prompt: as one native operation
-        where the layers are native (float32 activations on the CPU, each projection one the kernels take)."""
+        """Each decoder layer's cross-attention keys and values, computed once per prompt: as one native operation, in
+        float32, where the layers are native (on the CPU, each projection one the kernels take)."""
         attentions = [layer.cross_attn for layer in self.decoder.layers]
         if kernels.native_layers_take(encoder_output) and all(type(a["k"]) is FusedLinear for a in attentions):
             weights = [w for a in attentions for w in (a.k.native_weight(), a.v.native_weight())]
             if None not in weights and len({w[4] for w in weights}) == 1:
-                projected = kernels.cross_projections(encoder_output, weights, attentions[0].num_heads)
+                projected = kernels.cross_projections(float32(encoder_output), weights, attentions[0].num_heads)
                 return list(zip(projected[::2], projected[1::2]))
         return [attention.project_kv(encoder_output) for attention in attentions]
 

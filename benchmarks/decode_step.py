@@ -9,7 +9,10 @@ Per pair, float32:
 - regular decoding and main.py's default speculative decoding against CTranslate2's greedy decoding of the main model
   on the same prompts (the pair's held-out ones), EOS ignored, tokens compared; methods alternate round by round.
 
-    python -m benchmarks.decode_step --pairs demo small-self --out benchmark_out
+With --dtypes, the step times again for the pair converted to each (bfloat16, float16, 8-bit, 4-bit), with the native
+layers and with MLX's operations per layer (T5_FUSED_LAYERS=0), each setting timed in turn.
+
+    python -m benchmarks.decode_step --pairs demo small-self --dtypes bfloat16 float16 8-bit 4-bit --out benchmark_out
 """
 
 import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
@@ -277,6 +280,54 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
     return row
 
 
+# --dtypes: convert.py's options for each
+DTYPES = {
+    "bfloat16": dict(dtype="bfloat16"),
+    "float16": dict(dtype="float16"),
+    "8-bit": dict(quantize=True, q_bits=8),
+    "4-bit": dict(quantize=True, q_bits=4),
+}
+
+
+def dtype_steps(name, work, dtype):
+    """One row, verification and batch step times (ms) of the pair's models converted to `dtype`, native layers on
+    and off in turn (the median of three rounds)."""
+    main_dir, draft_dir, _ = pair_sources(name, work)
+    row = dict(pair=name, dtype=dtype)
+    for role, source in (("main", main_dir), ("draft", draft_dir)):
+        path = convert.convert(str(source), str(work / f"{name}-{role}-{dtype}"), force=True, **DTYPES[dtype])
+        model, _, _ = load_model(path)
+        shapes = {"one_row": dict(), "verify": dict(tokens=VERIFY_ROWS), "batch": dict(rows=BATCH_ROWS)}
+        times = {(fused, shape): [] for fused in (True, False) for shape in shapes}
+        before = kernels.fused_layers
+        try:
+            for _ in range(3):
+                for fused, shape in times:
+                    kernels.fused_layers = fused
+                    times[fused, shape].append(step_seconds(model, repeats=20, **shapes[shape]))
+        finally:
+            kernels.fused_layers = before
+        for (fused, shape), seconds in times.items():
+            row[f"{role}_{shape}_{'native' if fused else 'mlx'}_ms"] = round(statistics.median(seconds) * 1e3, 3)
+    return row
+
+
+def print_dtype_row(row):
+    print(f"\n{row['pair']} in {row['dtype']}: step ms, native layers (MLX operations per layer)")
+    for model in ("main", "draft"):
+        print(
+            f"  {model:<6} "
+            + ", ".join(
+                f"{label} {row[f'{model}_{shape}_native_ms']:.3f} ({row[f'{model}_{shape}_mlx_ms']:.3f})"
+                for shape, label in (
+                    ("one_row", "one row"),
+                    ("verify", f"{VERIFY_ROWS} tokens"),
+                    ("batch", f"{BATCH_ROWS} rows"),
+                )
+            )
+        )
+
+
 def print_row(row):
     print(f"\n{row['pair']} (float32; kernels: {row['kernels']})")
     for model in ("main", "draft"):
@@ -306,6 +357,13 @@ def setup_arg_parser():
         choices=["demo", "small-self"],
         help="Pairs to measure: the bundled demo pair, random t5-small as its own draft (default: demo)",
     )
+    parser.add_argument(
+        "--dtypes",
+        nargs="*",
+        default=[],
+        choices=sorted(DTYPES),
+        help="Also time the steps of the pairs converted to these, native layers against MLX's operations",
+    )
     parser.add_argument("--prompts", type=int, default=4, help="Prompts per timed run (default: 4)")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt, EOS ignored (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds of every method in turn (default: 3)")
@@ -323,10 +381,13 @@ def main(argv=None):
         for name in args.pairs:
             rows.append(measure_pair(name, Path(tmp), args.prompts, args.max_tokens, args.repeats))
             print_row(rows[-1])
+            for dtype in args.dtypes:
+                rows.append(dtype_steps(name, Path(tmp), dtype))
+                print_dtype_row(rows[-1])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step.json").write_text(json.dumps(rows, indent=2))
     print(f"\nresults in {args.out / 'step.json'}")
-    if not all(row["regular_same_tokens"] and row["speculative_same_tokens"] for row in rows):
+    if not all(row.get("regular_same_tokens", True) and row.get("speculative_same_tokens", True) for row in rows):
         print("error: a method's tokens differ from CTranslate2's", file=sys.stderr)
         sys.exit(1)
 

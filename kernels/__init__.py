@@ -13,8 +13,9 @@ T5_KERNEL_ISA=avx512|avx2|portable forces an instruction set (the fastest this C
 `pack(weight)` copies a float32 or bfloat16 weight into the layout the kernels multiply several rows by fastest (see
 PACKED), `pack_quantized(...)` a 4/8-bit one (for the AVX-512 kernel); T5_PACKED_MB bounds the bytes of such copies a
 process keeps.
-`decoder_layers(...)` computes the T5 decoder layers of a decode step (float32 activations) as one operation: a small
-model's step is otherwise mostly the scheduling of a few hundred small operations. T5_FUSED_LAYERS=0 keeps the
+`decoder_layers(...)` computes the T5 decoder layers of a decode step as one operation, in float32 (a bfloat16 or
+float16 model's activations widened, its weights read as they are): a small model's step is otherwise mostly the
+scheduling of a few hundred small operations. T5_FUSED_LAYERS=0 keeps the
 layers as MLX operations (whose products still run here).
 A module built for another MLX, or one whose trial product is wrong, is not used (one warning line says so and how to
 rebuild).
@@ -290,8 +291,9 @@ def linear(x, weight, scales=None, biases=None, group_size=64, bits=4, mode="aff
 
 
 def native_layers_take(x) -> bool:
-    """Whether the native encoder and decoder layers compute on x: float32 activations, CPU, native layers on."""
-    return fused_layers and x.dtype == mx.float32 and mx.default_device() == mx.cpu
+    """Whether the native encoder and decoder layers compute on x: float activations (they compute in float32, a
+    half-precision x widened exactly), CPU, native layers on."""
+    return fused_layers and x.dtype in FLOATS and mx.default_device() == mx.cpu
 
 
 def decoder_layers(
@@ -313,12 +315,12 @@ def decoder_layers(
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
     weights), weights (weight, scales, biases, group_size, bits) of qkv, o, cross q, cross o, wi, wo (bits 0: float).
     With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With an `embedding`
-    (vocab, D) float32 or bfloat16 and the head, x is token ids (B, L) and the first output each position's most likely
-    next token (B, L) int32 (a greedy verification); with greedy_steps > 0 too (one row), the greedy continuation of
-    that many tokens (int32), each fed to the next step: a draft model's steps as one operation. A `stop` token id (one
-    row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the remaining tokens are
-    the stop token), and a verification computes nothing from the first stop token past the first id on (their tokens
-    are -1)."""
+    (vocab, D) float32, bfloat16 or float16 and the head, x is token ids (B, L) and the first output each position's
+    most likely next token (B, L) int32 (a greedy verification); with greedy_steps > 0 too (one row), the greedy
+    continuation of that many tokens (int32), each fed to the next step: a draft model's steps as one operation. A
+    `stop` token id (one row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the
+    remaining tokens are the stop token), and a verification computes nothing from the first stop token past the first
+    id on (their tokens are -1)."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))

@@ -544,18 +544,19 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     }
     return;
   }
-  // Token ids in: rows of the embedding table, float32 or bfloat16 widened (exactly).
+  // Token ids in: rows of the embedding table, float32, or bfloat16 or float16 widened (exactly).
   const mx::array& table = weights.array();
   const int32_t* ids = x_in.data<int32_t>();
   const auto& st = x_in.strides();
+  const WeightType table_type = table.dtype() == mx::bfloat16 ? kBFloat16 : kFloat16;
   auto embed = [&](int token, float* row) {
-    if (table.dtype() == mx::bfloat16) {
-      const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
-      for (int d = 0; d < D; d++) {
-        row[d] = bf16_to_float(values[d]);
-      }
-    } else {
+    if (table.dtype() == mx::float32) {
       std::memcpy(row, table.data<float>() + size_t(token) * D, D * sizeof(float));
+      return;
+    }
+    const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
+    for (int d = 0; d < D; d++) {
+      row[d] = load_scalar(values, d, table_type);
     }
   };
   for (int b = 0; b < B; b++) {
@@ -672,8 +673,9 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
           "token ids must be (B, L) int32, (1, L) for greedy drafting");
     check(head.has_value() && embedding->ndim() == 2 &&
-              (embedding->dtype() == mx::float32 || embedding->dtype() == mx::bfloat16),
-          "token ids need the head and a float32 or bfloat16 embedding table");
+              (embedding->dtype() == mx::float32 || embedding->dtype() == mx::bfloat16 ||
+               embedding->dtype() == mx::float16),
+          "token ids need the head and a float32, bfloat16 or float16 embedding table");
   } else {
     check(!drafting, "greedy drafting needs an embedding table");
     check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");

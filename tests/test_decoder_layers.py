@@ -1,11 +1,13 @@
 """The native decoder layers (kernels.decoder_layers: every decoder layer of a step as one operation) against the
 same model's MLX operations: logits and caches, for every T5 variant, one row, verifications, batches of rows at
-their own lengths with padded prompts, quantized weights, and every instruction set this CPU runs."""
+their own lengths with padded prompts, quantized weights, half-precision models (computed in float32) and every
+instruction set this CPU runs."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import PROMPTS, VARIANTS
+from mlx.utils import tree_map
 
 import kernels
 from loader import load_model
@@ -52,14 +54,25 @@ def run_steps(model, cross_kv, mask, steps):
     return logits, cache
 
 
-def compare(model, tokenizer, prompts, steps, fused):
-    cross_kv, mask = prompt_state(model, tokenizer, prompts)
+def widened(path):
+    """The model at `path` with every half-precision parameter widened to float32 (exactly): the arithmetic the
+    native layers do on a half-precision model, as MLX's operations."""
+    model, _, _ = load_model(path)
+    half = (mx.bfloat16, mx.float16)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype in half else a, model.parameters()))
+    return model
+
+
+def compare(model, tokenizer, prompts, steps, fused, reference=None):
+    """model's native layers against `reference`'s MLX operations (model's own by default): the prompts encoded by
+    each, then the steps."""
     kernels.used.discard("native decoder layers")
     fused(False)
-    expected, expected_cache = run_steps(model, cross_kv, mask, steps)
+    reference = reference or model
+    expected, expected_cache = run_steps(reference, *prompt_state(reference, tokenizer, prompts), steps)
     assert "native decoder layers" not in kernels.used
     fused(True)
-    got, cache = run_steps(model, cross_kv, mask, steps)
+    got, cache = run_steps(model, *prompt_state(model, tokenizer, prompts), steps)
     assert "native decoder layers" in kernels.used
     for ours, reference in zip(got, expected):
         scale = float(mx.abs(reference).max())
@@ -131,7 +144,7 @@ def test_quantized_weights_run_packed_on_avx512_and_their_own_elsewhere(converte
             isa("avx512")
             monkeypatch.setattr(kernels, "integer", True)
         logits[setting] = np.stack([np.array(step[0, -1]) for step in run_steps(model, cross_kv, mask, ONE_ROW)[0]])
-        weight = native_weights(model.decoder, kept_parts(model.decoder))[0][1][0][0]
+        weight = native_weights(model.decoder, kept_parts(model.decoder))[0][0][1][0][0]
         assert (weight.dtype == mx.uint8) == (setting == "packed"), setting
         assert (weight is qkv["weight"]) == (setting != "packed"), setting
     assert qkv.__dict__["_packed"][1][0].dtype == mx.uint8  # the copy is kept for when it runs again
@@ -168,13 +181,42 @@ def test_every_instruction_set(name, converted, fused, isa):
     compare(model, tokenizer, PROMPTS[:3], BATCH, fused)
 
 
-def test_not_used_where_activations_are_not_float32(converted, fused):
-    model, tokenizer, _ = load_model(converted("t5-v1_1", dtype="bfloat16"))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
+def test_half_precision_models_compute_in_float32(variant, dtype, converted, fused):
+    # A bfloat16 or float16 model's layers run natively on its own weights with float32 activations: MLX's
+    # operations on the same weights widened to float32 give the same logits and caches within float32's tolerance.
+    # (A float16 conversion keeps the feed-forward's wo in float32: products of both dtypes in one layer.)
+    path = converted(variant, dtype=dtype)
+    model, tokenizer, _ = load_model(path)
+    assert model.decoder.layers[0].self_attn.qkv.weight.dtype == getattr(mx, dtype)
+    reference = widened(path)
+    compare(model, tokenizer, PROMPTS[:1], ONE_ROW, fused, reference)
+    compare(model, tokenizer, PROMPTS[:3], BATCH, fused, reference)
+    # The MLX operations in half precision (the path off the CPU) round at every step: they agree to their own
+    # precision.
+    fused(True)
+    native, _ = run_steps(model, *prompt_state(model, tokenizer, PROMPTS[:1]), ONE_ROW[:2])
+    fused(False)
+    rounded, _ = run_steps(model, *prompt_state(model, tokenizer, PROMPTS[:1]), ONE_ROW[:2])
+    assert native[-1].dtype == mx.float32 and rounded[-1].dtype == getattr(mx, dtype)
+    scale = float(mx.abs(native[-1]).max())
+    np.testing.assert_allclose(np.array(rounded[-1].astype(mx.float32)), np.array(native[-1]), atol=0.05 * scale)
+
+
+def test_a_cache_written_by_half_precision_operations_keeps_them(converted, fused):
+    # A cache of another dtype than float32 (MLX's operations on a half-precision model) is continued by them.
+    model, tokenizer, _ = load_model(converted("t5", dtype="bfloat16"))
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
+    cache = model.make_cache()
+    fused(False)
+    mx.eval(model.decode(mx.array([[0, 5]]), cross_kv, cache))
     fused(True)
     kernels.used.discard("native decoder layers")
-    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
-    logits, _ = run_steps(model, cross_kv, mask, ONE_ROW[:2])
-    assert "native decoder layers" not in kernels.used and logits[-1].dtype == mx.bfloat16
+    logits = model.decode(mx.array([[9]]), cross_kv, cache)
+    mx.eval(logits)
+    assert "native decoder layers" not in kernels.used and cache[0].keys.dtype == mx.bfloat16
+    assert model.greedy_draft(mx.array([[9]]), cross_kv, cache, 2) is None
 
 
 def test_a_cache_shared_with_another_array_is_left_as_it_was(converted, fused):
@@ -200,7 +242,7 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
     cache = model.make_cache()
     x = model.shared(mx.array([[0, 5]]))
-    layers = decoder.native_layers(x.shape[0], x.shape[1], cross_kv, cache)
+    layers, _ = decoder.native_layers(x.shape[0], x.shape[1], cross_kv, cache)
     bias = decoder.position_bias([0], 2)
     heads = model.args.num_heads
     call = kernels.native.decoder_layers
@@ -245,13 +287,21 @@ def test_weights_changed_after_a_step_are_seen(converted, fused):
     assert np.abs(changed_again - changed).max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["t5", "t5-v1_1", "gated-silu"])
-def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(variant, converted, fused):
+@pytest.mark.parametrize(
+    "variant, dtype", [("t5", "float32"), ("t5-v1_1", "float32"), ("gated-silu", "float32"), ("t5", "float16")]
+)
+def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(variant, dtype, converted, fused):
     # T5.greedy_draft: a draft model's greedy steps as one operation. Its tokens are the argmax of MLX's operations
-    # step by step (where the best is clear), and its cache holds the same keys and values, across two calls (the
-    # second fed two tokens, as a drafter feeds after a full acceptance).
-    model, tokenizer, _ = load_model(converted(variant))
+    # step by step (where the best is clear; a half-precision model's weights widened to float32, as the native
+    # layers compute), and its cache holds the same keys and values, across two calls (the second fed two tokens, as
+    # a drafter feeds after a full acceptance).
+    path = converted(variant, dtype=dtype)
+    model, tokenizer, _ = load_model(path)
+    reference = widened(path)
+    fused(True)
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    fused(False)
+    reference_kv, _ = prompt_state(reference, tokenizer, PROMPTS[:1])
     native_cache, reference_cache = model.make_cache(), model.make_cache()
     fed = [[0]]
     for count in (5, 3):
@@ -262,7 +312,7 @@ def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(variant, co
         fused(False)
         expected, step_input = [], fed
         for _ in range(count):
-            logits = np.array(model.decode(mx.array(step_input), cross_kv, reference_cache)[0, -1])
+            logits = np.array(reference.decode(mx.array(step_input), reference_kv, reference_cache)[0, -1])
             best = np.sort(logits)
             assert best[-1] - best[-2] > 1e-4  # a clear choice (else the comparison below could not be exact)
             expected.append(int(logits.argmax()))
@@ -286,11 +336,10 @@ def test_greedy_drafting_is_declined_where_the_native_layers_do_not_apply(conver
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
     fused(False)
     assert model.greedy_draft(mx.array([[0]]), cross_kv, model.make_cache(), 3) is None
+    cache = model.make_cache()
+    model.decoder.layers[1].mlp.wo = model.decoder.layers[1].mlp.wo.weight  # not a product the kernels compute
     fused(True)
-    half, _, _ = load_model(converted("t5", dtype="bfloat16"))
-    half_kv, _ = prompt_state(half, tokenizer, PROMPTS[:1])
-    cache = half.make_cache()
-    assert half.greedy_draft(mx.array([[0]]), half_kv, cache, 3) is None
+    assert model.greedy_draft(mx.array([[0]]), cross_kv, cache, 3) is None
     assert cache[0].offsets == [0]  # nothing was reserved or written
 
 

@@ -1,12 +1,13 @@
 """The native encoder layers (kernels.encoder_layers: every encoder layer and the final norm as one operation) against
 the same model's MLX operations, for every T5 variant, a single prompt and a padded batch, quantized weights and every
-instruction set this CPU runs; where they do not apply (long prompts attended in blocks, bfloat16 activations) MLX's
-operations run."""
+instruction set this CPU runs, and half-precision models (computed in float32); where they do not apply (long prompts
+attended in blocks) MLX's operations run."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import PROMPTS, VARIANTS
+from mlx.utils import tree_map
 
 import kernels
 import model as model_module
@@ -73,7 +74,7 @@ def test_every_instruction_set(name, converted, fused):
         kernels.native.set_isa(before)
 
 
-def test_long_prompts_attended_in_blocks_and_bfloat16_use_mlx(converted, fused, monkeypatch):
+def test_long_prompts_attended_in_blocks_use_mlx(converted, fused, monkeypatch):
     model, tokenizer, _ = load_model(converted("t5"))
     ids = mx.array([tokenizer(PROMPTS[4]).input_ids])
     fused(True)
@@ -86,10 +87,23 @@ def test_long_prompts_attended_in_blocks_and_bfloat16_use_mlx(converted, fused, 
     mx.eval(blocked)
     assert USED not in kernels.used
     np.testing.assert_allclose(np.array(blocked), np.array(expected), atol=1e-4, rtol=0)
-    monkeypatch.undo()
-    half, _, _ = load_model(converted("t5-v1_1", dtype="bfloat16"))
-    kernels.used.discard(USED)
-    assert half.encode(ids).dtype == mx.bfloat16 and USED not in kernels.used
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_models_compute_in_float32(dtype, converted, fused):
+    # Natively a half-precision model's encoder computes in float32 on its own weights: MLX's operations on the
+    # weights widened to float32 give the same output within float32's tolerance.
+    path = converted("t5-v1_1", dtype=dtype)
+    half, tokenizer, _ = load_model(path)
+    reference, _, _ = load_model(path)
+    widen = (mx.bfloat16, mx.float16)
+    reference.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype in widen else a, reference.parameters()))
+    prompts = [PROMPTS[0], PROMPTS[1][:12], PROMPTS[2]]
+    expected, mask = encoded(reference, tokenizer, prompts, fused, False)
+    got, _ = encoded(half, tokenizer, prompts, fused, True)
+    assert got.dtype == np.float32
+    scale = max(1.0, float(np.abs(expected[mask]).max()))
+    np.testing.assert_allclose(got[mask], expected[mask], atol=2e-5 * scale, rtol=0)
 
 
 def test_weights_changed_after_a_call_are_seen(converted, fused):
