@@ -581,8 +581,8 @@ class Decoder(Module):
         the last fed, so the cache grows by L + count - 1). `stop` (one row): a token after which nothing is computed
         (see kernels.decoder_layers). None where the native layers cannot compute it (the caller takes the logits
         then)."""
-        # The layers run natively in float32 on the table's rows (float32, or half precision widened).
-        if not kernels.native_layers_take(embedding):
+        # The layers run natively in float32 on the table's rows (float32, half precision widened, or dequantized).
+        if not kernels.native_layers_take(embedding if isinstance(embedding, mx.array) else embedding[1]):
             return None
         if type(head) is not FusedLinear:
             return None
@@ -713,13 +713,28 @@ class T5(Module):
     def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None):
         """greedy_draft (count > 0) and greedy_choices (count 0): the decoder's native greedy tokens, with this
         model's head, scale and embedding table; None where they do not apply."""
-        if type(self["shared"]) is not nn.Embedding or "lm_head" not in self:
+        table = self.embedding_table()
+        if table is None or "lm_head" not in self:
             return None
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         return self.decoder.greedy_tokens(
-            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, self.shared.weight, count, stop
+            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, table, count, stop
         )
+
+    def embedding_table(self):
+        """The token embeddings as kernels.decoder_layers takes them: the table (float), or (weight, scales, biases,
+        group_size, bits) where MLX's affine quantization holds it; None for another kind of embedding."""
+        shared = self["shared"]
+        if type(shared) is nn.Embedding:
+            return shared.weight
+        if (
+            type(shared) is nn.QuantizedEmbedding
+            and getattr(shared, "mode", "affine") == "affine"
+            and "biases" in shared
+        ):
+            return shared.weight, shared.scales, shared.biases, shared.group_size, shared.bits
+        return None
 
     def __call__(self, input_ids, decoder_ids, attention_mask=None):
         cross_kv = self.cross_kv(self.encode(input_ids, attention_mask))

@@ -47,7 +47,7 @@ NB_MODULE(_native, m) {
       "decoder_layers",
       [](const mx::array& x, const mx::array& self_bias, const std::optional<mx::array>& cross_bias,
          const std::vector<int>& offsets, nb::list layers, int num_heads, float eps, int activation, bool gated,
-         bool integer, nb::object head, const std::optional<mx::array>& embedding, int greedy_steps, int stop) {
+         bool integer, nb::object head, nb::object embedding, int greedy_steps, int stop) {
         auto array = [](nb::handle h) -> const mx::array& { return nb::cast<const mx::array&>(h); };
         auto weight = layer_weight;
         std::vector<t5kernels::DecoderLayerInputs> inputs;
@@ -74,8 +74,15 @@ NB_MODULE(_native, m) {
           nb::tuple h = nb::cast<nb::tuple>(head);
           output_layer = t5kernels::Head{array(h[0]), nb::cast<float>(h[1]), weight(h[2]), nb::cast<bool>(h[3])};
         }
+        // The embedding table: an array (float), or (w, scales, biases, group_size, bits) where quantized.
+        std::optional<t5kernels::LayerWeight> table;
+        if (nb::isinstance<nb::tuple>(embedding)) {
+          table = weight(embedding);
+        } else if (!embedding.is_none()) {
+          table = t5kernels::LayerWeight{array(embedding)};
+        }
         return t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation, gated,
-                                         integer, output_layer, embedding, greedy_steps, stop);
+                                         integer, output_layer, table, greedy_steps, stop);
       },
       "x"_a, "self_bias"_a, "cross_bias"_a.none(), "offsets"_a, "layers"_a, "num_heads"_a, "eps"_a, "activation"_a,
       "gated"_a, "integer"_a, "head"_a = nb::none(), "embedding"_a = nb::none(), "greedy_steps"_a = 0, "stop"_a = -1,
@@ -83,7 +90,8 @@ NB_MODULE(_native, m) {
       "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
       "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
       "bits 0 for float weights. With head (final norm weight, scale, weight, int8 activations), the first output is "
-      "the logits. With `embedding` (vocab, D) float32 or bfloat16, x is token ids (B, L) int32 and the first output "
+      "the logits. With `embedding` (vocab, D) float32, bfloat16 or float16, or (w, scales, biases, group_size, bits) "
+      "where quantized, x is token ids (B, L) int32 and the first output "
       "each position's most likely next token (B, L) int32; with greedy_steps > 0 too (one row), the greedy "
       "continuation of that many tokens, each fed to the next step. A stop token (one row) ends the work early: drafting "
       "pads with it after drafting it, a verification marks its first one past the first id and every later position -1.");

@@ -212,6 +212,8 @@ std::atomic<int>& current_isa() {
   return isa;
 }
 
+}  // namespace
+
 WeightType weight_type(mx::Dtype dtype) {
   if (dtype == mx::float32) {
     return kFloat32;
@@ -224,6 +226,8 @@ WeightType weight_type(mx::Dtype dtype) {
   }
   throw std::invalid_argument("decode_matmul: weights must be float32, bfloat16 or float16");
 }
+
+namespace {
 
 // A float product's weights: float32, bfloat16 or float16 (N, K), or packed (is_packed_dtype), their shape (N, K) too.
 WeightType float_weight_type(mx::Dtype dtype) {

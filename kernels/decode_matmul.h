@@ -53,6 +53,8 @@ void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, 
                   const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N);
 void pool_run(int tasks, const std::function<void(int)>& task);
 int current_kernel_isa();
+// The WeightType of float32, bfloat16 or float16 values (throws for any other dtype).
+WeightType weight_type(mx::Dtype dtype);
 // Whether a float product's weights of this dtype are packed (products.h): bfloat16 as uint16, float32 as uint32.
 bool is_packed_dtype(mx::Dtype dtype);
 // Whether a quantized product's weights are packed (products.h): their values as bytes, uint8.

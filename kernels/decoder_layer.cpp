@@ -544,19 +544,32 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     }
     return;
   }
-  // Token ids in: rows of the embedding table, float32, or bfloat16 or float16 widened (exactly).
-  const mx::array& table = weights.array();
+  // Token ids in: rows of the embedding table, float32, or bfloat16 or float16 widened (exactly), or MLX's affine
+  // quantization of one dequantized (scale * value + bias per group, in float32).
+  const Weights table = weights.weight(spec.embedding_group_size, spec.embedding_bits);
   const int32_t* ids = x_in.data<int32_t>();
   const auto& st = x_in.strides();
-  const WeightType table_type = table.dtype() == mx::bfloat16 ? kBFloat16 : kFloat16;
   auto embed = [&](int token, float* row) {
-    if (table.dtype() == mx::float32) {
-      std::memcpy(row, table.data<float>() + size_t(token) * D, D * sizeof(float));
-      return;
-    }
-    const uint16_t* values = table.data<uint16_t>() + size_t(token) * D;
-    for (int d = 0; d < D; d++) {
-      row[d] = load_scalar(values, d, table_type);
+    if (table.bits) {
+      const int per_word = 32 / table.bits, groups = D / table.group_size;
+      const uint32_t* words = table.w->data<uint32_t>() + size_t(token) * (D / per_word);
+      const WeightType scale_type = weight_type(table.scales->dtype());
+      const size_t first_group = size_t(token) * groups;
+      const uint32_t mask = (1u << table.bits) - 1;
+      for (int d = 0; d < D; d++) {
+        const uint32_t value = (words[d / per_word] >> ((d % per_word) * table.bits)) & mask;
+        const size_t group = first_group + d / table.group_size;
+        row[d] = load_scalar(table.scales->data<void>(), group, scale_type) * float(value) +
+                 load_scalar(table.biases->data<void>(), group, scale_type);
+      }
+    } else if (table.w->dtype() == mx::float32) {
+      std::memcpy(row, table.w->data<float>() + size_t(token) * D, D * sizeof(float));
+    } else {
+      const WeightType type = weight_type(table.w->dtype());
+      const uint16_t* values = table.w->data<uint16_t>() + size_t(token) * D;
+      for (int d = 0; d < D; d++) {
+        row[d] = load_scalar(values, d, type);
+      }
     }
   };
   for (int b = 0; b < B; b++) {
@@ -663,7 +676,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
-                                      const std::optional<mx::array>& embedding, int greedy_steps, int stop,
+                                      const std::optional<LayerWeight>& embedding, int greedy_steps, int stop,
                                       mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
@@ -672,15 +685,21 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   if (token_ids) {
     check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
           "token ids must be (B, L) int32, (1, L) for greedy drafting");
-    check(head.has_value() && embedding->ndim() == 2 &&
-              (embedding->dtype() == mx::float32 || embedding->dtype() == mx::bfloat16 ||
-               embedding->dtype() == mx::float16),
-          "token ids need the head and a float32, bfloat16 or float16 embedding table");
+    const mx::array& table = embedding->w;
+    check(head.has_value() && table.ndim() == 2, "token ids need the head and a 2-D embedding table");
+    if (embedding->bits) {
+      check(table.dtype() == mx::uint32, "a quantized embedding table must be MLX's own (uint32 words)");
+      check_weight(*embedding, table.shape(1) * 32 / embedding->bits, table.shape(0), "decoder_layers");
+    } else {
+      check(table.dtype() == mx::float32 || table.dtype() == mx::bfloat16 || table.dtype() == mx::float16,
+            "the embedding table must be float32, bfloat16, float16 or MLX-quantized");
+    }
   } else {
     check(!drafting, "greedy drafting needs an embedding table");
     check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
   }
-  const int B = x.shape(0), L = x.shape(1), D = token_ids ? embedding->shape(1) : x.shape(2);
+  const int B = x.shape(0), L = x.shape(1);
+  const int D = !token_ids ? x.shape(2) : embedding->w.shape(1) * (embedding->bits ? 32 / embedding->bits : 1);
   // Positions written past each row's length: the new ones, and each draft fed but the last.
   const int new_positions = L + std::max(0, greedy_steps - 1);
   check(int(offsets.size()) == B, "one offset per row");
@@ -774,8 +793,10 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   }
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   if (token_ids) {
-    check(embedding->shape(0) >= spec.head_rows, "the embedding table must have a row for every id the head gives");
+    check(embedding->w.shape(0) >= spec.head_rows, "the embedding table must have a row for every id the head gives");
     weights.push(*embedding);
+    spec.embedding_group_size = embedding->bits ? embedding->group_size : 0;
+    spec.embedding_bits = embedding->bits;
     shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
     dtypes[0] = mx::int32;
   }

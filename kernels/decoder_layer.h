@@ -48,7 +48,8 @@ struct Head {
 // an optional additive bias over the prompt's positions. Returns x out and each layer's cache with the new keys and
 // values written at each row's positions offsets[b]..offsets[b] + L - 1 (in the input's buffer where nothing else
 // holds it, else in a copy); the cache needs room for them. With a head, the first output is the logits
-// (B, L, vocab) instead of x. With an `embedding` (vocab, D) float32 or bfloat16 table and the head, x is token ids
+// (B, L, vocab) instead of x. With an `embedding` (vocab, D) table (float32, bfloat16, float16, or MLX's affine 4/8-bit
+// quantization of one: bits > 0) and the head, x is token ids
 // (B, L) int32 instead, and the first output each position's most likely next token (B, L) int32, the greedy
 // verification of drafts. With greedy_steps > 0 too (one row), the first output is the greedy continuation of
 // greedy_steps tokens (int32): each step's most likely token is fed to the next step (the last is not fed), all in one
@@ -60,7 +61,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer,
                                       const std::optional<Head>& head = std::nullopt,
-                                      const std::optional<mx::array>& embedding = std::nullopt, int greedy_steps = 0,
+                                      const std::optional<LayerWeight>& embedding = std::nullopt, int greedy_steps = 0,
                                       int stop = -1,
                                       mx::StreamOrDevice s = {});
 
@@ -153,6 +154,7 @@ class DecoderLayers : public mx::Primitive {
     bool token_ids = false;  // x is token ids: greedy drafting, or each position's most likely next token
     int stop = -1;  // with token ids, a token after which nothing is computed (-1: none)
     int d_model = 0;
+    int embedding_group_size = 0, embedding_bits = 0;  // a quantized embedding table's (bits 0: float)
     // Where each weight is, in order (each layer's three norms and six products' arrays, then the final norm and
     // the head's): held[slot] for slot >= 0, else the input ~slot places after the layers' caches.
     std::vector<mx::array> held;

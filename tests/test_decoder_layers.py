@@ -4,6 +4,7 @@ their own lengths with padded prompts, quantized weights, half-precision models 
 instruction set this CPU runs."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import PROMPTS, VARIANTS
@@ -263,6 +264,19 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
         call(x, bias, None, [0], [(keys, values, *rest[:3], weights)], heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="activation"):
         call(x, bias, None, [0], layers, heads, 1e-6, 9, False, False)
+    # Token ids need an embedding table the kernels read: float, or MLX's own 4/8-bit words with their scales.
+    head = (model.decoder.final_norm.weight, 1.0, model.lm_head.native_weight(), False)
+    ids = mx.array([[0, 5]])
+    table = model.shared.weight
+    with pytest.raises(ValueError, match="embedding table must be float32"):
+        call(ids, bias, None, [0], layers, heads, 1e-6, 0, False, False, head, table.astype(mx.int32))
+    words, scales, biases = mx.quantize(table, 32, 4)
+    with pytest.raises(ValueError, match="quantized weights must be MLX affine"):
+        call(ids, bias, None, [0], layers, heads, 1e-6, 0, False, False, head, (words, scales, biases, 32, 3))
+    with pytest.raises(ValueError, match="uint32 words"):
+        packed = (words.view(mx.uint8), scales, biases, 32, 4)
+        call(ids, bias, None, [0], layers, heads, 1e-6, 0, False, False, head, packed)
+    mx.eval(call(ids, bias, None, [0], layers, heads, 1e-6, 0, False, False, head, (words, scales, biases, 32, 4)))
 
 
 def test_weights_changed_after_a_step_are_seen(converted, fused):
@@ -287,15 +301,24 @@ def test_weights_changed_after_a_step_are_seen(converted, fused):
     assert np.abs(changed_again - changed).max() > 1e-3
 
 
+# Conversions of the greedy tests' models beyond float32: half precision, and quantized (the embedding table too,
+# which the native layers dequantize).
+CONVERSIONS = {"float16": dict(dtype="float16"), "8-bit": dict(quantize=True, q_bits=8, q_group_size=32)}
+
+
 @pytest.mark.parametrize(
-    "variant, dtype", [("t5", "float32"), ("t5-v1_1", "float32"), ("gated-silu", "float32"), ("t5", "float16")]
+    "variant, conversion",
+    [("t5", None), ("t5-v1_1", None), ("gated-silu", None), ("t5", "float16"), ("t5-v1_1", "8-bit")],
 )
-def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(variant, dtype, converted, fused):
+def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(
+    variant, conversion, converted, fused, monkeypatch
+):
     # T5.greedy_draft: a draft model's greedy steps as one operation. Its tokens are the argmax of MLX's operations
     # step by step (where the best is clear; a half-precision model's weights widened to float32, as the native
     # layers compute), and its cache holds the same keys and values, across two calls (the second fed two tokens, as
     # a drafter feeds after a full acceptance).
-    path = converted(variant, dtype=dtype)
+    monkeypatch.setattr(kernels, "integer", False)
+    path = converted(variant, **CONVERSIONS.get(conversion, {}))
     model, tokenizer, _ = load_model(path)
     reference = widened(path)
     fused(True)
@@ -336,21 +359,23 @@ def test_greedy_drafting_is_declined_where_the_native_layers_do_not_apply(conver
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
     fused(False)
     assert model.greedy_draft(mx.array([[0]]), cross_kv, model.make_cache(), 3) is None
+
     cache = model.make_cache()
-    model.decoder.layers[1].mlp.wo = model.decoder.layers[1].mlp.wo.weight  # not a product the kernels compute
+    wo = model.decoder.layers[1].mlp.wo
+    model.decoder.layers[1].mlp.wo = nn.Linear(*wo.weight.shape[::-1], bias=False)  # not a product the kernels compute
     fused(True)
     assert model.greedy_draft(mx.array([[0]]), cross_kv, cache, 3) is None
     assert cache[0].offsets == [0]  # nothing was reserved or written
 
 
-@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])
+@pytest.mark.parametrize("variant, conversion", [("t5", None), ("t5-v1_1", None), ("t5", "8-bit")])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_greedy_choices_are_the_argmax_of_the_native_logits(variant, rows, converted, fused):
+def test_greedy_choices_are_the_argmax_of_the_native_logits(variant, conversion, rows, converted, fused):
     # T5.greedy_choices: a greedy verification as one native operation that returns the main model's choice after
     # each token instead of the logits. The choices are exactly the argmax (the first of equal values) of the same
     # native layers' logits, for one row and for padded prompts whose rows are at their own lengths, and the cache
-    # takes the same keys and values.
-    model, tokenizer, _ = load_model(converted(variant))
+    # takes the same keys and values (a quantized table's rows dequantized as MLX's operations dequantize them).
+    model, tokenizer, _ = load_model(converted(variant, **CONVERSIONS.get(conversion, {})))
     cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:rows])
     fused(True)
     caches = model.make_cache(rows), model.make_cache(rows)
