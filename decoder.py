@@ -238,10 +238,11 @@ class SpeculativeDecoder:
             if token == self.model.args.eos_token_id and not ignore_eos:
                 return
 
-    def plain_tokens(self, token: int, count: int, key, cross_kv, cache) -> Iterator[int]:
+    def plain_tokens(self, token: int, count: int, key, cross_kv, cache, go_on=None) -> Iterator[int]:
         """`count` tokens of the main model alone after `token` (fed first; the cache holds what came before it).
         Step i + 1 is built and started before waiting for token i, so graph building overlaps computation; nothing is
-        built past the last."""
+        built past the last. `go_on()`, asked before building each step after the first, ends the tokens early (at
+        the one being computed) when false."""
 
         def step(token, key):
             if self.sampler.greedy:
@@ -253,10 +254,13 @@ class SpeculativeDecoder:
         mx.async_eval(next_token)
         for i in range(count):
             token = next_token
-            if i + 1 < count:
+            last = i + 1 == count or (go_on is not None and not go_on())
+            if not last:
                 next_token = step(token, keys[i + 1])
                 mx.async_eval(next_token)
             yield token.item()
+            if last:
+                return
 
     def speculative_tokens(
         self, prompt_ids, max_tokens, ignore_eos, stats, drafter=None, draft_length=None
@@ -286,12 +290,27 @@ class SpeculativeDecoder:
             else:
                 # Never draft past max_tokens: the main model adds one token after the drafts.
                 limit = max_tokens - generated - 1
-                num_draft = draft_length.choose(drafter.source(sequence), limit) if planned is None else planned
-                run = draft_length.plain_run(limit + 1) if num_draft == 0 and not drafter.reads_tokens else 1
+                if planned is None:
+                    num_draft = draft_length.choose(drafter.source(sequence), limit)
+                else:
+                    num_draft, planned = min(planned, limit), None
+                run, go_on = 1, None
+                if num_draft == 0:
+                    run = draft_length.plain_run(limit + 1, drafter.reads_tokens)
+                    if drafter.reads_tokens:
+                        # Plain steps until the drafter's source (a lookup match) is worth drafting from: asked before
+                        # each step is built, about the tokens known then (a match is found a token late); the
+                        # length chosen then is the next step's.
+
+                        def go_on():
+                            nonlocal planned
+                            planned = draft_length.choose_in_run(drafter.source(sequence), limit) or None
+                            return planned is None
+
                 key, step_key = self.split_key(key)
                 if run > 1:
                     # A run of plain steps, as regular decoding takes them; the policy asks again after it.
-                    for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache):
+                    for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache, go_on):
                         record_step(stats, draft_length, None, 0, 0, [token])
                         generated += 1
                         sequence.append(token)
@@ -299,7 +318,7 @@ class SpeculativeDecoder:
                         if not ignore_eos and token == model.args.eos_token_id:
                             return
                     drafter.rewind(len(sequence))
-                    last_sync, planned = time.perf_counter(), None
+                    last_sync = time.perf_counter()
                     continue
                 step = self.step(
                     sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache, stop
@@ -387,6 +406,7 @@ class SpeculativeDecoder:
 
 # What a step without drafts accepted.
 NO_ACCEPTANCE = mx.zeros((0,), dtype=mx.bool_)
+mx.eval(NO_ACCEPTANCE)  # (see drafters.NO_TOKENS)
 
 
 # The settings an encoder's output depends on, beside its weights.

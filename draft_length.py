@@ -45,8 +45,11 @@ class FixedDraftLength:
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         return self.choose("any" if any(sources) else None, limit)
 
-    def plain_run(self, limit: int) -> int:
-        return 1
+    def plain_run(self, limit: int, watched: bool = False) -> int:
+        return limit if watched else 1
+
+    def choose_in_run(self, source: Optional[str], limit: int) -> int:
+        return self.choose(source, limit)
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         pass
@@ -180,16 +183,24 @@ class AutoDraftLength:
         """The number of drafts for the next step of one sequence; source None means no draft."""
         return self.choose_batch([source], limit)
 
-    def plain_run(self, limit: int) -> int:
+    def plain_run(self, limit: int, watched: bool = False) -> int:
         """Plain steps to take in a row, at most `limit`, once the choice was none: until the next try of a length is
         due, or all of them when a try was due and none was worth it (plain steps observe no acceptance, so no later
-        choice would differ). One choice stands for them all."""
+        choice would differ). One choice stands for them all. `watched`: all of them, the run ended by the drafter
+        instead (choose_in_run, asked as it goes: a lookup's source comes and goes with the tokens)."""
+        if watched:
+            return limit
         steps = self.explore_gap - self.since_explored
         if steps < 2:
             steps = limit
         steps = max(1, min(steps, limit))
         self.since_explored += steps - 1
         return steps
+
+    def choose_in_run(self, source: Optional[str], limit: int) -> int:
+        """The choice asked during a watched run of plain steps: drafts from `source` (None: none) for the step after
+        it, the run ending unless 0."""
+        return self.choose(source, limit)
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         """A step's outcome: `drafted` tokens from `source`, the first `accepted` of them accepted, in `seconds`."""

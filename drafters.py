@@ -28,8 +28,14 @@ class Draft:
         return self.tokens.shape[0]
 
 
+# No tokens, computed once: reading a new empty array would wait for whatever the stream computes before it (a step
+# built ahead), which would stop the host building while the device computes.
+NO_TOKENS = mx.zeros((0,), dtype=mx.int32)
+mx.eval(NO_TOKENS)
+
+
 def no_draft() -> Draft:
-    return Draft(mx.zeros((0,), dtype=mx.int32), None, None)
+    return Draft(NO_TOKENS, None, None)
 
 
 class ModelDrafter:

@@ -228,9 +228,12 @@ class Schedule:
 
     choose_batch = choose
 
-    def plain_run(self, limit):
+    def plain_run(self, limit, watched=False):
         self.in_run = True
         return min(BLOCK + 1, limit)
+
+    def choose_in_run(self, source, limit):
+        return 0  # the run's length ends it
 
     def record_time(self, source, drafted, seconds):
         if 0 < self.chosen.popleft() < BLOCK:

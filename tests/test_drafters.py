@@ -8,7 +8,7 @@ from conftest import PROMPTS
 
 from decoder import SpeculativeDecoder
 from draft_length import Acceptance, AutoDraftLength
-from drafters import LookupDrafter
+from drafters import Draft, LookupDrafter
 
 
 @pytest.mark.parametrize("num_draft", [1, 3, "auto"])
@@ -26,6 +26,46 @@ def test_every_drafter_fixed_and_auto_equals_regular_greedy(drafter, num_draft, 
         assert result.stats.lookup_drafted <= result.stats.drafted
     # The random model's output repeats itself, so lookups find matches; the model drafter never looks up.
     assert (lookup_drafted > 0) == (drafter != "model")
+
+
+class LateLookup(LookupDrafter):
+    """A lookup whose source appears once the output is `start` tokens long: it proposes the last token repeated."""
+
+    def __init__(self, start):
+        super().__init__(max_ngram=3, eos_token_id=1)
+        self.start = start
+
+    def source(self, sequence):
+        return "lookup" if len(sequence) > self.start else None
+
+    def propose(self, sequence, k, key=None):
+        assert len(sequence) > self.start, "asked to draft before its source appeared"
+        return Draft(mx.array(sequence[-1:] * k, dtype=mx.int32), None, "lookup")
+
+
+def test_plain_steps_of_a_lookup_run_built_ahead_until_a_match(main, monkeypatch):
+    # Without a match a token-reading drafter's plain steps are a run (each step built before the last token is
+    # read, as regular decoding takes them); the run ends once the drafter has a source, and drafting follows.
+    model, tokenizer, _ = main
+    expected = SpeculativeDecoder(model, None, tokenizer).generate(PROMPTS[4], 40, regular=True, ignore_eos=True).tokens
+    decoder = SpeculativeDecoder(model, None, tokenizer, num_draft=3, drafter="lookup")
+    monkeypatch.setattr(decoder, "make_drafter", lambda stop=None: LateLookup(start=12))
+    runs = []
+    plain_tokens = decoder.plain_tokens
+
+    def recorded(*args):
+        runs.append(0)
+        for token in plain_tokens(*args):
+            runs[-1] += 1
+            yield token
+
+    monkeypatch.setattr(decoder, "plain_tokens", recorded)
+    result = decoder.generate(PROMPTS[4], max_tokens=40, ignore_eos=True)
+    assert result.tokens == expected
+    # The first run: the 12 tokens after which the source appears, and the one being computed when the drafter was
+    # asked about them (a token late).
+    assert runs[0] == 13, runs
+    assert result.stats.lookup_drafted > 0
 
 
 def lookup(output, k, prompt=(7, 8, 9, 10, 11, 8, 9, 12, 1), max_ngram=3):
