@@ -284,13 +284,21 @@ void store_rows(const float* values, int r0, int rows, mx::array& out) {
   }
 }
 
+// A product reading fewer bytes of weights than this (times its rows) runs on the calling thread: waking the others
+// and waiting for them costs more than they save, and a thread left idle builds the next step. Every one-row product
+// of the demo pair (the largest, its head, 393 KB in bfloat16): regular decoding of its held-out sentences 9.3-10.4 ms
+// a prompt against 12.4-13.9 shared among two threads, main.py's defaults 5.4-5.8 against 6.1-7.2.
+constexpr double kSmallProductBytes = 5e5;
+
 // Column ranges per task, aligned to the kernels' tiles (`tile` columns: 4, or a packed block): several per thread, so
-// that a thread the machine does not run for a while holds up little.
+// that a thread the machine does not run for a while holds up little; one task (on the calling thread) for a product
+// too small to share.
 template <class F>
-void over_columns(int N, F&& columns, int tile = 4) {
+void over_columns(int N, F&& columns, int tile = 4, bool small = false) {
   constexpr int kTasksPerThread = 4, kMinColumns = 32;
   const int tiles = (N + tile - 1) / tile;
-  const int tasks = std::max(1, std::min(pool().size() * kTasksPerThread, tiles / std::max(1, kMinColumns / tile)));
+  const int tasks =
+      small ? 1 : std::max(1, std::min(pool().size() * kTasksPerThread, tiles / std::max(1, kMinColumns / tile)));
   const int per_task = (tiles + tasks - 1) / tasks;
   pool().run(tasks, [&](int t) {
     const int n0 = std::min(N, t * per_task * tile), n1 = std::min(N, (t + 1) * per_task * tile);
@@ -318,7 +326,8 @@ void over_row_blocks(int M, int n0, int n1, int column_bytes, F&& rows_columns, 
 template <class F>
 void over_tiles(int M, int N, int column_bytes, F&& rows_columns, int tile = 4) {
   over_columns(
-      N, [&](int n0, int n1) { over_row_blocks(M, n0, n1, column_bytes, rows_columns, tile); }, tile);
+      N, [&](int n0, int n1) { over_row_blocks(M, n0, n1, column_bytes, rows_columns, tile); }, tile,
+      double(M) * N * column_bytes < kSmallProductBytes);
 }
 
 void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int M, int K, const mx::array& w,

@@ -219,6 +219,23 @@ def test_thread_pool_runs_past_2_to_the_32_jobs():
     assert ok == "True" and int(past) > 0
 
 
+@native
+def test_small_products_run_on_the_calling_thread():
+    # Sharing a product whose weights are a few hundred KB (a small model's one row) costs more than it saves: it is
+    # not a job of the pool. Larger products, or the same weights times many rows, are.
+    check = (
+        "import mlx.core as mx, kernels; n = kernels.native; mx.random.seed(0); "
+        "w = mx.random.normal((576, 192)).astype(mx.bfloat16); big = mx.random.normal((2048, 512)); "
+        "jobs = []\n"
+        "for x, weight in ((mx.ones((1, 192)), w), (mx.ones((1, 512)), big), (mx.ones((16, 192)), w)):\n"
+        "    before = n.pool_jobs(); mx.eval(n.decode_matmul(x, weight)); jobs.append(n.pool_jobs() - before)\n"
+        "print(*jobs)"
+    )
+    out = run_python(check, env={"T5_KERNEL_THREADS": "2"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [int(jobs) for jobs in out.stdout.split()] == [0, 1, 1]
+
+
 CONCURRENT_PRODUCTS = """
 import os, sys, threading, time
 import mlx.core as mx, numpy as np, kernels
