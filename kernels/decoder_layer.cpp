@@ -689,7 +689,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     check(head.has_value() && table.ndim() == 2, "token ids need the head and a 2-D embedding table");
     if (embedding->bits) {
       check(table.dtype() == mx::uint32, "a quantized embedding table must be MLX's own (uint32 words)");
-      check_weight(*embedding, table.shape(1) * 32 / embedding->bits, table.shape(0), "decoder_layers");
+      check_weight(*embedding, weight_inputs(*embedding), table.shape(0), "decoder_layers");
     } else {
       check(table.dtype() == mx::float32 || table.dtype() == mx::bfloat16 || table.dtype() == mx::float16,
             "the embedding table must be float32, bfloat16, float16 or MLX-quantized");
@@ -699,7 +699,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     check(x.ndim() == 3 && x.dtype() == mx::float32, "x must be (B, L, D) float32");
   }
   const int B = x.shape(0), L = x.shape(1);
-  const int D = !token_ids ? x.shape(2) : embedding->w.shape(1) * (embedding->bits ? 32 / embedding->bits : 1);
+  const int D = token_ids ? weight_inputs(*embedding) : x.shape(2);
   // Positions written past each row's length: the new ones, and each draft fed but the last.
   const int new_positions = L + std::max(0, greedy_steps - 1);
   check(int(offsets.size()) == B, "one offset per row");
