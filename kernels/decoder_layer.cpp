@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "decode_matmul.h"
+#include "products.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -112,6 +113,14 @@ void attention_row(const float* q, const float* keys, int64_t key_stride, const 
       out[d] += p * v[d];
     }
   }
+}
+
+// attention_row's signature, and the one that runs on `isa`: AVX-512's own, else the compiler's vectors of the above.
+using AttentionRow = void (*)(const float*, const float*, int64_t, const float*, int64_t, int, int, const float*,
+                              float*, float*);
+
+AttentionRow attention_for(int isa) {
+  return isa == kAvx512 ? attention_row_avx512 : attention_row;
 }
 
 // Rows of a 4-D array as attention_row reads them: (i0, i1, j, :) for j < n, d_kv contiguous floats each; copied into
@@ -363,6 +372,7 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
   const int ld_model = rows.ld_model, ld_inner = rows.ld_inner;
   std::vector<float>&h = rows.h, &qkv = rows.qkv, &att = rows.att, &y = rows.y;
   auto add_residual = [&]() { rows.add_to(x, R, D); };
+  const AttentionRow attend = attention_for(spec.isa);
 
   // Self-attention. The new keys and values go into the cache first, at each row's positions offsets[b].., so that
   // row b attends to its cache entries 0..offsets[b] + L - 1 (those past a query are masked by the bias; stale
@@ -389,7 +399,7 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     std::vector<float> scores(n), scratch;
     for (int i = 0; i < L; i++) {
       const float* bias = bias_row(self_bias, bias_per_row ? b : 0, hd, i, n, scratch);
-      attention_row(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], k_rows, dk, v_rows, dk, n, dk, bias,
+      attend(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], k_rows, dk, v_rows, dk, n, dk, bias,
                     scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
@@ -408,7 +418,7 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     const float* values = key_rows(cross_v, b, hd, P, dk, value_scratch, &value_stride);
     const float* bias = cross_bias ? bias_row(*cross_bias, b, 0, 0, P, bias_scratch) : nullptr;
     for (int i = 0; i < L; i++) {
-      attention_row(&q[(size_t(b) * L + i) * inner + hd * dk], keys, key_stride, values, value_stride, P, dk, bias,
+      attend(&q[(size_t(b) * L + i) * inner + hd * dk], keys, key_stride, values, value_stride, P, dk, bias,
                     scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
@@ -631,6 +641,7 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
   const int ld_model = rows.ld_model, ld_inner = rows.ld_inner;
   std::vector<float>&h = rows.h, &qkv = rows.qkv, &att = rows.att, &y = rows.y;
   auto add_residual = [&]() { rows.add_to(x.data(), R, D); };
+  const AttentionRow attend = attention_for(spec.isa);
   for (int l = 0; l < spec.layers; l++) {
     const float* norms[2];
     for (auto& norm : norms) {
@@ -653,7 +664,7 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
       std::vector<float> scores(L), scratch;
       for (int i = 0; i < L; i++) {
         const float* bias_i = bias_row(bias, bias_per_row ? b : 0, hd, i, L, scratch);
-        attention_row(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk,
+        attend(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk,
                       bias_i, scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
       }
     });

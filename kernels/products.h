@@ -141,6 +141,9 @@ bool cpu_has_avx512_bf16();
 void float_columns_avx512(const FloatProduct& p, int n0, int n1);
 void int_columns_avx512(const IntProduct& p, int n0, int n1);
 void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1);
+// One query's attention (decoder_layer.cpp's attention_row, the same arguments) with AVX-512.
+void attention_row_avx512(const float* q, const float* keys, int64_t key_stride, const float* values,
+                          int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out);
 
 void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
                      float* x_sums);

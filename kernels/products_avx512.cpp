@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 
 #include "products.h"
@@ -644,7 +645,109 @@ void packed_quant_columns(const QuantProduct& p, int n0, int n1) {
   });
 }
 
+// e^x for x <= 0, 16 at a time, as exp_nonpositive in decoder_layer.cpp computes it: x = k ln 2 + r with
+// |r| <= ln 2 / 2, e^r by its Taylor polynomial to degree 7, times 2^k; exactly 0 below -87 (a masked score, -inf too).
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 high = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);
+  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), high);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  constexpr float kTerms[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  for (const float c : kTerms) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  const __m512i exponent = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_max_ps(k, _mm512_set1_ps(-126.0f))),
+                                            _mm512_set1_epi32(127));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+  return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, scale);
+}
+
+// q . key over d_kv floats: 16 at a time (the last vector masked), one multiply-add chain.
+inline __m512 dot_lanes(const float* q, const float* key, int chunks, __mmask16 last) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int c = 0; c < chunks; c++) {
+    const __mmask16 valid = c + 1 < chunks ? __mmask16(0xffff) : last;
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, q + 16 * c), _mm512_maskz_loadu_ps(valid, key + 16 * c), acc);
+  }
+  return acc;
+}
+
 }  // namespace
+
+// decoder_layer.cpp's attention of one query, vectorized: four keys' scores at a time (their lanes summed together,
+// in _mm512_reduce_add_ps's order, so that a key's score is the same in a block of four or alone), the softmax's
+// exponentials 16 at a time and their sum in 16 lanes (key j in lane j % 16, summed as _mm512_reduce_add_ps sums), the
+// values' weighted sum in registers (the even and the odd keys apart, then added), divided by the sum once. A masked
+// key adds exact zeros: a query's result is the same whatever the number of keys past its own.
+void attention_row_avx512(const float* q, const float* keys, int64_t key_stride, const float* values,
+                          int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out) {
+  const int chunks = (d_kv + 15) / 16;
+  const __mmask16 last = d_kv % 16 ? __mmask16((1u << (d_kv % 16)) - 1) : __mmask16(0xffff);
+  auto four = [&](int j) {  // keys j..j + 3
+    const float* key = keys + j * key_stride;
+    __m128 s = sum_each(dot_lanes(q, key, chunks, last), dot_lanes(q, key + key_stride, chunks, last),
+                        dot_lanes(q, key + 2 * key_stride, chunks, last),
+                        dot_lanes(q, key + 3 * key_stride, chunks, last));
+    if (bias) {
+      s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
+    }
+    _mm_storeu_ps(scores + j, s);
+  };
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {  // two blocks a pass: more multiply-adds in flight
+    four(j);
+    four(j + 4);
+  }
+  for (; j + 4 <= n; j += 4) {
+    four(j);
+  }
+  for (; j < n; j++) {
+    scores[j] = _mm512_reduce_add_ps(dot_lanes(q, keys + j * key_stride, chunks, last)) + (bias ? bias[j] : 0.0f);
+  }
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    top = _mm512_mask_max_ps(top, valid, top, _mm512_maskz_loadu_ps(valid, scores + j));
+  }
+  const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sums = _mm512_setzero_ps();
+  for (j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), largest);
+    const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive16(shifted));
+    _mm512_mask_storeu_ps(scores + j, valid, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sums));
+  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time in registers
+    const int count = min_int(4, chunks - c0);
+    // Two sums per vector, of the even and of the odd keys (two chains of multiply-adds), added at the end.
+    __m512 even[4], odd[4];
+    for (int c = 0; c < 4; c++) {
+      even[c] = odd[c] = _mm512_setzero_ps();
+    }
+    auto add = [&](__m512(&acc)[4], int j) {
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      const float* v = values + j * value_stride + 16 * c0;
+      for (int c = 0; c < count; c++) {
+        const __mmask16 valid = c0 + c + 1 < chunks ? __mmask16(0xffff) : last;
+        acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(valid, v + 16 * c), acc[c]);
+      }
+    };
+    for (j = 0; j + 2 <= n; j += 2) {
+      add(even, j);
+      add(odd, j + 1);
+    }
+    if (j < n) {
+      add(even, j);
+    }
+    for (int c = 0; c < count; c++) {
+      const __mmask16 valid = c0 + c + 1 < chunks ? __mmask16(0xffff) : last;
+      _mm512_mask_storeu_ps(out + 16 * (c0 + c), valid, _mm512_div_ps(_mm512_add_ps(even[c], odd[c]), total));
+    }
+  }
+}
 
 void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1) {
   p.bits == 8 ? packed_quant_columns<8>(p, n0, n1) : packed_quant_columns<4>(p, n0, n1);

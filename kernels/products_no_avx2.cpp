@@ -1,4 +1,6 @@
 // Other architectures: the portable kernels only (cpu_has_avx2() is false there).
+#include <cstdlib>
+
 #include "products.h"
 
 namespace t5kernels {
@@ -22,6 +24,11 @@ void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
 
 void int_columns_avx512(const IntProduct& p, int n0, int n1) {
   int_columns_portable(p, n0, n1);
+}
+
+void attention_row_avx512(const float*, const float*, int64_t, const float*, int64_t, int, int, const float*, float*,
+                          float*) {
+  std::abort();
 }
 
 }  // namespace t5kernels

@@ -422,3 +422,23 @@ def test_a_stop_token_ends_greedy_drafting_and_verification_early(converted, fus
     two_rows, _ = prompt_state(model, tokenizer, PROMPTS[:2])
     with pytest.raises(ValueError, match="stop token"):
         model.greedy_choices(mx.array([[0, 7], [0, 8]]), two_rows, model.make_cache(2), stop=stop)
+
+
+@pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
+def test_wide_heads_over_many_keys_and_rows_alike(name, hf_checkpoint, tmp_path, fused, isa):
+    """Heads of 72 values (four full vectors and a part) attending to more keys than a vector holds, on every
+    instruction set, against MLX's operations; and each row of a verification is its one-token step's, bit for bit
+    (what keeps greedy speculative decoding the same as regular decoding)."""
+    import convert
+
+    isa(name)
+    checkpoint = hf_checkpoint("t5", d_kv=72, num_heads=2)
+    model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "wide")))
+    prompts = [PROMPTS[4]]  # more tokens than a vector's 16 lanes
+    start, verified = [list(range(3, 24))], [5, 6, 7, 8, 9, 10, 11]
+    compare(model, tokenizer, prompts, [(start, None), ([[25]], None), ([verified], None), ([[12]], [3])], fused)
+    fused(True)
+    cross_kv, mask = prompt_state(model, tokenizer, prompts)
+    together, _ = run_steps(model, cross_kv, mask, [(start, None), ([verified], None)])
+    alone, _ = run_steps(model, cross_kv, mask, [(start, None)] + [([[token]], None) for token in verified])
+    np.testing.assert_array_equal(np.array(together[1][0]), np.concatenate([np.array(step[0]) for step in alone[1:]]))
