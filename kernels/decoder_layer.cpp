@@ -115,12 +115,13 @@ void attention_row(const float* q, const float* keys, int64_t key_stride, const 
   }
 }
 
-// attention_row's signature, and the one that runs on `isa`: AVX-512's own, else the compiler's vectors of the above.
+// attention_row's signature, and the one that runs on `isa`: AVX-512's or AVX2's own, else the compiler's vectors of
+// the above.
 using AttentionRow = void (*)(const float*, const float*, int64_t, const float*, int64_t, int, int, const float*,
                               float*, float*);
 
 AttentionRow attention_for(int isa) {
-  return isa == kAvx512 ? attention_row_avx512 : attention_row;
+  return isa == kAvx512 ? attention_row_avx512 : isa == kAvx2 ? attention_row_avx2 : attention_row;
 }
 
 // Rows of a 4-D array as attention_row reads them: (i0, i1, j, :) for j < n, d_kv contiguous floats each; copied into

@@ -134,6 +134,9 @@ void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1);
 bool cpu_has_avx2();
 void float_columns_avx2(const FloatProduct& p, int n0, int n1);
 void quant_columns_avx2(const QuantProduct& p, int n0, int n1);
+// One query's attention (decoder_layer.cpp's attention_row, the same arguments) with AVX2.
+void attention_row_avx2(const float* q, const float* keys, int64_t key_stride, const float* values,
+                        int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out);
 // The AVX-512 kernels (F, BW, VL, DQ); integer products need VNNI, bfloat16 pairs BF16.
 bool cpu_has_avx512();
 bool cpu_has_avx512_vnni();

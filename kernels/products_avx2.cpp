@@ -340,7 +340,115 @@ void packed_columns(const FloatProduct& p, int n0, int n1) {
   }
 }
 
+// Lanes 0-7 of v in [0, n) (n <= 8), the rest zero.
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// e^x for x <= 0, 8 at a time, as exp_nonpositive in decoder_layer.cpp computes it (see products_avx512.cpp's).
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 k = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)));
+  const __m256 high = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145752f), x);
+  const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.42860677e-6f), high);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  constexpr float kTerms[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  for (const float c : kTerms) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  const __m256i exponent =
+      _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_max_ps(k, _mm256_set1_ps(-126.0f))), _mm256_set1_epi32(127));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
+  return _mm256_and_ps(_mm256_mul_ps(p, scale), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
+}
+
+// q . key over d_kv floats: 8 at a time (the last vector masked), one multiply-add chain.
+inline __m256 dot_lanes8(const float* q, const float* key, int chunks, __m256i last) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int c = 0; c + 1 < chunks; c++) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(key + 8 * c), acc);
+  }
+  const int c = chunks - 1;
+  return _mm256_fmadd_ps(_mm256_maskload_ps(q + 8 * c, last), _mm256_maskload_ps(key + 8 * c, last), acc);
+}
+
+// The sums of the lanes of a, b, c and d, each as (l0 + l1) + (l2 + l3), plus (l4 + l5) + (l6 + l7).
+inline __m128 sum_each8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// The sum of the lanes of v, in sum_each8's order.
+inline float sum_lanes8(__m256 v) {
+  return _mm_cvtss_f32(sum_each8(v, v, v, v));
+}
+
 }  // namespace
+
+// products_avx512.cpp's attention of one query with AVX2: four keys' scores at a time, each key's lanes summed in
+// one order whether in a block of four or alone, the exponentials 8 at a time and their sum in 8 lanes (key j in lane
+// j % 8), the values' weighted sum in registers (the even and the odd keys apart), divided by the sum once.
+void attention_row_avx2(const float* q, const float* keys, int64_t key_stride, const float* values,
+                        int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out) {
+  const int chunks = (d_kv + 7) / 8;
+  const __m256i last = first_lanes(d_kv - 8 * (chunks - 1));
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* key = keys + j * key_stride;
+    __m128 s = sum_each8(dot_lanes8(q, key, chunks, last), dot_lanes8(q, key + key_stride, chunks, last),
+                         dot_lanes8(q, key + 2 * key_stride, chunks, last),
+                         dot_lanes8(q, key + 3 * key_stride, chunks, last));
+    if (bias) {
+      s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
+    }
+    _mm_storeu_ps(scores + j, s);
+  }
+  for (; j < n; j++) {
+    scores[j] = sum_lanes8(dot_lanes8(q, keys + j * key_stride, chunks, last)) + (bias ? bias[j] : 0.0f);
+  }
+  float largest = scores[0];
+  for (j = 1; j < n; j++) {
+    largest = scores[j] > largest ? scores[j] : largest;
+  }
+  __m256 sums = _mm256_setzero_ps();
+  for (j = 0; j < n; j += 8) {
+    const __m256i valid = first_lanes(n - j);
+    const __m256 shifted = _mm256_sub_ps(_mm256_maskload_ps(scores + j, valid), _mm256_set1_ps(largest));
+    const __m256 e = _mm256_and_ps(exp_nonpositive8(shifted), _mm256_castsi256_ps(valid));
+    _mm256_maskstore_ps(scores + j, valid, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  const __m256 total = _mm256_set1_ps(sum_lanes8(sums));
+  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time in registers
+    const int count = chunks - c0 < 4 ? chunks - c0 : 4;
+    __m256 even[4], odd[4];
+    for (int c = 0; c < 4; c++) {
+      even[c] = odd[c] = _mm256_setzero_ps();
+    }
+    auto add = [&](__m256(&acc)[4], int key) {
+      const __m256 p = _mm256_set1_ps(scores[key]);
+      const float* v = values + key * value_stride + 8 * c0;
+      for (int c = 0; c < count; c++) {
+        const __m256 value = c0 + c + 1 < chunks ? _mm256_loadu_ps(v + 8 * c) : _mm256_maskload_ps(v + 8 * c, last);
+        acc[c] = _mm256_fmadd_ps(p, value, acc[c]);
+      }
+    };
+    for (j = 0; j + 2 <= n; j += 2) {
+      add(even, j);
+      add(odd, j + 1);
+    }
+    if (j < n) {
+      add(even, j);
+    }
+    for (int c = 0; c < count; c++) {
+      const __m256 result = _mm256_div_ps(_mm256_add_ps(even[c], odd[c]), total);
+      if (c0 + c + 1 < chunks) {
+        _mm256_storeu_ps(out + 8 * (c0 + c), result);
+      } else {
+        _mm256_maskstore_ps(out + 8 * (c0 + c), last, result);
+      }
+    }
+  }
+}
 
 void float_columns_avx2(const FloatProduct& p, int n0, int n1) {
   switch (p.wtype) {

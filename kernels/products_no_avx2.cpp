@@ -13,6 +13,12 @@ void quant_columns_avx2(const QuantProduct& p, int n0, int n1) {
   quant_columns_portable(p, n0, n1);
 }
 
+// Never called: cpu_has_avx2() is false on other architectures.
+void attention_row_avx2(const float*, const float*, int64_t, const float*, int64_t, int, int, const float*, float*,
+                        float*) {
+  std::abort();
+}
+
 }  // namespace t5kernels
 
 namespace t5kernels {

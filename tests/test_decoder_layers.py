@@ -426,13 +426,13 @@ def test_a_stop_token_ends_greedy_drafting_and_verification_early(converted, fus
 
 @pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
 def test_wide_heads_over_many_keys_and_rows_alike(name, hf_checkpoint, tmp_path, fused, isa):
-    """Heads of 72 values (four full vectors and a part) attending to more keys than a vector holds, on every
-    instruction set, against MLX's operations; and each row of a verification is its one-token step's, bit for bit
-    (what keeps greedy speculative decoding the same as regular decoding)."""
+    """Heads of 76 values (whole vectors and a part, on every instruction set) attending to more keys than a vector
+    holds, against MLX's operations; and each row of a verification is its one-token step's, bit for bit (what keeps
+    greedy speculative decoding the same as regular decoding)."""
     import convert
 
     isa(name)
-    checkpoint = hf_checkpoint("t5", d_kv=72, num_heads=2)
+    checkpoint = hf_checkpoint("t5", d_kv=76, num_heads=2)
     model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "wide")))
     prompts = [PROMPTS[4]]  # more tokens than a vector's 16 lanes
     start, verified = [list(range(3, 24))], [5, 6, 7, 8, 9, 10, 11]
