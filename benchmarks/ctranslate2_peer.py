@@ -78,6 +78,7 @@ def measure_shape(shape, work, prompts, max_tokens, rounds):
         for run in methods.values():  # warm-up
             run(prompts[0])
         runs = fastest_per_prompt(methods, prompts, rounds)
+        peer.close()
         total = len(prompts) * max_tokens
         ours, theirs = (runs[name] for name in methods)
         agree = sum(as_pieces(a, tokenizer) == b for a, b in zip(ours[1], theirs[1])) / len(prompts)

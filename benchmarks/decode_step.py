@@ -22,6 +22,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,9 +178,27 @@ def loop_share(decoder, prompt, max_tokens, regular):
     return loop / steps - 1, generation.stats
 
 
+# CTranslate2 runs in a process of its own: in this one, torch's OpenMP threads (started by the converter's tensor
+# operations) and CTranslate2's spin against each other on the same cores, and its greedy decoding of the demo main
+# model ran 10x slower (about 170 against 1,900-2,500 tokens/s alone, this machine). The child reads one request a
+# line (JSON) and answers with the tokens.
+CTRANSLATE2_WORKER = """
+import json, sys
+import ctranslate2
+translator = ctranslate2.Translator(sys.argv[1], device="cpu", compute_type=sys.argv[2], inter_threads=1,
+                                    intra_threads=int(sys.argv[3]))
+for line in sys.stdin:
+    request = json.loads(line)
+    result = translator.translate_batch([request["source"]], beam_size=1, return_end_token=True,
+                                        max_decoding_length=request["max"], min_decoding_length=request["min"],
+                                        end_token=request["end"])
+    print(json.dumps(result[0].hypotheses[0]), flush=True)
+"""
+
+
 class CTranslate2Greedy:
     """CTranslate2's greedy decoding of a transformers checkpoint, converted once, on the CPU: in float32, or in the
-    `quantization` its converter and runtime take (int8, ...)."""
+    `quantization` its converter and runtime take (int8, ...), in a process of its own (CTRANSLATE2_WORKER)."""
 
     def __init__(self, checkpoint, work, tokenizer, quantization="float32", random_weights=False):
         import ctranslate2
@@ -190,29 +209,38 @@ class CTranslate2Greedy:
                 str(path), quantization=quantization, force=True
             )
         threads = kernels.native.threads() if kernels.native else os.cpu_count()
-        self.translator = ctranslate2.Translator(
-            str(path), device="cpu", compute_type=quantization, inter_threads=1, intra_threads=threads
+        self.worker = subprocess.Popen(
+            [sys.executable, "-c", CTRANSLATE2_WORKER, str(path), quantization, str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.tokenizer = tokenizer
         self.random_weights = random_weights
 
-    def generate(self, prompt, max_tokens):
-        """The token ids of greedy decoding for exactly max_tokens tokens, EOS decoded past as this project's
-        ignore_eos does: a trained model's decoding is ended by the decoder start token, which it never chooses
+    def generate(self, prompt, max_tokens, until_eos=False):
+        """The token ids of greedy decoding up to the EOS (included) or max_tokens where `until_eos`, as this
+        project's decoding ends. Otherwise exactly max_tokens tokens, EOS decoded past as this project's ignore_eos
+        does: a trained model's decoding is ended by the decoder start token, which it never chooses
         (CTranslate2 never chooses an end token before the minimum length, so EOS must not be it). A model with random
         weights chooses that token most of all; its decoding is ended by EOS, not before max_tokens (it chooses EOS
         too seldom for that to matter; the tokens are compared)."""
         source = self.tokenizer.convert_ids_to_tokens(self.tokenizer(prompt).input_ids)
-        end = self.tokenizer.eos_token if self.random_weights else self.tokenizer.pad_token
-        result = self.translator.translate_batch(
-            [source],
-            beam_size=1,
-            max_decoding_length=max_tokens,
-            min_decoding_length=max_tokens if self.random_weights else 0,
-            end_token=end,
-            return_end_token=True,
-        )
-        return self.tokenizer.convert_tokens_to_ids(result[0].hypotheses[0])
+        end = self.tokenizer.eos_token if self.random_weights or until_eos else self.tokenizer.pad_token
+        shortest = max_tokens if self.random_weights and not until_eos else 0
+        request = dict(source=source, max=max_tokens, min=shortest, end=end)
+        self.worker.stdin.write(json.dumps(request) + "\n")
+        self.worker.stdin.flush()
+        answer = self.worker.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the CTranslate2 process ended (exit status {self.worker.wait()})")
+        return self.tokenizer.convert_tokens_to_ids(json.loads(answer))
+
+    def close(self):
+        """Ends the CTranslate2 process."""
+        if self.worker.poll() is None:
+            self.worker.stdin.close()
+            self.worker.wait()
 
 
 def against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats):
@@ -270,6 +298,7 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
     )
     ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer, random_weights=name != "demo")
     speed, same = against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats)
+    ctranslate2_greedy.close()
     row.update({f"{method}_tok_s": round(value, 1) for method, value in speed.items()})
     row.update(
         regular_vs_ctranslate2=round(speed["regular"] / speed["ctranslate2 greedy"], 3),

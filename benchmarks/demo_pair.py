@@ -7,7 +7,9 @@
 Quality first: the exact match and BLEU of the main and the draft model's greedy translations against the
 references. Then speed, greedy at delta = 0, so every speculative run must reproduce the regular run token for token
 (checked). Each prompt is decoded `--repeats` times per setting and the fastest time is kept: another process
-on the machine slows some runs, never speeds one up.
+on the machine slows some runs, never speeds one up. Where ctranslate2 is installed, its greedy decoding of the main
+model (to the EOS, in a process of its own) is timed in turn with the rest, its tokens compared with regular
+decoding's.
 """
 
 import blas  # (before mlx)
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -67,6 +70,31 @@ def drafting_seconds_per_token(model, tokenizer, prompt, count=4, rounds=16):
         for layer_cache in cache:
             layer_cache.trim(count)
     return (time.perf_counter() - start) / (rounds * count)
+
+
+class CTranslate2Peer:
+    """CTranslate2's greedy decoding of the demo main model (its own process, benchmarks.decode_step), to its EOS,
+    timed as a Generation is: its tokens and stats.seconds (the request to its process and back included)."""
+
+    def __init__(self, tokenizer, work):
+        from benchmarks.decode_step import CTranslate2Greedy
+
+        self.greedy = CTranslate2Greedy(DEMO_DIR / "main", Path(work), tokenizer)
+
+    def generate(self, prompt, regular=True, max_tokens=100):
+        start = time.perf_counter()
+        tokens = self.greedy.generate(prompt, max_tokens, until_eos=True)
+        seconds = time.perf_counter() - start
+        return SimpleNamespace(tokens=tokens, stats=SimpleNamespace(seconds=seconds, generated=len(tokens)))
+
+
+def ctranslate2_peer(tokenizer, work):
+    """A CTranslate2Peer, or None without ctranslate2 (requirements-experiments.txt)."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return None
+    return CTranslate2Peer(tokenizer, work)
 
 
 def fastest_runs(decoders, prompts, repeats, **options):
@@ -175,12 +203,25 @@ def main():
         for num_draft in args.num_draft:
             decoder = SpeculativeDecoder(main_model, draft_model, tokenizer, num_draft=num_draft, drafter=drafter)
             decoders[(drafter, num_draft)] = (decoder, False)
-    runs = fastest_runs(decoders, prompts, args.repeats, max_tokens=args.max_tokens)
+    with tempfile.TemporaryDirectory() as work:
+        peer = ctranslate2_peer(tokenizer, work)
+        if peer is not None:
+            decoders[("ctranslate2", 0)] = (peer, True)
+        runs = fastest_runs(decoders, prompts, args.repeats, max_tokens=args.max_tokens)
+        if peer is not None:
+            peer.greedy.close()
     regular = runs.pop(("regular", 0))
     tokens = sum(g.stats.generated for g in regular)
     regular_speed = tokens / sum(g.stats.seconds for g in regular)
     print(f"\n{len(prompts)} prompts, {tokens} tokens; regular decoding {regular_speed:.1f} tokens/s")
-    print("drafter  num_draft  acceptance  tokens/call  drafts/call  lookup calls  tokens/s  speedup")
+    peer_speed = None
+    if peer is not None:
+        peer_runs = runs.pop(("ctranslate2", 0))
+        same = [g.tokens for g in peer_runs] == [g.tokens for g in regular]
+        peer_speed = tokens / sum(g.seconds for g in (r.stats for r in peer_runs))
+        print(f"CTranslate2 greedy {peer_speed:.1f} tokens/s (its own process, interleaved), the same tokens: {same}; "
+              f"regular decoding {regular_speed / peer_speed:.2f}x it")  # fmt: skip
+    print("drafter  num_draft  acceptance  tokens/call  drafts/call  lookup calls  tokens/s  speedup  vs CTranslate2")
     for (drafter, num_draft), speculative in runs.items():
         assert [g.tokens for g in speculative] == [g.tokens for g in regular], "speculative greedy != regular greedy"
 
@@ -193,7 +234,8 @@ def main():
         # lookup calls: the share of main-model calls that verified a lookup match.
         print(
             f"{drafter:7s}  {num_draft:>9}  {rate:10.3f}  {tokens / calls:11.2f}  {drafted / calls:11.2f}  "
-            f"{total('lookup_steps') / calls:12.1%}  {speed:8.1f}  {speed / regular_speed:7.2f}"
+            f"{total('lookup_steps') / calls:12.1%}  {speed:8.1f}  {speed / regular_speed:7.2f}  "
+            f"{'-' if peer_speed is None else f'{speed / peer_speed:14.2f}'}"
         )
 
 

@@ -37,6 +37,7 @@ def test_ctranslate2_greedy_gives_transformers_greedy_tokens(random_weights, hf_
         assert greedy.generate(prompt, 40) == expected
         assert 0 not in expected and 1 not in expected
         assert decoder.generate(prompt, max_tokens=40, regular=True, ignore_eos=True).tokens == expected
+    greedy.close()
 
 
 def test_call_log_sees_every_decode_call(main, drafts):
