@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -77,19 +76,18 @@ PEER_PAUSE = 0.3
 
 
 class CTranslate2Peer:
-    """CTranslate2's greedy decoding of the demo main model (its own process, benchmarks.decode_step), to its EOS,
-    timed as a Generation is: its tokens and stats.seconds (the request to its process and back included)."""
+    """CTranslate2's greedy decoding of the demo main model (its own process, benchmarks.decode_step), to its EOS."""
 
     def __init__(self, tokenizer, work):
         from benchmarks.decode_step import CTranslate2Greedy
 
         self.greedy = CTranslate2Greedy(DEMO_DIR / "main", Path(work), tokenizer)
 
-    def generate(self, prompt, regular=True, max_tokens=100):
+    def timed(self, prompt, max_tokens):
+        """(token ids, seconds), the request to its process and back included."""
         start = time.perf_counter()
         tokens = self.greedy.generate(prompt, max_tokens, until_eos=True)
-        seconds = time.perf_counter() - start
-        return SimpleNamespace(tokens=tokens, stats=SimpleNamespace(seconds=seconds, generated=len(tokens)))
+        return tokens, time.perf_counter() - start
 
 
 def ctranslate2_peer(tokenizer, work):
@@ -212,7 +210,7 @@ def main():
         # weights push the main model's out of the shared L3 cache, which a turn per prompt would make the next
         # method's first steps pay (regular decoding ran 30% slower that way).
         peer = ctranslate2_peer(tokenizer, work)
-        runs, peer_runs = {}, [None] * len(prompts)
+        runs, peer_runs = {}, [(None, float("inf"))] * len(prompts)  # per prompt, the fastest (tokens, seconds)
         for round_ in range(args.repeats):
             for name, fastest in fastest_runs(decoders, prompts, 1, round_, max_tokens=args.max_tokens).items():
                 runs[name] = [
@@ -221,9 +219,7 @@ def main():
             if peer is not None:
                 time.sleep(PEER_PAUSE)
                 for i, prompt in enumerate(prompts):
-                    run = peer.generate(prompt, max_tokens=args.max_tokens)
-                    if peer_runs[i] is None or run.stats.seconds < peer_runs[i].stats.seconds:
-                        peer_runs[i] = run
+                    peer_runs[i] = min(peer_runs[i], peer.timed(prompt, args.max_tokens), key=lambda run: run[1])
                 time.sleep(PEER_PAUSE)
         if peer is not None:
             peer.greedy.close()
@@ -233,10 +229,10 @@ def main():
     print(f"\n{len(prompts)} prompts, {tokens} tokens; regular decoding {regular_speed:.1f} tokens/s")
     peer_speed = None
     if peer is not None:
-        same = [g.tokens for g in peer_runs] == [g.tokens for g in regular]
-        peer_speed = tokens / sum(g.seconds for g in (r.stats for r in peer_runs))
-        print(f"CTranslate2 greedy {peer_speed:.1f} tokens/s (its own process, a block a round), the same tokens: {same}; "
-              f"regular decoding {regular_speed / peer_speed:.2f}x it")  # fmt: skip
+        same = [ids for ids, _ in peer_runs] == [g.tokens for g in regular]
+        peer_speed = tokens / sum(seconds for _, seconds in peer_runs)
+        print(f"CTranslate2 greedy {peer_speed:.1f} tokens/s (its own process, a block a round), "
+              f"the same tokens: {same}; regular decoding {regular_speed / peer_speed:.2f}x it")  # fmt: skip
     print("drafter  num_draft  acceptance  tokens/call  drafts/call  lookup calls  tokens/s  speedup  vs CTranslate2")
     for (drafter, num_draft), speculative in runs.items():
         assert [g.tokens for g in speculative] == [g.tokens for g in regular], "speculative greedy != regular greedy"

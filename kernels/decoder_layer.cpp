@@ -400,8 +400,8 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     std::vector<float> scores(n), scratch;
     for (int i = 0; i < L; i++) {
       const float* bias = bias_row(self_bias, bias_per_row ? b : 0, hd, i, n, scratch);
-      attend(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], k_rows, dk, v_rows, dk, n, dk, bias,
-                    scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+      attend(&qkv[(size_t(b) * L + i) * 3 * inner + hd * dk], k_rows, dk, v_rows, dk, n, dk, bias, scores.data(),
+             &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
   product(kO, att.data(), ld_inner, inner, y.data(), D);
@@ -420,7 +420,7 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
     const float* bias = cross_bias ? bias_row(*cross_bias, b, 0, 0, P, bias_scratch) : nullptr;
     for (int i = 0; i < L; i++) {
       attend(&q[(size_t(b) * L + i) * inner + hd * dk], keys, key_stride, values, value_stride, P, dk, bias,
-                    scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+             scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
     }
   });
   product(kCrossO, att.data(), ld_inner, inner, y.data(), D);
@@ -665,8 +665,8 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
       std::vector<float> scores(L), scratch;
       for (int i = 0; i < L; i++) {
         const float* bias_i = bias_row(bias, bias_per_row ? b : 0, hd, i, L, scratch);
-        attend(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk,
-                      bias_i, scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+        attend(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk, bias_i,
+               scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
       }
     });
     product(kEncO, att.data(), ld_inner, inner, y.data(), D);
