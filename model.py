@@ -574,13 +574,14 @@ class Decoder(Module):
             for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, layers)
         ], final_norm
 
-    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None):
+    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None, logits=False):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
         count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0 (one
         row): the greedy continuation (count,) int32, each token's most likely successor fed to the next step (all but
         the last fed, so the cache grows by L + count - 1). `stop` (one row): a token after which nothing is computed
-        (see kernels.decoder_layers). None where the native layers cannot compute it (the caller takes the logits
-        then)."""
+        (see kernels.decoder_layers). With `logits` (count 0, no stop): the logits (B, L, vocab) float32 instead, the
+        embedding looked up in the same operation. None where the native layers cannot compute it (the caller takes
+        the logits then)."""
         # The layers run natively in float32 on the table's rows (float32, half precision widened, or dequantized).
         if not kernels.native_layers_take(embedding if isinstance(embedding, mx.array) else embedding[1]):
             return None
@@ -595,11 +596,22 @@ class Decoder(Module):
         output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
         bias = self.position_bias(cache[0].offsets, fed)
         return self.run_native(
-            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count, stop
+            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count, stop, logits
         )
 
     def run_native(
-        self, x, self_bias, cross_bias, cache, layers, output_layer, fed, embedding=None, greedy_steps=0, stop=None
+        self,
+        x,
+        self_bias,
+        cross_bias,
+        cache,
+        layers,
+        output_layer,
+        fed,
+        embedding=None,
+        greedy_steps=0,
+        stop=None,
+        logits=False,
     ):
         """kernels.decoder_layers on this decoder's layers; each cache takes its new buffers with `fed` positions
         written. Returns the first output (x, the logits, or the greedy tokens)."""
@@ -618,6 +630,7 @@ class Decoder(Module):
             embedding=embedding,
             greedy_steps=greedy_steps,
             stop=stop,
+            logits=logits,
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)
@@ -682,6 +695,10 @@ class T5(Module):
 
     def decode(self, decoder_ids, cross_kv, cache, attention_mask=None):
         """Logits (B, L, vocab) for decoder_ids (B, L) that continue what `cache` holds."""
+        # Natively: the embedding looked up by the layers' own operation (a few operations fewer a step).
+        logits = self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0, logits=True)
+        if logits is not None:
+            return logits
         # Without padding no cross-attention bias: adding zeros would cost operations and change nothing.
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         # Original T5 rescales before its head (transformers does so whenever the config ties embeddings).
@@ -710,16 +727,16 @@ class T5(Module):
             return mx.argmax(self.decode(decoder_ids, cross_kv, cache, attention_mask), axis=-1)
         return choices
 
-    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None):
-        """greedy_draft (count > 0) and greedy_choices (count 0): the decoder's native greedy tokens, with this
-        model's head, scale and embedding table; None where they do not apply."""
+    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None, logits=False):
+        """greedy_draft (count > 0) and greedy_choices (count 0): the decoder's native greedy tokens (with `logits`,
+        the logits), with this model's head, scale and embedding table; None where they do not apply."""
         table = self.embedding_table()
         if table is None or "lm_head" not in self:
             return None
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         return self.decoder.greedy_tokens(
-            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, table, count, stop
+            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, table, count, stop, logits
         )
 
     def embedding_table(self):

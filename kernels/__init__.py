@@ -310,6 +310,7 @@ def decoder_layers(
     embedding=None,
     greedy_steps=0,
     stop=None,
+    logits=False,
 ):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
@@ -321,7 +322,8 @@ def decoder_layers(
     continuation of that many tokens (int32), each fed to the next step: a draft model's steps as one operation. A
     `stop` token id (one row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the
     remaining tokens are the stop token), and a verification computes nothing from the first stop token past the first
-    id on (their tokens are -1)."""
+    id on (their tokens are -1). With token ids and `logits` (no drafting, no stop), the first output is the logits
+    (B, L, vocab)."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))
@@ -340,6 +342,7 @@ def decoder_layers(
         embedding,
         greedy_steps,
         -1 if stop is None else stop,
+        logits,
     )
 
 

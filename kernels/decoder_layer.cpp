@@ -588,6 +588,11 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
       embed(ids[b * st[0] + i * st[1]], &x[(size_t(b) * L + i) * D]);
     }
   }
+  if (spec.logits) {
+    run_layers(x.data(), L, 0);
+    logits(x.data(), R, outputs[0].data<float>());
+    return;
+  }
   int32_t* tokens = outputs[0].data<int32_t>();
   if (!spec.greedy_steps) {
     // Greedy verification: the most likely token after each position. With a stop token (one row), nothing is
@@ -688,12 +693,13 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
-                                      const std::optional<LayerWeight>& embedding, int greedy_steps, int stop,
+                                      const std::optional<LayerWeight>& embedding, int greedy_steps, int stop, bool logits,
                                       mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
   check(greedy_steps >= 0, "greedy_steps must not be negative");
   check(stop < 0 || (token_ids && x.shape(0) == 1), "a stop token needs token ids of one row");
+  check(!logits || (token_ids && !drafting && stop < 0), "logits from token ids: no drafting and no stop token");
   if (token_ids) {
     check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
           "token ids must be (B, L) int32, (1, L) for greedy drafting");
@@ -736,7 +742,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
                            head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids,
-                           std::max(stop, -1), D};
+                           std::max(stop, -1), logits, D};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
@@ -809,8 +815,12 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     weights.push(*embedding);
     spec.embedding_group_size = embedding->bits ? embedding->group_size : 0;
     spec.embedding_bits = embedding->bits;
-    shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
-    dtypes[0] = mx::int32;
+    if (!logits) {
+      shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
+      dtypes[0] = mx::int32;
+    } else {
+      shapes[0] = {B, L, spec.head_rows};
+    }
   }
   inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
   spec.held = std::move(weights.held);
@@ -858,6 +868,8 @@ std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>
     first = {spec_.greedy_steps};
   } else if (spec_.has_head && !spec_.token_ids) {
     first.back() = spec_.head_rows;
+  } else if (spec_.logits) {
+    first = {first[0], first[1], spec_.head_rows};
   }
   std::vector<mx::Shape> shapes = {first};
   for (int l = 0; l < spec_.layers; l++) {

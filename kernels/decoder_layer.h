@@ -56,14 +56,15 @@ struct Head {
 // operation; self_bias then covers the L + greedy_steps - 1 positions fed. A `stop` token (one row of ids; EOS where it
 // ends the output) ends the work early: greedy drafting stops after drafting it (the remaining tokens are the stop
 // token), and a verification computes nothing from the first stop token past the first id on (their tokens are -1).
+// With token ids and `logits` (no drafting, no stop token), the first output is the logits (B, L, vocab): a step that
+// needs the whole distribution (sampling) without the embedding's own operations.
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer,
                                       const std::optional<Head>& head = std::nullopt,
                                       const std::optional<LayerWeight>& embedding = std::nullopt, int greedy_steps = 0,
-                                      int stop = -1,
-                                      mx::StreamOrDevice s = {});
+                                      int stop = -1, bool logits = false, mx::StreamOrDevice s = {});
 
 // One encoder layer's inputs: the two RMS norm weights (self-attention, feed-forward) and the four products: qkv (the
 // three projections stacked), o, wi (wi_0 and wi_1 stacked where gated), wo.
@@ -153,6 +154,7 @@ class DecoderLayers : public mx::Primitive {
     int greedy_steps = 0;  // > 0: greedy drafting of that many tokens from token ids (decoder_layers)
     bool token_ids = false;  // x is token ids: greedy drafting, or each position's most likely next token
     int stop = -1;  // with token ids, a token after which nothing is computed (-1: none)
+    bool logits = false;  // with token ids, the logits out instead of the most likely tokens
     int d_model = 0;
     int embedding_group_size = 0, embedding_bits = 0;  // a quantized embedding table's (bits 0: float)
     // Where each weight is, in order (each layer's three norms and six products' arrays, then the final norm and

@@ -442,3 +442,33 @@ def test_wide_heads_over_many_keys_and_rows_alike(name, hf_checkpoint, tmp_path,
     together, _ = run_steps(model, cross_kv, mask, [(start, None), ([verified], None)])
     alone, _ = run_steps(model, cross_kv, mask, [(start, None)] + [([[token]], None) for token in verified])
     np.testing.assert_array_equal(np.array(together[1][0]), np.concatenate([np.array(step[0]) for step in alone[1:]]))
+
+
+@pytest.mark.parametrize("variant, conversion", [("t5", None), ("t5-v1_1", "8-bit")])
+def test_logits_from_token_ids_in_one_operation(variant, conversion, converted, fused, monkeypatch):
+    # model.decode hands the native layers the token ids (the embedding looked up inside the same operation): its
+    # logits are those of the layers fed the embedded rows by MLX's operations, for one row and padded rows at their
+    # own lengths, and the caches take the same keys and values.
+    model, tokenizer, _ = load_model(converted(variant, **CONVERSIONS.get(conversion, {})))
+    fused(True)
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:2])
+    calls = []
+    from_ids = model.greedy_tokens
+    monkeypatch.setattr(model, "greedy_tokens", lambda *a, **k: calls.append(k) or from_ids(*a, **k))
+    caches = model.make_cache(2), model.make_cache(2)
+    for ids in ([[0, 5, 9], [0, 4, 4]], [[6], [8]]):
+        got = model.decode(mx.array(ids), cross_kv, caches[0], mask)
+        assert calls.pop() == {"logits": True} and got.shape == (2, len(ids[0]), model.args.vocab_size)
+        monkeypatch.setattr(model, "greedy_tokens", lambda *a, **k: None)  # the embedding as MLX's operations
+        expected = model.decode(mx.array(ids), cross_kv, caches[1], mask)
+        monkeypatch.setattr(model, "greedy_tokens", lambda *a, **k: calls.append(k) or from_ids(*a, **k))
+        np.testing.assert_allclose(
+            np.array(got), np.array(expected), atol=1e-5 * max(1.0, float(mx.abs(expected).max()))
+        )
+        for ours, theirs in zip(*caches):
+            assert np.array_equal(np.array(ours.keys[:, :, : ours.offset]), np.array(theirs.keys[:, :, : ours.offset]))
+    # Logits come only from a plain step: not with greedy drafting or a stop token.
+    one_row, _ = prompt_state(model, tokenizer, PROMPTS[:1])
+    for count, stop in ((3, None), (0, 1)):
+        with pytest.raises(ValueError, match="logits from token ids"):
+            model.greedy_tokens(mx.array([[0, 5]]), one_row, model.make_cache(), None, count, stop=stop, logits=True)
