@@ -5,7 +5,7 @@ Per pair, float32:
   batch of rows at their own lengths), the time of its matrix products alone (what the kernels cost) and the number
   of MLX operations it builds (what each costs a few microseconds of scheduling);
 - the decoding loop's share beyond the model's steps: a run's time (encoders excluded) over the sum of its steps, each
-  call of the main and draft model timed alone at the shape the run made it;
+  call of the main and draft model timed alone at the shape the run made it; the median over every prompt and round;
 - regular decoding and main.py's default speculative decoding against CTranslate2's greedy decoding of the main model
   on the same prompts (the pair's held-out ones), EOS ignored, tokens compared; methods alternate round by round.
 
@@ -134,15 +134,21 @@ class CallLog:
             delattr(self.model, name)
 
 
-def steps_seconds(model, log, context):
-    """The sum of a CallLog's calls' step times, each timed alone at its shape."""
+def steps_seconds(model, log, context, timed):
+    """The sum of a CallLog's calls' step times, each shape timed alone once (`timed` keeps them across runs)."""
     seconds = 0.0
     for calls, choices in ((log.calls, False), (log.choices, True)):
         for (rows, tokens), count in calls.items():
-            seconds += count * step_seconds(model, rows, tokens, context=context, choices=choices)
-    return seconds + sum(
-        n * draft_seconds(model, fed, count, context=context) for (fed, count), n in log.drafts.items()
-    )
+            key = id(model), "choices" if choices else "decode", rows, tokens
+            if key not in timed:
+                timed[key] = step_seconds(model, rows, tokens, context=context, choices=choices)
+            seconds += count * timed[key]
+    for (fed, count), n in log.drafts.items():
+        key = id(model), "draft", fed, count
+        if key not in timed:
+            timed[key] = draft_seconds(model, fed, count, context=context)
+        seconds += n * timed[key]
+    return seconds
 
 
 def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
@@ -159,23 +165,28 @@ def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
     return matmul.seconds(call, repeats)
 
 
-def loop_share(decoder, prompt, max_tokens, regular):
-    """A run's time (encoders excluded) over the sum of its model steps timed alone, minus 1; and its stats."""
-    decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's step costs
-    logs = [CallLog(decoder.model)] + ([CallLog(decoder.draft_model)] if not regular else [])
-    for log in logs:
-        log.__enter__()
-    try:
-        generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
-    finally:
-        for log in logs:
-            log.__exit__()
-    # The logged calls add a little Python of their own; time the run again without them.
-    time.sleep(PAUSE)
-    stats = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).stats
-    loop = stats.seconds - stats.encode_seconds
-    steps = sum(steps_seconds(log.model, log, max_tokens // 2) for log in logs)
-    return loop / steps - 1, generation.stats
+def loop_share(decoder, prompts, max_tokens, regular, repeats):
+    """The decoding loop's share beyond its model steps: each prompt's run (encoders excluded) over the sum of the
+    model calls it made, each call's shape timed alone, minus 1; the median over `repeats` rounds of the prompts, and
+    the last run's stats. The run timed is the one whose calls are logged (auto's choices differ from run to run), so
+    the logging's own Python (a counter per call) counts as loop."""
+    decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's costs
+    timed, shares = {}, []
+    for _ in range(repeats):
+        for prompt in prompts:
+            logs = [CallLog(decoder.model)] + ([CallLog(decoder.draft_model)] if not regular else [])
+            for log in logs:
+                log.__enter__()
+            time.sleep(PAUSE)
+            try:
+                generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
+            finally:
+                for log in logs:
+                    log.__exit__()
+            loop = generation.stats.seconds - generation.stats.encode_seconds
+            steps = sum(steps_seconds(log.model, log, max_tokens // 2, timed) for log in logs)
+            shares.append(loop / steps - 1)
+    return statistics.median(shares), generation.stats
 
 
 # CTranslate2 runs in a process of its own: in this one, torch's OpenMP threads (started by the converter's tensor
@@ -289,8 +300,8 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
     row.update(model_steps(model, "main"))
     row.update(model_steps(draft_model, "draft"))
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft="auto")  # main.py's settings
-    regular_share, _ = loop_share(decoder, prompts[0], max_tokens, regular=True)
-    speculative_share, stats = loop_share(decoder, prompts[0], max_tokens, regular=False)
+    regular_share, _ = loop_share(decoder, prompts, max_tokens, True, repeats)
+    speculative_share, stats = loop_share(decoder, prompts, max_tokens, False, repeats)
     row.update(
         regular_loop_share=round(regular_share, 3),
         speculative_loop_share=round(speculative_share, 3),

@@ -58,10 +58,18 @@ def test_call_log_sees_every_decode_call(main, drafts):
     assert not {"decode", "greedy_choices", "greedy_draft"} & set(vars(model))  # the model's own methods again
 
 
-def test_regular_loop_share_is_measured_against_its_steps(main):
+def test_regular_loop_share_is_measured_against_its_steps(main, monkeypatch):
+    # Every call shape of the runs is timed alone once, however many runs made it; the runs are the logged ones.
     model, tokenizer, _ = main
-    share, stats = decode_step.loop_share(SpeculativeDecoder(model, None, tokenizer), PROMPTS[1], 8, regular=True)
-    assert stats.main_calls == 8 and share > -1
+    timed = []
+    step_seconds = decode_step.step_seconds
+    monkeypatch.setattr(decode_step, "step_seconds", lambda *a, **k: timed.append(a[1:3]) or step_seconds(*a, **k))
+    decoder = SpeculativeDecoder(model, None, tokenizer)
+    share, stats = decode_step.loop_share(decoder, PROMPTS[1:3], 8, True, repeats=2)
+    assert stats.main_calls == 8
+    assert len(timed) == len(set(timed)) and (1, 1) in timed
+    # A run costs its steps and some Python: not less than half its steps, nor ten times them.
+    assert -0.5 < share < 10
 
 
 @pytest.mark.parametrize("native_layers", [False, True])
