@@ -5,7 +5,8 @@ Per pair, float32:
   batch of rows at their own lengths), the time of its matrix products alone (what the kernels cost) and the number
   of MLX operations it builds (what each costs a few microseconds of scheduling);
 - the decoding loop's share beyond the model's steps: a run's time (encoders excluded) over the sum of its steps, each
-  call of the main and draft model timed alone at the shape the run made it; the median over every prompt and round;
+  call of the main and draft model timed alone at the shape the run made it, right after the run; the median over
+  every prompt and round;
 - regular decoding and main.py's default speculative decoding against CTranslate2's greedy decoding of the main model
   on the same prompts (the pair's held-out ones), EOS ignored, tokens compared; methods alternate round by round.
 
@@ -45,6 +46,7 @@ DEMO = ROOT / "models" / "demo"
 PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
 BATCH_ROWS = 8
 VERIFY_ROWS = 5  # k + 1 for main.py's typical draft lengths
+STEP_REPEATS = 20  # calls of each shape timed after each run of the loop's share
 
 
 def step_setup(model, rows, prompt_length, context):
@@ -134,20 +136,14 @@ class CallLog:
             delattr(self.model, name)
 
 
-def steps_seconds(model, log, context, timed):
-    """The sum of a CallLog's calls' step times, each shape timed alone once (`timed` keeps them across runs)."""
+def steps_seconds(model, log, context, repeats=STEP_REPEATS):
+    """The sum of a CallLog's calls' step times, each shape timed alone (the median of `repeats` calls) once."""
     seconds = 0.0
     for calls, choices in ((log.calls, False), (log.choices, True)):
         for (rows, tokens), count in calls.items():
-            key = id(model), "choices" if choices else "decode", rows, tokens
-            if key not in timed:
-                timed[key] = step_seconds(model, rows, tokens, context=context, choices=choices)
-            seconds += count * timed[key]
+            seconds += count * step_seconds(model, rows, tokens, context=context, repeats=repeats, choices=choices)
     for (fed, count), n in log.drafts.items():
-        key = id(model), "draft", fed, count
-        if key not in timed:
-            timed[key] = draft_seconds(model, fed, count, context=context)
-        seconds += n * timed[key]
+        seconds += n * draft_seconds(model, fed, count, context=context, repeats=repeats)
     return seconds
 
 
@@ -167,11 +163,12 @@ def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
 
 def loop_share(decoder, prompts, max_tokens, regular, repeats):
     """The decoding loop's share beyond its model steps: each prompt's run (encoders excluded) over the sum of the
-    model calls it made, each call's shape timed alone, minus 1; the median over `repeats` rounds of the prompts, and
-    the last run's stats. The run timed is the one whose calls are logged (auto's choices differ from run to run), so
-    the logging's own Python (a counter per call) counts as loop."""
+    model calls it made, each call's shape timed alone right after the run (so that both meet the machine at the same
+    speed), minus 1; the median over `repeats` rounds of the prompts, and the last run's stats. The run timed is the
+    one whose calls are logged (auto's choices differ from run to run), so the logging's own Python (a counter per
+    call) counts as loop."""
     decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's costs
-    timed, shares = {}, []
+    shares = []
     for _ in range(repeats):
         for prompt in prompts:
             logs = [CallLog(decoder.model)] + ([CallLog(decoder.draft_model)] if not regular else [])
@@ -184,7 +181,7 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
                 for log in logs:
                     log.__exit__()
             loop = generation.stats.seconds - generation.stats.encode_seconds
-            steps = sum(steps_seconds(log.model, log, max_tokens // 2, timed) for log in logs)
+            steps = sum(steps_seconds(log.model, log, max_tokens // 2) for log in logs)
             shares.append(loop / steps - 1)
     return statistics.median(shares), generation.stats
 
