@@ -815,11 +815,9 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     weights.push(*embedding);
     spec.embedding_group_size = embedding->bits ? embedding->group_size : 0;
     spec.embedding_bits = embedding->bits;
-    if (!logits) {
+    if (!logits) {  // (with logits, the head's (B, L, vocab) float32 above)
       shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
       dtypes[0] = mx::int32;
-    } else {
-      shapes[0] = {B, L, spec.head_rows};
     }
   }
   inputs.insert(inputs.end(), weights.late.begin(), weights.late.end());
