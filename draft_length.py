@@ -6,7 +6,11 @@
 
 where alpha_i is the chance that draft i is accepted once drafts 1..i-1 were (Leviathan et al. 2023, per position),
 and T(k) the time of a step with k drafts. T comes from a table measured once per setting (step_costs.py); while
-decoding only a common factor is tracked (a busier machine slows every step alike, which changes no choice). The
+decoding a common factor is tracked (a busier machine slows every step alike, which changes no choice), and beside it
+how much dearer than the table says drafting steps come out than plain ones, once both kinds were timed: the table's
+ratio of the two moved between 1.5 and 3 from one measurement to the next on one machine, and a drafting step in a
+real run (the draft catching up after plain steps, longer contexts) cost about 1.5x its table entry where plain steps
+cost theirs. The
 alphas start from what the pair and drafter ended their last run with (step_costs.py keeps them), and follow each
 step's outcome, recency-weighted. Another length is tried only while its acceptance is uncertain enough that it might
 be better. A batch takes one length for all its rows: the one with the most tokens per second summed
@@ -23,6 +27,9 @@ MEMORY_WEIGHT = 20.0  # the most observations a remembered estimate counts as at
 EXPLORE_EVERY = 4  # the fewest steps between tries of another length than the best
 # Steps between tries, at most: the gap doubles after each try that leaves the best length as it was.
 EXPLORE_MAX_GAP = 16
+# The least recency-weighted count of steps of each kind (plain, drafting) timed for the times of one to be set beside
+# the other's: about one of each in the last dozen steps.
+KIND_WEIGHT = 0.5
 OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
@@ -42,6 +49,12 @@ class FixedDraftLength:
     def choose(self, source: Optional[str], limit: int) -> int:
         return min(self.num_draft, limit) if source else 0
 
+    def measured(self, rates: List[float]) -> List[float]:
+        """The table's rates (k = 0..top) with drafting steps as much dearer beside plain ones as they were measured."""
+        if self.drafting_ratio == 1.0:
+            return rates
+        return [rates[0]] + [rate / self.drafting_ratio for rate in rates[1:]]
+
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         return self.choose("any" if any(sources) else None, limit)
 
@@ -55,6 +68,9 @@ class FixedDraftLength:
         pass
 
     def record_time(self, source: Optional[str], drafted: int, seconds: float):
+        pass
+
+    def record_run_time(self, seconds: float):
         pass
 
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
@@ -119,6 +135,13 @@ class AutoDraftLength:
         self.calibration_seconds = 0.0
         self.factor = 1.0  # measured step times / the table's, recency-weighted
         self.factor_weight = 0.0
+        # Plain (False) and drafting (True) steps' measured times / the table's, each kind apart: [mean, weight], both
+        # weights recency-weighted over every step. Their ratio (how much dearer than the table says drafting steps
+        # are beside plain ones) is taken only while both kinds were timed lately (KIND_WEIGHT), and kept while one is
+        # not: an old time of one kind never stands against new times of the other (a machine that slowed down while
+        # auto drafted throughout).
+        self.kinds = {False: [1.0, 0.0], True: [1.0, 0.0]}
+        self.drafting_ratio = 1.0
         self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
@@ -149,13 +172,19 @@ class AutoDraftLength:
         plain = len(sources) - len(drafting)
         return [(plain + sum(expected[source][k] for source in drafting)) / table[k] for k in range(top + 1)]
 
+    def measured(self, rates: List[float]) -> List[float]:
+        """The table's rates (k = 0..top) with drafting steps as much dearer beside plain ones as they were measured."""
+        if self.drafting_ratio == 1.0:
+            return rates
+        return [rates[0]] + [rate / self.drafting_ratio for rate in rates[1:]]
+
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         """The number of drafts for the next step of rows whose drafts would come from `sources` (None: no draft for
         that row); `limit` bounds it (tokens left)."""
         top = min(self.max_num_draft, limit)
         if top <= 0 or not any(sources):
             return 0
-        rates = self.rates(sources, top)
+        rates = self.measured(self.rates(sources, top))
         best = max(range(top + 1), key=lambda k: rates[k])
         if rates[best] < rates[0] * (1 + MIN_GAIN):
             best = 0
@@ -169,7 +198,7 @@ class AutoDraftLength:
             # The length nearest the best (the longer of two) that might beat it, were its acceptance as high as its
             # uncertainty allows. Not only one longer: when the first draft is dear (drafting at all stops the host
             # building ahead) one draft may never pay where three do.
-            hopeful = self.rates(sources, top, OPTIMISM)
+            hopeful = self.measured(self.rates(sources, top, OPTIMISM))
             bar = rates[best] * (1 + (MIN_GAIN if best == 0 else 0.0))
             trials = [k for k in range(1, top + 1) if k != best and hopeful[k] > bar]
             if trials:
@@ -208,9 +237,23 @@ class AutoDraftLength:
         self.record_acceptance(source, drafted, accepted)
 
     def record_time(self, source: Optional[str], drafted: int, seconds: float):
+        """A step's time: `drafted` drafts from `source` in `seconds`."""
         table = self.costs.get(source) or next(iter(self.costs.values()))
+        observed = seconds / table[min(drafted, self.max_num_draft)]
         self.factor_weight = DECAY * self.factor_weight + 1.0
-        self.factor += (seconds / table[min(drafted, self.max_num_draft)] - self.factor) / self.factor_weight
+        self.factor += (observed - self.factor) / self.factor_weight
+        for kind in self.kinds.values():
+            kind[1] *= DECAY
+        kind = self.kinds[drafted > 0]
+        kind[1] += 1.0
+        kind[0] += (observed - kind[0]) / kind[1]
+        (plain, plain_weight), (drafting, drafting_weight) = self.kinds[False], self.kinds[True]
+        if min(plain_weight, drafting_weight) >= KIND_WEIGHT:
+            self.drafting_ratio = drafting / plain
+
+    def record_run_time(self, seconds: float):
+        """A run of plain steps' time per token (from its second token on, as the table times them)."""
+        self.record_time(None, 0, seconds)
 
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
         if drafted:

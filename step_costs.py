@@ -239,6 +239,9 @@ class Schedule:
         if 0 < self.chosen.popleft() < BLOCK:
             self.times.append(seconds)
 
+    def record_run_time(self, seconds):
+        pass  # the run's tokens are timed one by one (record_acceptance)
+
     def record_acceptance(self, source, drafted, accepted):
         if self.in_run:
             self.stamps.append(time.perf_counter())

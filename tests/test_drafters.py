@@ -132,6 +132,7 @@ def test_auto_drafts_the_most_with_an_always_right_draft_and_none_with_a_wrong_o
         assert settled.count(0) >= 0.9 * len(settled), policy.chosen
         assert sum(1 for k in policy.chosen if k) <= 8 + 0.1 * stats.main_calls, policy.chosen
         assert stats.main_calls == 150 - stats.accepted and stats.generated == 150
+        assert policy.kinds[False][1] > 0  # the plain runs were timed, beside the drafting steps
 
 
 def tokens_per_second(alphas, costs):
@@ -193,6 +194,24 @@ def test_auto_converges_to_the_best_length_on_a_simulated_clock(case):
         remembered = AutoDraftLength(8, {"model": costs}, Acceptance(policy.acceptance.to_dict()))
         again = simulate(remembered, alphas, costs, 40, rng)
         assert np.mean(rates[again]) >= 0.97 * rates.max(), (best, again)
+
+
+@pytest.mark.parametrize("dearer", [1.6, 1 / 1.6])
+def test_auto_learns_what_drafting_steps_cost_beside_plain_ones(dearer):
+    # By the table, drafting two to four tokens a step about ties with plain steps. In the run, drafting steps take
+    # `dearer` times their table entries and plain steps theirs (the demo pair past EOS: drafting steps took about 1.5x
+    # their entries; the table's own ratio of the two moved by 2x between measurements): plain steps are the best by
+    # far, or drafting is.
+    alphas = [0.7] + [0.6] * 7
+    table = [1.0] + [1.7 + 0.2 * k for k in range(1, 9)]
+    costs = [table[0]] + [dearer * cost for cost in table[1:]]
+    rates = tokens_per_second(alphas, costs)
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        policy = AutoDraftLength(8, {"model": table}, Acceptance())
+        chosen = simulate(policy, alphas, costs, 300, rng)
+        settled = chosen[100:]
+        assert np.mean(rates[settled]) >= 0.97 * rates.max(), (rates, chosen)
 
 
 def test_auto_keeps_acceptance_per_source_and_respects_the_limit():
