@@ -31,6 +31,13 @@ EXPLORE_MAX_GAP = 16
 # the other's: about one of each in the last dozen steps.
 KIND_WEIGHT = 0.5
 OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
+# Each plain step fades what the acceptance estimates know (their counts, not their means) by this factor: a length once
+# judged not worth trying is tried again after some seventy plain steps, in this run or a later one. Without it, a
+# remembered estimate from text where the draft did poorly (decoding past EOS, say) kept a pair from ever drafting
+# again, on any text: plain steps observe no acceptance.
+PLAIN_FADE = 0.98
+# The most plain steps in a run taken when no length was worth trying (the estimates fade meanwhile).
+MAX_PLAIN_RUN = 64
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
 MIN_GAIN = 0.03
@@ -115,6 +122,14 @@ class Acceptance:
             prior, prior_weight = mean, PRIOR_WEIGHT
         return alphas
 
+    def fade(self, factor: float):
+        """Scale every count by `factor` (< 1): the same estimates, known as from fewer observations."""
+        self.version += 1
+        for positions in self.counts.values():
+            for position in positions:
+                position[0] *= factor
+                position[1] *= factor
+
     def to_dict(self) -> Dict[str, List[List[float]]]:
         return {source: [list(p) for p in positions] for source, positions in self.counts.items()}
 
@@ -147,6 +162,7 @@ class AutoDraftLength:
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
         self.kept_version = None
         self.explored = None  # (length tried, the best length before it), until the next choice
+        self.unfaded = 1.0  # the fading of plain steps not yet applied to the acceptance (see fade)
 
     def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
         """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k). Kept until the
@@ -206,7 +222,17 @@ class AutoDraftLength:
                 self.since_explored = 0
                 self.explored = (trial, best)
                 return trial
+        if best == 0:
+            self.fade(1)
         return best
+
+    def fade(self, steps: int):
+        """`steps` plain steps were chosen: the acceptance estimates fade (PLAIN_FADE), a few steps' worth at a time
+        (fading changes the estimates, which are then computed again)."""
+        self.unfaded *= PLAIN_FADE**steps
+        if self.unfaded < 0.9:
+            self.acceptance.fade(self.unfaded)
+            self.unfaded = 1.0
 
     def choose(self, source: Optional[str], limit: int) -> int:
         """The number of drafts for the next step of one sequence; source None means no draft."""
@@ -214,16 +240,17 @@ class AutoDraftLength:
 
     def plain_run(self, limit: int, watched: bool = False) -> int:
         """Plain steps to take in a row, at most `limit`, once the choice was none: until the next try of a length is
-        due, or all of them when a try was due and none was worth it (plain steps observe no acceptance, so no later
-        choice would differ). One choice stands for them all. `watched`: all of them, the run ended by the drafter
+        due, or MAX_PLAIN_RUN when a try was due and none was worth it (the estimates fade meanwhile, and one may be
+        then). One choice stands for them all. `watched`: all of them, the run ended by the drafter
         instead (choose_in_run, asked as it goes: a lookup's source comes and goes with the tokens)."""
         if watched:
             return limit
         steps = self.explore_gap - self.since_explored
         if steps < 2:
-            steps = limit
+            steps = MAX_PLAIN_RUN
         steps = max(1, min(steps, limit))
         self.since_explored += steps - 1
+        self.fade(steps - 1)
         return steps
 
     def choose_in_run(self, source: Optional[str], limit: int) -> int:
