@@ -214,16 +214,18 @@ def test_auto_learns_what_drafting_steps_cost_beside_plain_ones(dearer):
         assert np.mean(rates[settled]) >= 0.97 * rates.max(), (rates, chosen)
 
 
-def test_a_remembered_poor_acceptance_is_tried_again():
-    # The last run's draft was rarely accepted (text it did poorly on, remembered as twenty observations); on this
-    # run's it is right 95% of the time. Plain steps observe nothing: the estimates fade as they go, until a try of a
-    # length is worth it, and the choice comes to drafting.
+def test_a_poor_acceptance_is_tried_again_after_plain_steps():
+    # The draft was rarely accepted on the text so far (twenty observations); on what follows it is right 95% of the
+    # time. Plain steps observe nothing: the estimates fade as they go, until a try of a length is worth it, and the
+    # choice comes to drafting.
     alphas, costs = [0.95] * 8, CASES["drafting dear, long drafts pay"][1]
     rates = tokens_per_second(alphas, costs)
-    remembered = {"model": [[6.0, 20.0], [3.0, 20.0]] + [[14.0, 20.0]] * 6}
     for seed in range(5):
         rng = np.random.default_rng(seed)
-        policy = AutoDraftLength(8, {"model": costs}, Acceptance(remembered))
+        # The estimates as twenty steps of other text left them (a remembered run counts for fewer).
+        acceptance = Acceptance()
+        acceptance.counts = {"model": [[6.0, 20.0], [3.0, 20.0]] + [[14.0, 20.0]] * 6}
+        policy = AutoDraftLength(8, {"model": costs}, acceptance)
         chosen = simulate(policy, alphas, costs, 400, rng)
         assert chosen[:10] == [0] * 10, chosen  # the remembered estimates hold at first
         assert np.mean(rates[chosen[200:]]) >= 0.97 * rates.max(), chosen
