@@ -18,6 +18,7 @@ over the rows, each with its own source of drafts (draft model or lookup, estima
 """
 
 import math
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 DECAY = 0.95  # weight of the past in an estimate per new observation of it: about the last twenty count
@@ -112,13 +113,16 @@ class Acceptance:
         """alpha_1..alpha_k, each `optimism` standard deviations above its mean (capped at 1). A position's prior is
         the one before it (acceptance changes slowly along a draft), the first one's 0.5 with little weight."""
         positions = self.counts.get(source, [])
+        observed = len(positions)
         alphas, prior, prior_weight = [], 0.5, FIRST_PRIOR_WEIGHT
         for i in range(k):
-            accepted, tried = positions[i] if i < len(positions) else (0.0, 0.0)
+            accepted, tried = positions[i] if i < observed else (0.0, 0.0)
             weight = tried + prior_weight
             mean = (accepted + prior * prior_weight) / weight
-            spread = math.sqrt(mean * (1 - mean) / (weight + 1))
-            alphas.append(min(1.0, mean + optimism * spread))
+            if optimism:
+                alphas.append(min(1.0, mean + optimism * math.sqrt(mean * (1 - mean) / (weight + 1))))
+            else:
+                alphas.append(mean)
             prior, prior_weight = mean, PRIOR_WEIGHT
         return alphas
 
@@ -177,16 +181,16 @@ class AutoDraftLength:
     def compute_rates(self, sources: Sequence[Optional[str]], top: int, optimism: float) -> List[float]:
         drafting = [source for source in sources if source]
         table = self.costs["model" if "model" in drafting else drafting[0]]
-        # E(k) of each source for every k at once (1 + the reach of each draft, summed in order).
-        expected = {}
-        for source in set(drafting):
-            values, reach = [1.0], 1.0
-            for alpha in self.acceptance.estimates(source, top, optimism):
+        # The rows' summed E(k) for every k at once (each row's 1 + the reach of each draft, summed in order); a step
+        # asks this about every time (the estimates change with each step's outcome), so it is kept lean.
+        tokens = [float(len(sources))] * (top + 1)
+        for source, rows in Counter(drafting).items():
+            total, reach = 0.0, 1.0
+            for k, alpha in enumerate(self.acceptance.estimates(source, top, optimism), 1):
                 reach *= alpha
-                values.append(values[-1] + reach)
-            expected[source] = values
-        plain = len(sources) - len(drafting)
-        return [(plain + sum(expected[source][k] for source in drafting)) / table[k] for k in range(top + 1)]
+                total += reach
+                tokens[k] += rows * total
+        return [count / cost for count, cost in zip(tokens, table)]
 
     def measured(self, rates: List[float]) -> List[float]:
         """The table's rates (k = 0..top) with drafting steps as much dearer beside plain ones as they were measured."""
