@@ -75,7 +75,7 @@ class FixedDraftLength:
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         pass
 
-    def record_time(self, source: Optional[str], drafted: int, seconds: float):
+    def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True):
         pass
 
     def record_run_time(self, seconds: float):
@@ -267,8 +267,12 @@ class AutoDraftLength:
         self.record_time(source, drafted, seconds)
         self.record_acceptance(source, drafted, accepted)
 
-    def record_time(self, source: Optional[str], drafted: int, seconds: float):
-        """A step's time: `drafted` drafts from `source` in `seconds`."""
+    def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True):
+        """A step's time: `drafted` drafts from `source` in `seconds`; not `own` where it includes other work (the
+        draft model encoding the prompt or catching up after plain steps, prompts joining a batch), which counts for
+        nothing."""
+        if not own:
+            return
         table = self.costs.get(source) or next(iter(self.costs.values()))
         observed = seconds / table[min(drafted, self.max_num_draft)]
         self.factor_weight = DECAY * self.factor_weight + 1.0

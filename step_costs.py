@@ -235,7 +235,7 @@ class Schedule:
     def choose_in_run(self, source, limit):
         return 0  # the run's length ends it
 
-    def record_time(self, source, drafted, seconds):
+    def record_time(self, source, drafted, seconds, own=True):  # (a block's first step is dropped whatever `own`)
         if 0 < self.chosen.popleft() < BLOCK:
             self.times.append(seconds)
 

@@ -231,6 +231,52 @@ def test_a_poor_acceptance_is_tried_again_after_plain_steps():
         assert np.mean(rates[chosen[200:]]) >= 0.97 * rates.max(), chosen
 
 
+class Scripted(AutoDraftLength):
+    """Draft lengths from a script (0: a run of RUN plain steps), and every time recorded, as (drafted, own)."""
+
+    RUN = 5
+
+    def __init__(self, script):
+        super().__init__(8, {"model": [1.0 + 0.1 * k for k in range(9)]}, Acceptance())
+        self.script, self.times = list(script), []
+
+    def choose_batch(self, sources, limit):
+        return min(self.script.pop(0), limit) if self.script else 0
+
+    def plain_run(self, limit, watched=False):
+        return min(self.RUN, limit)
+
+    def record_time(self, source, drafted, seconds, own=True):
+        self.times.append((drafted, own))
+        super().record_time(source, drafted, seconds, own)
+
+    def record_run_time(self, seconds):
+        self.times.append(("run", True))
+        AutoDraftLength.record_time(self, None, 0, seconds)
+
+
+def test_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
+    # The prompt's first step encodes for the draft model, and the first drafting step after a run of plain steps
+    # feeds it the run's tokens: neither is timed as a step of its length. The others are, and the run by its tokens.
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
+    policy = decoder.draft_lengths[1] = Scripted([3, 3, 0, 2, 2])
+    decoder.generate(PROMPTS[4], max_tokens=22, ignore_eos=True)
+    # (The last three tokens are a run too: the script is through.)
+    assert policy.times == [(3, False), (3, True), ("run", True), (2, False), (2, True), ("run", True)], policy.times
+    assert policy.kinds[True][1] > 0 and policy.kinds[False][1] > 0
+
+
+def test_batch_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
+    # A step after rows joined the batch includes their prompts' encoding, and the first drafting step after plain ones
+    # the draft model catching up with their tokens.
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
+    policy = decoder.draft_lengths[2] = Scripted([3, 0, 2, 2])
+    decoder.generate_batch(PROMPTS[:2], max_tokens=20, ignore_eos=True, batch_size=2)
+    assert policy.times[:4] == [(3, False), (0, True), (2, False), (2, True)], policy.times
+
+
 def test_auto_keeps_acceptance_per_source_and_respects_the_limit():
     costs = [1.0 + 0.05 * k for k in range(9)]
     policy = AutoDraftLength(8, {"model": costs, "lookup": costs}, Acceptance())
