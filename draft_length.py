@@ -31,6 +31,9 @@ EXPLORE_MAX_GAP = 16
 # The least recency-weighted count of steps of each kind (plain, drafting) timed for the times of one to be set beside
 # the other's: about one of each in the last dozen steps.
 KIND_WEIGHT = 0.5
+# The most a try of another length may cost by the estimates (its time times what it falls short of the best length's
+# rate), against the time of the steps since the last try.
+EXPLORE_BUDGET = 0.02
 OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
 # Each plain step fades what the acceptance estimates know (their counts, not their means) by this factor: a length once
 # judged not worth trying is tried again after some seventy plain steps, in this run or a later one. Without it, a
@@ -178,9 +181,14 @@ class AutoDraftLength:
             self.kept_rates[key] = self.compute_rates(sources, top, optimism)
         return self.kept_rates[key]
 
+    def table(self, sources: Sequence[Optional[str]]) -> List[float]:
+        """The step costs of rows drafting from `sources`: the draft model's where any row drafts from it."""
+        drafting = [source for source in sources if source]
+        return self.costs["model" if "model" in drafting else drafting[0]]
+
     def compute_rates(self, sources: Sequence[Optional[str]], top: int, optimism: float) -> List[float]:
         drafting = [source for source in sources if source]
-        table = self.costs["model" if "model" in drafting else drafting[0]]
+        table = self.table(sources)
         # The rows' summed E(k) for every k at once (each row's 1 + the reach of each draft, summed in order); a step
         # asks this about every time (the estimates change with each step's outcome), so it is kept lean.
         tokens = [float(len(sources))] * (top + 1)
@@ -223,9 +231,16 @@ class AutoDraftLength:
             trials = [k for k in range(1, top + 1) if k != best and hopeful[k] > bar]
             if trials:
                 trial = min(trials, key=lambda k: (abs(k - best), -k))
-                self.since_explored = 0
-                self.explored = (trial, best)
-                return trial
+                # Only once the steps since the last try have paid for it (EXPLORE_BUDGET): where plain steps are the
+                # best and drafting is dear, the nearest length that might beat them is a long draft, which costs
+                # a few plain steps when it is rejected early.
+                table = self.table(sources)
+                loss = table[trial] * self.drafting_ratio * (1 - rates[trial] / rates[best])
+                budget = EXPLORE_BUDGET * self.since_explored * table[best] * (self.drafting_ratio if best else 1.0)
+                if loss <= budget:
+                    self.since_explored = 0
+                    self.explored = (trial, best)
+                    return trial
         if best == 0:
             self.fade(1)
         return best

@@ -16,12 +16,14 @@ from drafters import Draft, LookupDrafter
 def test_every_drafter_fixed_and_auto_equals_regular_greedy(drafter, num_draft, main, drafts):
     model, tokenizer, _ = main
     lookup_drafted = 0
+    # Auto tries a length only once the plain steps since its last try have paid for it: longer outputs.
+    tokens = 120 if num_draft == "auto" else 40
     for prompt in PROMPTS:
-        expected = SpeculativeDecoder(model, None, tokenizer).generate(prompt, 40, regular=True, ignore_eos=True).tokens
+        expected = SpeculativeDecoder(model, None, tokenizer).generate(prompt, tokens, regular=True, ignore_eos=True)
         draft_model = None if drafter == "lookup" else drafts["noisy"]
         decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=num_draft, drafter=drafter)
-        result = decoder.generate(prompt, max_tokens=40, ignore_eos=True)
-        assert result.tokens == expected, prompt
+        result = decoder.generate(prompt, max_tokens=tokens, ignore_eos=True)
+        assert result.tokens == expected.tokens, prompt
         lookup_drafted += result.stats.lookup_drafted
         assert result.stats.lookup_drafted <= result.stats.drafted
     # The random model's output repeats itself, so lookups find matches; the model drafter never looks up.
@@ -212,6 +214,25 @@ def test_auto_learns_what_drafting_steps_cost_beside_plain_ones(dearer):
         chosen = simulate(policy, alphas, costs, 300, rng)
         settled = chosen[100:]
         assert np.mean(rates[settled]) >= 0.97 * rates.max(), (rates, chosen)
+
+
+def test_tries_of_dear_lengths_cost_little_where_plain_steps_are_the_best():
+    # Drafting at all costs two plain steps and the draft is rarely right: the lengths that might beat plain steps are
+    # long ones, and each try of one costs a few plain steps. Tries wait until the steps since the last one paid for
+    # them, so that plain decoding loses little to them.
+    alphas, costs = [0.2] * 8, [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        policy = AutoDraftLength(8, {"model": costs}, Acceptance())
+        tokens = seconds = 0.0
+        for _ in range(1000):
+            k = policy.choose("model", limit=100)
+            accepted = 0
+            while accepted < k and rng.random() < alphas[accepted]:
+                accepted += 1
+            policy.record("model", k, accepted, costs[k])
+            tokens, seconds = tokens + accepted + 1, seconds + costs[k]
+        assert tokens / seconds >= 0.965 / costs[0], (tokens / seconds, seed)  # 0.95 with a try every 16 steps
 
 
 def test_a_poor_acceptance_is_tried_again_after_plain_steps():
