@@ -110,7 +110,7 @@ class SpeculativeDecoder:
         text = ""
         detokenize = detokenizer(self.tokenizer)
         start = time.perf_counter()
-        prompt_ids = mx.array(self.tokenizer(prompt).input_ids)[None]
+        prompt_ids = mx.array([self.tokenizer(prompt).input_ids])  # (a list read back costs no evaluation)
         if regular:
             steps = self.regular_tokens(prompt_ids, max_tokens, ignore_eos, stats)
         else:
