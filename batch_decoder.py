@@ -71,9 +71,7 @@ def batch_generations(
     active: List[Row] = []
     draws = not decoder.sampler.greedy or decoder.delta > 0
     last_sync = time.perf_counter()
-    # Whether a step's time is its own, for auto: not when rows joined before it (their prompts' encoding), nor for
-    # the first drafting step after plain ones (the draft model catching up with their tokens).
-    drafted_last = False
+    # A step's time is not its own, for auto, when rows joined before it (their prompts' encoding).
     while queue or active:
         joined = bool(queue) and len(active) < batch_size
         if queue and len(active) < batch_size:
@@ -124,9 +122,8 @@ def batch_generations(
         if not regular:
             # The step's time is the costlier source's: the draft model's if any row drafted with it.
             cost_source = "model" if "model" in sources else "lookup" if "lookup" in sources else None
-            own = not joined and (drafted_last or not num_draft)
-            draft_length.record_time(cost_source, max(lengths), decoder.agreed(now - last_sync), own=own)
-        last_sync, drafted_last = now, bool(num_draft)
+            draft_length.record_time(cost_source, max(lengths), decoder.agreed(now - last_sync), own=not joined)
+        last_sync = now
         # The run's stats count batched passes; each row's, its own steps.
         stats.main_calls += 1
         stats.lookup_steps += "lookup" in sources

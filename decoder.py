@@ -284,10 +284,9 @@ class SpeculativeDecoder:
         last_sync = time.perf_counter()
         ahead = None  # the next step, when it is plain and was built before this step's synchronisation
         planned = None  # the next step's draft length, when chosen before this step's synchronisation
-        # Whether the next step's time is its own: not the prompt's first step, nor the first after a run of plain
-        # steps, where the draft model encodes the prompt or catches up with the run's tokens (the table leaves those
-        # out too; counted, one such step made drafting look ten times dearer than plain steps).
-        timed = False
+        # Whether a drafting step's time is its own: not the prompt's first, where the draft model encodes the prompt
+        # (the table leaves it out too; counted, one such step made drafting look ten times dearer than plain steps).
+        drafted = False
         while generated < max_tokens:
             if ahead:
                 step = ahead
@@ -326,7 +325,7 @@ class SpeculativeDecoder:
                     if len(arrivals) > 2:  # the first token waited for its step alone
                         draft_length.record_run_time(self.agreed((arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)))
                     drafter.rewind(len(sequence))
-                    last_sync, timed = time.perf_counter(), False
+                    last_sync = time.perf_counter()
                     continue
                 step = self.step(
                     sequence[-1], drafter.propose(sequence, num_draft, step_key), step_key, cross_kv, cache, stop
@@ -348,8 +347,9 @@ class SpeculativeDecoder:
             if stop in drafts:  # a draft ends at an EOS that would end the output: nothing after it is used
                 drafts = drafts[: drafts.index(stop) + 1]
             num_accepted = min(count_accepted(accepted), len(drafts))
-            draft_length.record_time(draft.source, len(drafts), self.agreed(now - last_sync), own=timed)
-            last_sync, timed = now, True
+            own = drafted or draft.source != "model"
+            draft_length.record_time(draft.source, len(drafts), self.agreed(now - last_sync), own=own)
+            last_sync, drafted = now, drafted or draft.source == "model"
             new_tokens = step_tokens(
                 drafts, num_accepted, extra, model.args.eos_token_id, ignore_eos, max_tokens - generated
             )

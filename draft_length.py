@@ -60,12 +60,6 @@ class FixedDraftLength:
     def choose(self, source: Optional[str], limit: int) -> int:
         return min(self.num_draft, limit) if source else 0
 
-    def measured(self, rates: List[float]) -> List[float]:
-        """The table's rates (k = 0..top) with drafting steps as much dearer beside plain ones as they were measured."""
-        if self.drafting_ratio == 1.0:
-            return rates
-        return [rates[0]] + [rate / self.drafting_ratio for rate in rates[1:]]
-
     def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
         return self.choose("any" if any(sources) else None, limit)
 
@@ -159,9 +153,10 @@ class AutoDraftLength:
         self.factor_weight = 0.0
         # Plain (False) and drafting (True) steps' measured times / the table's, each kind apart: [mean, weight], both
         # weights recency-weighted over every step. Their ratio (how much dearer than the table says drafting steps
-        # are beside plain ones) is taken only while both kinds were timed lately (KIND_WEIGHT), and kept while one is
-        # not: an old time of one kind never stands against new times of the other (a machine that slowed down while
-        # auto drafted throughout).
+        # are beside plain ones) counts only while both kinds were timed lately (KIND_WEIGHT); else the table's own
+        # ratio stands: an old time of one kind never stands against new times of the other (a machine that slowed
+        # down while auto drafted throughout), and an early, noisy ratio does not stay (kept, one of 2.1 stopped a
+        # pair from drafting on translations, where drafting pays 1.3-1.5x).
         self.kinds = {False: [1.0, 0.0], True: [1.0, 0.0]}
         self.drafting_ratio = 1.0
         self.since_explored = 0
@@ -298,8 +293,7 @@ class AutoDraftLength:
         kind[1] += 1.0
         kind[0] += (observed - kind[0]) / kind[1]
         (plain, plain_weight), (drafting, drafting_weight) = self.kinds[False], self.kinds[True]
-        if min(plain_weight, drafting_weight) >= KIND_WEIGHT:
-            self.drafting_ratio = drafting / plain
+        self.drafting_ratio = drafting / plain if min(plain_weight, drafting_weight) >= KIND_WEIGHT else 1.0
 
     def record_run_time(self, seconds: float):
         """A run of plain steps' time per token (from its second token on, as the table times them)."""

@@ -213,7 +213,10 @@ def test_auto_learns_what_drafting_steps_cost_beside_plain_ones(dearer):
         policy = AutoDraftLength(8, {"model": table}, Acceptance())
         chosen = simulate(policy, alphas, costs, 300, rng)
         settled = chosen[100:]
-        assert np.mean(rates[settled]) >= 0.97 * rates.max(), (rates, chosen)
+        # Drafting cheaper than the table says: the measured ratio counts only while plain steps were timed lately,
+        # so a policy that drafts throughout falls back to the table, and takes a plain step now and then (3-4%).
+        bar = 0.97 if dearer > 1 else 0.96
+        assert np.mean(rates[settled]) >= bar * rates.max(), (rates, chosen)
 
 
 def test_tries_of_dear_lengths_cost_little_where_plain_steps_are_the_best():
@@ -277,25 +280,25 @@ class Scripted(AutoDraftLength):
 
 
 def test_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
-    # The prompt's first step encodes for the draft model, and the first drafting step after a run of plain steps
-    # feeds it the run's tokens: neither is timed as a step of its length. The others are, and the run by its tokens.
+    # The prompt's first drafting step encodes the prompt for the draft model: it is not timed as a step of its length.
+    # The others are (the first after a run of plain steps with the draft model catching up on the run's tokens, a
+    # cost of drafting then), and the runs by their tokens.
     model, tokenizer, _ = main
     decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
     policy = decoder.draft_lengths[1] = Scripted([3, 3, 0, 2, 2])
     decoder.generate(PROMPTS[4], max_tokens=22, ignore_eos=True)
     # (The last three tokens are a run too: the script is through.)
-    assert policy.times == [(3, False), (3, True), ("run", True), (2, False), (2, True), ("run", True)], policy.times
+    assert policy.times == [(3, False), (3, True), ("run", True), (2, True), (2, True), ("run", True)], policy.times
     assert policy.kinds[True][1] > 0 and policy.kinds[False][1] > 0
 
 
 def test_batch_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
-    # A step after rows joined the batch includes their prompts' encoding, and the first drafting step after plain ones
-    # the draft model catching up with their tokens.
+    # A step after rows joined the batch includes their prompts' encoding.
     model, tokenizer, _ = main
     decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
     policy = decoder.draft_lengths[2] = Scripted([3, 0, 2, 2])
     decoder.generate_batch(PROMPTS[:2], max_tokens=20, ignore_eos=True, batch_size=2)
-    assert policy.times[:4] == [(3, False), (0, True), (2, False), (2, True)], policy.times
+    assert policy.times[:4] == [(3, False), (0, True), (2, True), (2, True)], policy.times
 
 
 def test_auto_keeps_acceptance_per_source_and_respects_the_limit():
