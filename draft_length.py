@@ -279,8 +279,7 @@ class AutoDraftLength:
 
     def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True):
         """A step's time: `drafted` drafts from `source` in `seconds`; not `own` where it includes other work (the
-        draft model encoding the prompt or catching up after plain steps, prompts joining a batch), which counts for
-        nothing."""
+        draft model encoding the prompt, prompts joining a batch), which counts for nothing."""
         if not own:
             return
         table = self.costs.get(source) or next(iter(self.costs.values()))
