@@ -74,7 +74,7 @@ def batch_generations(
     # A step's time is not its own, for auto, when rows joined before it (their prompts' encoding).
     while queue or active:
         joined = bool(queue) and len(active) < batch_size
-        if queue and len(active) < batch_size:
+        if joined:
             tick = time.perf_counter()
             joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
             ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]

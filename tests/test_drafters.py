@@ -147,9 +147,10 @@ def tokens_per_second(alphas, costs):
     return np.array(rates)
 
 
-def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model"):
+def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model", outcomes=None):
     """Run `policy` against a simulated clock: the lengths it chose. A step of k drafts accepts draft i with chance
-    alphas[i - 1] (until the first rejection) and takes costs[k] * slowdown seconds."""
+    alphas[i - 1] (until the first rejection) and takes costs[k] * slowdown seconds. `outcomes`, if given, receives
+    each step's (k, drafts accepted)."""
     chosen = []
     for _ in range(steps):
         k = policy.choose(source, limit=100)
@@ -158,6 +159,8 @@ def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model"):
             accepted += 1
         policy.record(source, k, accepted, costs[k] * slowdown * rng.uniform(0.9, 1.1))
         chosen.append(k)
+        if outcomes is not None:
+            outcomes.append((k, accepted))
     return chosen
 
 
@@ -227,14 +230,10 @@ def test_tries_of_dear_lengths_cost_little_where_plain_steps_are_the_best():
     for seed in range(5):
         rng = np.random.default_rng(seed)
         policy = AutoDraftLength(8, {"model": costs}, Acceptance())
-        tokens = seconds = 0.0
-        for _ in range(1000):
-            k = policy.choose("model", limit=100)
-            accepted = 0
-            while accepted < k and rng.random() < alphas[accepted]:
-                accepted += 1
-            policy.record("model", k, accepted, costs[k])
-            tokens, seconds = tokens + accepted + 1, seconds + costs[k]
+        outcomes = []
+        simulate(policy, alphas, costs, 1000, rng, outcomes=outcomes)
+        tokens = sum(accepted + 1 for _, accepted in outcomes)
+        seconds = sum(costs[k] for k, _ in outcomes)
         assert tokens / seconds >= 0.965 / costs[0], (tokens / seconds, seed)  # 0.95 with a try every 16 steps
 
 
