@@ -169,8 +169,8 @@ class SpeculativeDecoder:
         if self.acceptance is None:
             self.acceptance = self.remembered_acceptance()
         tick = time.perf_counter()
-        costs, cached = step_costs.step_costs(self, self.draft_sources(), batch_size)
-        policy = AutoDraftLength(self.max_num_draft, costs, self.acceptance)
+        costs, setup, cached = step_costs.step_costs(self, self.draft_sources(), batch_size)
+        policy = AutoDraftLength(self.max_num_draft, costs, self.acceptance, setup)
         policy.costs_cached, policy.calibration_seconds = cached, 0.0 if cached else time.perf_counter() - tick
         return policy
 
@@ -294,7 +294,7 @@ class SpeculativeDecoder:
                 # Never draft past max_tokens: the main model adds one token after the drafts.
                 limit = max_tokens - generated - 1
                 if planned is None:
-                    num_draft = draft_length.choose(drafter.source(sequence), limit)
+                    num_draft = draft_length.choose(drafter.source(sequence), limit, drafter.unready(sequence))
                 else:
                     num_draft, planned = min(planned, limit), None
                 run, go_on = 1, None
@@ -307,7 +307,8 @@ class SpeculativeDecoder:
 
                         def go_on():
                             nonlocal planned
-                            planned = draft_length.choose_in_run(drafter.source(sequence), limit) or None
+                            source = drafter.source(sequence)
+                            planned = draft_length.choose_in_run(source, limit, drafter.unready(sequence)) or None
                             return planned is None
 
                 key, step_key = self.split_key(key)
@@ -336,7 +337,9 @@ class SpeculativeDecoder:
             # the device computes.
             ahead = planned = None
             if not draft.tokens.size and not drafter.reads_tokens and generated + 1 < max_tokens:
-                planned = draft_length.choose(drafter.source(sequence), limit=max_tokens - generated - 2)
+                planned = draft_length.choose(
+                    drafter.source(sequence), max_tokens - generated - 2, drafter.unready(sequence)
+                )
                 if planned == 0:
                     key, step_key = self.split_key(key)
                     ahead, planned = self.step(extra[0], no_draft(), step_key, cross_kv, cache), None

@@ -19,7 +19,7 @@ over the rows, each with its own source of drafts (draft model or lookup, estima
 
 import math
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DECAY = 0.95  # weight of the past in an estimate per new observation of it: about the last twenty count
 PRIOR_WEIGHT = 2.0  # observations a position's prior (the position before it) counts as
@@ -45,6 +45,9 @@ MAX_PLAIN_RUN = 64
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
 MIN_GAIN = 0.03
+# What a draft from the model would compute before its first token (drafters.py: unready): (prompt tokens to encode,
+# tokens to catch up on); None where not known (batches).
+Unready = Optional[Tuple[int, int]]
 
 
 class FixedDraftLength:
@@ -57,16 +60,16 @@ class FixedDraftLength:
     def __init__(self, num_draft: int):
         self.num_draft = num_draft
 
-    def choose(self, source: Optional[str], limit: int) -> int:
+    def choose(self, source: Optional[str], limit: int, unready: Unready = None) -> int:
         return min(self.num_draft, limit) if source else 0
 
-    def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
+    def choose_batch(self, sources: Sequence[Optional[str]], limit: int, unready: Unready = None) -> int:
         return self.choose("any" if any(sources) else None, limit)
 
     def plain_run(self, limit: int, watched: bool = False) -> int:
         return limit if watched else 1
 
-    def choose_in_run(self, source: Optional[str], limit: int) -> int:
+    def choose_in_run(self, source: Optional[str], limit: int, unready: Unready = None) -> int:
         return self.choose(source, limit)
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
@@ -138,14 +141,22 @@ class Acceptance:
 class AutoDraftLength:
     """Chooses the number of drafts per step from measured step costs and the acceptance estimates.
 
-    costs: {source: [seconds of a step with k drafts from it, k = 0..max_num_draft]}, for one batch size.
+    costs: {source: [seconds of a step with k drafts from it, k = 0..max_num_draft]}, for one batch size; setup: the
+    draft model's seconds per token of what a step computes beyond them (step_costs.setup_costs), where known.
     """
 
-    def __init__(self, max_num_draft: int, costs: Dict[str, List[float]], acceptance: Acceptance):
+    def __init__(
+        self,
+        max_num_draft: int,
+        costs: Dict[str, List[float]],
+        acceptance: Acceptance,
+        setup: Optional[Dict[str, float]] = None,
+    ):
         if max_num_draft < 1:
             raise ValueError(f"max_num_draft must be at least 1, got {max_num_draft}")
         self.max_num_draft = max_num_draft
         self.costs = costs
+        self.setup = setup or {}
         self.acceptance = acceptance
         self.costs_cached = None  # whether the costs were read from the cache (set by whoever measured them)
         self.calibration_seconds = 0.0
@@ -201,9 +212,17 @@ class AutoDraftLength:
             return rates
         return [rates[0]] + [rate / self.drafting_ratio for rate in rates[1:]]
 
-    def choose_batch(self, sources: Sequence[Optional[str]], limit: int) -> int:
+    def setup_seconds(self, sources: Sequence[Optional[str]], unready: Unready) -> float:
+        """The table's seconds of what drafting would compute now beyond its steps (a lone row drafting from the
+        model; `unready`: the drafter's)."""
+        if unready is None or list(sources) != ["model"]:
+            return 0.0
+        encode, behind = unready
+        return self.setup.get("encode", 0.0) * encode + self.setup.get("catch_up", 0.0) * behind
+
+    def choose_batch(self, sources: Sequence[Optional[str]], limit: int, unready: Unready = None) -> int:
         """The number of drafts for the next step of rows whose drafts would come from `sources` (None: no draft for
-        that row); `limit` bounds it (tokens left)."""
+        that row); `limit` bounds it (tokens left); `unready`: what a draft from the model would compute first."""
         top = min(self.max_num_draft, limit)
         if top <= 0 or not any(sources):
             return 0
@@ -228,9 +247,11 @@ class AutoDraftLength:
                 trial = min(trials, key=lambda k: (abs(k - best), -k))
                 # Only once the steps since the last try have paid for it (EXPLORE_BUDGET): where plain steps are the
                 # best and drafting is dear, the nearest length that might beat them is a long draft, which costs
-                # a few plain steps when it is rejected early.
+                # a few plain steps when it is rejected early; and a draft model that has not drafted for a while
+                # first catches up (at a prompt's first draft, encodes the prompt), which may cost more than that.
                 table = self.table(sources)
                 loss = table[trial] * self.drafting_ratio * (1 - rates[trial] / rates[best])
+                loss += self.setup_seconds(sources, unready) if best == 0 else 0.0
                 budget = EXPLORE_BUDGET * self.since_explored * table[best] * (self.drafting_ratio if best else 1.0)
                 if loss <= budget:
                     self.since_explored = 0
@@ -248,9 +269,9 @@ class AutoDraftLength:
             self.acceptance.fade(self.unfaded)
             self.unfaded = 1.0
 
-    def choose(self, source: Optional[str], limit: int) -> int:
+    def choose(self, source: Optional[str], limit: int, unready: Unready = None) -> int:
         """The number of drafts for the next step of one sequence; source None means no draft."""
-        return self.choose_batch([source], limit)
+        return self.choose_batch([source], limit, unready)
 
     def plain_run(self, limit: int, watched: bool = False) -> int:
         """Plain steps to take in a row, at most `limit`, once the choice was none: until the next try of a length is
@@ -267,10 +288,10 @@ class AutoDraftLength:
         self.fade(steps - 1)
         return steps
 
-    def choose_in_run(self, source: Optional[str], limit: int) -> int:
+    def choose_in_run(self, source: Optional[str], limit: int, unready: Unready = None) -> int:
         """The choice asked during a watched run of plain steps: drafts from `source` (None: none) for the step after
         it, the run ending unless 0."""
-        return self.choose(source, limit)
+        return self.choose(source, limit, unready)
 
     def record(self, source: Optional[str], drafted: int, accepted: int, seconds: float):
         """A step's outcome: `drafted` tokens from `source`, the first `accepted` of them accepted, in `seconds`."""

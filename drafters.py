@@ -4,12 +4,13 @@ A drafter holds the drafting state of one sequence behind four calls: `prepare(p
 prompt (encoder_output: the main model's encoding of the prompt where the draft model shares that encoder, else None);
 `source(sequence)`, the kind of draft it would propose next ("model", "lookup", or None for none; `reads_tokens` says
 whether that depends on the sequence); `propose(sequence, k, key)`, up to k tokens following the accepted `sequence`;
-and `rewind(length)` once the decoder has settled the sequence's first `length` tokens (anything drafted past them is
-forgotten).
+`rewind(length)` once the decoder has settled the sequence's first `length` tokens (anything drafted past them is
+forgotten); and `unready(sequence)`, what a draft from the model would compute now before its first token (prompt tokens
+to encode, tokens to catch up on), which `--num-draft auto` weighs before trying a length.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -58,6 +59,13 @@ class ModelDrafter:
 
     def source(self, sequence: List[int]) -> str:
         return "model"
+
+    def unready(self, sequence: List[int]) -> Tuple[int, int]:
+        """(prompt tokens the draft model would encode now, tokens it would feed beyond the newest): work of a step
+        beyond drafting, at a prompt's first draft and after plain steps."""
+        # (With the main model's encoding of the prompt, encoding it is only the cross-attention projections.)
+        encode = self.prompt_ids.shape[1] if self.cross_kv is None else 0
+        return encode, max(0, len(sequence) - 1 - self.cache[0].offset)
 
     def propose(self, sequence: List[int], k: int, key) -> Draft:
         if k == 0:
@@ -147,6 +155,9 @@ class LookupDrafter:
     def source(self, sequence: List[int]) -> Optional[str]:
         return "lookup" if self.match(sequence) else None
 
+    def unready(self, sequence: List[int]) -> Tuple[int, int]:
+        return 0, 0
+
     def propose(self, sequence: List[int], k: int, key=None) -> Draft:
         continuation = self.match(sequence)[:k]
         if not continuation:
@@ -178,6 +189,9 @@ class HybridDrafter:
 
     def source(self, sequence: List[int]) -> str:
         return self.lookup.source(sequence) or "model"
+
+    def unready(self, sequence: List[int]) -> Tuple[int, int]:
+        return self.model_drafter.unready(sequence)
 
     def propose(self, sequence: List[int], k: int, key) -> Draft:
         drafter = self.lookup if self.lookup.match(sequence) else self.model_drafter

@@ -8,7 +8,8 @@ rounds, each step's time from one host synchronisation to the next (plain steps 
 token to the next). A first round warms up untimed (first runs of each shape are slow); each block's mean step time
 counts once (plain steps in a row alternate long and short, as each is built while the one before computes), and the
 median of the blocks per k, smoothed along k, is kept, keyed by all of the above; a change of any of them measures
-again.
+again. Beside the table, what a draft model's step costs beyond it, per token (setup_costs): encoding the prompt at
+its first draft, and catching up on tokens after plain steps.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
@@ -54,6 +55,9 @@ PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
 MIN_ROUNDS, MAX_ROUNDS = 3, 8  # timed rounds, after one untimed warm-up round
 BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
+SETUP_REPEATS = 7  # timed repeats of each case of setup_costs, after one untimed
+CATCH_UP = 32  # tokens a draft model catches up on in setup_costs
+SETUP = ("encode", "catch_up")
 warned = set()  # paths already warned about, so that each is reported once
 # A file written again within this many seconds of its last write waits: the latest record is written by the next
 # write after that, or when the process exits (a loop of short generations would otherwise write after each one).
@@ -219,7 +223,7 @@ class Schedule:
         self.in_run = False
         self.stamps: List[float] = []  # when each token of a plain run came
 
-    def choose(self, source, limit):
+    def choose(self, source, limit, unready=None):
         if self.count > BLOCK or self.in_run:
             raise Done
         self.chosen.append(self.count)
@@ -232,7 +236,7 @@ class Schedule:
         self.in_run = True
         return min(BLOCK + 1, limit)
 
-    def choose_in_run(self, source, limit):
+    def choose_in_run(self, source, limit, unready=None):
         return 0  # the run's length ends it
 
     def record_time(self, source, drafted, seconds, own=True):  # (a block's first step is dropped whatever `own`)
@@ -281,6 +285,9 @@ class RepeatDrafter:
     def source(self, sequence):
         return "lookup"
 
+    def unready(self, sequence):
+        return 0, 0
+
     def propose(self, sequence, k, key=None) -> Draft:
         return Draft(mx.array(sequence[-1:] * k, dtype=mx.int32), None, "lookup") if k else no_draft()
 
@@ -327,12 +334,50 @@ def measure(decoder, source: str, batch_size: int) -> List[float]:
     return schedule.table()
 
 
+def setup_costs(decoder) -> Dict[str, float]:
+    """Seconds per token of what a draft model's step computes beyond drafting (the table's steps leave it out):
+    "encode", per prompt token, at a prompt's first draft (the prompt through the draft's encoder, unless it shares the
+    main model's, and the cross-attention keys and values); "catch_up", per token fed beyond the newest, after plain
+    steps (the draft model sees only the tokens it drafts after). Timed as one draft after each, against one draft with
+    neither, the medians of a few repeats in turn."""
+    prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]
+    _, _, encoder_output = decoder.prepare(prompt_ids)
+    drafter = ModelDrafter(decoder.draft_model, decoder.sampler)
+    sequence = [decoder.model.args.decoder_start_token_id] * (CATCH_UP + 1)
+    key = mx.random.key(0)
+    encoded = None  # the draft's cross-attention keys and values, once computed
+
+    def seconds(fed: int, cold: bool) -> float:
+        nonlocal encoded
+        drafter.prepare(prompt_ids, encoder_output)
+        drafter.cross_kv = None if cold else encoded
+        tick = time.perf_counter()
+        mx.eval(drafter.propose(sequence[:fed], 1, key).tokens)
+        took = time.perf_counter() - tick
+        encoded = drafter.cross_kv
+        return took
+
+    times = {(1, True): [], (1, False): [], (CATCH_UP + 1, False): []}  # (tokens fed, prompt encoded first)
+    for repeat in range(SETUP_REPEATS + 1):
+        for case, kept in times.items():
+            took = seconds(*case)
+            if repeat:
+                kept.append(took)
+    median = {case: statistics.median(kept) for case, kept in times.items()}
+    encode = max(0.0, median[1, True] - median[1, False]) / prompt_ids.shape[1]
+    catch_up = max(0.0, median[CATCH_UP + 1, False] - median[1, False]) / CATCH_UP
+    return dict(zip(SETUP, decoder.agree([encode, catch_up])))
+
+
 def step_costs(decoder, sources: List[str], batch_size: int):
-    """({source: [seconds of a step with k drafts, k = 0..max]}, whether they came from the cache)."""
+    """({source: [seconds of a step with k drafts, k = 0..max]}, the draft model's setup_costs (one sequence drafting
+    from it; else {}), whether they came from the cache)."""
     key = cost_key(decoder, sources, batch_size)
     path = cache_dir() / "step-costs" / f"{digest(key)}.json"
     record = read(path)
     costs = record.get("seconds") if record else None
+    setup = record.get("setup") if record else None
+    with_setup = "model" in sources and batch_size == 1
     valid = isinstance(costs, dict) and set(costs) == set(sources)
     valid = valid and all(
         isinstance(table, list)
@@ -340,13 +385,16 @@ def step_costs(decoder, sources: List[str], batch_size: int):
         and all(isinstance(t, (int, float)) and t > 0 for t in table)
         for table in costs.values()
     )
+    valid = valid and isinstance(setup, dict) and set(setup) == (set(SETUP) if with_setup else set())
+    valid = valid and all(isinstance(t, (int, float)) and t >= 0 for t in setup.values())
     if record is not None and not valid:
         warn(path, f"ignoring the cache file {path}, which does not hold step costs; measuring them again")
     cached = decoder.agree_all(valid)
     if not cached:
         costs = {source: measure(decoder, source, batch_size) for source in sources}
+        setup = setup_costs(decoder) if with_setup else {}
     # Every rank of a sharded model must choose alike: all take the ranks' mean costs.
     costs = {source: decoder.agree(table) for source, table in costs.items()}
     if not cached:
-        write(path, dict(key=key, seconds=costs))
-    return costs, cached
+        write(path, dict(key=key, seconds=costs, setup=setup))
+    return costs, setup, cached

@@ -103,6 +103,26 @@ def test_lookup_rewind_forgets_the_dropped_output():
     assert drafter.propose([0, 5, 6, 9, 5], 2).tokens.tolist() == [6, 9]
 
 
+@pytest.mark.parametrize("drafter", ["model", "hybrid", "lookup"])
+def test_drafters_tell_what_a_draft_would_compute_first(drafter, main, drafts):
+    # A draft model encodes the prompt at its first draft, and afterwards feeds every token it has not seen; a lookup
+    # computes neither.
+    model, tokenizer, _ = main
+    made = SpeculativeDecoder(model, drafts["noisy"], tokenizer, drafter=drafter).make_drafter()
+    prompt_ids = mx.array([tokenizer(PROMPTS[0]).input_ids])
+    made.prepare(prompt_ids)
+    prompt_tokens = prompt_ids.shape[1] if drafter != "lookup" else 0
+    sequence = [model.args.decoder_start_token_id, 5, 6, 7]
+    assert made.unready(sequence[:1]) == (prompt_tokens, 0)
+    assert made.unready(sequence) == (prompt_tokens, 3 if drafter != "lookup" else 0)
+    if drafter != "lookup":
+        model_drafter = made if drafter == "model" else made.model_drafter
+        mx.eval(model_drafter.propose(sequence, 2, mx.random.key(0)).tokens)
+        model_drafter.rewind(len(sequence))  # none of the drafts accepted
+        assert made.unready(sequence) == (0, 0)
+        assert made.unready(sequence + [8, 9]) == (0, 2)
+
+
 class Recording(AutoDraftLength):
     """The auto policy, keeping the lengths it chose."""
 
@@ -110,8 +130,8 @@ class Recording(AutoDraftLength):
         super().__init__(*args)
         self.chosen = []
 
-    def choose_batch(self, sources, limit):
-        self.chosen.append(super().choose_batch(sources, limit))
+    def choose_batch(self, sources, limit, unready=None):
+        self.chosen.append(super().choose_batch(sources, limit, unready))
         return self.chosen[-1]
 
 
@@ -147,20 +167,34 @@ def tokens_per_second(alphas, costs):
     return np.array(rates)
 
 
-def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model", outcomes=None):
+def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model", outcomes=None, unready=None):
     """Run `policy` against a simulated clock: the lengths it chose. A step of k drafts accepts draft i with chance
     alphas[i - 1] (until the first rejection) and takes costs[k] * slowdown seconds. `outcomes`, if given, receives
-    each step's (k, drafts accepted)."""
+    each step's (k, drafts accepted, seconds). `unready` (setup costs as step_costs keeps them, prompt tokens,
+    steps per prompt): a draft model's first step of each prompt also encodes the prompt, and each of its steps
+    catches up on the tokens since its last, at those costs (a prompt's first drafting step untimed, as decoding
+    leaves it)."""
     chosen = []
-    for _ in range(steps):
-        k = policy.choose(source, limit=100)
+    encoded, behind = True, 0
+    for step in range(steps):
+        if unready and step % unready[2] == 0:
+            encoded, behind = False, 0
+        pending = (0 if encoded else unready[1], behind) if unready else None
+        k = policy.choose(source, limit=100, unready=pending)
         accepted = 0
         while accepted < k and rng.random() < alphas[accepted]:
             accepted += 1
-        policy.record(source, k, accepted, costs[k] * slowdown * rng.uniform(0.9, 1.1))
+        seconds = costs[k] * slowdown * rng.uniform(0.9, 1.1)
+        own = encoded or not k
+        if k and unready:
+            seconds += (unready[0]["encode"] * pending[0] + unready[0]["catch_up"] * pending[1]) * slowdown
+            encoded, behind = True, 0
+        behind = behind + 1 if not k else 0
+        policy.record_time(source, k, seconds, own=own)
+        policy.record_acceptance(source, k, accepted)
         chosen.append(k)
         if outcomes is not None:
-            outcomes.append((k, accepted))
+            outcomes.append((k, accepted, seconds))
     return chosen
 
 
@@ -232,9 +266,28 @@ def test_tries_of_dear_lengths_cost_little_where_plain_steps_are_the_best():
         policy = AutoDraftLength(8, {"model": costs}, Acceptance())
         outcomes = []
         simulate(policy, alphas, costs, 1000, rng, outcomes=outcomes)
-        tokens = sum(accepted + 1 for _, accepted in outcomes)
-        seconds = sum(costs[k] for k, _ in outcomes)
+        tokens = sum(accepted + 1 for _, accepted, _ in outcomes)
+        seconds = sum(costs[k] for k, _, _ in outcomes)
         assert tokens / seconds >= 0.965 / costs[0], (tokens / seconds, seed)  # 0.95 with a try every 16 steps
+
+
+@pytest.mark.parametrize("draft", ["separate encoder", "behind"])
+def test_tries_weigh_what_the_draft_model_computes_first(draft):
+    # The draft is never right, and drafting at all costs about two plain steps. Before its first draft of a prompt, a
+    # draft model with an encoder of its own encodes the prompt (here: two plain steps more); and one that has not
+    # drafted for a while catches up on the tokens since. Tries are weighed with those costs: plain decoding loses
+    # little to them.
+    alphas, costs = [0.05] * 8, [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]
+    setup = {"encode": 0.1, "catch_up": 0.0} if draft == "separate encoder" else {"encode": 0.0, "catch_up": 0.05}
+    unready = (setup, 20, 64)  # 20-token prompts, 64 steps each
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        policy = AutoDraftLength(8, {"model": costs}, Acceptance(), setup)
+        outcomes = []
+        simulate(policy, alphas, costs, 2000, rng, outcomes=outcomes, unready=unready)
+        tokens = sum(accepted + 1 for _, accepted, _ in outcomes)
+        seconds = sum(seconds for _, _, seconds in outcomes)
+        assert tokens / seconds >= 0.97 / costs[0], (tokens / seconds, seed)
 
 
 def test_a_poor_acceptance_is_tried_again_after_plain_steps():
@@ -263,7 +316,7 @@ class Scripted(AutoDraftLength):
         super().__init__(8, {"model": [1.0 + 0.1 * k for k in range(9)]}, Acceptance())
         self.script, self.times = list(script), []
 
-    def choose_batch(self, sources, limit):
+    def choose_batch(self, sources, limit, unready=None):
         return min(self.script.pop(0), limit) if self.script else 0
 
     def plain_run(self, limit, watched=False):

@@ -51,8 +51,11 @@ def test_costs_are_measured_once_kept_and_reused(cache, measured, main, drafts):
     assert first.costs_cached is False and first.calibration_seconds > 0
     assert measured == [("model", 1)]
     (path,) = (cache / "step-costs").iterdir()
-    seconds = json.loads(path.read_text())["seconds"]["model"]
+    record = json.loads(path.read_text())
+    seconds = record["seconds"]["model"]
     assert len(seconds) == 4 and all(t > 0 for t in seconds)
+    # Beside them, what a draft model's step computes beyond the table's, per token.
+    assert set(record["setup"]) == {"encode", "catch_up"} and all(t >= 0 for t in record["setup"].values())
     # A new decoder (a new run) of the same setting reads them; so does a draft of the same shape.
     again = auto_stats(main, drafts["unrelated"])
     assert again.costs_cached is True and again.calibration_seconds == 0
@@ -80,7 +83,10 @@ def test_a_changed_setting_measures_again(cache, measured, main, drafts, monkeyp
         assert len(list((cache / "step-costs").iterdir())) == 5
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seconds": {"model": [0.1]}}'])
+NO_SETUP = '{"seconds": {"model": [0.1, 0.1, 0.1, 0.1]}}'
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seconds": {"model": [0.1]}}', NO_SETUP])
 def test_an_unreadable_cache_file_is_replaced_after_one_warning(content, cache, measured, main, drafts, capsys):
     auto_stats(main, drafts["noisy"])
     (path,) = (cache / "step-costs").iterdir()
