@@ -10,7 +10,7 @@ decoding a common factor is tracked (a busier machine slows every step alike, wh
 how much dearer than the table says drafting steps come out than plain ones, once both kinds were timed: the table's
 ratio of the two moved between 1.5 and 3 from one measurement to the next on one machine, and a drafting step in a
 real run (the draft catching up after plain steps, longer contexts) cost about 1.5x its table entry where plain steps
-cost theirs. The
+cost theirs. That ratio follows a line along k through the lengths taken lately: the table's slope is as noisy. The
 alphas start from what the pair and drafter ended their last run with (step_costs.py keeps them), and follow each
 step's outcome, recency-weighted. Another length is tried only while its acceptance is uncertain enough that it might
 be better. A batch takes one length for all its rows: the one with the most tokens per second summed
@@ -42,6 +42,12 @@ OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, whe
 PLAIN_FADE = 0.98
 # The most plain steps in a run taken when no length was worth trying (the estimates fade meanwhile).
 MAX_PLAIN_RUN = 64
+# The spread of draft lengths (in squared drafts, counted in steps) that a slope of zero counts as, in how a drafting
+# step's measured time beside its table entry changes with its length: the table's slope along k is measured in a few
+# seconds of a noisy machine (its longest entry moved between 4.8 and 6.8 plain steps from one measurement to the next
+# on one machine), and real steps follow it only roughly (on the demo pair's translations, steps of 12-15 drafts took
+# about 0.84 of their entries and steps of 1-3 drafts 1.0-1.2).
+SLOPE_PRIOR = 20.0
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
 MIN_GAIN = 0.03
@@ -169,7 +175,12 @@ class AutoDraftLength:
         # down while auto drafted throughout), and an early, noisy ratio does not stay (kept, one of 2.1 stopped a
         # pair from drafting on translations, where drafting pays 1.3-1.5x).
         self.kinds = {False: [1.0, 0.0], True: [1.0, 0.0]}
-        self.drafting_ratio = 1.0
+        # Beside them, over drafting steps with the same weights: the sums of k, k² and k times the measured ratio,
+        # from which that ratio's slope along k (SLOPE_PRIOR). drafting_ratios: per k = 0..max_num_draft, how much
+        # dearer than its table entry a step comes out, beside plain steps where both kinds were timed lately, else
+        # beside the drafting steps' mean length; None: as the table says.
+        self.drafting_sums = [0.0, 0.0, 0.0]
+        self.drafting_ratios = None
         self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
@@ -208,9 +219,12 @@ class AutoDraftLength:
 
     def measured(self, rates: List[float]) -> List[float]:
         """The table's rates (k = 0..top) with drafting steps as much dearer beside plain ones as they were measured."""
-        if self.drafting_ratio == 1.0:
+        if self.drafting_ratios is None:
             return rates
-        return [rates[0]] + [rate / self.drafting_ratio for rate in rates[1:]]
+        return [rate / ratio for rate, ratio in zip(rates, self.drafting_ratios)]
+
+    def ratio(self, k: int) -> float:
+        return 1.0 if self.drafting_ratios is None else self.drafting_ratios[k]
 
     def setup_seconds(self, sources: Sequence[Optional[str]], unready: Unready) -> float:
         """The table's seconds of what drafting would compute now beyond its steps (a lone row drafting from the
@@ -250,9 +264,9 @@ class AutoDraftLength:
                 # a few plain steps when it is rejected early; and a draft model that has not drafted for a while
                 # first catches up (at a prompt's first draft, encodes the prompt), which may cost more than that.
                 table = self.table(sources)
-                loss = table[trial] * self.drafting_ratio * (1 - rates[trial] / rates[best])
+                loss = table[trial] * self.ratio(trial) * (1 - rates[trial] / rates[best])
                 loss += self.setup_seconds(sources, unready) if best == 0 else 0.0
-                budget = EXPLORE_BUDGET * self.since_explored * table[best] * (self.drafting_ratio if best else 1.0)
+                budget = EXPLORE_BUDGET * self.since_explored * table[best] * self.ratio(best)
                 if loss <= budget:
                     self.since_explored = 0
                     self.explored = (trial, best)
@@ -312,8 +326,28 @@ class AutoDraftLength:
         kind = self.kinds[drafted > 0]
         kind[1] += 1.0
         kind[0] += (observed - kind[0]) / kind[1]
-        (plain, plain_weight), (drafting, drafting_weight) = self.kinds[False], self.kinds[True]
-        self.drafting_ratio = drafting / plain if min(plain_weight, drafting_weight) >= KIND_WEIGHT else 1.0
+        sums = self.drafting_sums
+        k = min(drafted, self.max_num_draft)
+        sums[:] = [DECAY * sums[0] + k, DECAY * sums[1] + k * k, DECAY * sums[2] + k * observed]
+        self.drafting_ratios = self.compute_ratios()
+
+    def compute_ratios(self) -> Optional[List[float]]:
+        (plain, plain_weight), (drafting, weight) = self.kinds[False], self.kinds[True]
+        if weight < KIND_WEIGHT:
+            return None
+        sum_k, sum_kk, sum_k_ratio = self.drafting_sums
+        mean_k = sum_k / weight
+        spread = max(0.0, sum_kk - sum_k * mean_k)
+        slope = (sum_k_ratio - sum_k * drafting) / (spread + SLOPE_PRIOR)
+        # The line holds among the lengths taken lately (two standard deviations about their mean), not beyond them.
+        reach = 2.0 * math.sqrt(spread / weight)
+        level = plain if plain_weight >= KIND_WEIGHT else drafting
+        lines = [
+            drafting + slope * (min(max(k, mean_k - reach), mean_k + reach) - mean_k)
+            for k in range(1, 1 + self.max_num_draft)
+        ]
+        # (Within half and twice the mean, whatever the noise.)
+        return [1.0] + [min(2 * drafting, max(drafting / 2, line)) / level for line in lines]
 
     def record_run_time(self, seconds: float):
         """A run of plain steps' time per token (from its second token on, as the table times them)."""
