@@ -366,7 +366,7 @@ def setup_costs(decoder) -> Dict[str, float]:
     median = {case: statistics.median(kept) for case, kept in times.items()}
     encode = max(0.0, median[1, True] - median[1, False]) / prompt_ids.shape[1]
     catch_up = max(0.0, median[CATCH_UP + 1, False] - median[1, False]) / CATCH_UP
-    return dict(zip(SETUP, decoder.agree([encode, catch_up])))
+    return dict(encode=encode, catch_up=catch_up)
 
 
 def step_costs(decoder, sources: List[str], batch_size: int):
@@ -393,8 +393,10 @@ def step_costs(decoder, sources: List[str], batch_size: int):
     if not cached:
         costs = {source: measure(decoder, source, batch_size) for source in sources}
         setup = setup_costs(decoder) if with_setup else {}
-    # Every rank of a sharded model must choose alike: all take the ranks' mean costs.
+    # Every rank of a sharded model must choose alike: all take the ranks' mean costs (each rank may have read its own
+    # cache file).
     costs = {source: decoder.agree(table) for source, table in costs.items()}
+    setup = dict(zip(SETUP, decoder.agree([setup[name] for name in SETUP]))) if setup else {}
     if not cached:
         write(path, dict(key=key, seconds=costs, setup=setup))
     return costs, setup, cached

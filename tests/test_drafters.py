@@ -188,7 +188,7 @@ def simulate(policy, alphas, costs, steps, rng, slowdown=1.0, source="model", ou
         own = encoded or not k
         if k and unready:
             seconds += (unready[0]["encode"] * pending[0] + unready[0]["catch_up"] * pending[1]) * slowdown
-            encoded, behind = True, 0
+            encoded = True
         behind = behind + 1 if not k else 0
         policy.record_time(source, k, seconds, own=own)
         policy.record_acceptance(source, k, accepted)
