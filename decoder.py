@@ -117,11 +117,15 @@ class SpeculativeDecoder:
             steps = self.speculative_tokens(prompt_ids, max_tokens, ignore_eos, stats, draft_length=draft_length)
         for new_tokens in steps:
             tokens.extend(new_tokens)
+            if stream is None:  # the text once at the end
+                continue
             # Decode the whole prefix so that SentencePiece spacing comes out right; emit what is new.
             decoded = detokenize(tokens)
-            if stream is not None and decoded.startswith(text) and len(decoded) > len(text):
+            if decoded.startswith(text) and len(decoded) > len(text):
                 stream(decoded[len(text) :])
             text = decoded
+        if stream is None:
+            text = detokenize(tokens)
         stats.generated = len(tokens)
         stats.seconds = time.perf_counter() - start
         self.remember_acceptance()

@@ -46,7 +46,6 @@ DEMO = ROOT / "models" / "demo"
 PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
 BATCH_ROWS = 8
 VERIFY_ROWS = 5  # k + 1 for main.py's typical draft lengths
-STEP_REPEATS = 20  # calls of each shape timed after each run of the loop's share
 
 
 def step_setup(model, rows, prompt_length, context):
@@ -105,73 +104,84 @@ def model_steps(model, name):
 
 class CallLog:
     """Records the shape (rows, tokens) of every decode call of a model and of every greedy choices call, and (tokens
-    fed, tokens drafted) of every greedy drafting call, to time each alone afterwards."""
+    fed, tokens drafted) of every greedy drafting call; and, into `calls_made` where given (one list for both models
+    of a pair, in the order of the run), each call with its inputs and the length its cache held, to make again."""
 
-    def __init__(self, model):
+    METHODS = ("decode", "greedy_choices", "greedy_draft")
+
+    def __init__(self, model, calls_made=None):
         self.model, self.calls, self.choices, self.drafts = model, Counter(), Counter(), Counter()
-        self.methods = {name: getattr(model, name) for name in ("decode", "greedy_choices", "greedy_draft")}
+        self.calls_made = calls_made
+        self.methods = {name: getattr(model, name) for name in self.METHODS}
+        self.own = {name: vars(model)[name] for name in self.METHODS if name in vars(model)}  # set on the instance
 
     def __enter__(self):
-        def logged(decoder_ids, *args, **kwargs):
-            self.calls[tuple(decoder_ids.shape)] += 1
-            return self.methods["decode"](decoder_ids, *args, **kwargs)
+        def logger(name):
+            method = self.methods[name]
 
-        def logged_choices(decoder_ids, *args, **kwargs):
-            choices = self.methods["greedy_choices"](decoder_ids, *args, **kwargs)
-            if choices is not None:
-                self.choices[tuple(decoder_ids.shape)] += 1
-            return choices
+            def logged(decoder_ids, cross_kv, cache, *args, **kwargs):
+                offset = cache[0].offset
+                result = method(decoder_ids, cross_kv, cache, *args, **kwargs)
+                if result is None:  # (the native layers do not apply: the caller computes it otherwise)
+                    return None
+                if name == "decode":
+                    self.calls[tuple(decoder_ids.shape)] += 1
+                elif name == "greedy_choices":
+                    self.choices[tuple(decoder_ids.shape)] += 1
+                else:
+                    self.drafts[decoder_ids.shape[1], args[0]] += 1
+                if self.calls_made is not None:
+                    self.calls_made.append((method, decoder_ids, cross_kv, cache, offset, args, kwargs))
+                return result
 
-        def logged_draft(decoder_ids, cross_kv, cache, count, stop=None):
-            tokens = self.methods["greedy_draft"](decoder_ids, cross_kv, cache, count, stop)
-            if tokens is not None:
-                self.drafts[decoder_ids.shape[1], count] += 1
-            return tokens
+            return logged
 
-        self.model.decode, self.model.greedy_choices, self.model.greedy_draft = logged, logged_choices, logged_draft
+        for name in self.METHODS:
+            setattr(self.model, name, logger(name))
         return self
 
     def __exit__(self, *exc):
         for name in self.methods:
-            delattr(self.model, name)
+            if name in self.own:
+                setattr(self.model, name, self.own[name])
+            else:
+                delattr(self.model, name)
 
 
-def steps_seconds(model, log, context, repeats=STEP_REPEATS):
-    """The sum of a CallLog's calls' step times, each shape timed alone (the median of `repeats` calls) once."""
-    seconds = 0.0
-    for calls, choices in ((log.calls, False), (log.choices, True)):
-        for (rows, tokens), count in calls.items():
-            seconds += count * step_seconds(model, rows, tokens, context=context, repeats=repeats, choices=choices)
-    for (fed, count), n in log.drafts.items():
-        seconds += n * draft_seconds(model, fed, count, context=context, repeats=repeats)
-    return seconds
-
-
-def draft_seconds(model, fed, count, prompt_length=32, context=32, repeats=50):
-    """Median seconds of one greedy drafting call (`model.greedy_draft`) of `count` tokens after `fed` tokens,
-    evaluated, the cache rewound after each call."""
-    cross_kv, cache = step_setup(model, 1, prompt_length, context)
-    inputs = mx.full((1, fed), 3)
-
-    def call():
-        mx.eval(model.greedy_draft(inputs, cross_kv, cache, count))
-        for layer_cache in cache:
-            layer_cache.trim(fed + count - 1)
-
-    return matmul.seconds(call, repeats)
+def replay_seconds(calls_made):
+    """Seconds of a run's model calls (CallLog.calls_made) made again in their order, each evaluated on its own: the
+    same inputs, each model's cache (a fresh one) rewound to the length the call met in the run. Nothing else runs:
+    this is the sum of the run's steps."""
+    fresh = {}
+    for _, decoder_ids, _, cache, *_ in calls_made:
+        if id(cache) not in fresh:
+            fresh[id(cache)] = [type(layer_cache)(decoder_ids.shape[0]) for layer_cache in cache]
+    start = time.perf_counter()
+    for method, decoder_ids, cross_kv, cache, offset, args, kwargs in calls_made:
+        replayed = fresh[id(cache)]
+        excess = replayed[0].offset - offset
+        if excess:
+            for layer_cache in replayed:
+                layer_cache.trim(excess)
+        mx.eval(method(decoder_ids, cross_kv, replayed, *args, **kwargs))
+    return time.perf_counter() - start
 
 
 def loop_share(decoder, prompts, max_tokens, regular, repeats):
-    """The decoding loop's share beyond its model steps: each prompt's run (encoders excluded) over the sum of the
-    model calls it made, each call's shape timed alone right after the run (so that both meet the machine at the same
-    speed), minus 1; the median over `repeats` rounds of the prompts, and the last run's stats. The run timed is the
-    one whose calls are logged (auto's choices differ from run to run), so the logging's own Python (a counter per
-    call) counts as loop."""
+    """The decoding loop's share beyond its model steps: each prompt's run (encoders excluded) over the same model
+    calls made again alone (replay_seconds), minus 1; the median over `repeats` rounds of the prompts, and the last
+    run's stats. Both start after the same pause, so that both meet the machine alike: a pause slows what follows it
+    for a while (on the 2-core AVX-512 box, the steps after 0.3 s idle ran about 1.5x slower than back to back), which
+    steps timed in a loop of their own never see. The run timed is the one whose calls are logged (auto's choices
+    differ from run to run), so the logging's own Python counts as loop."""
     decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's costs
     shares = []
     for _ in range(repeats):
         for prompt in prompts:
-            logs = [CallLog(decoder.model)] + ([CallLog(decoder.draft_model)] if not regular else [])
+            calls_made = []
+            logs = [CallLog(decoder.model, calls_made)]
+            if not regular:
+                logs.append(CallLog(decoder.draft_model, calls_made))
             for log in logs:
                 log.__enter__()
             time.sleep(PAUSE)
@@ -180,8 +190,9 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
             finally:
                 for log in logs:
                     log.__exit__()
+            time.sleep(PAUSE)
+            steps = replay_seconds(calls_made)
             loop = generation.stats.seconds - generation.stats.encode_seconds
-            steps = sum(steps_seconds(log.model, log, max_tokens // 2) for log in logs)
             shares.append(loop / steps - 1)
     return statistics.median(shares), generation.stats
 

@@ -58,16 +58,46 @@ def test_call_log_sees_every_decode_call(main, drafts):
     assert not {"decode", "greedy_choices", "greedy_draft"} & set(vars(model))  # the model's own methods again
 
 
-def test_regular_loop_share_is_measured_against_its_steps(main, monkeypatch):
-    # After each run (two prompts, two rounds), every call shape it made is timed alone once.
+@pytest.mark.parametrize("regular", [True, False])
+def test_loop_share_is_measured_against_the_same_calls_made_again(regular, main, drafts, monkeypatch):
+    # The steps a run is measured against are its own model calls made again in the same order, each with the same
+    # input and a cache of the length the call met in the run; two prompts, two rounds.
     model, tokenizer, _ = main
-    timed = []
-    step_seconds = decode_step.step_seconds
-    monkeypatch.setattr(decode_step, "step_seconds", lambda *a, **k: timed.append(a[1:3]) or step_seconds(*a, **k))
-    decoder = SpeculativeDecoder(model, None, tokenizer)
-    share, stats = decode_step.loop_share(decoder, PROMPTS[1:3], 8, True, repeats=2)
-    assert stats.main_calls == 8
-    assert timed.count((1, 1)) == 4 and len(timed) % 4 == 0
+    draft_model = drafts["noisy"]
+    seen = {"run": [], "replay": []}
+    phase = ["run"]
+    for name in decode_step.CallLog.METHODS:
+        for m in (model, draft_model):
+            method = getattr(m, name)
+
+            def seen_call(decoder_ids, cross_kv, cache, *args, method=method, m=m, **kwargs):
+                result = method(decoder_ids, cross_kv, cache, *args, **kwargs)
+                if result is not None:
+                    seen[phase[0]].append((m is model, decoder_ids.tolist(), cache[0].offset, args))
+                return result
+
+            monkeypatch.setattr(m, name, seen_call)
+    replay_seconds = decode_step.replay_seconds
+
+    def replay(calls_made):
+        phase[0] = "replay"
+        seconds = replay_seconds(calls_made)
+        phase[0] = "run"
+        return seconds
+
+    monkeypatch.setattr(decode_step, "replay_seconds", replay)
+    monkeypatch.setattr(decode_step, "PAUSE", 0.01)
+    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=3)
+    runs = []
+    generate = decoder.generate
+    monkeypatch.setattr(decoder, "generate", lambda *a, **k: runs.append(generate(*a, **k)) or runs[-1])
+    share, stats = decode_step.loop_share(decoder, PROMPTS[1:3], 8, regular, repeats=2)
+    assert len(runs) == 5 and (stats.main_calls == 8 or not regular)
+    # The warm-up run is not replayed; every timed run's calls are, in order, the same inputs, the same cache lengths.
+    warm_up = len(seen["run"]) - len(seen["replay"])
+    assert warm_up > 0 and seen["replay"] == seen["run"][warm_up:]
+    assert sum(1 for call in seen["replay"] if call[0]) == sum(run.stats.main_calls for run in runs[1:])
+    assert any(not call[0] for call in seen["replay"]) == (not regular)
     # A run costs its steps and some Python: not less than half its steps, nor ten times them.
     assert -0.5 < share < 10
 
