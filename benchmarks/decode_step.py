@@ -131,7 +131,7 @@ class CallLog:
                 else:
                     self.drafts[decoder_ids.shape[1], args[0]] += 1
                 if self.calls_made is not None:
-                    self.calls_made.append((method, decoder_ids, cross_kv, cache, offset, args, kwargs))
+                    self.calls_made.append((self.model, method, decoder_ids, cross_kv, cache, offset, args, kwargs))
                 return result
 
             return logged
@@ -153,11 +153,11 @@ def replay_seconds(calls_made):
     same inputs, each model's cache (a fresh one) rewound to the length the call met in the run. Nothing else runs:
     this is the sum of the run's steps."""
     fresh = {}
-    for _, decoder_ids, _, cache, *_ in calls_made:
+    for model, _, decoder_ids, _, cache, *_ in calls_made:
         if id(cache) not in fresh:
-            fresh[id(cache)] = [type(layer_cache)(decoder_ids.shape[0]) for layer_cache in cache]
+            fresh[id(cache)] = model.make_cache(decoder_ids.shape[0])
     start = time.perf_counter()
-    for method, decoder_ids, cross_kv, cache, offset, args, kwargs in calls_made:
+    for _, method, decoder_ids, cross_kv, cache, offset, args, kwargs in calls_made:
         replayed = fresh[id(cache)]
         excess = replayed[0].offset - offset
         if excess:
