@@ -26,6 +26,7 @@ class Row:
     key: mx.array  # its own random stream
     start: float
     stats: Stats = field(default_factory=Stats)
+    done: bool = False  # finished (and yielded)
 
     @property
     def generated(self) -> int:
@@ -57,6 +58,8 @@ def batch_generations(
     decoder.check_drafter(regular)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     stats = Stats() if stats is None else stats
     if not regular:
         draft_length = draft_length or decoder.draft_length(stats, min(batch_size, max(len(prompts), 1)))
@@ -68,6 +71,10 @@ def batch_generations(
     indices, count = streams or (range(len(prompts)), len(prompts))
     keys = mx.random.split(mx.random.key(decoder.seed), max(count, 1))
     seeds = [keys[index] for index in indices]
+    if regular:
+        yield from regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, batch_size, stats)
+        stats.seconds = time.perf_counter() - start
+        return
     active: List[Row] = []
     draws = not decoder.sampler.greedy or decoder.delta > 0
     last_sync = time.perf_counter()
@@ -75,19 +82,7 @@ def batch_generations(
     while queue or active:
         joined = bool(queue) and len(active) < batch_size
         if joined:
-            tick = time.perf_counter()
-            joining = [queue.popleft() for _ in range(min(batch_size - len(active), len(queue)))]
-            ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]
-            encoder_output = rows.add(ids)
-            if not regular:
-                drafter.add(ids, encoder_output if decoder.shared_encoder else None)
-            seconds = time.perf_counter() - tick
-            stats.encode_seconds += seconds
-            for index, _ in joining:
-                row = Row(index, [model.args.decoder_start_token_id], seeds[index], time.perf_counter())
-                row.stats.encode_seconds = seconds
-                row.stats.costs_cached = stats.costs_cached
-                active.append(row)
+            active += join(decoder, rows, queue, seeds, batch_size - len(active), stats, drafter)
 
         # One draft length for the whole batch: every row shares the verification pass. A row never drafts past its
         # own max_tokens (the main model adds one token after the drafts), as alone; shorter drafts are padded.
@@ -159,6 +154,96 @@ def batch_generations(
     decoder.remember_acceptance()
 
 
+def join(decoder, rows, queue, seeds, room, stats, drafter=None) -> List[Row]:
+    """Up to `room` prompts from the queue join `rows` (and the `drafter`'s), encoded together: their new Rows."""
+    tick = time.perf_counter()
+    joining = [queue.popleft() for _ in range(min(room, len(queue)))]
+    ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]
+    encoder_output = rows.add(ids)
+    if drafter is not None:
+        drafter.add(ids, encoder_output if decoder.shared_encoder else None)
+    seconds = time.perf_counter() - tick
+    stats.encode_seconds += seconds
+    new_rows = []
+    for index, _ in joining:
+        row = Row(index, [decoder.model.args.decoder_start_token_id], seeds[index], time.perf_counter())
+        row.stats.encode_seconds = seconds
+        row.stats.costs_cached = stats.costs_cached
+        new_rows.append(row)
+    return new_rows
+
+
+@dataclass
+class Pending:
+    """A regular step built and not yet read: the rows it decodes and their next tokens (B,), still computing."""
+
+    rows: List[Row]
+    tokens: mx.array
+
+
+def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, batch_size, stats):
+    """Regular decoding of the queue's prompts, `batch_size` rows at a time, as batch_generations with no drafts, and
+    step n + 1 built from step n's tokens before they are read, as `plain_tokens` does for one row: the host builds
+    while the device computes. A row that ends at EOS has had one step more computed, which is dropped. A row's tokens
+    are the same at any batch size (greedy: those of its prompt decoded alone)."""
+    eos, sampler = decoder.model.args.eos_token_id, decoder.sampler
+    active: List[Row] = []
+    keys = None  # (B, 2): each active row's next key, where sampling draws
+    pending: Optional[Pending] = None
+    slots = {}  # id(row) -> its place in pending.rows
+    while True:
+        # Rows that need no step beyond the pending one (their last token is in it, or they ended) leave first.
+        ahead = 1 if pending is not None else 0
+        kept = [b for b, row in enumerate(active) if not row.done and row.generated + ahead < max_tokens]
+        if len(kept) < len(active):
+            active = [active[b] for b in kept]
+            rows.keep(kept)
+            keys = None if keys is None or not kept else keys[mx.array(kept)]
+        if queue and len(active) < batch_size:
+            new_rows = join(decoder, rows, queue, seeds, batch_size - len(active), stats)
+            if not sampler.greedy:
+                joined_keys = mx.stack([row.key for row in new_rows])
+                keys = joined_keys if keys is None else mx.concatenate([keys, joined_keys])
+            active += new_rows
+        step = None
+        if active:
+            # Each row's last token: in the pending step, or (a row that just joined, or nothing pending) known.
+            waiting = [slots[id(row)] for row in active if id(row) in slots]
+            known = [[row.sequence[-1]] for row in active[len(waiting) :]]
+            if waiting:
+                feed = (
+                    pending.tokens if waiting == list(range(len(pending.rows))) else pending.tokens[mx.array(waiting)]
+                )
+                feed = [feed[:, None]]
+            else:
+                feed = []
+            feed = mx.concatenate(feed + [mx.array(known, dtype=mx.int32)]) if known else feed[0].astype(mx.int32)
+            if sampler.greedy:
+                tokens = rows.choices(feed)[:, 0]
+            else:
+                split = row_keys(keys, 4)  # each row's next key and its draft, accept and extra keys, as drafting
+                keys = split[:, 0]
+                empty = mx.zeros((len(active), 0), dtype=mx.int32)
+                tokens = judge_rows(sampler, decoder.delta, rows.decode(feed), empty, None, split[:, 2], split[:, 3])[1]
+                tokens = tokens[:, 0]
+            mx.async_eval(tokens)
+            step = Pending(list(active), tokens)
+        if pending is not None:
+            # The one synchronisation per step, while the next one computes.
+            stats.main_calls += 1
+            for row, token in zip(pending.rows, pending.tokens.tolist()):
+                if row.done:  # ended at the step before (its token here is not used)
+                    continue
+                row.stats.add_step(None, 0, 0)
+                row.sequence.append(token)
+                if row.generated == max_tokens or (not ignore_eos and token == eos):
+                    stats.generated += row.generated
+                    yield row.index, finish(row, decoder.tokenizer)
+        if step is None:
+            return
+        pending, slots = step, {id(row): b for b, row in enumerate(step.rows)}
+
+
 def make_batch_drafter(decoder):
     """A drafter for every row of a batch: the draft model batched; any other drafter one per row."""
     if decoder.drafter == "model":
@@ -181,6 +266,7 @@ def judge_rows(sampler, delta, logits, drafts, draft_probs, accept_keys, extra_k
 
 
 def finish(row: Row, tokenizer) -> Generation:
+    row.done = True
     tokens = row.sequence[1:]
     row.stats.generated = len(tokens)
     row.stats.seconds = time.perf_counter() - row.start

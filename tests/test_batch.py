@@ -85,6 +85,30 @@ def test_batch_size_below_one_is_refused(converted):
     model, tokenizer, _ = load_model(converted("t5-v1_1"))
     with pytest.raises(ValueError, match="batch_size"):
         SpeculativeDecoder(model, None, tokenizer).generate_batch(PROMPTS, regular=True, batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SpeculativeDecoder(model, None, tokenizer).generate_batch(PROMPTS, max_tokens=0, regular=True)
+
+
+@pytest.mark.parametrize("setting", ["greedy", "t1", "top-p-delta"])
+def test_regular_rows_do_not_depend_on_the_batch_size(setting):
+    # Regular batches build each step before reading the last one's tokens: a row that ends at EOS has one step more
+    # computed, dropped, and rows from the queue take its place; each row still draws from its own keys.
+    main_model, _ = tiny_pair()
+    decoder = SpeculativeDecoder(main_model, None, CountingTokenizer(12), seed=3, **BATCH_SIZE_SETTINGS[setting])
+    prompts = ["31415926", "1212121212", "2718281828", "9", "1414", "777777", "22360", "1732050807", "123123123"]
+    for ignore_eos in (True, False):
+        by_size = {
+            size: [g.tokens for g in decoder.generate_batch(prompts, 12, True, ignore_eos, batch_size=size)]
+            for size in (1, 2, 3, 8)
+        }
+        for size in (2, 3, 8):
+            assert by_size[size] == by_size[1], (ignore_eos, size)
+        if setting == "greedy":
+            assert by_size[1] == alone(decoder, prompts, max_tokens=12, ignore_eos=ignore_eos, regular=True)
+        elif ignore_eos:
+            assert len({tuple(tokens) for tokens in by_size[1]}) > 6  # drawn, not all alike
+        lengths = {len(tokens) for tokens in by_size[1]}
+        assert lengths == {12} if ignore_eos else len(lengths) > 1  # with EOS, rows finish at different steps
 
 
 def tiny_pair():

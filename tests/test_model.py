@@ -203,11 +203,18 @@ def test_decoding_layout_gives_the_same_logits(variant, converted):
     )
 
 
+@pytest.mark.parametrize("table_bytes", [0, None])  # the bias computed per step, or gathered from the table
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_rows_at_their_own_lengths_match_transformers(variant, hf_checkpoint, converted, hf_model, monkeypatch):
+def test_rows_at_their_own_lengths_match_transformers(
+    variant, table_bytes, hf_checkpoint, converted, hf_model, monkeypatch
+):
     # Each step feeds every row the same number of tokens, right-padded with junk, and each row keeps its own number
     # of them (as speculative verification does), so rows drift apart, rewind over real tokens and finish early.
+    import model as model_module
+
     monkeypatch.setattr(KVCache, "step", 8)  # reallocations while rows are at different lengths
+    if table_bytes is not None:
+        monkeypatch.setattr(model_module, "BIAS_TABLE_BYTES", table_bytes)
     reference = hf_model(hf_checkpoint(variant))
     model, _, _ = load_model(converted(variant))
     input_ids, mask, _ = padded_batch(model.args.vocab_size, seed=4)
@@ -229,6 +236,8 @@ def test_rows_at_their_own_lengths_match_transformers(variant, hf_checkpoint, co
             logits[row].extend(np.array(step_logits[row, :k]))
             positions[row] += k
         assert cache[0].offsets == positions
+    table, _ = model.decoder._bias_table
+    assert (table is None) == (table_bytes == 0)
 
     for row, sequence in enumerate(sequences):
         prompt = input_ids[row : row + 1, : int(mask[row].sum())]
