@@ -18,7 +18,9 @@ over the rows, each with its own source of drafts (draft model or lookup, estima
 """
 
 import math
+import operator
 from collections import Counter
+from itertools import accumulate
 from typing import Dict, List, Optional, Sequence, Tuple
 
 DECAY = 0.95  # weight of the past in an estimate per new observation of it: about the last twenty count
@@ -110,23 +112,31 @@ class Acceptance:
         self.version += 1
         positions = self.counts.setdefault(source, [])
         # Position i was tried when drafts 1..i-1 were accepted: those and the first rejection, if any.
-        for i in range(min(drafted, accepted + 1)):
-            if i == len(positions):
-                positions.append([0.0, 0.0])
-            positions[i] = [DECAY * positions[i][0] + (i < accepted), DECAY * positions[i][1] + 1.0]
+        tried = min(drafted, accepted + 1)
+        while len(positions) < tried:
+            positions.append([0.0, 0.0])
+        for i in range(tried):
+            position = positions[i]
+            position[0] = DECAY * position[0] + (i < accepted)
+            position[1] = DECAY * position[1] + 1.0
 
     def estimates(self, source: str, k: int, optimism: float = 0.0) -> List[float]:
         """alpha_1..alpha_k, each `optimism` standard deviations above its mean (capped at 1). A position's prior is
         the one before it (acceptance changes slowly along a draft), the first one's 0.5 with little weight."""
+        # (Asked about every step, so kept lean: no calls in the loop but the square root.)
         positions = self.counts.get(source, [])
         observed = len(positions)
         alphas, prior, prior_weight = [], 0.5, FIRST_PRIOR_WEIGHT
         for i in range(k):
-            accepted, tried = positions[i] if i < observed else (0.0, 0.0)
-            weight = tried + prior_weight
-            mean = (accepted + prior * prior_weight) / weight
+            if i < observed:
+                accepted, tried = positions[i]
+                weight = tried + prior_weight
+                mean = (accepted + prior * prior_weight) / weight
+            else:
+                weight, mean = prior_weight, prior
             if optimism:
-                alphas.append(min(1.0, mean + optimism * math.sqrt(mean * (1 - mean) / (weight + 1))))
+                alpha = mean + optimism * math.sqrt(mean * (1 - mean) / (weight + 1))
+                alphas.append(alpha if alpha < 1.0 else 1.0)
             else:
                 alphas.append(mean)
             prior, prior_weight = mean, PRIOR_WEIGHT
@@ -209,12 +219,10 @@ class AutoDraftLength:
         # The rows' summed E(k) for every k at once (each row's 1 + the reach of each draft, summed in order); a step
         # asks this about every time (the estimates change with each step's outcome), so it is kept lean.
         tokens = [float(len(sources))] * (top + 1)
-        for source, rows in Counter(drafting).items():
-            total, reach = 0.0, 1.0
-            for k, alpha in enumerate(self.acceptance.estimates(source, top, optimism), 1):
-                reach *= alpha
-                total += reach
-                tokens[k] += rows * total
+        for source, rows in Counter(drafting).items() if len(drafting) > 1 else ((drafting[0], 1),):
+            # The reach of draft j: the product of alpha_1..alpha_j; E(k) - 1: the sum of the first k reaches.
+            totals = accumulate(accumulate(self.acceptance.estimates(source, top, optimism), operator.mul))
+            tokens[1:] = [count + rows * total for count, total in zip(tokens[1:], totals)]
         return [count / cost for count, cost in zip(tokens, table)]
 
     def measured(self, rates: List[float]) -> List[float]:
@@ -241,7 +249,7 @@ class AutoDraftLength:
         if top <= 0 or not any(sources):
             return 0
         rates = self.measured(self.rates(sources, top))
-        best = max(range(top + 1), key=lambda k: rates[k])
+        best = rates.index(max(rates))  # (the shortest of equals)
         if rates[best] < rates[0] * (1 + MIN_GAIN):
             best = 0
         if self.explored is not None:
@@ -339,15 +347,16 @@ class AutoDraftLength:
         mean_k = sum_k / weight
         spread = max(0.0, sum_kk - sum_k * mean_k)
         slope = (sum_k_ratio - sum_k * drafting) / (spread + SLOPE_PRIOR)
-        # The line holds among the lengths taken lately (two standard deviations about their mean), not beyond them.
+        # The line holds among the lengths taken lately (two standard deviations about their mean), not beyond them,
+        # and within half and twice the mean, whatever the noise. (Asked about every step: no calls in the loop.)
         reach = 2.0 * math.sqrt(spread / weight)
         level = plain if plain_weight >= KIND_WEIGHT else drafting
-        lines = [
-            drafting + slope * (min(max(k, mean_k - reach), mean_k + reach) - mean_k)
-            for k in range(1, 1 + self.max_num_draft)
-        ]
-        # (Within half and twice the mean, whatever the noise.)
-        return [1.0] + [min(2 * drafting, max(drafting / 2, line)) / level for line in lines]
+        shortest, longest, lowest, highest = mean_k - reach, mean_k + reach, drafting / 2, 2 * drafting
+        ratios = [1.0]
+        for k in range(1, 1 + self.max_num_draft):
+            line = drafting + slope * ((shortest if k < shortest else longest if k > longest else k) - mean_k)
+            ratios.append((lowest if line < lowest else highest if line > highest else line) / level)
+        return ratios
 
     def record_run_time(self, seconds: float):
         """A run of plain steps' time per token (from its second token on, as the table times them)."""

@@ -389,6 +389,25 @@ def test_auto_keeps_acceptance_per_source_and_respects_the_limit():
     assert policy.choose_batch([None, None], limit=100) == 0
 
 
+def test_auto_rates_are_each_rows_expected_tokens_over_the_step_cost():
+    # Remembered counts give each source its own acceptance by position (the estimates blend each with a light prior);
+    # the rates of a batch sum each drafting row's E(k), and each row without a draft adds its one token.
+    counts = {"model": [[18.0, 20.0], [15.0, 18.0], [9.0, 15.0]], "lookup": [[5.0, 20.0], [2.0, 5.0]]}
+    acceptance = Acceptance(counts)
+    costs = {"model": [1.0 + 0.3 * k for k in range(7)], "lookup": [1.0 + 0.01 * k for k in range(7)]}
+    policy = AutoDraftLength(6, costs, acceptance)
+    alphas = {source: acceptance.estimates(source, 6) for source in counts}
+    for source in counts:
+        np.testing.assert_allclose(policy.rates([source], 6), tokens_per_second(alphas[source], costs[source]))
+    sources = ["model", None, "lookup", "model"]
+    rows = sum(tokens_per_second(alphas[source], np.ones(7)) for source in ("model", "lookup", "model")) + 1.0
+    np.testing.assert_allclose(policy.rates(sources, 6), rows / np.array(costs["model"]))
+    # With optimism, each estimate moves up, within [mean, 1].
+    hopeful = acceptance.estimates("model", 6, optimism=2.0)
+    assert all(mean < alpha <= 1.0 for mean, alpha in zip(alphas["model"], hopeful))
+    assert np.all(policy.rates(["model"], 6, optimism=2.0)[1:] > policy.rates(["model"], 6)[1:])
+
+
 def decoder_only_perturbed(path, noise, seed):
     """The model at `path` with noise on its decoder's weights alone: a draft that shares the main model's encoder."""
     from mlx.utils import tree_map
