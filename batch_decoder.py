@@ -3,7 +3,9 @@
 The speculative step of decoder.py with a batch dimension: one draft length for the whole batch (each row capped at its
 own budget, padded to the longest), every row's drafts verified in one forward pass, and each row with its own
 acceptance, cache length, EOS, max_tokens and random stream, so that its tokens do not depend on the batch size. A
-finished row's place goes to the next prompt in the queue. The rows' state and drafting for every row: batch_rows.py.
+finished row's place goes to the next prompt in the queue (once a quarter of the batch is free). Regular decoding
+builds each step before reading the last (`regular_generations`). The rows' state and drafting for every row:
+batch_rows.py.
 """
 
 import time
@@ -48,7 +50,7 @@ def batch_generations(
     """(prompt index, Generation) for each prompt as it finishes, decoded with `decoder`'s models and settings.
 
     Up to `batch_size` prompts decode together, each row exactly as `decoder.generate` decodes it alone (its own draft
-    acceptance, cache length, EOS and max_tokens); a finished row's place goes to the next prompt in the queue.
+    acceptance, cache length, EOS and max_tokens); finished rows' places go to the next prompts in the queue (`joins`).
     Row i samples with its own random stream, split from `seed`: stream i of len(prompts), or, given `streams`
     (indices, count), stream indices[i] of count, so that a prompt draws the same wherever it stands in a run.
     `stats` receives the run's totals: main_calls counts batched forward passes (lookup_steps those that verified a
@@ -80,7 +82,7 @@ def batch_generations(
     last_sync = time.perf_counter()
     # A step's time is not its own, for auto, when rows joined before it (their prompts' encoding).
     while queue or active:
-        joined = bool(queue) and len(active) < batch_size
+        joined = joins(len(active), batch_size, len(queue))
         if joined:
             active += join(decoder, rows, queue, seeds, batch_size - len(active), stats, drafter)
 
@@ -154,6 +156,14 @@ def batch_generations(
     decoder.remember_acceptance()
 
 
+def joins(active: int, batch_size: int, queued: int) -> bool:
+    """Whether prompts from the queue join a batch of `active` rows now: once a quarter of the batch is free (or all
+    that the queue holds fits), not at every row that ends. A join encodes the prompts and widens every layer's
+    cross-attention keys and values, a few milliseconds however few prompts join."""
+    room = batch_size - active
+    return queued > 0 and room > 0 and (active == 0 or room >= min(max(1, batch_size // 4), queued))
+
+
 def join(decoder, rows, queue, seeds, room, stats, drafter=None) -> List[Row]:
     """Up to `room` prompts from the queue join `rows` (and the `drafter`'s), encoded together: their new Rows."""
     tick = time.perf_counter()
@@ -199,7 +209,7 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
             active = [active[b] for b in kept]
             rows.keep(kept)
             keys = None if keys is None or not kept else keys[mx.array(kept)]
-        if queue and len(active) < batch_size:
+        if joins(len(active), batch_size, len(queue)):
             new_rows = join(decoder, rows, queue, seeds, batch_size - len(active), stats)
             if not sampler.greedy:
                 joined_keys = mx.stack([row.key for row in new_rows])

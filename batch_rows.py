@@ -108,18 +108,24 @@ class BatchModelDrafter:
         # rewind the padding.
         feeds = [sequence[offset:] for sequence, offset in zip(sequences, self.rows.cache[0].offsets)]
         width = max(len(feed) for feed in feeds)
-        logits = self.rows.decode(mx.array([feed + [0] * (width - len(feed)) for feed in feeds]))
+        padded = mx.array([feed + [0] * (width - len(feed)) for feed in feeds])
+        # Greedy drafts need only the draft model's choice after each token (T5.choices: no logits where the native
+        # layers compute it).
+        greedy = self.sampler.greedy
+        outputs = self.rows.choices(padded) if greedy else self.rows.decode(padded)
         self.rows.rewind([len(sequence) for sequence in sequences])
         last = mx.array([len(feed) - 1 for feed in feeds])
-        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        step_keys = mx.vmap(lambda key: position_keys(key, k))(keys)
+        if greedy:
+            outputs = mx.take_along_axis(outputs, last[:, None], axis=1)[:, 0].astype(mx.int32)
+        else:
+            outputs = mx.take_along_axis(outputs, last[:, None, None], axis=1)[:, 0]
+        step_keys = None if greedy else mx.vmap(lambda key: position_keys(key, k))(keys)
         tokens, probs = [], []
         for step in range(k):
-            if step:
-                logits = self.rows.decode(tokens[-1][:, None])[:, -1]
-            if self.sampler.greedy:
-                token = mx.argmax(logits, axis=-1).astype(mx.int32)
+            if greedy:
+                token = self.rows.choices(tokens[-1][:, None])[:, -1].astype(mx.int32) if step else outputs
             else:
+                logits = self.rows.decode(tokens[-1][:, None])[:, -1] if step else outputs
                 probs.append(self.sampler.distribution(logits))
                 token = mx.vmap(self.sampler.sample)(probs[-1], step_keys[:, step]).astype(mx.int32)
             mx.async_eval(token)

@@ -72,7 +72,7 @@ def setup_arg_parser():
         "--batch-size",
         type=int,
         default=8,
-        help="With --prompt-file: prompts decoded together; a finished one's place goes to the next in the file",
+        help="With --prompt-file: prompts decoded together; finished ones' places go to the next in the file",
     )
     parser.add_argument(
         "--output",

@@ -89,6 +89,14 @@ def test_batch_size_below_one_is_refused(converted):
         SpeculativeDecoder(model, None, tokenizer).generate_batch(PROMPTS, max_tokens=0, regular=True)
 
 
+def test_prompts_join_once_a_quarter_of_the_batch_is_free():
+    joins = batch_decoder.joins
+    assert not joins(7, 8, 10) and joins(6, 8, 10)  # one free row of 8 waits for a second
+    assert joins(7, 8, 1)  # the queue's last prompt joins as soon as it fits
+    assert joins(0, 8, 5) and joins(3, 4, 9) and joins(0, 1, 1)  # an empty batch; batches under 8 join at every end
+    assert not joins(8, 8, 5) and not joins(5, 8, 0)  # full, or nothing queued
+
+
 @pytest.mark.parametrize("setting", ["greedy", "t1", "top-p-delta"])
 def test_regular_rows_do_not_depend_on_the_batch_size(setting):
     # Regular batches build each step before reading the last one's tokens: a row that ends at EOS has one step more
