@@ -197,14 +197,17 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
     while the device computes. A row that ends at EOS has had one step more computed, which is dropped. A row's tokens
     are the same at any batch size (greedy: those of its prompt decoded alone)."""
     eos, sampler = decoder.model.args.eos_token_id, decoder.sampler
-    active: List[Row] = []
+    active: List[Row] = []  # the rows of the pending step, in its order, then those that joined since
     keys = None  # (B, 2): each active row's next key, where sampling draws
     pending: Optional[Pending] = None
-    slots = {}  # id(row) -> its place in pending.rows
     while True:
-        # Rows that need no step beyond the pending one (their last token is in it, or they ended) leave first.
+        # Rows that need no step beyond the pending one (their last token is in it, or they ended) leave first; the
+        # others' last tokens are the pending step's, still computing.
         ahead = 1 if pending is not None else 0
         kept = [b for b, row in enumerate(active) if not row.done and row.generated + ahead < max_tokens]
+        feed = []
+        if kept:
+            feed = [(pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]]
         if len(kept) < len(active):
             active = [active[b] for b in kept]
             rows.keep(kept)
@@ -215,19 +218,10 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
                 joined_keys = mx.stack([row.key for row in new_rows])
                 keys = joined_keys if keys is None else mx.concatenate([keys, joined_keys])
             active += new_rows
+            feed.append(mx.array([[row.sequence[-1]] for row in new_rows]))
         step = None
         if active:
-            # Each row's last token: in the pending step, or (a row that just joined, or nothing pending) known.
-            waiting = [slots[id(row)] for row in active if id(row) in slots]
-            known = [[row.sequence[-1]] for row in active[len(waiting) :]]
-            if waiting:
-                feed = (
-                    pending.tokens if waiting == list(range(len(pending.rows))) else pending.tokens[mx.array(waiting)]
-                )
-                feed = [feed[:, None]]
-            else:
-                feed = []
-            feed = mx.concatenate(feed + [mx.array(known, dtype=mx.int32)]) if known else feed[0].astype(mx.int32)
+            feed = (feed[0] if len(feed) == 1 else mx.concatenate(feed)).astype(mx.int32)
             if sampler.greedy:
                 tokens = rows.choices(feed)[:, 0]
             else:
@@ -251,7 +245,7 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
                     yield row.index, finish(row, decoder.tokenizer)
         if step is None:
             return
-        pending, slots = step, {id(row): b for b, row in enumerate(step.rows)}
+        pending = step
 
 
 def make_batch_drafter(decoder):

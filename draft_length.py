@@ -219,7 +219,7 @@ class AutoDraftLength:
         # The rows' summed E(k) for every k at once (each row's 1 + the reach of each draft, summed in order); a step
         # asks this about every time (the estimates change with each step's outcome), so it is kept lean.
         tokens = [float(len(sources))] * (top + 1)
-        for source, rows in Counter(drafting).items() if len(drafting) > 1 else ((drafting[0], 1),):
+        for source, rows in Counter(drafting).items():
             # The reach of draft j: the product of alpha_1..alpha_j; E(k) - 1: the sum of the first k reaches.
             totals = accumulate(accumulate(self.acceptance.estimates(source, top, optimism), operator.mul))
             tokens[1:] = [count + rows * total for count, total in zip(tokens[1:], totals)]
