@@ -318,17 +318,22 @@ class SpeculativeDecoder:
                 key, step_key = self.split_key(key)
                 if run > 1:
                     # A run of plain steps, as regular decoding takes them; the policy asks again after it.
-                    arrivals = []
+                    arrivals, ended = [], False
                     for token in self.plain_tokens(sequence[-1], run, step_key, cross_kv, cache, go_on):
                         arrivals.append(time.perf_counter())
                         record_step(stats, draft_length, None, 0, 0, [token])
                         generated += 1
                         sequence.append(token)
                         yield [token]
-                        if not ignore_eos and token == model.args.eos_token_id:
-                            return
-                    if len(arrivals) > 2:  # the first token waited for its step alone
-                        draft_length.record_run_time(self.agreed((arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)))
+                        ended = not ignore_eos and token == model.args.eos_token_id
+                        if ended:
+                            break
+                    # The run's steps as taken (an EOS or the drafter may end it early); its time per token from its
+                    # second on (the first waited for its step alone).
+                    seconds = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) if len(arrivals) > 2 else None
+                    draft_length.record_run(len(arrivals), None if seconds is None else self.agreed(seconds))
+                    if ended:
+                        return
                     drafter.rewind(len(sequence))
                     last_sync = time.perf_counter()
                     continue

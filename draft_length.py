@@ -86,7 +86,7 @@ class FixedDraftLength:
     def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True):
         pass
 
-    def record_run_time(self, seconds: float):
+    def record_run(self, steps: int, seconds: Optional[float]):
         pass
 
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
@@ -197,6 +197,7 @@ class AutoDraftLength:
         self.kept_version = None
         self.explored = None  # (length tried, the best length before it), until the next choice
         self.unfaded = 1.0  # the fading of plain steps not yet applied to the acceptance (see fade)
+        self.run_watched = False  # whether the steps of the last run of plain steps were chosen one by one
 
     def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
         """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k). Kept until the
@@ -298,17 +299,16 @@ class AutoDraftLength:
     def plain_run(self, limit: int, watched: bool = False) -> int:
         """Plain steps to take in a row, at most `limit`, once the choice was none: until the next try of a length is
         due, or MAX_PLAIN_RUN when a try was due and none was worth it (the estimates fade meanwhile, and one may be
-        then). One choice stands for them all. `watched`: all of them, the run ended by the drafter
-        instead (choose_in_run, asked as it goes: a lookup's source comes and goes with the tokens)."""
+        then). One choice stands for them all; the steps count as they are taken (record_run: an EOS ends most runs
+        early). `watched`: all of them, the run ended by the drafter instead (choose_in_run, asked as it goes: a
+        lookup's source comes and goes with the tokens)."""
+        self.run_watched = watched
         if watched:
             return limit
         steps = self.explore_gap - self.since_explored
         if steps < 2:
             steps = MAX_PLAIN_RUN
-        steps = max(1, min(steps, limit))
-        self.since_explored += steps - 1
-        self.fade(steps - 1)
-        return steps
+        return max(1, min(steps, limit))
 
     def choose_in_run(self, source: Optional[str], limit: int, unready: Unready = None) -> int:
         """The choice asked during a watched run of plain steps: drafts from `source` (None: none) for the step after
@@ -320,24 +320,35 @@ class AutoDraftLength:
         self.record_time(source, drafted, seconds)
         self.record_acceptance(source, drafted, accepted)
 
-    def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True):
+    def record_time(self, source: Optional[str], drafted: int, seconds: float, own: bool = True, steps: int = 1):
         """A step's time: `drafted` drafts from `source` in `seconds`; not `own` where it includes other work (the
-        draft model encoding the prompt, prompts joining a batch), which counts for nothing."""
+        draft model encoding the prompt, prompts joining a batch), which counts for nothing. `steps`: how many steps
+        of that time it stands for (a run of plain steps, by its mean), each weighed as one."""
         if not own:
             return
         table = self.costs.get(source) or next(iter(self.costs.values()))
         observed = seconds / table[min(drafted, self.max_num_draft)]
-        self.factor_weight = DECAY * self.factor_weight + 1.0
-        self.factor += (observed - self.factor) / self.factor_weight
-        for kind in self.kinds.values():
-            kind[1] *= DECAY
+        self.age(steps, ratios=False)
+        weight = (1.0 - DECAY**steps) / (1.0 - DECAY)  # (1 for one step)
+        self.factor_weight += weight
+        self.factor += (observed - self.factor) * weight / self.factor_weight
         kind = self.kinds[drafted > 0]
-        kind[1] += 1.0
-        kind[0] += (observed - kind[0]) / kind[1]
-        sums = self.drafting_sums
+        kind[1] += weight
+        kind[0] += (observed - kind[0]) * weight / kind[1]
         k = min(drafted, self.max_num_draft)
-        sums[:] = [DECAY * sums[0] + k, DECAY * sums[1] + k * k, DECAY * sums[2] + k * observed]
+        sums = self.drafting_sums
+        sums[:] = [sums[0] + weight * k, sums[1] + weight * k * k, sums[2] + weight * k * observed]
         self.drafting_ratios = self.compute_ratios()
+
+    def age(self, steps: int, ratios: bool = True):
+        """`steps` steps went by: the weight of every time recorded before them fades by DECAY for each."""
+        decay = DECAY**steps
+        self.factor_weight *= decay
+        for kind in self.kinds.values():
+            kind[1] *= decay
+        self.drafting_sums[:] = [decay * total for total in self.drafting_sums]
+        if ratios:
+            self.drafting_ratios = self.compute_ratios()
 
     def compute_ratios(self) -> Optional[List[float]]:
         (plain, plain_weight), (drafting, weight) = self.kinds[False], self.kinds[True]
@@ -358,9 +369,19 @@ class AutoDraftLength:
             ratios.append((lowest if line < lowest else highest if line > highest else line) / level)
         return ratios
 
-    def record_run_time(self, seconds: float):
-        """A run of plain steps' time per token (from its second token on, as the table times them)."""
-        self.record_time(None, 0, seconds)
+    def record_run(self, steps: int, seconds: Optional[float]):
+        """A run of plain steps ended after `steps` of them; `seconds`: its time per token from its second token on (as
+        the table times them), None where it had too few. Its steps count as taken: a run cut short by an EOS after
+        16 tokens is not 64 steps of fading the estimates (which, in a run that decoded short outputs, faded what
+        each try of drafting had learnt before the next) nor of waiting for a try; and its time counts as that many
+        steps' (recency is counted in steps), so that an old drafting step's time does not stand against it."""
+        if not self.run_watched:  # (the steps of a watched run count as they are chosen one by one)
+            self.since_explored += steps - 1
+            self.fade(steps - 1)
+        if seconds is None:
+            self.age(steps)
+        else:
+            self.record_time(None, 0, seconds, steps=steps)
 
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
         if drafted:

@@ -243,7 +243,7 @@ class Schedule:
         if 0 < self.chosen.popleft() < BLOCK:
             self.times.append(seconds)
 
-    def record_run_time(self, seconds):
+    def record_run(self, steps, seconds):
         pass  # the run's tokens are timed one by one (record_acceptance)
 
     def record_acceptance(self, source, drafted, accepted):
