@@ -53,6 +53,11 @@ SLOPE_PRIOR = 20.0
 # How much faster drafting must look than plain steps to be chosen: plain steps in a row overlap with each other (the
 # next is built while the last computes), which a mix of drafting and plain steps partly gives up.
 MIN_GAIN = 0.03
+# Tries from plain steps: how their measured cost beside their estimate is averaged (TRY_DECAY per try, a prior of
+# 1 counting as TRY_PRIOR_WEIGHT tries), and the most one try may say either way (a slow or fast spell of the machine).
+TRY_DECAY = 0.8
+TRY_PRIOR_WEIGHT = 1.0
+MAX_TRY_PRICE = 3.0
 # What a draft from the model would compute before its first token (drafters.py: unready): (prompt tokens to encode,
 # tokens to catch up on); None where not known (batches).
 Unready = Optional[Tuple[int, int]]
@@ -198,6 +203,13 @@ class AutoDraftLength:
         self.explored = None  # (length tried, the best length before it), until the next choice
         self.unfaded = 1.0  # the fading of plain steps not yet applied to the acceptance (see fade)
         self.run_watched = False  # whether the steps of the last run of plain steps were chosen one by one
+        # What tries from plain steps took over their estimates (their table entries, the drafting steps' ratio and
+        # what the draft model computes first), by the table's time: [mean, weight], the weight recency-weighted over
+        # tries (TRY_DECAY). A lone drafting step among plain ones costs more than the same step among drafting ones
+        # (the draft model's weights and caches cold, the plain steps around it no longer built ahead): 1.3-1.75x
+        # on the demo pair with a draft that is never accepted, where tries then cost 3% of the time, not 2%.
+        self.try_price = [1.0, TRY_PRIOR_WEIGHT]
+        self.pending_try = None  # the estimate of the try chosen last, until its step's time is recorded
 
     def rates(self, sources: Sequence[Optional[str]], top: int, optimism: float = 0.0) -> List[float]:
         """Expected tokens per second (of the table) for k = 0..top: every row's E(k), over T(k). Kept until the
@@ -272,13 +284,19 @@ class AutoDraftLength:
                 # best and drafting is dear, the nearest length that might beat them is a long draft, which costs
                 # a few plain steps when it is rejected early; and a draft model that has not drafted for a while
                 # first catches up (at a prompt's first draft, encodes the prompt), which may cost more than that.
+                # A try from plain steps costs what such tries were measured to cost beside their estimates
+                # (try_price).
                 table = self.table(sources)
-                loss = table[trial] * self.ratio(trial) * (1 - rates[trial] / rates[best])
-                loss += self.setup_seconds(sources, unready) if best == 0 else 0.0
+                step, estimate = table[trial] * self.ratio(trial), None
+                loss = step * (1 - rates[trial] / rates[best])
+                if best == 0:
+                    estimate = step + self.setup_seconds(sources, unready)
+                    loss = self.try_price[0] * estimate - step * rates[trial] / rates[best]
                 budget = EXPLORE_BUDGET * self.since_explored * table[best] * self.ratio(best)
                 if loss <= budget:
                     self.since_explored = 0
                     self.explored = (trial, best)
+                    self.pending_try = estimate
                     return trial
         if best == 0:
             self.fade(1)
@@ -324,6 +342,12 @@ class AutoDraftLength:
         """A step's time: `drafted` drafts from `source` in `seconds`; not `own` where it includes other work (the
         draft model encoding the prompt, prompts joining a batch), which counts for nothing. `steps`: how many steps
         of that time it stands for (a run of plain steps, by its mean), each weighed as one."""
+        if self.pending_try is not None and drafted:  # (timed whether its own or not: its price includes the rest)
+            price = self.try_price
+            price[1] = TRY_DECAY * price[1] + 1.0
+            observed = min(max(seconds / self.factor / self.pending_try, 1.0 / MAX_TRY_PRICE), MAX_TRY_PRICE)
+            price[0] += (observed - price[0]) / price[1]
+        self.pending_try = None
         if not own:
             return
         table = self.costs.get(source) or next(iter(self.costs.values()))
