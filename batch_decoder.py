@@ -91,6 +91,26 @@ def batch_generations(
         limits = [max_tokens - row.generated - 1 for row in active]
         sequences = [row.sequence for row in active]
         num_draft = 0 if regular else draft_length.choose_batch(drafter.sources(sequences), max(limits))
+        if num_draft == 0 and not drafter.reads_tokens:
+            # No draft for any row: plain steps as regular decoding takes them, each built before the last is read,
+            # until the policy asks again (the drafter's rows wait, and catch up at their next draft).
+            run = draft_length.plain_run(max(limits) + 1)
+            if run > 1:
+                active = yield from plain_run(
+                    decoder,
+                    rows,
+                    active,
+                    run,
+                    max_tokens,
+                    ignore_eos,
+                    stats,
+                    drafter,
+                    draft_length,
+                    batch_size,
+                    len(queue),
+                )
+                last_sync = time.perf_counter()
+                continue
         # (B, 4, 2): each row's next key and its draft, accept and extra keys (greedy at delta 0 draws nothing).
         keys = row_keys(mx.stack([row.key for row in active]), 4) if draws else mx.zeros((len(active), 4, 2), mx.uint32)
         lengths, sources = [0] * len(active), [None] * len(active)
@@ -222,15 +242,7 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
         step = None
         if active:
             feed = (feed[0] if len(feed) == 1 else mx.concatenate(feed)).astype(mx.int32)
-            if sampler.greedy:
-                tokens = rows.choices(feed)[:, 0]
-            else:
-                split = row_keys(keys, 4)  # each row's next key and its draft, accept and extra keys, as drafting
-                keys = split[:, 0]
-                empty = mx.zeros((len(active), 0), dtype=mx.int32)
-                tokens = judge_rows(sampler, decoder.delta, rows.decode(feed), empty, None, split[:, 2], split[:, 3])[1]
-                tokens = tokens[:, 0]
-            mx.async_eval(tokens)
+            tokens, keys = plain_step(decoder, rows, feed, keys)
             step = Pending(list(active), tokens)
         if pending is not None:
             # The one synchronisation per step, while the next one computes.
@@ -246,6 +258,79 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
         if step is None:
             return
         pending = step
+
+
+def plain_step(decoder, rows, feed, keys):
+    """A step of every row without drafts, started: (each row's token (B,), still computing; the rows' next keys).
+    `feed`: (B, 1) each row's last token; `keys`: (B, 2) each row's key where the step draws (else None). Its keys are
+    split as a step with drafts splits them (next key, draft, accept and extra keys)."""
+    split = None if keys is None else row_keys(keys, 4)
+    if decoder.sampler.greedy:
+        tokens = rows.choices(feed)[:, 0]
+    else:
+        empty = mx.zeros((feed.shape[0], 0), dtype=mx.int32)
+        tokens = judge_rows(decoder.sampler, decoder.delta, rows.decode(feed), empty, None, split[:, 2], split[:, 3])[1]
+        tokens = tokens[:, 0]
+    mx.async_eval(tokens)
+    return tokens, None if split is None else split[:, 0]
+
+
+def plain_run(decoder, rows, active, run, max_tokens, ignore_eos, stats, drafter, draft_length, batch_size, queued):
+    """Up to `run` plain steps of the batch's `active` rows, as regular decoding takes them: step n + 1 built from step
+    n's tokens before they are read. A row that ends leaves the batch (and the drafter's) before the step after; its
+    tokens are those of as many plain steps taken one by one (the same keys). The run ends early once prompts from
+    the queue (`queued` of them, for a batch of `batch_size`) would join. Yields (prompt index, Generation) for each
+    row that ends; returns the rows that go on, and tells `draft_length` the steps taken and their time."""
+    eos = decoder.model.args.eos_token_id
+    draws = not decoder.sampler.greedy or decoder.delta > 0
+    keys = mx.stack([row.key for row in active]) if draws else None
+    feed = mx.array([row.sequence[-1:] for row in active], dtype=mx.int32)
+    pending: Optional[Pending] = None
+    built, arrivals = 0, []
+    while True:
+        if pending is not None:
+            # Rows that need no step beyond the pending one leave before the next is built.
+            kept = [b for b, row in enumerate(active) if not row.done and row.generated + 1 < max_tokens]
+            if kept:
+                feed = (pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]
+            if len(kept) < len(active):
+                active = [active[b] for b in kept]
+                rows.keep(kept)
+                drafter.keep(kept)
+                keys = keys[mx.array(kept)] if keys is not None and kept else keys
+        step = None
+        if active and built < run and not (built and joins(len(active), batch_size, queued)):
+            tokens, keys = plain_step(decoder, rows, feed, keys)
+            step, built = Pending(list(active), tokens), built + 1
+        if pending is not None:
+            # The one synchronisation per step, while the next one computes.
+            stats.main_calls += 1
+            arrivals.append(time.perf_counter())
+            for row, token in zip(pending.rows, pending.tokens.tolist()):
+                if row.done:
+                    continue
+                record_step(row.stats, draft_length, None, 0, 0, [token])
+                row.sequence.append(token)
+                if row.generated == max_tokens or (not ignore_eos and token == eos):
+                    stats.generated += row.generated
+                    yield row.index, finish(row, decoder.tokenizer)
+        if step is None:
+            break
+        pending = step
+    # The rows that ended at the last step leave; the others keep their keys as they stand after the run.
+    kept = [b for b, row in enumerate(active) if not row.done]
+    if len(kept) < len(active):
+        active = [active[b] for b in kept]
+        rows.keep(kept)
+        drafter.keep(kept)
+        keys = keys[mx.array(kept)] if keys is not None and kept else keys
+    if keys is not None:
+        for b, row in enumerate(active):
+            row.key = keys[b]
+    # Timed from the run's second step on (its first waited alone), as a single row's run.
+    seconds = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) if len(arrivals) > 2 else None
+    draft_length.record_run(len(arrivals), None if seconds is None else decoder.agreed(seconds))
+    return active
 
 
 def make_batch_drafter(decoder):

@@ -87,6 +87,8 @@ def row_keys(keys, count):
 class BatchModelDrafter:
     """A draft model drafting for every row in one forward pass per token; each row at its own length."""
 
+    reads_tokens = False  # whether sources() depends on the tokens so far
+
     def __init__(self, model, sampler: Sampler):
         self.rows = Rows(model)
         self.sampler = sampler
@@ -149,6 +151,8 @@ class RowDrafters:
     Row b's draft is `lengths[b]` tokens long; the padding is never accepted (the decoder caps each row's accepted
     count at its length) and, when sampling, carries q = 0, so the main model's token there is drawn from p itself.
     """
+
+    reads_tokens = True  # (a lookup's source comes and goes with the tokens)
 
     def __init__(self, make_drafter: Callable[[], object], vocab_size: int):
         self.make_drafter = make_drafter

@@ -202,10 +202,10 @@ class Schedule:
     kept by k, unless the round is a warm-up. One step more than the block is taken and not kept: a plain step chooses
     the next step's length before its own time is known.
 
-    Plain steps of one sequence are timed as auto takes them, a run at a time (plain_run): a run has no choice or
+    Plain steps are timed as auto takes them, a run at a time (plain_run), one row or a batch: a run has no choice or
     timing between its steps, and costs less a step than plain steps taken one by one, for which the table would
-    otherwise make drafting look cheap beside them. The run is timed from one token to the next, its first token
-    (which waits for the run's first step alone) dropped."""
+    otherwise make drafting look cheap beside them. The run is timed as the decoding loop times it for auto
+    (record_run: from its second step to its last, the first waiting for its step alone)."""
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
@@ -221,7 +221,6 @@ class Schedule:
         self.count = 0
         self.times: List[float] = []
         self.in_run = False
-        self.stamps: List[float] = []  # when each token of a plain run came
 
     def choose(self, source, limit, unready=None):
         if self.count > BLOCK or self.in_run:
@@ -244,15 +243,13 @@ class Schedule:
             self.times.append(seconds)
 
     def record_run(self, steps, seconds):
-        pass  # the run's tokens are timed one by one (record_acceptance)
+        if seconds is not None:
+            self.times = [seconds] * (steps - 2)  # (its mean over steps - 2 steps)
 
     def record_acceptance(self, source, drafted, accepted):
-        if self.in_run:
-            self.stamps.append(time.perf_counter())
+        pass
 
     def end_block(self):
-        if self.in_run:
-            self.times = list(np.diff(self.stamps[1:]))
         if not self.warm_up and len(self.times) == BLOCK - 1:
             self.seconds[self.k].append(statistics.fmean(self.times))
 

@@ -315,3 +315,76 @@ def test_batched_rows_count_their_drafts_by_source_as_alone(drafter, converted):
         for name in "main_calls", "drafted", "accepted", "lookup_drafted", "lookup_steps":
             if drafter == "hybrid":
                 assert getattr(generation.stats, name) == getattr(alone.stats, name), (prompt, name)
+
+
+class ScriptedRuns(FixedDraftLength):
+    """Draft lengths for a batch's steps from a repeating script. With `run` above 1, a stretch of zeros in it is taken
+    as one run of plain steps (at most `run`); with 1, step by step, as a fixed length takes plain steps. Records each
+    run's steps."""
+
+    def __init__(self, script, run):
+        super().__init__(0)
+        self.script, self.run, self.position, self.runs = script, run, 0, []
+
+    def entry(self, position):
+        return self.script[position % len(self.script)]
+
+    def choose_batch(self, sources, limit, unready=None):
+        self.position += 1
+        return min(self.entry(self.position - 1), limit)
+
+    def plain_run(self, limit, watched=False):
+        zeros = 1
+        while zeros < self.run and self.entry(self.position - 1 + zeros) == 0:
+            zeros += 1
+        return min(zeros, limit)
+
+    def record_run(self, steps, seconds):
+        self.position += steps - 1  # (the steps the run took; the first was chosen)
+        self.runs.append(steps)
+
+
+@pytest.mark.parametrize("setting", ["greedy", "greedy-delta", "t1", "top-p-delta"])
+def test_a_batch_run_of_plain_steps_gives_the_tokens_of_steps_taken_one_by_one(setting):
+    # When no row drafts, the batch takes plain steps as regular decoding does, each built before the last is read,
+    # and rows that end inside a run (at EOS, at max_tokens) leave it. Every row's tokens are those of the same draft
+    # lengths taken step by step, sampling included (each step splits the row's key alike). With prompts joining
+    # (a batch of 3), greedy rows are still each prompt's regular decoding.
+    main_model, draft_model = tiny_pair()
+    decoder = SpeculativeDecoder(
+        main_model, draft_model, CountingTokenizer(12), 3, seed=5, **BATCH_SIZE_SETTINGS[setting]
+    )
+    prompts = ["31415926", "1212121212", "2718281828", "9", "1414", "777777", "22360", "1732050807", "123123123"]
+    script = [2, 0, 0, 0, 0, 0, 3, 0, 1, 0, 0, 0]
+    for ignore_eos in (True, False):
+        for batch_size in (9, 3) if setting == "greedy" else (9,):
+            results = {}
+            for run in (1, 3, 8):
+                policy = ScriptedRuns(script, run)
+                generations = batch_decoder.batch_generations(
+                    decoder, prompts, 14, False, ignore_eos, batch_size, draft_length=policy
+                )
+                results[run] = [g.tokens for _, g in sorted(generations, key=lambda pair: pair[0])]
+                assert bool(policy.runs) == (run > 1), policy.runs
+                assert max(policy.runs, default=0) > 2 or run == 1 or not ignore_eos, policy.runs
+            assert results[3] == results[1] and results[8] == results[1], (ignore_eos, batch_size)
+            if setting == "greedy":
+                assert results[1] == alone(decoder, prompts, max_tokens=14, ignore_eos=ignore_eos, regular=True)
+            lengths = {len(tokens) for tokens in results[1]}
+            assert lengths == {14} if ignore_eos else len(lengths) > 1  # with EOS, rows end at different steps
+
+
+def test_a_batch_that_never_drafts_takes_the_steps_of_regular_batched_decoding():
+    # Plain steps all along, in runs of up to 64: a run ends once prompts would join (a quarter of the batch free), so
+    # the batch stays about as full as regular decoding keeps it, and takes about as many batched steps.
+    main_model, draft_model = tiny_pair()
+    decoder = SpeculativeDecoder(main_model, draft_model, CountingTokenizer(12), 3, seed=5)
+    prompts = ["31415926", "1212121212", "2718281828", "9", "1414", "777777", "22360", "1732050807", "123123123"] * 2
+    for batch_size in (2, 4, 8):
+        regular, plain = Stats(), Stats()
+        expected = [g.tokens for g in decoder.generate_batch(prompts, 20, True, False, batch_size, regular)]
+        generations = batch_decoder.batch_generations(
+            decoder, prompts, 20, False, False, batch_size, plain, draft_length=ScriptedRuns([0], 64)
+        )
+        assert [g.tokens for _, g in sorted(generations, key=lambda pair: pair[0])] == expected
+        assert abs(plain.main_calls - regular.main_calls) <= 1, (batch_size, plain.main_calls, regular.main_calls)

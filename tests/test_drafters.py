@@ -470,12 +470,12 @@ def test_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
 
 
 def test_batch_steps_that_include_other_work_are_not_timed_for_auto(main, drafts):
-    # A step after rows joined the batch includes their prompts' encoding.
+    # A step after rows joined the batch includes their prompts' encoding. Plain steps are a run, timed as a whole.
     model, tokenizer, _ = main
     decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
     policy = decoder.draft_lengths[2] = Scripted([3, 0, 2, 2])
     decoder.generate_batch(PROMPTS[:2], max_tokens=20, ignore_eos=True, batch_size=2)
-    assert policy.times[:4] == [(3, False), (0, True), (2, True), (2, True)], policy.times
+    assert policy.times[:4] == [(3, False), ("run", True), (2, True), (2, True)], policy.times
 
 
 def test_auto_keeps_acceptance_per_source_and_respects_the_limit():

@@ -185,23 +185,46 @@ def test_measured_costs_are_smoothed_along_the_draft_length():
     assert step_costs.smoothed([0.5, 1.0, 0.9]) == [0.5, 1.0, 0.9]
 
 
-def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, monkeypatch):
-    # Plain steps of one sequence are timed through plain_tokens, the run auto takes, from one token to the next: on a
-    # clock that moves only as those tokens come, a quarter of a second each, the table's plain step is that.
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, monkeypatch, batch_size):
+    # Plain steps are timed through the run auto takes (plain_tokens for one row, batch_decoder.plain_run for a
+    # batch), from one token (or batched step) to the next: on a clock that gains a quarter of a second with each, the
+    # table's plain step is that.
+    import batch_decoder
+    import decoder as decoder_module
+
     model, tokenizer, _ = main
     decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft="auto", max_num_draft=3)
-    clock, runs = [0.0], []
-    plain_tokens = SpeculativeDecoder.plain_tokens
+    offset, runs = [0.0], []
+    clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0], monotonic=time.monotonic)
+    if batch_size == 1:
+        plain_tokens = SpeculativeDecoder.plain_tokens
 
-    def ticking(self, token, count, *rest):
-        runs.append(count)
-        for generated in plain_tokens(self, token, count, *rest):
-            clock[0] += 0.25
-            yield generated
+        def ticking(self, token, count, *rest):
+            runs.append(count)
+            for generated in plain_tokens(self, token, count, *rest):
+                offset[0] += 0.25
+                yield generated
 
-    monkeypatch.setattr(SpeculativeDecoder, "plain_tokens", ticking)
-    monkeypatch.setattr(step_costs, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
-    table = step_costs.measure(decoder, "model", 1)
+        monkeypatch.setattr(SpeculativeDecoder, "plain_tokens", ticking)
+        monkeypatch.setattr(decoder_module, "time", clock)
+    else:
+        record_step = batch_decoder.record_step
+
+        def ticking(stats, policy, source, drafted, *rest):
+            offset[0] += 0.0 if drafted else 0.25 / batch_size  # (each row's token of a plain step)
+            return record_step(stats, policy, source, drafted, *rest)
+
+        run = batch_decoder.plain_run
+
+        def counted(decoder, rows, active, steps, *rest):
+            runs.append(steps)
+            return (yield from run(decoder, rows, active, steps, *rest))
+
+        monkeypatch.setattr(batch_decoder, "record_step", ticking)
+        monkeypatch.setattr(batch_decoder, "plain_run", counted)
+        monkeypatch.setattr(batch_decoder, "time", clock)
+    table = step_costs.measure(decoder, "model", batch_size)
     assert runs and set(runs) == {step_costs.BLOCK + 1}
-    assert table[0] == pytest.approx(0.25)
+    assert table[0] == pytest.approx(0.25, abs=0.02)
     assert all(t < 0.25 for t in table[1:])  # drafting steps, on the real clock
