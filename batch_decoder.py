@@ -216,7 +216,7 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
     step n + 1 built from step n's tokens before they are read, as `plain_tokens` does for one row: the host builds
     while the device computes. A row that ends at EOS has had one step more computed, which is dropped. A row's tokens
     are the same at any batch size (greedy: those of its prompt decoded alone)."""
-    eos, sampler = decoder.model.args.eos_token_id, decoder.sampler
+    sampler = decoder.sampler
     active: List[Row] = []  # the rows of the pending step, in its order, then those that joined since
     keys = None  # (B, 2): each active row's next key, where sampling draws
     pending: Optional[Pending] = None
@@ -245,19 +245,28 @@ def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, bat
             tokens, keys = plain_step(decoder, rows, feed, keys)
             step = Pending(list(active), tokens)
         if pending is not None:
-            # The one synchronisation per step, while the next one computes.
-            stats.main_calls += 1
-            for row, token in zip(pending.rows, pending.tokens.tolist()):
-                if row.done:  # ended at the step before (its token here is not used)
-                    continue
-                row.stats.add_step(None, 0, 0)
-                row.sequence.append(token)
-                if row.generated == max_tokens or (not ignore_eos and token == eos):
-                    stats.generated += row.generated
-                    yield row.index, finish(row, decoder.tokenizer)
+            yield from read_step(decoder, pending, max_tokens, ignore_eos, stats)
         if step is None:
             return
         pending = step
+
+
+def read_step(decoder, pending: Pending, max_tokens, ignore_eos, stats, arrivals=None):
+    """The one synchronisation of a plain step of a batch (while the next one computes): each row's token appended to
+    it, and (prompt index, Generation) yielded for each row that ends; `arrivals` gets the time the tokens came."""
+    eos = decoder.model.args.eos_token_id
+    tokens = pending.tokens.tolist()
+    if arrivals is not None:
+        arrivals.append(time.perf_counter())
+    stats.main_calls += 1
+    for row, token in zip(pending.rows, tokens):
+        if row.done:  # ended at the step before (its token here is not used)
+            continue
+        row.stats.add_step(None, 0, 0)
+        row.sequence.append(token)
+        if row.generated == max_tokens or (not ignore_eos and token == eos):
+            stats.generated += row.generated
+            yield row.index, finish(row, decoder.tokenizer)
 
 
 def plain_step(decoder, rows, feed, keys):
@@ -281,7 +290,6 @@ def plain_run(decoder, rows, active, run, max_tokens, ignore_eos, stats, drafter
     tokens are those of as many plain steps taken one by one (the same keys). The run ends early once prompts from
     the queue (`queued` of them, for a batch of `batch_size`) would join. Yields (prompt index, Generation) for each
     row that ends; returns the rows that go on, and tells `draft_length` the steps taken and their time."""
-    eos = decoder.model.args.eos_token_id
     draws = not decoder.sampler.greedy or decoder.delta > 0
     keys = mx.stack([row.key for row in active]) if draws else None
     feed = mx.array([row.sequence[-1:] for row in active], dtype=mx.int32)
@@ -303,17 +311,7 @@ def plain_run(decoder, rows, active, run, max_tokens, ignore_eos, stats, drafter
             tokens, keys = plain_step(decoder, rows, feed, keys)
             step, built = Pending(list(active), tokens), built + 1
         if pending is not None:
-            # The one synchronisation per step, while the next one computes.
-            stats.main_calls += 1
-            arrivals.append(time.perf_counter())
-            for row, token in zip(pending.rows, pending.tokens.tolist()):
-                if row.done:
-                    continue
-                record_step(row.stats, draft_length, None, 0, 0, [token])
-                row.sequence.append(token)
-                if row.generated == max_tokens or (not ignore_eos and token == eos):
-                    stats.generated += row.generated
-                    yield row.index, finish(row, decoder.tokenizer)
+            yield from read_step(decoder, pending, max_tokens, ignore_eos, stats, arrivals)
         if step is None:
             break
         pending = step

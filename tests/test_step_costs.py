@@ -209,11 +209,11 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
         monkeypatch.setattr(SpeculativeDecoder, "plain_tokens", ticking)
         monkeypatch.setattr(decoder_module, "time", clock)
     else:
-        record_step = batch_decoder.record_step
+        read_step = batch_decoder.read_step
 
-        def ticking(stats, policy, source, drafted, *rest):
-            offset[0] += 0.0 if drafted else 0.25 / batch_size  # (each row's token of a plain step)
-            return record_step(stats, policy, source, drafted, *rest)
+        def ticking(*args):
+            offset[0] += 0.25  # (as each batched step's tokens are read)
+            return read_step(*args)
 
         run = batch_decoder.plain_run
 
@@ -221,7 +221,7 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
             runs.append(steps)
             return (yield from run(decoder, rows, active, steps, *rest))
 
-        monkeypatch.setattr(batch_decoder, "record_step", ticking)
+        monkeypatch.setattr(batch_decoder, "read_step", ticking)
         monkeypatch.setattr(batch_decoder, "plain_run", counted)
         monkeypatch.setattr(batch_decoder, "time", clock)
     table = step_costs.measure(decoder, "model", batch_size)
