@@ -4,8 +4,8 @@ The speculative step of decoder.py with a batch dimension: one draft length for 
 own budget, padded to the longest), every row's drafts verified in one forward pass, and each row with its own
 acceptance, cache length, EOS, max_tokens and random stream, so that its tokens do not depend on the batch size. A
 finished row's place goes to the next prompt in the queue (once a quarter of the batch is free). Regular decoding
-builds each step before reading the last (`regular_generations`). The rows' state and drafting for every row:
-batch_rows.py.
+builds each step before reading the last (`plain_steps`), and so does a speculative batch when no row drafts. The
+rows' state and drafting for every row: batch_rows.py.
 """
 
 import time
@@ -74,7 +74,7 @@ def batch_generations(
     keys = mx.random.split(mx.random.key(decoder.seed), max(count, 1))
     seeds = [keys[index] for index in indices]
     if regular:
-        yield from regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, batch_size, stats)
+        yield from plain_steps(decoder, rows, queue, seeds, max_tokens, ignore_eos, batch_size, stats)
         stats.seconds = time.perf_counter() - start
         return
     active: List[Row] = []
@@ -96,18 +96,19 @@ def batch_generations(
             # until the policy asks again (the drafter's rows wait, and catch up at their next draft).
             run = draft_length.plain_run(max(limits) + 1)
             if run > 1:
-                active = yield from plain_run(
+                active = yield from plain_steps(
                     decoder,
                     rows,
-                    active,
-                    run,
+                    queue,
+                    seeds,
                     max_tokens,
                     ignore_eos,
+                    batch_size,
                     stats,
+                    active,
+                    run,
                     drafter,
                     draft_length,
-                    batch_size,
-                    len(queue),
                 )
                 last_sync = time.perf_counter()
                 continue
@@ -211,46 +212,6 @@ class Pending:
     tokens: mx.array
 
 
-def regular_generations(decoder, rows, queue, seeds, max_tokens, ignore_eos, batch_size, stats):
-    """Regular decoding of the queue's prompts, `batch_size` rows at a time, as batch_generations with no drafts, and
-    step n + 1 built from step n's tokens before they are read, as `plain_tokens` does for one row: the host builds
-    while the device computes. A row that ends at EOS has had one step more computed, which is dropped. A row's tokens
-    are the same at any batch size (greedy: those of its prompt decoded alone)."""
-    sampler = decoder.sampler
-    active: List[Row] = []  # the rows of the pending step, in its order, then those that joined since
-    keys = None  # (B, 2): each active row's next key, where sampling draws
-    pending: Optional[Pending] = None
-    while True:
-        # Rows that need no step beyond the pending one (their last token is in it, or they ended) leave first; the
-        # others' last tokens are the pending step's, still computing.
-        ahead = 1 if pending is not None else 0
-        kept = [b for b, row in enumerate(active) if not row.done and row.generated + ahead < max_tokens]
-        feed = []
-        if kept:
-            feed = [(pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]]
-        if len(kept) < len(active):
-            active = [active[b] for b in kept]
-            rows.keep(kept)
-            keys = None if keys is None or not kept else keys[mx.array(kept)]
-        if joins(len(active), batch_size, len(queue)):
-            new_rows = join(decoder, rows, queue, seeds, batch_size - len(active), stats)
-            if not sampler.greedy:
-                joined_keys = mx.stack([row.key for row in new_rows])
-                keys = joined_keys if keys is None else mx.concatenate([keys, joined_keys])
-            active += new_rows
-            feed.append(mx.array([[row.sequence[-1]] for row in new_rows]))
-        step = None
-        if active:
-            feed = (feed[0] if len(feed) == 1 else mx.concatenate(feed)).astype(mx.int32)
-            tokens, keys = plain_step(decoder, rows, feed, keys)
-            step = Pending(list(active), tokens)
-        if pending is not None:
-            yield from read_step(decoder, pending, max_tokens, ignore_eos, stats)
-        if step is None:
-            return
-        pending = step
-
-
 def read_step(decoder, pending: Pending, max_tokens, ignore_eos, stats, arrivals=None):
     """The one synchronisation of a plain step of a batch (while the next one computes): each row's token appended to
     it, and (prompt index, Generation) yielded for each row that ends; `arrivals` gets the time the tokens came."""
@@ -284,30 +245,61 @@ def plain_step(decoder, rows, feed, keys):
     return tokens, None if split is None else split[:, 0]
 
 
-def plain_run(decoder, rows, active, run, max_tokens, ignore_eos, stats, drafter, draft_length, batch_size, queued):
-    """Up to `run` plain steps of the batch's `active` rows, as regular decoding takes them: step n + 1 built from step
-    n's tokens before they are read. A row that ends leaves the batch (and the drafter's) before the step after; its
-    tokens are those of as many plain steps taken one by one (the same keys). The run ends early once prompts from
-    the queue (`queued` of them, for a batch of `batch_size`) would join. Yields (prompt index, Generation) for each
-    row that ends; returns the rows that go on, and tells `draft_length` the steps taken and their time."""
-    draws = not decoder.sampler.greedy or decoder.delta > 0
-    keys = mx.stack([row.key for row in active]) if draws else None
-    feed = mx.array([row.sequence[-1:] for row in active], dtype=mx.int32)
+def plain_steps(
+    decoder,
+    rows,
+    queue,
+    seeds,
+    max_tokens,
+    ignore_eos,
+    batch_size,
+    stats,
+    active: Sequence[Row] = (),
+    run: Optional[int] = None,
+    drafter=None,
+    draft_length=None,
+):
+    """Plain steps of a batch, step n + 1 built from step n's tokens before they are read, as `plain_tokens` does for
+    one row: the host builds while the device computes. Rows that need no step beyond the pending one (their last
+    token is in it, or they ended) leave before the next is built (a row that ends at EOS has had one step more
+    computed, which is dropped), and prompts from the queue join as in batch_generations. Yields (prompt index,
+    Generation) for each row that ends.
+
+    Regular decoding: every prompt of the queue, to the end. A speculative batch whose rows take no draft (`drafter`,
+    `draft_length` given): at most `run` steps of its `active` rows (and those that join), a row's tokens those of as
+    many plain steps taken one at a time (each step splits a row's key alike); returns the rows that go on, and tells
+    `draft_length` the steps taken and their time, joins left out. A row's tokens do not depend on the batch size."""
+    speculative = drafter is not None
+    draws = not decoder.sampler.greedy or (speculative and decoder.delta > 0)
+    active = list(active)  # the rows of the pending step, in its order, then those that joined since
+    keys = mx.stack([row.key for row in active]) if draws and active else None  # (B, 2) each row's next key
     pending: Optional[Pending] = None
-    built, arrivals = 0, []
+    built, arrivals, joining = 0, [], 0.0
     while True:
+        feed = [mx.array([row.sequence[-1:] for row in active])] if active and pending is None else []
         if pending is not None:
-            # Rows that need no step beyond the pending one leave before the next is built.
             kept = [b for b, row in enumerate(active) if not row.done and row.generated + 1 < max_tokens]
             if kept:
-                feed = (pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]
+                feed = [(pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]]
             if len(kept) < len(active):
                 active = [active[b] for b in kept]
                 rows.keep(kept)
-                drafter.keep(kept)
-                keys = keys[mx.array(kept)] if keys is not None and kept else keys
+                if speculative:
+                    drafter.keep(kept)
+                keys = None if keys is None or not kept else keys[mx.array(kept)]
+        going_on = run is None or built < run
+        if going_on and joins(len(active), batch_size, len(queue)):
+            tick = time.perf_counter()
+            new_rows = join(decoder, rows, queue, seeds, batch_size - len(active), stats, drafter)
+            if draws:
+                joined_keys = mx.stack([row.key for row in new_rows])
+                keys = joined_keys if keys is None else mx.concatenate([keys, joined_keys])
+            active += new_rows
+            feed.append(mx.array([[row.sequence[-1]] for row in new_rows]))
+            joining += time.perf_counter() - tick if len(arrivals) > 1 else 0.0  # (within the run's timed steps)
         step = None
-        if active and built < run and not (built and joins(len(active), batch_size, queued)):
+        if active and going_on:
+            feed = (feed[0] if len(feed) == 1 else mx.concatenate(feed)).astype(mx.int32)
             tokens, keys = plain_step(decoder, rows, feed, keys)
             step, built = Pending(list(active), tokens), built + 1
         if pending is not None:
@@ -315,19 +307,22 @@ def plain_run(decoder, rows, active, run, max_tokens, ignore_eos, stats, drafter
         if step is None:
             break
         pending = step
+    if not speculative:
+        return active
     # The rows that ended at the last step leave; the others keep their keys as they stand after the run.
     kept = [b for b, row in enumerate(active) if not row.done]
     if len(kept) < len(active):
         active = [active[b] for b in kept]
         rows.keep(kept)
         drafter.keep(kept)
-        keys = keys[mx.array(kept)] if keys is not None and kept else keys
+        keys = None if keys is None or not kept else keys[mx.array(kept)]
     if keys is not None:
         for b, row in enumerate(active):
             row.key = keys[b]
-    # Timed from the run's second step on (its first waited alone), as a single row's run.
-    seconds = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) if len(arrivals) > 2 else None
-    draft_length.record_run(len(arrivals), None if seconds is None else decoder.agreed(seconds))
+    # Timed from the run's second step on (its first waited alone), as a single row's run, joins left out.
+    steps = len(arrivals)
+    seconds = (arrivals[-1] - arrivals[1] - joining) / (steps - 2) if steps > 2 else None
+    draft_length.record_run(steps, None if seconds is None else decoder.agreed(seconds))
     return active
 
 

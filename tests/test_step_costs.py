@@ -187,8 +187,8 @@ def test_measured_costs_are_smoothed_along_the_draft_length():
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, monkeypatch, batch_size):
-    # Plain steps are timed through the run auto takes (plain_tokens for one row, batch_decoder.plain_run for a
-    # batch), from one token (or batched step) to the next: on a clock that gains a quarter of a second with each, the
+    # Plain steps are timed through the run auto takes (plain_tokens for one row, batch_decoder.plain_steps for
+    # a batch), from one token (or batched step) to the next: on a clock that gains a quarter of a second with each, the
     # table's plain step is that.
     import batch_decoder
     import decoder as decoder_module
@@ -215,14 +215,14 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
             offset[0] += 0.25  # (as each batched step's tokens are read)
             return read_step(*args)
 
-        run = batch_decoder.plain_run
+        plain_steps = batch_decoder.plain_steps
 
-        def counted(decoder, rows, active, steps, *rest):
-            runs.append(steps)
-            return (yield from run(decoder, rows, active, steps, *rest))
+        def counted(*args):
+            runs.append(args[9])  # (its `run`)
+            return (yield from plain_steps(*args))
 
+        monkeypatch.setattr(batch_decoder, "plain_steps", counted)
         monkeypatch.setattr(batch_decoder, "read_step", ticking)
-        monkeypatch.setattr(batch_decoder, "plain_run", counted)
         monkeypatch.setattr(batch_decoder, "time", clock)
     table = step_costs.measure(decoder, "model", batch_size)
     assert runs and set(runs) == {step_costs.BLOCK + 1}
