@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
-from generation import Generation, Stats, count_accepted, detokenizer, record_step, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens
 
 
 @dataclass
@@ -90,7 +90,7 @@ def batch_generations(
         # own max_tokens (the main model adds one token after the drafts), as alone; shorter drafts are padded.
         limits = [max_tokens - row.generated - 1 for row in active]
         sequences = [row.sequence for row in active]
-        num_draft = 0 if regular else draft_length.choose_batch(drafter.sources(sequences), max(limits))
+        num_draft = draft_length.choose_batch(drafter.sources(sequences), max(limits))
         if num_draft == 0 and not drafter.reads_tokens:
             # No draft for any row: plain steps as regular decoding takes them, each built before the last is read,
             # until the policy asks again (the drafter's rows wait, and catch up at their next draft).
@@ -105,10 +105,10 @@ def batch_generations(
                     ignore_eos,
                     batch_size,
                     stats,
-                    active,
-                    run,
-                    drafter,
-                    draft_length,
+                    active=active,
+                    run=run,
+                    drafter=drafter,
+                    draft_length=draft_length,
                 )
                 last_sync = time.perf_counter()
                 continue
@@ -137,10 +137,9 @@ def batch_generations(
         # The one synchronisation per step.
         accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft_tokens.tolist()
         now = time.perf_counter()
-        if not regular:
-            # The step's time is the costlier source's: the draft model's if any row drafted with it.
-            cost_source = "model" if "model" in sources else "lookup" if "lookup" in sources else None
-            draft_length.record_time(cost_source, max(lengths), decoder.agreed(now - last_sync), own=not joined)
+        # The step's time is the costlier source's: the draft model's if any row drafted with it.
+        cost_source = "model" if "model" in sources else "lookup" if "lookup" in sources else None
+        draft_length.record_time(cost_source, max(lengths), decoder.agreed(now - last_sync), own=not joined)
         last_sync = now
         # The run's stats count batched passes; each row's, its own steps.
         stats.main_calls += 1
@@ -151,10 +150,7 @@ def batch_generations(
             row.key = keys[b, 0]
             num_accepted = count_accepted(accepted[b][: lengths[b]])
             new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
-            if regular:
-                row.stats.add_step(None, 0, 0)
-            else:
-                record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, new_tokens)
+            record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, new_tokens)
             stats.drafted += lengths[b]
             stats.accepted += num_accepted
             stats.lookup_drafted += lengths[b] if sources[b] == "lookup" else 0
@@ -166,13 +162,8 @@ def batch_generations(
                 kept.append(b)
         # Rewind every row to its accepted tokens (the newest is fed next step); finished rows leave.
         rows.rewind([len(sequence) - 1 for sequence in sequences])
-        if not regular:
-            drafter.rewind([len(sequence) for sequence in sequences])
-        if len(kept) < len(active):
-            active = [active[b] for b in kept]
-            rows.keep(kept)
-            if not regular:
-                drafter.keep(kept)
+        drafter.rewind([len(sequence) for sequence in sequences])
+        active, _ = keep_rows(active, kept, rows, drafter)
     stats.seconds = time.perf_counter() - start
     decoder.remember_acceptance()
 
@@ -281,12 +272,7 @@ def plain_steps(
             kept = [b for b, row in enumerate(active) if not row.done and row.generated + 1 < max_tokens]
             if kept:
                 feed = [(pending.tokens if len(kept) == len(active) else pending.tokens[mx.array(kept)])[:, None]]
-            if len(kept) < len(active):
-                active = [active[b] for b in kept]
-                rows.keep(kept)
-                if speculative:
-                    drafter.keep(kept)
-                keys = None if keys is None or not kept else keys[mx.array(kept)]
+            active, keys = keep_rows(active, kept, rows, drafter, keys)
         going_on = run is None or built < run
         if going_on and joins(len(active), batch_size, len(queue)):
             tick = time.perf_counter()
@@ -310,20 +296,25 @@ def plain_steps(
     if not speculative:
         return active
     # The rows that ended at the last step leave; the others keep their keys as they stand after the run.
-    kept = [b for b, row in enumerate(active) if not row.done]
-    if len(kept) < len(active):
-        active = [active[b] for b in kept]
-        rows.keep(kept)
-        drafter.keep(kept)
-        keys = None if keys is None or not kept else keys[mx.array(kept)]
+    active, keys = keep_rows(active, [b for b, row in enumerate(active) if not row.done], rows, drafter, keys)
     if keys is not None:
         for b, row in enumerate(active):
             row.key = keys[b]
-    # Timed from the run's second step on (its first waited alone), as a single row's run, joins left out.
-    steps = len(arrivals)
-    seconds = (arrivals[-1] - arrivals[1] - joining) / (steps - 2) if steps > 2 else None
-    draft_length.record_run(steps, None if seconds is None else decoder.agreed(seconds))
+    # Timed as a single row's run, joins left out.
+    seconds = run_seconds(arrivals, joining)
+    draft_length.record_run(len(arrivals), None if seconds is None else decoder.agreed(seconds))
     return active
+
+
+def keep_rows(active: List[Row], kept: List[int], rows, drafter=None, keys=None):
+    """Only the rows at `kept` (indices into `active`, in order) go on: in `rows`, in the `drafter`'s (where given)
+    and in `keys` ((B, 2), where given). Returns (the rows that go on, their keys)."""
+    if len(kept) == len(active):
+        return active, keys
+    rows.keep(kept)
+    if drafter is not None:
+        drafter.keep(kept)
+    return [active[b] for b in kept], None if keys is None or not kept else keys[mx.array(kept)]
 
 
 def make_batch_drafter(decoder):

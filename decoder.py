@@ -19,7 +19,7 @@ import batch_decoder
 import step_costs
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
-from generation import Generation, Stats, count_accepted, detokenizer, record_step, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -328,9 +328,8 @@ class SpeculativeDecoder:
                         ended = not ignore_eos and token == model.args.eos_token_id
                         if ended:
                             break
-                    # The run's steps as taken (an EOS or the drafter may end it early); its time per token from its
-                    # second on (the first waited for its step alone).
-                    seconds = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2) if len(arrivals) > 2 else None
+                    # The run's steps as taken (an EOS or the drafter may end it early), and its time per step.
+                    seconds = run_seconds(arrivals)
                     draft_length.record_run(len(arrivals), None if seconds is None else self.agreed(seconds))
                     if ended:
                         return

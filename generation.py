@@ -79,6 +79,15 @@ def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int,
     draft_length.record_acceptance(source, drafted, min(accepted, len(new_tokens)))
 
 
+def run_seconds(arrivals: List[float], left_out: float = 0.0) -> Optional[float]:
+    """A run of plain steps' time per step, from the times its tokens came (`arrivals`): from its second step to its
+    last (the first waited for its step alone), less `left_out` seconds of other work between them; None where the
+    run had fewer than three steps."""
+    if len(arrivals) < 3:
+        return None
+    return (arrivals[-1] - arrivals[1] - left_out) / (len(arrivals) - 2)
+
+
 def count_accepted(verdicts: List[bool]) -> int:
     """How many drafts are kept: those before the first rejection."""
     return verdicts.index(False) if False in verdicts else len(verdicts)

@@ -217,9 +217,9 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
 
         plain_steps = batch_decoder.plain_steps
 
-        def counted(*args):
-            runs.append(args[9])  # (its `run`)
-            return (yield from plain_steps(*args))
+        def counted(*args, **options):
+            runs.append(options["run"])
+            return (yield from plain_steps(*args, **options))
 
         monkeypatch.setattr(batch_decoder, "plain_steps", counted)
         monkeypatch.setattr(batch_decoder, "read_step", ticking)
