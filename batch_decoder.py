@@ -148,12 +148,19 @@ def batch_generations(
         kept = []
         for b, row in enumerate(active):
             row.key = keys[b, 0]
-            num_accepted = count_accepted(accepted[b][: lengths[b]])
-            new_tokens = step_tokens(drafts[b], num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
-            record_step(row.stats, draft_length, sources[b], lengths[b], num_accepted, new_tokens)
-            stats.drafted += lengths[b]
+            # A row's drafts end at a drafted EOS that ends its output, as alone: what the batch drafted past it
+            # counts as neither drafted nor rejected (counted, each output's end looked like a rejected draft to auto,
+            # whose estimates of later drafts then stopped a batch of translations from drafting as far as paid).
+            row_drafts = drafts[b][: lengths[b]]
+            if not ignore_eos and eos in row_drafts:
+                row_drafts = row_drafts[: row_drafts.index(eos) + 1]
+            drafted = len(row_drafts)
+            num_accepted = count_accepted(accepted[b][:drafted])
+            new_tokens = step_tokens(row_drafts, num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
+            record_step(row.stats, draft_length, sources[b], drafted, num_accepted, new_tokens)
+            stats.drafted += drafted
             stats.accepted += num_accepted
-            stats.lookup_drafted += lengths[b] if sources[b] == "lookup" else 0
+            stats.lookup_drafted += drafted if sources[b] == "lookup" else 0
             row.sequence.extend(new_tokens)
             if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
                 stats.generated += row.generated

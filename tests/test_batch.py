@@ -37,6 +37,38 @@ def test_rows_equal_each_prompt_decoded_alone(variant, converted):
             assert [g.text for g in generations] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
 
 
+def test_rows_whose_drafts_reach_their_end_count_them_as_alone(converted):
+    # A row whose draft runs into the EOS that ends its output drafted up to it, as alone (where the draft model stops
+    # there): the batch's drafts past it are neither drafted nor rejected, in the row's stats and for the policy.
+    class Heard(FixedDraftLength):
+        def __init__(self, num_draft):
+            super().__init__(num_draft)
+            self.heard = []
+
+        def record_acceptance(self, source, drafted, accepted):
+            self.heard.append((drafted, accepted))
+
+    model, tokenizer, _ = load_model(converted("t5-v1_1"))
+    decoder = SpeculativeDecoder(model, perturbed(converted("t5-v1_1"), 0.04, seed=0), tokenizer, num_draft=6)
+    reference = alone(decoder, PROMPTS, max_tokens=24, regular=True, ignore_eos=True)
+    model.args.eos_token_id = reference[0][4]
+    decoder.draft_lengths[1] = single = Heard(6)
+    singles = [decoder.generate(prompt, max_tokens=24) for prompt in PROMPTS]
+    decoder.draft_lengths[3] = batched = Heard(6)
+    generations = decoder.generate_batch(PROMPTS, max_tokens=24, batch_size=3)
+    assert [g.tokens for g in generations] == [g.tokens for g in singles]
+    # Some output ended inside a draft of fewer drafts than asked (the test's point), by an EOS the draft proposed.
+    ended = [g for g in singles if g.tokens[-1] == model.args.eos_token_id]
+    assert ended and any(drafted < 6 and drafted == accepted for drafted, accepted in single.heard)
+    for g, s in zip(generations, singles):
+        assert (g.stats.main_calls, g.stats.drafted, g.stats.accepted) == (
+            s.stats.main_calls,
+            s.stats.drafted,
+            s.stats.accepted,
+        )
+    assert sorted(batched.heard) == sorted(single.heard)
+
+
 @pytest.mark.parametrize("num_draft", [1, 4])
 def test_per_row_drafters_equal_the_batched_draft_model(num_draft, converted, monkeypatch):
     # Any drafter other than the draft model runs one per row (RowDrafters); the draft model run that way must agree.
