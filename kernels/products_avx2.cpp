@@ -278,63 +278,106 @@ void quant_columns_groups(const QuantProduct& p, int n0, int n1) {
   }
 }
 
-// Packed weights (products.h): R rows x one block of 16 columns (two vectors) from column n on, over all of K. Per k
-// the block's 16 weights are two vectors and each row's x[k] one broadcast, each multiply-add into its own
-// accumulator, so that every output is summed over k in order whatever R is.
-template <WeightType WT, int R>
+// Packed weights (products.h): R rows x B blocks of 16 columns from column n on, over all of K. Per k each block's 16
+// weights are two vectors and each row's x[k] one broadcast, each multiply-add into its own accumulator, so that every
+// output is summed over k in order whatever R and B are. bfloat16 weights widen with one instruction per vector: a
+// 32-bit word holds the block's columns 2i and 2i + 1, so shifting it left by 16 gives the even columns and masking
+// its low half the odd ones; the two sets are put back in column order once, at the end. Few rows take several
+// blocks at a time: one row's two accumulators alone would wait on the multiply-add's latency at every k.
+template <WeightType WT, int R, int B>
 void packed_tile(const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
-  __m256 acc[R][2];
+  __m256 acc[R][B][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++) {
-    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) {
+      acc[r][b][0] = acc[r][b][1] = _mm256_setzero_ps();
+    }
   }
-  const size_t first = packed_index(n, 0, K);
+  const size_t first = packed_index(n, 0, K), block = size_t(K) * kPackColumns;
+  const __m256i high_halves = _mm256_set1_epi32(int(0xffff0000u));
   for (int k = 0; k < K; k++) {
-    const size_t index = first + size_t(k) * kPackColumns;
-    __m256 low, high;
-    if constexpr (WT == kPackedFloat32) {
-      low = _mm256_loadu_ps(static_cast<const float*>(w) + index);
-      high = _mm256_loadu_ps(static_cast<const float*>(w) + index + 8);
-    } else {
-      const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + index));
-      low = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(both)), 16));
-      high = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(both, 1)), 16));
-    }
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) {
+      const size_t index = first + b * block + size_t(k) * kPackColumns;
+      __m256 low, high;  // columns 0-7 and 8-15, or (bfloat16) the even and the odd columns
+      if constexpr (WT == kPackedFloat32) {
+        low = _mm256_loadu_ps(static_cast<const float*>(w) + index);
+        high = _mm256_loadu_ps(static_cast<const float*>(w) + index + 8);
+      } else {
+        const __m256i words =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + index));
+        low = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+        high = _mm256_castsi256_ps(_mm256_and_si256(words, high_halves));
+      }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-      const __m256 xv = _mm256_broadcast_ss(x + size_t(r) * ldx + k);
-      acc[r][0] = _mm256_fmadd_ps(xv, low, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xv, high, acc[r][1]);
+      for (int r = 0; r < R; r++) {
+        const __m256 xv = _mm256_broadcast_ss(x + size_t(r) * ldx + k);
+        acc[r][b][0] = _mm256_fmadd_ps(xv, low, acc[r][b][0]);
+        acc[r][b][1] = _mm256_fmadd_ps(xv, high, acc[r][b][1]);
+      }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++) {
-    _mm256_storeu_ps(out + size_t(r) * ldo + n, acc[r][0]);
-    _mm256_storeu_ps(out + size_t(r) * ldo + n + 8, acc[r][1]);
+#pragma GCC unroll 4
+    for (int b = 0; b < B; b++) {
+      float* o = out + size_t(r) * ldo + n + b * kPackColumns;
+      __m256 first_half = acc[r][b][0], second_half = acc[r][b][1];
+      if constexpr (WT != kPackedFloat32) {
+        // (even, odd) per 128-bit lane: columns 0-3 | 8-11 and 4-7 | 12-15, then the halves in order.
+        const __m256 lows = _mm256_unpacklo_ps(acc[r][b][0], acc[r][b][1]);
+        const __m256 highs = _mm256_unpackhi_ps(acc[r][b][0], acc[r][b][1]);
+        first_half = _mm256_permute2f128_ps(lows, highs, 0x20);
+        second_half = _mm256_permute2f128_ps(lows, highs, 0x31);
+      }
+      _mm256_storeu_ps(o, first_half);
+      _mm256_storeu_ps(o + 8, second_half);
+    }
   }
 }
 
-// packed_tile for `rows` (1 to R) rows, the count made a template's.
+// `blocks` blocks from column n on for R rows: as many blocks at a time as R leaves registers for (12 accumulators
+// at most, beside the two weight vectors and a broadcast: 16 registers).
+template <WeightType WT, int R>
+void packed_blocks(const float* x, int ldx, int K, const void* w, int n, int blocks, float* out, int ldo) {
+  constexpr int kMostBlocks = R == 1 ? 4 : R == 2 ? 2 : 1;
+  for (int b = 0; b < blocks;) {
+    const int column = n + b * kPackColumns;
+    if (kMostBlocks >= 4 && blocks - b >= 4) {
+      packed_tile<WT, R, (kMostBlocks >= 4 ? 4 : 1)>(x, ldx, K, w, column, out, ldo);
+      b += 4;
+    } else if (kMostBlocks >= 2 && blocks - b >= 2) {
+      packed_tile<WT, R, (kMostBlocks >= 2 ? 2 : 1)>(x, ldx, K, w, column, out, ldo);
+      b += 2;
+    } else {
+      packed_tile<WT, R, 1>(x, ldx, K, w, column, out, ldo);
+      b += 1;
+    }
+  }
+}
+
+// packed_blocks for `rows` (1 to R) rows, the count made a template's.
 template <WeightType WT, int R = 6>
-void packed_rows(int rows, const float* x, int ldx, int K, const void* w, int n, float* out, int ldo) {
+void packed_rows(int rows, const float* x, int ldx, int K, const void* w, int n, int blocks, float* out, int ldo) {
   if constexpr (R > 1) {
     if (rows < R) {
-      return packed_rows<WT, R - 1>(rows, x, ldx, K, w, n, out, ldo);
+      return packed_rows<WT, R - 1>(rows, x, ldx, K, w, n, blocks, out, ldo);
     }
   }
-  packed_tile<WT, R>(x, ldx, K, w, n, out, ldo);
+  packed_blocks<WT, R>(x, ldx, K, w, n, blocks, out, ldo);
 }
 
-// Columns [n0, n1) (multiples of 16) of packed weights: each block of 16 columns for groups of up to 6 rows in turn
-// (12 accumulators, the block's two vectors and a broadcast fill the 16 registers).
+// Columns [n0, n1) (multiples of 16) of packed weights: four blocks (64 columns) at a time, each for groups of up to 6
+// rows in turn (12 accumulators, two weight vectors and a broadcast fill the 16 registers).
 template <WeightType WT>
 void packed_columns(const FloatProduct& p, int n0, int n1) {
-  for (int n = n0; n < n1; n += kPackColumns) {
+  constexpr int kChunk = 4 * kPackColumns;
+  for (int n = n0; n < n1; n += kChunk) {
+    const int blocks = min_int(kChunk, n1 - n) / kPackColumns;
     for (int r = 0; r < p.rows;) {
       const int R = min_int(6, p.rows - r);
-      const float* x = p.x + size_t(r) * p.ldx;
-      float* out = p.out + size_t(r) * p.N;
-      packed_rows<WT>(R, x, p.ldx, p.K, p.w, n, out, p.N);
+      packed_rows<WT>(R, p.x + size_t(r) * p.ldx, p.ldx, p.K, p.w, n, blocks, p.out + size_t(r) * p.N, p.N);
       r += R;
     }
   }

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(kernels.native is None, reason=f"native kernels 
 ISAS = ["portable", "avx2", "avx512"]
 FLOAT_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 # 1-16 rows take one pass over the weights (bfloat16 weights with float32 x: 1-12), more rows several blocks; packed
-# weights take 1-4, 5-8, 9-12 and 13-16 rows with 4, 3, 2 and 1 blocks of 16 columns at a time.
+# weights take 1-4, 5-8, 9-12 and 13-16 rows with 4, 3, 2 and 1 blocks of 16 columns at a time (AVX2: groups of up to
+# 6 rows, one row with 4 blocks, two with 2, more with 1).
 ROWS = [1, 2, 3, 5, 8, 9, 11, 12, 13, 16, 17, 40, 600]
 
 
@@ -280,7 +281,8 @@ def products(isa):
         out.append((f"{dtype}", lambda x, w=w: kernels.native.decode_matmul(x.astype(w.dtype), w)))
         out.append((f"{dtype} float32 x", lambda x, w=w: kernels.native.decode_matmul(x, w)))
         if dtype in kernels.PACKED:
-            packed = kernels.pack(mx.array(rng.standard_normal((48, K)).astype(np.float32)).astype(dtype))
+            # 5 blocks of 16 columns: one row takes 4 blocks at a time on AVX2, then 1; two rows 2, 2 and 1.
+            packed = kernels.pack(mx.array(rng.standard_normal((80, K)).astype(np.float32)).astype(dtype))
             out.append((f"packed {dtype}", lambda x, w=packed: kernels.native.decode_matmul(x, w)))
             if dtype == mx.bfloat16:
                 product = lambda x, w=packed: kernels.native.decode_matmul(x.astype(mx.bfloat16), w)  # noqa: E731
