@@ -7,6 +7,10 @@ benchmarks/end_to_end.py uses this for its batched rows and experiments/run.py f
 measures the demo pair:
 
     python -m benchmarks.batch_sizes --batch-sizes 1 2 4 8 16 --out benchmark_out
+
+Several draft lengths side by side (`auto` among them), each prompt decoded to its EOS as a user's would be:
+
+    python -m benchmarks.batch_sizes --pairs demo --batch-sizes 8 --prompts 48 --eos --num-draft 4 6 8 auto
 """
 
 import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
@@ -26,14 +30,14 @@ BATCH_SIZES = [1, 2, 4, 8, 16]
 PAUSE = 0.5  # seconds between timed runs: the BLAS threads of the run before stop spinning
 
 
-def batch_methods(decoder, prompts, max_tokens, batch_sizes, kinds=("regular", "speculative")):
+def batch_methods(decoder, prompts, max_tokens, batch_sizes, kinds=("regular", "speculative"), ignore_eos=True):
     """name -> fn() returning (seconds, tokens of every prompt): each kind one at a time and at each batch size."""
 
     def one_at_a_time(regular):
         def run():
             start = time.perf_counter()
             tokens = [
-                decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True).tokens
+                decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=ignore_eos).tokens
                 for prompt in prompts
             ]
             return time.perf_counter() - start, tokens
@@ -44,7 +48,12 @@ def batch_methods(decoder, prompts, max_tokens, batch_sizes, kinds=("regular", "
         def run():
             stats = Stats()
             generations = decoder.generate_batch(
-                prompts, max_tokens=max_tokens, regular=regular, ignore_eos=True, batch_size=batch_size, stats=stats
+                prompts,
+                max_tokens=max_tokens,
+                regular=regular,
+                ignore_eos=ignore_eos,
+                batch_size=batch_size,
+                stats=stats,
             )
             return stats.seconds, [generation.tokens for generation in generations]
 
@@ -74,12 +83,40 @@ def rounds(methods, repeats, warm_up):
     return {name: (statistics.median(t), tokens[name]) for name, t in times.items()}
 
 
-def measure(model, draft_model, tokenizer, prompts, num_draft, max_tokens, batch_sizes, repeats, pair="pair"):
-    """Rows of (pair, method, batch_size (0: one at a time), tokens/s, speedups, same tokens), measured in one run."""
-    decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=num_draft)
-    kinds = ("regular", "speculative") if draft_model is not None else ("regular",)
-    methods = batch_methods(decoder, prompts, max_tokens, batch_sizes, kinds)
-    warm_up = batch_methods(decoder, prompts[:2], 4, batch_sizes, kinds)
+def speculative_name(num_draft, num_drafts) -> str:
+    """A speculative method's name: "speculative", or with its draft length where several are measured."""
+    return (
+        "speculative" if len(num_drafts) == 1 else f"speculative {'auto' if num_draft == 'auto' else f'k={num_draft}'}"
+    )
+
+
+def measure(
+    model,
+    draft_model,
+    tokenizer,
+    prompts,
+    num_draft,
+    max_tokens,
+    batch_sizes,
+    repeats,
+    pair="pair",
+    ignore_eos=True,
+):
+    """Rows of (pair, method, batch_size (0: one at a time), tokens/s, speedups, same tokens), measured in one run.
+    `num_draft`: a draft length ("auto" included), or a list of them, each a speculative method of its own."""
+    num_drafts = list(num_draft) if isinstance(num_draft, (list, tuple)) else [num_draft]
+    regular = SpeculativeDecoder(model, None, tokenizer)
+    methods = batch_methods(regular, prompts, max_tokens, batch_sizes, ("regular",), ignore_eos)
+    warm_up = batch_methods(regular, prompts[:2], 4, batch_sizes, ("regular",), ignore_eos)
+    for length in num_drafts if draft_model is not None else []:
+        decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=length)
+        name = speculative_name(length, num_drafts)
+        for (_, size), fn in batch_methods(
+            decoder, prompts, max_tokens, batch_sizes, ("speculative",), ignore_eos
+        ).items():
+            methods[(name, size)] = fn
+        for (_, size), fn in batch_methods(decoder, prompts[:2], 4, batch_sizes, ("speculative",), ignore_eos).items():
+            warm_up[(name, size)] = fn
     runs = rounds(methods, repeats, warm_up)
     reference = runs[("regular", 0)][1]
     generated = sum(len(tokens) for tokens in reference)
@@ -92,8 +129,8 @@ def measure(model, draft_model, tokenizer, prompts, num_draft, max_tokens, batch
                 method=kind,
                 batch_size=batch_size,
                 prompts=len(prompts),
-                tokens_per_prompt=max_tokens,
-                num_draft=num_draft if kind == "speculative" else 0,
+                tokens_per_prompt=max_tokens if ignore_eos else round(generated / len(prompts), 2),
+                num_draft=next((n for n in num_drafts if speculative_name(n, num_drafts) == kind), 0),
                 median_seconds=round(seconds, 4),
                 tokens_per_second=round(speed, 2),
                 vs_one_at_a_time=round(runs[(kind, 0)][0] / seconds, 3),
@@ -163,11 +200,11 @@ def growing_cache():
 
 
 def print_rows(rows):
-    print(f"{'pair':<28}{'method':<13}{'batch':>7}{'tok/s':>9}{'vs alone':>10}{'vs regular':>12}  same tokens")
+    print(f"{'pair':<28}{'method':<20}{'batch':>7}{'tok/s':>9}{'vs alone':>10}{'vs regular':>12}  same tokens")
     for row in rows:
         batch = row["batch_size"] or "alone"
         print(
-            f"{row['pair']:<28}{row['method']:<13}{batch:>7}{row['tokens_per_second']:>9.1f}"
+            f"{row['pair']:<28}{row['method']:<20}{batch:>7}{row['tokens_per_second']:>9.1f}"
             f"{row['vs_one_at_a_time']:>9.2f}x{row['vs_regular_same_batch']:>11.2f}x  {row['same_tokens']}"
         )
 
@@ -195,7 +232,8 @@ def plot(rows, path, description):
     pairs = list(dict.fromkeys(row["pair"] for row in rows))
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
-        for kind, color in (("regular", "tab:blue"), ("speculative", "tab:orange")):
+        kinds = list(dict.fromkeys(row["method"] for row in rows if row["pair"] == pair))
+        for kind, color in zip(kinds, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]):
             points = [row for row in rows if row["pair"] == pair and row["method"] == kind]
             batched = sorted((row["batch_size"], row["tokens_per_second"]) for row in points if row["batch_size"])
             if batched:
@@ -253,7 +291,17 @@ def main(argv=None):
     parser.add_argument("--pairs", nargs="+", default=["demo", "base-small"], help="Pairs to measure: demo, base-small")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=BATCH_SIZES, help="Batch sizes to measure")
     parser.add_argument("--prompts", type=int, default=16, help="Prompts decoded by every method")
-    parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt (EOS ignored)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt (EOS ignored unless --eos)")
+    parser.add_argument(
+        "--eos", action="store_true", help="Decode each prompt to its EOS (at most --max-tokens), as a user's would be"
+    )
+    parser.add_argument(
+        "--num-draft",
+        nargs="+",
+        default=None,
+        help="Draft lengths to measure, each a speculative method of its own (a number, or auto; default: the pair's "
+        "own length)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="Timed rounds of every method in turn")
     parser.add_argument("--out", type=Path, default=Path("benchmark_out"), help="Directory for the CSV, JSON, plot")
     args = parser.parse_args(argv)
@@ -261,6 +309,11 @@ def main(argv=None):
         parser.exit(2, "error: --batch-sizes, --prompts, --max-tokens and --repeats must be at least 1\n")
     if not set(args.pairs) <= {"demo", "base-small"}:
         parser.exit(2, f"error: unknown pair in --pairs {' '.join(args.pairs)}; choose from demo, base-small\n")
+    num_drafts = None
+    if args.num_draft:
+        if not all(value == "auto" or (value.isdigit() and int(value) >= 1) for value in args.num_draft):
+            parser.exit(2, f"error: --num-draft takes numbers from 1 up or auto, got {' '.join(args.num_draft)}\n")
+        num_drafts = [value if value == "auto" else int(value) for value in args.num_draft]
     rows = []
     for name in args.pairs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -271,15 +324,17 @@ def main(argv=None):
             draft_model,
             tokenizer,
             prompts,
-            num_draft,
+            num_drafts or num_draft,
             args.max_tokens,
             args.batch_sizes,
             args.repeats,
             description,
+            ignore_eos=not args.eos,
         )
         print_rows(rows)
     paths = write_rows(rows, args.out)
-    paths.append(plot(rows, args.out / "batch_size.png", f"{args.prompts} prompts x {args.max_tokens} tokens each"))
+    tokens = f"to the EOS (at most {args.max_tokens} tokens)" if args.eos else f"{args.max_tokens} tokens each"
+    paths.append(plot(rows, args.out / "batch_size.png", f"{args.prompts} prompts, {tokens}"))
     print("wrote " + ", ".join(str(path) for path in paths if path))
 
 
