@@ -3,13 +3,16 @@ acceptance from earlier runs, both kept in a user cache directory.
 
 Step costs: the first time a combination of main model, draft (model or lookup), dtype, kernels, thread count, batch
 size and project and MLX versions is used, the decoding loop itself is timed for a second or two: steps of k drafts for
-k = 0..max, a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a few
-rounds, each step's time from one host synchronisation to the next (plain steps of one sequence: a run of them, from one
-token to the next). A first round warms up untimed (first runs of each shape are slow); each block's mean step time
-counts once (plain steps in a row alternate long and short, as each is built while the one before computes), and the
-median of the blocks per k, smoothed along k, is kept, keyed by all of the above; a change of any of them measures
-again. Beside the table, what a draft model's step costs beyond it, per token (setup_costs): encoding the prompt at
-its first draft, and catching up on tokens after plain steps.
+k = 0..max (where a round of them all would outlast BUDGET, a large model: k = 0 and seven lengths up to max,
+measured_lengths), a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a
+few rounds (one where a round takes seconds), each step's time from one host synchronisation to the next (plain steps
+of one sequence: a run of them, from one token to the next). A first round warms up untimed (first runs of each shape
+are slow), plain steps and the longest drafts first, which tell how long a round takes; each block's mean step time
+counts once (plain steps in a row alternate long and short, as each is built while the one
+before computes), and the median of the blocks per k, smoothed along k (the lengths between those measured read off
+the same curve), is kept, keyed by all of the above; a change of any of them measures again. Beside the table, what
+a draft model's step costs beyond it, per token (setup_costs): encoding the prompt at its first draft, and catching
+up on tokens after plain steps.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
@@ -55,6 +58,10 @@ PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
 MIN_ROUNDS, MAX_ROUNDS = 3, 8  # timed rounds, after one untimed warm-up round
 BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
+# Seconds of measuring after which no further round starts at all (one timed round is always taken): a t5-base step of
+# 15 drafts takes a tenth of a second, and three rounds of every length once took 26 s before its first token.
+MAX_BUDGET = 4.0
+MEASURED_LENGTHS = 8  # the most draft lengths from 1 up that are timed; the others come from the curve through them
 SETUP_REPEATS = 7  # timed repeats of each case of setup_costs, after one untimed
 CATCH_UP = 32  # tokens a draft model catches up on in setup_costs
 SETUP = ("encode", "catch_up")
@@ -209,10 +216,16 @@ class Schedule:
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
-        self.seconds: Dict[int, List[float]] = {k: [] for k in range(max_num_draft + 1)}
+        self.lengths = measured_lengths(max_num_draft)
+        self.seconds: Dict[int, List[float]] = {k: [] for k in self.lengths}
 
     def round(self, warm_up: bool = False):
         self.warm_up = warm_up
+
+    def time_every_length(self):
+        """Time every length from 0 to the longest, not only measured_lengths'."""
+        self.lengths = list(range(self.max_num_draft + 1))
+        self.seconds = {k: self.seconds.get(k, []) for k in self.lengths}
 
     def block(self, k: int):
         """Start the block of k drafts a step."""
@@ -254,21 +267,35 @@ class Schedule:
             self.seconds[self.k].append(statistics.fmean(self.times))
 
     def table(self) -> List[float]:
-        return smoothed([statistics.median(times) for _, times in sorted(self.seconds.items())])
+        return smoothed([statistics.median(self.seconds[k]) for k in self.lengths], self.lengths)
 
 
-def smoothed(table: List[float]) -> List[float]:
-    """Measured step times (k = 0..max) with their noise evened out. From one draft on, a step's cost grows smoothly
-    with its drafts (the draft's steps one by one, the verification's rows together), so those are a least-squares
-    quadratic in k through the measurements, kept non-decreasing; plain steps (k = 0, which overlap each other) stay as
+def measured_lengths(max_num_draft: int) -> List[int]:
+    """The draft lengths whose steps are timed: 0, and every one up to MEASURED_LENGTHS drafts; beyond, 1, 2 and 3 and
+    the rest spread evenly up to the longest (for 15: 1, 2, 3, 6, 9, 12 and 15)."""
+    if max_num_draft <= MEASURED_LENGTHS:
+        return list(range(max_num_draft + 1))
+    spread = MEASURED_LENGTHS - 3
+    return [0, 1, 2, 3] + sorted({round(3 + (max_num_draft - 3) * i / (spread - 1)) for i in range(1, spread)})
+
+
+def smoothed(table: List[float], lengths: Optional[List[int]] = None) -> List[float]:
+    """Measured step times of `lengths` drafts (by default k = 0..len(table) - 1; 0 among them) as the table for k =
+    0..max, their noise evened out. From one draft on, a step's cost grows smoothly with its drafts (the draft's steps
+    one by one, the verification's rows together), so those are a least-squares quadratic in k through the
+    measurements, kept non-decreasing, and read at every k; plain steps (k = 0, which overlap each other) stay as
     measured. Single blocks of a busy machine would otherwise make one length look cheaper than its neighbours and be
     chosen for it."""
+    lengths = list(range(len(table))) if lengths is None else lengths
+    measured = dict(zip(lengths, table))
+    top = max(lengths)
     if len(table) < 5:
-        return table
-    ks = np.arange(1, len(table))
-    fitted = np.polyval(np.polyfit(ks, np.array(table[1:]), 2), ks)
-    fitted = np.maximum.accumulate(np.maximum(fitted, min(table[1:])))
-    return [table[0]] + [float(t) for t in fitted]
+        return [measured[k] for k in range(top + 1)]  # (every length is measured up to MEASURED_LENGTHS)
+    ks = np.array([k for k in lengths if k])
+    times = np.array([measured[k] for k in ks])
+    fitted = np.polyval(np.polyfit(ks, times, 2), np.arange(1, top + 1))
+    fitted = np.maximum.accumulate(np.maximum(fitted, times.min()))
+    return [measured[0]] + [float(t) for t in fitted]
 
 
 class RepeatDrafter:
@@ -301,32 +328,55 @@ def measure(decoder, source: str, batch_size: int) -> List[float]:
     prompt_ids = mx.array(decoder.tokenizer(PROMPT).input_ids)[None]
     start = time.perf_counter()
     rounds = 0
-    # Every rank of a sharded model runs the same rounds (their steps wait for each other).
-    while rounds <= MIN_ROUNDS or (rounds <= MAX_ROUNDS and decoder.agree_all(time.perf_counter() - start < BUDGET)):
-        schedule.round(warm_up=rounds == 0)
-        if rounds == 1:
-            start = time.perf_counter()
-        for k in range(decoder.max_num_draft + 1):
-            schedule.block(k)
-            if batch_size == 1:
-                drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
-            elif source == "lookup":
-                drafter = RowDrafters(RepeatDrafter, decoder.model.args.vocab_size)
-            else:
-                drafter = BatchModelDrafter(decoder.draft_model, decoder.sampler)
-            # Decoding without end (EOS ignored, no token limit) until the block is through.
-            if batch_size == 1:
-                steps = decoder.speculative_tokens(prompt_ids, 1 << 30, True, Stats(), drafter, schedule)
-            else:
-                steps = batch_decoder.batch_generations(
-                    decoder, [PROMPT] * batch_size, 1 << 30, False, True, batch_size, Stats(), drafter, schedule
-                )
-            try:
-                for _ in steps:
-                    pass
-            except Done:
+
+    def going_on() -> bool:
+        # (Every rank of a sharded model runs the same rounds: their steps wait for each other.)
+        if rounds <= 1:  # the warm-up round and one timed round
+            return True
+        elapsed = time.perf_counter() - start
+        wanted = (rounds <= MIN_ROUNDS and elapsed < MAX_BUDGET) or (rounds <= MAX_ROUNDS and elapsed < BUDGET)
+        return decoder.agree_all(wanted)
+
+    def block(k: int):
+        schedule.block(k)
+        if batch_size == 1:
+            drafter = RepeatDrafter() if source == "lookup" else ModelDrafter(decoder.draft_model, decoder.sampler)
+        elif source == "lookup":
+            drafter = RowDrafters(RepeatDrafter, decoder.model.args.vocab_size)
+        else:
+            drafter = BatchModelDrafter(decoder.draft_model, decoder.sampler)
+        # Decoding without end (EOS ignored, no token limit) until the block is through.
+        if batch_size == 1:
+            steps = decoder.speculative_tokens(prompt_ids, 1 << 30, True, Stats(), drafter, schedule)
+        else:
+            steps = batch_decoder.batch_generations(
+                decoder, [PROMPT] * batch_size, 1 << 30, False, True, batch_size, Stats(), drafter, schedule
+            )
+        try:
+            for _ in steps:
                 pass
-            schedule.end_block()
+        except Done:
+            pass
+        schedule.end_block()
+
+    top = decoder.max_num_draft
+    while going_on():
+        schedule.round(warm_up=rounds == 0)
+        if rounds == 0:
+            # The warm-up round: plain steps and the longest drafts first. Where a round of every length would fit
+            # the budget (a small model), every length is timed; else those measured_lengths picks.
+            tick = time.perf_counter()
+            block(0)
+            block(top)
+            if decoder.agree_all((time.perf_counter() - tick) * (top + 1) / 2 <= BUDGET):
+                schedule.time_every_length()
+                for k in range(1, top):
+                    block(k)
+        else:
+            if rounds == 1:
+                start = time.perf_counter()
+            for k in schedule.lengths:
+                block(k)
         rounds += 1
     return schedule.table()
 

@@ -228,3 +228,46 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
     assert runs and set(runs) == {step_costs.BLOCK + 1}
     assert table[0] == pytest.approx(0.25, abs=0.02)
     assert all(t < 0.25 for t in table[1:])  # drafting steps, on the real clock
+
+
+def test_long_drafts_are_read_off_the_curve_through_those_measured():
+    # Fifteen drafts: eight lengths timed (plain steps, 1-3 and four spread up to 15); an exact quadratic through
+    # them gives every length's entry.
+    lengths = step_costs.measured_lengths(15)
+    assert lengths == [0, 1, 2, 3, 6, 9, 12, 15]
+    assert step_costs.measured_lengths(8) == list(range(9))
+    quadratic = [0.5] + [1.0 + 0.2 * k + 0.01 * k * k for k in range(1, 16)]
+    assert step_costs.smoothed([quadratic[k] for k in lengths], lengths) == pytest.approx(quadratic, rel=1e-9)
+
+
+@pytest.mark.parametrize("seconds_a_call", [0.0, 10.0])
+def test_rounds_of_measuring_stop_where_a_round_takes_seconds(main, drafts, monkeypatch, seconds_a_call):
+    # The warm-up round takes plain steps and the longest drafts first. A round that takes seconds (a large model: here
+    # a clock that gains ten seconds at each reading) times the lengths measured_lengths picks, once; a fast one
+    # (the demo pair) warms up and times every length, at least three times.
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft="auto", max_num_draft=12)
+    blocks = []
+    block = step_costs.Schedule.block
+
+    def recorded(self, k):
+        blocks.append((self.warm_up, k))
+        return block(self, k)
+
+    offset = [0.0]
+
+    def perf_counter():
+        offset[0] += seconds_a_call
+        return time.perf_counter() + offset[0]
+
+    monkeypatch.setattr(step_costs.Schedule, "block", recorded)
+    monkeypatch.setattr(step_costs, "time", SimpleNamespace(perf_counter=perf_counter))
+    table = step_costs.measure(decoder, "model", 1)
+    assert len(table) == 13 and all(t > 0 for t in table)
+    lengths = step_costs.measured_lengths(12) if seconds_a_call else list(range(13))
+    warmed = [k for warm_up, k in blocks if warm_up]
+    assert warmed == [0, 12] if seconds_a_call else warmed == [0, 12] + list(range(1, 12))
+    timed = [k for warm_up, k in blocks if not warm_up]
+    assert len(timed) % len(lengths) == 0 and timed[: len(lengths)] == lengths
+    rounds = len(timed) // len(lengths)
+    assert rounds == 1 if seconds_a_call else rounds >= step_costs.MIN_ROUNDS
