@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
-from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens, until_stop
 
 
 @dataclass
@@ -68,6 +68,7 @@ def batch_generations(
         drafter = drafter or make_batch_drafter(decoder)
     start = time.perf_counter()
     model, eos = decoder.model, decoder.model.args.eos_token_id
+    stop = None if ignore_eos else eos  # (a token after which nothing is used)
     rows = Rows(model)
     queue = deque(enumerate(prompts))
     indices, count = streams or (range(len(prompts)), len(prompts))
@@ -151,9 +152,7 @@ def batch_generations(
             # A row's drafts end at a drafted EOS that ends its output, as alone: what the batch drafted past it
             # counts as neither drafted nor rejected (counted, each output's end looked like a rejected draft to auto,
             # whose estimates of later drafts then stopped a batch of translations from drafting as far as paid).
-            row_drafts = drafts[b][: lengths[b]]
-            if not ignore_eos and eos in row_drafts:
-                row_drafts = row_drafts[: row_drafts.index(eos) + 1]
+            row_drafts = until_stop(drafts[b][: lengths[b]], stop)
             drafted = len(row_drafts)
             num_accepted = count_accepted(accepted[b][:drafted])
             new_tokens = step_tokens(row_drafts, num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)

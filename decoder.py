@@ -19,7 +19,7 @@ import batch_decoder
 import step_costs
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
-from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens, until_stop
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -355,8 +355,7 @@ class SpeculativeDecoder:
             accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
-            if stop in drafts:  # a draft ends at an EOS that would end the output: nothing after it is used
-                drafts = drafts[: drafts.index(stop) + 1]
+            drafts = until_stop(drafts, stop)
             num_accepted = min(count_accepted(accepted), len(drafts))
             own = drafted or draft.source != "model"
             draft_length.record_time(draft.source, len(drafts), self.agreed(now - last_sync), own=own)

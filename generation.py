@@ -93,6 +93,12 @@ def count_accepted(verdicts: List[bool]) -> int:
     return verdicts.index(False) if False in verdicts else len(verdicts)
 
 
+def until_stop(drafts: List[int], stop: Optional[int]) -> List[int]:
+    """A step's drafts up to a `stop` token (EOS where it ends the output) and no further: nothing after it is used, so
+    nothing after it counts as drafted (the draft model alone stops there; a batch drafts on)."""
+    return drafts[: drafts.index(stop) + 1] if stop is not None and stop in drafts else drafts
+
+
 def step_tokens(drafts, num_accepted, extra, eos, ignore_eos, remaining) -> List[int]:
     """A step's new tokens: the accepted drafts and the main model's own token after them, cut after an EOS (unless
     ignored) and at the `remaining` token budget."""
