@@ -105,18 +105,21 @@ def measure(
     """Rows of (pair, method, batch_size (0: one at a time), tokens/s, speedups, same tokens), measured in one run.
     `num_draft`: a draft length ("auto" included), or a list of them, each a speculative method of its own."""
     num_drafts = list(num_draft) if isinstance(num_draft, (list, tuple)) else [num_draft]
-    regular = SpeculativeDecoder(model, None, tokenizer)
-    methods = batch_methods(regular, prompts, max_tokens, batch_sizes, ("regular",), ignore_eos)
-    warm_up = batch_methods(regular, prompts[:2], 4, batch_sizes, ("regular",), ignore_eos)
+    # method name -> (its decoder, its draft length)
+    decoders = {"regular": (SpeculativeDecoder(model, None, tokenizer), 0)}
     for length in num_drafts if draft_model is not None else []:
         decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft=length)
-        name = speculative_name(length, num_drafts)
-        for (_, size), fn in batch_methods(
-            decoder, prompts, max_tokens, batch_sizes, ("speculative",), ignore_eos
-        ).items():
-            methods[(name, size)] = fn
-        for (_, size), fn in batch_methods(decoder, prompts[:2], 4, batch_sizes, ("speculative",), ignore_eos).items():
-            warm_up[(name, size)] = fn
+        decoders[speculative_name(length, num_drafts)] = (decoder, length)
+
+    def methods_of(some_prompts, tokens):
+        methods = {}
+        for name, (decoder, _) in decoders.items():
+            kinds = ("regular",) if name == "regular" else ("speculative",)
+            for (_, size), fn in batch_methods(decoder, some_prompts, tokens, batch_sizes, kinds, ignore_eos).items():
+                methods[(name, size)] = fn
+        return methods
+
+    methods, warm_up = methods_of(prompts, max_tokens), methods_of(prompts[:2], 4)
     runs = rounds(methods, repeats, warm_up)
     reference = runs[("regular", 0)][1]
     generated = sum(len(tokens) for tokens in reference)
@@ -130,7 +133,7 @@ def measure(
                 batch_size=batch_size,
                 prompts=len(prompts),
                 tokens_per_prompt=max_tokens if ignore_eos else round(generated / len(prompts), 2),
-                num_draft=next((n for n in num_drafts if speculative_name(n, num_drafts) == kind), 0),
+                num_draft=decoders[kind][1],
                 median_seconds=round(seconds, 4),
                 tokens_per_second=round(speed, 2),
                 vs_one_at_a_time=round(runs[(kind, 0)][0] / seconds, 3),
