@@ -8,11 +8,11 @@ measured_lengths), a few steps of each k in a row (a block, each decoded from th
 few rounds (one where a round takes seconds), each step's time from one host synchronisation to the next (plain steps
 of one sequence: a run of them, from one token to the next). A first round warms up untimed (first runs of each shape
 are slow), plain steps and the longest drafts first, which tell how long a round takes; each block's mean step time
-counts once (plain steps in a row alternate long and short, as each is built while the one
-before computes), and the median of the blocks per k, smoothed along k (the lengths between those measured read off
-the same curve), is kept, keyed by all of the above; a change of any of them measures again. Beside the table, what
-a draft model's step costs beyond it, per token (setup_costs): encoding the prompt at its first draft, and catching
-up on tokens after plain steps.
+counts once (plain steps in a row alternate long and short, as each is built while the one before computes), and the
+median of the blocks per k, smoothed along k (the lengths between those measured read off the same curve), is kept,
+keyed by all of the above; a change of any of them measures again. Beside the table, what a draft model's step costs
+beyond it, per token (setup_costs): encoding the prompt at its first draft, and catching up on tokens after plain
+steps.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;

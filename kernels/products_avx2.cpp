@@ -344,16 +344,22 @@ void packed_blocks(const float* x, int ldx, int K, const void* w, int n, int blo
   constexpr int kMostBlocks = R == 1 ? 4 : R == 2 ? 2 : 1;
   for (int b = 0; b < blocks;) {
     const int column = n + b * kPackColumns;
-    if (kMostBlocks >= 4 && blocks - b >= 4) {
-      packed_tile<WT, R, (kMostBlocks >= 4 ? 4 : 1)>(x, ldx, K, w, column, out, ldo);
-      b += 4;
-    } else if (kMostBlocks >= 2 && blocks - b >= 2) {
-      packed_tile<WT, R, (kMostBlocks >= 2 ? 2 : 1)>(x, ldx, K, w, column, out, ldo);
-      b += 2;
-    } else {
-      packed_tile<WT, R, 1>(x, ldx, K, w, column, out, ldo);
-      b += 1;
+    if constexpr (kMostBlocks >= 4) {
+      if (blocks - b >= 4) {
+        packed_tile<WT, R, 4>(x, ldx, K, w, column, out, ldo);
+        b += 4;
+        continue;
+      }
     }
+    if constexpr (kMostBlocks >= 2) {
+      if (blocks - b >= 2) {
+        packed_tile<WT, R, 2>(x, ldx, K, w, column, out, ldo);
+        b += 2;
+        continue;
+      }
+    }
+    packed_tile<WT, R, 1>(x, ldx, K, w, column, out, ldo);
+    b += 1;
   }
 }
 
