@@ -22,6 +22,10 @@ class KVCache:
         self.keys = None
         self.values = None
         self.offsets = [0] * batch_size
+        # Row b's keys and values are row rows[b] of the buffers (-1: a row that joined, empty), or row b where None.
+        # Rows leaving or joining a batch change only this: the native layers read the buffers through it as they copy
+        # them (each of their steps writes the caches anew), and anything else gathers them first (gather_rows).
+        self.rows = None
 
     @property
     def offset(self) -> int:
@@ -35,13 +39,16 @@ class KVCache:
         self.write(keys, values)
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def reserve(self, shape, dtype):
+    def reserve(self, shape, dtype, mapped: bool = False):
         """Room for `shape` (B, heads, L, d_kv) new keys and values past every row's length; returns the buffers
-        (B, heads, capacity, d_kv), whose positions below each row's length are its keys and values."""
+        (B, heads, capacity, d_kv), whose positions below each row's length are its keys and values. `mapped`: the
+        caller reads row b of them at row self.rows[b] (where not None), so they may keep other rows."""
         batch, length = shape[0], shape[2]
         if len(self.offsets) != batch and self.keys is None and self.offsets == [0]:
             self.offsets = [0] * batch
         end = self.offset + length
+        if not mapped or (self.keys is not None and end > self.keys.shape[2]):
+            self.gather_rows()
         if self.keys is None or end > self.keys.shape[2]:
             capacity = ((end + self.step - 1) // self.step) * self.step
             if self.keys is not None:
@@ -68,8 +75,9 @@ class KVCache:
         self.offsets = [start + length for start in starts]
 
     def replace(self, keys, values, length: int):
-        """Take buffers (as `reserve` returned them) with `length` new positions written past every row's length."""
-        self.keys, self.values = keys, values
+        """Take buffers of the rows in order (as `reserve` returned them, or their copy by the native layers) with
+        `length` new positions written past every row's length."""
+        self.keys, self.values, self.rows = keys, values, None
         self.offsets = [offset + length for offset in self.offsets]
 
     def trim(self, n: int) -> int:
@@ -84,18 +92,28 @@ class KVCache:
 
     def keep_rows(self, rows) -> None:
         """Drop every row not in `rows` (indices, in the order to keep)."""
-        if self.keys is not None:
-            if rows:
-                index = mx.array(rows)
-                self.keys, self.values = self.keys[index], self.values[index]
-            else:
-                self.keys = self.values = None
+        if self.keys is not None and rows:
+            self.rows = [self.buffer_row(row) for row in rows]
+        elif self.keys is not None:
+            self.keys = self.values = self.rows = None
         self.offsets = [self.offsets[row] for row in rows]
 
     def add_rows(self, count: int) -> None:
         """Append `count` empty rows."""
         if self.keys is not None:
-            empty = mx.zeros((count, *self.keys.shape[1:]), self.keys.dtype)
-            self.keys = mx.concatenate([self.keys, empty])
-            self.values = mx.concatenate([self.values, empty])
+            self.rows = [self.buffer_row(row) for row in range(len(self.offsets))] + [-1] * count
         self.offsets = self.offsets + [0] * count
+
+    def buffer_row(self, row: int) -> int:
+        return row if self.rows is None else self.rows[row]
+
+    def gather_rows(self) -> None:
+        """Make row b of the buffers row b's own (rows that joined: zeros)."""
+        if self.rows is None:
+            return
+        if self.rows != list(range(self.keys.shape[0])):
+            index = mx.array([max(row, 0) for row in self.rows])
+            kept = mx.array([row >= 0 for row in self.rows])[:, None, None, None]
+            self.keys = mx.where(kept, self.keys[index], 0)
+            self.values = mx.where(kept, self.values[index], 0)
+        self.rows = None

@@ -551,12 +551,12 @@ class Decoder(Module):
         if layers is not None:
             # Every layer in one native operation (in float32), which writes each layer's new keys and values into its
             # cache, and the logits too where the head is one the kernels compute.
-            layers, final_norm = layers
+            layers, final_norm, rows = layers
             head_weight = head.native_weight() if type(head) is FusedLinear else None
             output_layer = None
             if head_weight is not None:
                 output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
-            x = self.run_native(float32(x), self_bias, cross_bias, cache, layers, output_layer, x.shape[1])
+            x = self.run_native(float32(x), self_bias, cross_bias, cache, layers, output_layer, x.shape[1], rows=rows)
             if output_layer is not None:
                 return x
         else:
@@ -567,17 +567,25 @@ class Decoder(Module):
 
     def native_layers(self, batch, length, cross_kv, cache):
         """(each layer's inputs as kernels.decoder_layers takes them (its cache made room for `length` new positions of
-        `batch` rows), the final norm's weight), all float32, or None where it cannot compute every layer (or the cache
-        holds another dtype's keys, written by MLX operations)."""
+        `batch` rows), the final norm's weight, the caches' rows (KVCache.rows)), all float32, or None where it cannot
+        compute every layer (or the cache holds another dtype's keys, written by MLX operations)."""
         parts = kept_parts(self)
         if parts is None or (cache[0].keys is not None and cache[0].keys.dtype != mx.float32):
             return None
         shape = (batch, self.layers[0].self_attn.num_heads, length, self.args.d_kv)
         layers, final_norm = native_weights(self, parts)
-        return [
-            (*layer_cache.reserve(shape, mx.float32), float32(cross_keys), float32(cross_values), norms, linears)
-            for layer_cache, (cross_keys, cross_values), (norms, linears) in zip(cache, cross_kv, layers)
-        ], final_norm
+        buffers = [layer_cache.reserve(shape, mx.float32, mapped=True) for layer_cache in cache]
+        rows = cache[0].rows
+        if any(layer_cache.rows != rows for layer_cache in cache):  # (every layer's rows come and go alike)
+            buffers, rows = [layer_cache.reserve(shape, mx.float32) for layer_cache in cache], None
+        return (
+            [
+                (*layer_buffers, float32(cross_keys), float32(cross_values), norms, linears)
+                for layer_buffers, (cross_keys, cross_values), (norms, linears) in zip(buffers, cross_kv, layers)
+            ],
+            final_norm,
+            rows,
+        )
 
     def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None, logits=False):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
@@ -597,11 +605,22 @@ class Decoder(Module):
         layers = None if head_weight is None else self.native_layers(ids.shape[0], fed, cross_kv, cache)
         if layers is None:
             return None
-        layers, final_norm = layers
+        layers, final_norm, rows = layers
         output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
         bias = self.position_bias(cache[0].offsets, fed)
         return self.run_native(
-            ids.astype(mx.int32), bias, cross_bias, cache, layers, output_layer, fed, embedding, count, stop, logits
+            ids.astype(mx.int32),
+            bias,
+            cross_bias,
+            cache,
+            layers,
+            output_layer,
+            fed,
+            embedding,
+            count,
+            stop,
+            logits,
+            rows,
         )
 
     def run_native(
@@ -617,9 +636,10 @@ class Decoder(Module):
         greedy_steps=0,
         stop=None,
         logits=False,
+        rows=None,
     ):
-        """kernels.decoder_layers on this decoder's layers; each cache takes its new buffers with `fed` positions
-        written. Returns the first output (x, the logits, or the greedy tokens)."""
+        """kernels.decoder_layers on this decoder's layers (`rows`: the caches' KVCache.rows); each cache takes its new
+        buffers with `fed` positions written. Returns the first output (x, the logits, or the greedy tokens)."""
         first = self.layers[0]
         out, *caches = kernels.decoder_layers(
             x,
@@ -636,6 +656,7 @@ class Decoder(Module):
             greedy_steps=greedy_steps,
             stop=stop,
             logits=logits,
+            cache_rows=rows,
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)

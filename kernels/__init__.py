@@ -314,6 +314,7 @@ def decoder_layers(
     greedy_steps=0,
     stop=None,
     logits=False,
+    cache_rows=None,
 ):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
@@ -326,7 +327,8 @@ def decoder_layers(
     `stop` token id (one row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the
     remaining tokens are the stop token), and a verification computes nothing from the first stop token past the first
     id on (their tokens are -1). With token ids and `logits` (no drafting, no stop), the first output is the logits
-    (B, L, vocab)."""
+    (B, L, vocab). With `cache_rows` (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an
+    empty row), whatever rows they have; the caches out have x's rows."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))
@@ -346,6 +348,7 @@ def decoder_layers(
         greedy_steps,
         -1 if stop is None else stop,
         logits,
+        cache_rows or [],
     )
 
 

@@ -434,30 +434,36 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
   add_residual();
 }
 
-// A layer's cache out: the input's positions below `longest` (the longest row's length: every position a row could
-// read, here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written (all the
-// new positions where `zero_new`: a call that may stop early leaves some unwritten), so that nothing read is left
-// undefined. Positions from `end` on are never read.
-void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, int longest, int end,
-                bool zero_new) {
+// A layer's cache out: row b of it is row rows[b] of the input (row b where `rows` is empty; all zeros for -1, a row
+// that joined the batch), its positions below `longest` (the longest row's length: every position a row could read,
+// here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written (all the new
+// positions where `zero_new`: a call that may stop early leaves some unwritten), so that nothing read is left
+// undefined. Positions from `end` on are never read. Taking the rows as they come saves the batch a copy of every
+// cache each time rows leave or join it.
+void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, const std::vector<int>& rows,
+                int longest, int end, bool zero_new) {
   const Strided4 source(in);
-  const int B = in.shape(0), H = in.shape(1), C = in.shape(2), dk = in.shape(3);
+  const int B = out.shape(0), H = out.shape(1), C = out.shape(2), dk = out.shape(3);
   float* data = out.data<float>();
   for (int b = 0; b < B; b++) {
+    const int row = rows.empty() ? b : rows[b];
     for (int h = 0; h < H; h++) {
-      float* rows = data + (size_t(b) * H + h) * C * dk;
-      if (source.s[3] == 1 && source.s[2] == dk) {
-        std::memcpy(rows, source.at(b, h, 0), size_t(longest) * dk * sizeof(float));
+      float* positions = data + (size_t(b) * H + h) * C * dk;
+      int copied = longest;
+      if (row < 0) {
+        copied = 0;
+      } else if (source.s[3] == 1 && source.s[2] == dk) {
+        std::memcpy(positions, source.at(row, h, 0), size_t(longest) * dk * sizeof(float));
       } else {
         for (int c = 0; c < longest; c++) {
           for (int d = 0; d < dk; d++) {
-            rows[size_t(c) * dk + d] = source.get(b, h, c, d);
+            positions[size_t(c) * dk + d] = source.get(row, h, c, d);
           }
         }
       }
       const int written = offsets[b] + end - longest;  // row b's new keys end here
-      const int zero_from = zero_new ? longest : std::max(longest, written);
-      std::fill(rows + size_t(zero_from) * dk, rows + size_t(end) * dk, 0.0f);
+      const int zero_from = row < 0 || zero_new ? copied : std::max(copied, written);
+      std::fill(positions + size_t(zero_from) * dk, positions + size_t(end) * dk, 0.0f);
     }
   }
 }
@@ -503,7 +509,8 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
   for (int l = 0; l < spec.layers; l++) {
     const int cache_input = first_cache + 4 * l;
     for (int i = 0; i < 2; i++) {
-      copy_cache(inputs[cache_input + i], outputs[1 + 2 * l + i], spec.offsets, longest, longest + written,
+      copy_cache(inputs[cache_input + i], outputs[1 + 2 * l + i], spec.offsets, spec.cache_rows, longest,
+                 longest + written,
                  spec.stop >= 0);
     }
   }
@@ -694,7 +701,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
                                       const std::optional<LayerWeight>& embedding, int greedy_steps, int stop, bool logits,
-                                      mx::StreamOrDevice s) {
+                                      const std::vector<int>& cache_rows, mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
   check(greedy_steps >= 0, "greedy_steps must not be negative");
@@ -721,6 +728,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   // Positions written past each row's length: the new ones, and each draft fed but the last.
   const int new_positions = L + std::max(0, greedy_steps - 1);
   check(int(offsets.size()) == B, "one offset per row");
+  check(cache_rows.empty() || int(cache_rows.size()) == B, "one cache row per row, or none");
   check(!layers.empty() && num_heads > 0, "at least one layer, and heads");
   check(activation >= kRelu && activation <= kSilu, "unknown activation");
   int longest = 0;
@@ -739,7 +747,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   }
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {x, self_bias};
-  DecoderLayers::Spec spec{offsets, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
+  DecoderLayers::Spec spec{offsets, cache_rows, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
                            cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
                            head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids,
                            std::max(stop, -1), logits, D};
@@ -753,8 +761,12 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     for (const mx::array* a : {&keys, &values, &layer.cross_keys, &layer.cross_values}) {
       check(a->ndim() == 4 && a->dtype() == mx::float32, "caches, cross keys and values must be 4-D float32");
     }
-    check(keys.shape(0) == B && keys.shape(1) == num_heads && values.shape() == keys.shape(),
-          "caches must be (B, H, C, d_kv)");
+    check((cache_rows.empty() ? keys.shape(0) == B : keys.shape(0) >= 1) && keys.shape(1) == num_heads &&
+              values.shape() == keys.shape(),
+          "caches must be (B, H, C, d_kv), or (any, H, C, d_kv) with cache rows");
+    for (int row : cache_rows) {
+      check(row >= -1 && row < keys.shape(0), "a cache row must be -1 or a row of the caches");
+    }
     check(keys.shape(2) >= longest + new_positions, "a cache has no room for the new positions");
     const int dk = keys.shape(3);
     check(spec.d_kv == 0 || spec.d_kv == dk, "every layer has the same d_kv");
@@ -792,8 +804,8 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
       spec.group_sizes.push_back(w.bits ? w.group_size : 0);
       spec.bits.push_back(w.bits);
     }
-    shapes.push_back(keys.shape());
-    shapes.push_back(values.shape());
+    shapes.push_back({B, num_heads, keys.shape(2), dk});
+    shapes.push_back({B, num_heads, keys.shape(2), dk});
   }
   if (head) {
     const LayerWeight& w = head->weight;
@@ -871,9 +883,10 @@ std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>
   }
   std::vector<mx::Shape> shapes = {first};
   for (int l = 0; l < spec_.layers; l++) {
-    const int first = cache_input(spec_, l);
-    shapes.push_back(inputs[first].shape());
-    shapes.push_back(inputs[first + 1].shape());
+    mx::Shape cache = inputs[cache_input(spec_, l)].shape();
+    cache[0] = inputs[0].shape(0);  // (with cache rows, the input's rows may be others)
+    shapes.push_back(cache);
+    shapes.push_back(cache);
   }
   return shapes;
 }

@@ -58,13 +58,17 @@ struct Head {
 // token), and a verification computes nothing from the first stop token past the first id on (their tokens are -1).
 // With token ids and `logits` (no drafting, no stop token), the first output is the logits (B, L, vocab): a step that
 // needs the whole distribution (sampling) without the embedding's own operations.
+// With `cache_rows` (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an empty row,
+// which has joined the batch), whatever rows they have; the caches out have x's rows. Without, the caches' rows are
+// x's.
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer,
                                       const std::optional<Head>& head = std::nullopt,
                                       const std::optional<LayerWeight>& embedding = std::nullopt, int greedy_steps = 0,
-                                      int stop = -1, bool logits = false, mx::StreamOrDevice s = {});
+                                      int stop = -1, bool logits = false, const std::vector<int>& cache_rows = {},
+                                      mx::StreamOrDevice s = {});
 
 // One encoder layer's inputs: the two RMS norm weights (self-attention, feed-forward) and the four products: qkv (the
 // three projections stacked), o, wi (wi_0 and wi_1 stacked where gated), wo.
@@ -141,6 +145,7 @@ class DecoderLayers : public mx::Primitive {
  public:
   struct Spec {
     std::vector<int> offsets;
+    std::vector<int> cache_rows;  // row b's cache is the input's row cache_rows[b] (-1: none); empty: row b
     int layers, heads, d_kv, d_ff;
     float eps;
     int activation;

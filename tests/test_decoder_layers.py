@@ -243,7 +243,7 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
     cache = model.make_cache()
     x = model.shared(mx.array([[0, 5]]))
-    layers, _ = decoder.native_layers(x.shape[0], x.shape[1], cross_kv, cache)
+    layers, _, _ = decoder.native_layers(x.shape[0], x.shape[1], cross_kv, cache)
     bias = decoder.position_bias([0], 2)
     heads = model.args.num_heads
     call = kernels.native.decoder_layers
@@ -264,6 +264,10 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
         call(x, bias, None, [0], [(keys, values, *rest[:3], weights)], heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="activation"):
         call(x, bias, None, [0], layers, heads, 1e-6, 9, False, False)
+    with pytest.raises(ValueError, match="one cache row per row"):
+        call(x, bias, None, [0], layers, heads, 1e-6, 0, False, False, cache_rows=[0, 0])
+    with pytest.raises(ValueError, match="a cache row must be -1 or a row"):
+        call(x, bias, None, [0], layers, heads, 1e-6, 0, False, False, cache_rows=[1])
     # Token ids need an embedding table the kernels read: float, or MLX's own 4/8-bit words with their scales.
     head = (model.decoder.final_norm.weight, 1.0, model.lm_head.native_weight(), False)
     ids = mx.array([[0, 5]])
@@ -472,3 +476,41 @@ def test_logits_from_token_ids_in_one_operation(variant, conversion, converted, 
     for count, stop in ((3, None), (0, 1)):
         with pytest.raises(ValueError, match="logits from token ids"):
             model.greedy_tokens(mx.array([[0, 5]]), one_row, model.make_cache(), None, count, stop=stop, logits=True)
+
+
+def test_rows_that_leave_and_join_are_read_in_place_as_if_gathered(converted, fused):
+    """A batch's caches after rows leave and join (KVCache.rows) are read by the native layers through the rows' map,
+    with the same numbers as caches gathered into place first, and the same as MLX's operations on gathered caches."""
+    model, tokenizer, _ = load_model(converted("t5"))
+    cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:3])
+    index = mx.array([2, 0, 1, 1])  # rows 2 and 0 stay; two rows join, with row 1's prompt
+
+    def run(gather, native):
+        fused(native)
+        cache = model.make_cache(3)
+        first = model.decode(mx.array([[0, 5, 9], [0, 4, 4], [0, 30, 2]]), cross_kv, cache, mask)
+        for layer_cache in cache:
+            layer_cache.keep_rows([2, 0])
+            layer_cache.add_rows(2)
+            if gather:
+                layer_cache.gather_rows()
+        assert (cache[0].rows is None) == gather
+        rows_kv = [(keys[index], values[index]) for keys, values in cross_kv]
+        ids = mx.array([[6, 7], [8, 9], [0, 11], [0, 12]])
+        second = model.decode(ids, rows_kv, cache, mask[index])
+        assert cache[0].offsets == [5, 5, 2, 2] and cache[0].rows is None
+        mx.eval(first, second, [(c.keys, c.values) for c in cache])
+        return first, second, cache
+
+    got = run(gather=False, native=True)
+    for expected, exact in ((run(gather=True, native=True), True), (run(gather=True, native=False), False)):
+        for ours, theirs in zip(got[:2], expected[:2]):
+            if exact:
+                np.testing.assert_array_equal(np.array(ours), np.array(theirs))
+            else:
+                np.testing.assert_allclose(np.array(ours), np.array(theirs), atol=1e-4, rtol=1e-4)
+        for ours, theirs in zip(got[2], expected[2]):
+            for row, length in enumerate(theirs.offsets):
+                np.testing.assert_allclose(
+                    np.array(ours.keys[row, :, :length]), np.array(theirs.keys[row, :, :length]), atol=1e-5, rtol=0
+                )

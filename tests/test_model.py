@@ -182,6 +182,23 @@ def test_cache_grows_to_twice_its_capacity_and_keeps_what_it_holds():
     assert mx.array_equal(keys, whole).item() and mx.array_equal(values, -whole).item()
 
 
+def test_rows_that_leave_and_join_a_cache_are_its_rows_in_their_new_order():
+    cache = KVCache(3)
+    keys = mx.random.normal((3, 2, 4, 4))
+    cache.update_and_fetch(keys, -keys)
+    cache.keep_rows([2, 0])
+    cache.add_rows(1)
+    cache.keep_rows([2, 0])  # the new row first, then the old row 2
+    assert cache.offsets == [0, 4] and cache.rows == [-1, 2]
+    fetched, values = cache.update_and_fetch(mx.ones((2, 2, 1, 4)), mx.ones((2, 2, 1, 4)))
+    assert cache.rows is None and cache.offsets == [1, 5]
+    expected = np.zeros((2, 2, 5, 4), np.float32)
+    expected[1, :, :4] = np.array(keys[2])
+    expected[0, :, 0] = expected[1, :, 4] = 1.0
+    np.testing.assert_array_equal(np.array(fetched), expected)
+    assert np.array(values)[1, :, :4].tolist() == (-np.array(keys[2])).tolist()
+
+
 def test_trim_is_bounded_by_offset():
     cache = KVCache()
     cache.update_and_fetch(mx.zeros((1, 2, 5, 4)), mx.zeros((1, 2, 5, 4)))
