@@ -36,6 +36,11 @@ KIND_WEIGHT = 0.5
 # The most a try of another length may cost by the estimates (its time times what it falls short of the best length's
 # rate), against the time of the steps since the last try.
 EXPLORE_BUDGET = 0.02
+# Tries from plain steps whose first draft was rejected, in a row: from the second on, each halves the budget of the
+# next, down to this fraction of it. With a draft that is never accepted (an unrelated model), tries at the full budget
+# cost 1.7-2.2% of the time on the demo pair, most of what auto then lost to regular decoding; one rejection alone
+# may be bad luck with a draft that is mostly right. A try with a draft accepted restores the budget.
+LEAST_BUDGET_SHARE = 0.125
 OPTIMISM = 2.0  # standard deviations above its mean an acceptance might be, when deciding to try it
 # Each plain step fades what the acceptance estimates know (their counts, not their means) by this factor: a length once
 # judged not worth trying is tried again after some seventy plain steps, in this run or a later one. Without it, a
@@ -198,6 +203,7 @@ class AutoDraftLength:
         self.drafting_ratios = None
         self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
+        self.rejected_tries = 0  # tries from plain steps in a row whose first draft was rejected (LEAST_BUDGET_SHARE)
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
         self.kept_version = None
         self.explored = None  # (length tried, the best length before it), until the next choice
@@ -289,10 +295,12 @@ class AutoDraftLength:
                 table = self.table(sources)
                 step, estimate = table[trial] * self.ratio(trial), None
                 loss = step * (1 - rates[trial] / rates[best])
+                share = 1.0
                 if best == 0:
                     estimate = step + self.setup_seconds(sources, unready)
                     loss = self.try_price[0] * estimate - step * rates[trial] / rates[best]
-                budget = EXPLORE_BUDGET * self.since_explored * table[best] * self.ratio(best)
+                    share = max(LEAST_BUDGET_SHARE, 0.5 ** max(0, self.rejected_tries - 1))
+                budget = share * EXPLORE_BUDGET * self.since_explored * table[best] * self.ratio(best)
                 if loss <= budget:
                     self.since_explored = 0
                     self.explored = (trial, best)
@@ -410,3 +418,5 @@ class AutoDraftLength:
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
         if drafted:
             self.acceptance.observe(source, drafted, accepted)
+            if self.explored is not None and self.explored[1] == 0:  # a try from plain steps
+                self.rejected_tries = 0 if accepted else self.rejected_tries + 1

@@ -224,6 +224,27 @@ def test_tries_from_plain_steps_cost_what_they_were_measured_to(lone):
         assert tokens / seconds >= 0.97 / costs[0], (tokens / seconds, seed)
 
 
+def test_tries_that_keep_failing_cost_less_and_less_until_one_succeeds():
+    # A draft never accepted (an unrelated model), then one right 95% of the time. Rejected tries from plain steps, in a
+    # row, halve the budget of the next (LEAST_BUDGET_SHARE): plain decoding loses under 1% to them, not 2-2.5% (at
+    # the full budget: 97.7-97.9% of plain steps' rate here); and the first accepted try restores it.
+    costs = [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]
+    setup = {"encode": 0.1, "catch_up": 0.01}
+    rates = tokens_per_second([0.95] * 8, costs)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        policy = AutoDraftLength(8, {"model": costs}, Acceptance(), setup)
+        outcomes = []
+        simulate(policy, [0.0] * 8, costs, 3000, rng, outcomes=outcomes, unready=(setup, 20, 64), lone=1.75)
+        tokens = sum(accepted + 1 for _, accepted, _ in outcomes)
+        seconds = sum(seconds for _, _, seconds in outcomes)
+        assert tokens / seconds >= 0.99 / costs[0], (tokens / seconds, seed)
+        assert policy.rejected_tries > 3
+        chosen = simulate(policy, [0.95] * 8, costs, 2000, rng, unready=(setup, 20, 64))
+        assert policy.rejected_tries == 0
+        assert np.mean(rates[chosen[1000:]]) >= 0.95 * rates.max(), chosen
+
+
 def test_a_poor_acceptance_is_tried_again_after_plain_steps():
     # The draft was rarely accepted on the text so far (twenty observations); on what follows it is right 95% of the
     # time. Plain steps observe nothing: the estimates fade as they go, until a try of a length is worth it, and the
