@@ -11,7 +11,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 import kernels
-from model import T5, FusedLinear, ModelArgs
+from model import T5, ModelArgs
+from native_layers import FusedLinear
 from tools.shapes import SHAPES, VOCAB_SIZE
 
 # The shapes whose decode steps are timed in every dtype (float32 t5-large is 3 GB; larger ones outgrow a small box).

@@ -12,7 +12,8 @@ from mlx.utils import tree_map
 
 import kernels
 from loader import load_model
-from model import kept_parts, native_weights, padding_bias
+from model import padding_bias
+from native_layers import kept_parts, native_weights
 
 pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
 

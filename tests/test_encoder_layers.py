@@ -11,6 +11,7 @@ from mlx.utils import tree_map
 
 import kernels
 import model as model_module
+import native_layers
 from loader import load_model
 
 pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
@@ -127,7 +128,7 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
     heads, d_model = model.args.num_heads, model.args.d_model
     layers = [
         ([norm["weight"] for norm in norms], [linear.native_weight() for linear in linears])
-        for norms, linears in model_module.kept_parts(model.encoder)
+        for norms, linears in native_layers.kept_parts(model.encoder)
     ]
     x, bias, final = mx.zeros((1, 3, d_model)), mx.zeros((1, heads, 3, 3)), model.encoder.final_norm.weight
     call = kernels.native.encoder_layers

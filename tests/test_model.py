@@ -14,7 +14,8 @@ import convert
 import kernels
 from cache import KVCache
 from loader import load_model
-from model import FusedLinear, relative_position_bucket
+from model import relative_position_bucket
+from native_layers import FusedLinear
 
 TOLERANCE = 1e-4  # max abs difference, float32
 
