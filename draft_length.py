@@ -204,6 +204,7 @@ class AutoDraftLength:
         self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
         self.rejected_tries = 0  # tries from plain steps in a row whose first draft was rejected (LEAST_BUDGET_SHARE)
+        self.try_accepted = None  # whether the try from plain steps under way had a draft accepted (any row's)
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
         self.kept_version = None
         self.explored = None  # (length tried, the best length before it), until the next choice
@@ -304,6 +305,7 @@ class AutoDraftLength:
                 if loss <= budget:
                     self.since_explored = 0
                     self.explored = (trial, best)
+                    self.try_accepted = None
                     self.pending_try = estimate
                     return trial
         if best == 0:
@@ -418,5 +420,9 @@ class AutoDraftLength:
     def record_acceptance(self, source: Optional[str], drafted: int, accepted: int):
         if drafted:
             self.acceptance.observe(source, drafted, accepted)
-            if self.explored is not None and self.explored[1] == 0:  # a try from plain steps
-                self.rejected_tries = 0 if accepted else self.rejected_tries + 1
+            if self.explored is not None and self.explored[1] == 0:  # a try from plain steps (a batch's rows: one try)
+                if accepted:
+                    self.rejected_tries = 0
+                elif self.try_accepted is None:
+                    self.rejected_tries += 1
+                self.try_accepted = bool(accepted) or bool(self.try_accepted)

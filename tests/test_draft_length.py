@@ -245,6 +245,17 @@ def test_tries_that_keep_failing_cost_less_and_less_until_one_succeeds():
         assert np.mean(rates[chosen[1000:]]) >= 0.95 * rates.max(), chosen
 
 
+def test_a_batch_try_from_plain_steps_counts_once_and_fails_only_if_no_row_accepted():
+    costs = [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]
+    policy = AutoDraftLength(8, {"model": costs}, Acceptance())
+    policy.rejected_tries = 3
+    for rows_accepted, expected in (([0, 0, 0, 0], 4), ([0, 2, 0, 0], 0), ([0, 0, 0], 1)):
+        policy.explored, policy.try_accepted = (2, 0), None  # a try of 2 drafts from plain steps, as choose_batch sets
+        for accepted in rows_accepted:
+            policy.record_acceptance("model", 2, accepted)
+        assert policy.rejected_tries == expected, (rows_accepted, policy.rejected_tries)
+
+
 def test_a_poor_acceptance_is_tried_again_after_plain_steps():
     # The draft was rarely accepted on the text so far (twenty observations); on what follows it is right 95% of the
     # time. Plain steps observe nothing: the estimates fade as they go, until a try of a length is worth it, and the
