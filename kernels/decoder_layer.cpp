@@ -510,8 +510,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     const int cache_input = first_cache + 4 * l;
     for (int i = 0; i < 2; i++) {
       copy_cache(inputs[cache_input + i], outputs[1 + 2 * l + i], spec.offsets, spec.cache_rows, longest,
-                 longest + written,
-                 spec.stop >= 0);
+                 longest + written, spec.stop >= 0);
     }
   }
   // The layers on `rows` rows per batch row of x, the first at position offsets[b] + first, their bias rows from
