@@ -257,6 +257,7 @@ class NativeDecoderSteps:
             stop=stop,
             logits=logits,
             cache_rows=rows,
+            cache_in_place=all(layer_cache.in_place for layer_cache in cache),
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)

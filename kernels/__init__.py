@@ -315,6 +315,7 @@ def decoder_layers(
     stop=None,
     logits=False,
     cache_rows=None,
+    cache_in_place=False,
 ):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
@@ -328,7 +329,9 @@ def decoder_layers(
     remaining tokens are the stop token), and a verification computes nothing from the first stop token past the first
     id on (their tokens are -1). With token ids and `logits` (no drafting, no stop), the first output is the logits
     (B, L, vocab). With `cache_rows` (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an
-    empty row), whatever rows they have; the caches out have x's rows."""
+    empty row), whatever rows they have; the caches out have x's rows. With `cache_in_place`, a cache of x's rows comes
+    out in the buffer given, the new positions written into it: the caller reads nothing past each row's length from
+    the array given (a cache that replaces its arrays with the outputs); else each comes out in a new buffer."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))
@@ -349,6 +352,7 @@ def decoder_layers(
         -1 if stop is None else stop,
         logits,
         cache_rows or [],
+        cache_in_place,
     )
 
 

@@ -439,12 +439,14 @@ void run_layer(const DecoderLayers::Spec& spec, const Layer& layer, int B, int L
 // here or in MLX's attention over the batch), then zeros up to `end` where no new key will be written (all the new
 // positions where `zero_new`: a call that may stop early leaves some unwritten), so that nothing read is left
 // undefined. Positions from `end` on are never read. Taking the rows as they come saves the batch a copy of every
-// cache each time rows leave or join it.
+// cache each time rows leave or join it. Where `out` is `in`'s buffer (see DecoderLayers::eval_cpu), what a row
+// holds is where it is, and only the zeros are written.
 void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& offsets, const std::vector<int>& rows,
                 int longest, int end, bool zero_new) {
   const Strided4 source(in);
   const int B = out.shape(0), H = out.shape(1), C = out.shape(2), dk = out.shape(3);
   float* data = out.data<float>();
+  const bool in_place = data == in.data<float>();
   for (int b = 0; b < B; b++) {
     const int row = rows.empty() ? b : rows[b];
     for (int h = 0; h < H; h++) {
@@ -452,9 +454,9 @@ void copy_cache(const mx::array& in, mx::array& out, const std::vector<int>& off
       int copied = longest;
       if (row < 0) {
         copied = 0;
-      } else if (source.s[3] == 1 && source.s[2] == dk) {
+      } else if (!in_place && source.s[3] == 1 && source.s[2] == dk) {
         std::memcpy(positions, source.at(row, h, 0), size_t(longest) * dk * sizeof(float));
-      } else {
+      } else if (!in_place) {
         for (int c = 0; c < longest; c++) {
           for (int d = 0; d < dk; d++) {
             positions[size_t(c) * dk + d] = source.get(row, h, c, d);
@@ -700,7 +702,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
                                       const std::optional<LayerWeight>& embedding, int greedy_steps, int stop, bool logits,
-                                      const std::vector<int>& cache_rows, mx::StreamOrDevice s) {
+                                      const std::vector<int>& cache_rows, bool cache_in_place, mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
   check(greedy_steps >= 0, "greedy_steps must not be negative");
@@ -746,8 +748,8 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   }
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {x, self_bias};
-  DecoderLayers::Spec spec{offsets, cache_rows, int(layers.size()), num_heads, 0, 0, eps, activation, gated,
-                           cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
+  DecoderLayers::Spec spec{offsets, cache_rows, cache_in_place, int(layers.size()), num_heads, 0, 0, eps, activation,
+                           gated, cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
                            head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids,
                            std::max(stop, -1), logits, D};
   WeightSlots weights{{}, {}, {}, stream};
@@ -843,11 +845,14 @@ int cache_input(const DecoderLayers::Spec& spec, int layer) {
   return (spec.has_cross_bias ? 3 : 2) + 4 * layer;
 }
 
-// Every output in a new buffer, the inputs and outputs made known to the stream's encoder, and `run` dispatched on it.
+// Every output without a buffer given a new one, the inputs and outputs made known to the stream's encoder, and `run`
+// dispatched on it.
 template <class Run>
 void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, Run&& run) {
   for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    if (out.data_shared_ptr() == nullptr) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
   }
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& input : inputs) {
@@ -860,8 +865,22 @@ void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vect
 }
 
 void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  // Each cache comes out in a new buffer: an input of a primitive with several outputs is held by each of them, so
-  // MLX never lets one take it over. Only the positions in use are copied (see copy_cache).
+  // In place, each cache comes out in its input's buffer with the new positions written into it, where its rows are
+  // x's and the buffer is laid out row after row; else in a new buffer, the positions in use copied (copy_cache).
+  // MLX would not hand the buffer over by itself (an input of a primitive with several outputs is held by each of
+  // them, so it is never donated), so in place is the caller's word that nothing reads the input's positions past
+  // each row's length: those are the ones written (KVCache, which replaces its arrays with the outputs).
+  if (spec_.cache_in_place && spec_.cache_rows.empty()) {
+    for (int l = 0; l < spec_.layers; l++) {
+      for (int i = 0; i < 2; i++) {
+        const mx::array& in = inputs[cache_input(spec_, l) + i];
+        mx::array& out = outputs[1 + 2 * l + i];
+        if (in.shape() == out.shape() && in.flags().row_contiguous && in.data_size() == in.size()) {
+          out.copy_shared_buffer(in);
+        }
+      }
+    }
+  }
   dispatch(stream(), inputs, outputs,
            [inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
 }

@@ -60,7 +60,7 @@ struct Head {
 // needs the whole distribution (sampling) without the embedding's own operations.
 // With `cache_rows` (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an empty row,
 // which has joined the batch), whatever rows they have; the caches out have x's rows. Without, the caches' rows are
-// x's.
+// x's. With `cache_in_place`, a cache whose rows are x's comes out in its input's buffer (see DecoderLayers::eval_cpu).
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_bias,
                                       const std::optional<mx::array>& cross_bias, const std::vector<int>& offsets,
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
@@ -68,7 +68,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::optional<Head>& head = std::nullopt,
                                       const std::optional<LayerWeight>& embedding = std::nullopt, int greedy_steps = 0,
                                       int stop = -1, bool logits = false, const std::vector<int>& cache_rows = {},
-                                      mx::StreamOrDevice s = {});
+                                      bool cache_in_place = false, mx::StreamOrDevice s = {});
 
 // One encoder layer's inputs: the two RMS norm weights (self-attention, feed-forward) and the four products: qkv (the
 // three projections stacked), o, wi (wi_0 and wi_1 stacked where gated), wo.
@@ -146,6 +146,7 @@ class DecoderLayers : public mx::Primitive {
   struct Spec {
     std::vector<int> offsets;
     std::vector<int> cache_rows;  // row b's cache is the input's row cache_rows[b] (-1: none); empty: row b
+    bool cache_in_place;  // a cache of x's rows written into its input's buffer
     int layers, heads, d_kv, d_ff;
     float eps;
     int activation;

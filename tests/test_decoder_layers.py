@@ -11,6 +11,7 @@ from conftest import PROMPTS, VARIANTS
 from mlx.utils import tree_map
 
 import kernels
+from cache import KVCache
 from loader import load_model
 from model import padding_bias
 from native_layers import kept_parts, native_weights
@@ -221,21 +222,32 @@ def test_a_cache_written_by_half_precision_operations_keeps_them(converted, fuse
     assert model.greedy_draft(mx.array([[9]]), cross_kv, cache, 2) is None
 
 
-def test_a_cache_shared_with_another_array_is_left_as_it_was(converted, fused):
-    # The layers write each cache's new positions into a new buffer: an array that still holds the old one (MLX
-    # arrays are values) keeps its contents.
+def test_a_cache_written_in_place_or_not_gives_the_same_steps(converted, fused, monkeypatch):
+    # Not in place, the layers write each cache's new positions into a new buffer: an array that still holds the old
+    # one (MLX arrays are values) keeps its contents. In place (KVCache.in_place, the default), they write into the
+    # cache's own buffer: an old array of it shows the positions written past the length it was trimmed to, and the
+    # positions below that length as they were. The logits and caches are the same either way.
     model, tokenizer, _ = load_model(converted("t5"))
     fused(True)
     cross_kv, _ = prompt_state(model, tokenizer, PROMPTS[:1])
-    cache = model.make_cache()
-    mx.eval(model.decode(mx.array([[0, 5, 9]]), cross_kv, cache))
-    old_keys = cache[0].keys
-    before = np.array(old_keys)
-    for layer_cache in cache:
-        layer_cache.trim(1)
-    mx.eval(model.decode(mx.array([[7, 8]]), cross_kv, cache))
-    np.testing.assert_array_equal(np.array(old_keys), before)
-    assert not np.array_equal(np.array(cache[0].keys[:, :, 2:4]), before[:, :, 2:4])
+    results = {}
+    for in_place in (False, True):
+        monkeypatch.setattr(KVCache, "in_place", in_place)
+        cache = model.make_cache()
+        mx.eval(model.decode(mx.array([[0, 5, 9]]), cross_kv, cache))
+        old_keys = cache[0].keys
+        before = np.array(old_keys)
+        for layer_cache in cache:
+            layer_cache.trim(1)
+        logits = model.decode(mx.array([[7, 8]]), cross_kv, cache)
+        mx.eval(logits)
+        keys = np.array(cache[0].keys)[:, :, :4]
+        assert cache[0].offset == 4 and not np.array_equal(keys[:, :, 2:4], before[:, :, 2:4])
+        np.testing.assert_array_equal(np.array(old_keys)[:, :, :2], before[:, :, :2])
+        np.testing.assert_array_equal(np.array(old_keys)[:, :, :4], keys if in_place else before[:, :, :4])
+        results[in_place] = np.array(logits), keys
+    for copied, written in zip(results[False], results[True]):
+        np.testing.assert_array_equal(copied, written)
 
 
 def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
