@@ -20,7 +20,8 @@ import kernels
 from checks import is_conversion, recorded_source
 from decoder import DRAFTERS, MAX_NUM_DRAFT, IncompatibleDraftError, SpeculativeDecoder, Stats
 from loader import ModelLoadError, load_model
-from prompt_file import PromptFileError, read_prompts
+from memory_fit import available_memory, fitting_batch_size, too_long
+from prompt_file import OutputFile, PromptFileError, ResultsFileError, read_prompts, read_results
 
 DEFAULT_MODEL = "t5-11b"
 DEFAULT_DRAFT_MODEL = "t5-small"
@@ -276,129 +277,6 @@ def print_stats(stats, regular):
     print(f"Backend: {backend_description()}")
 
 
-def available_memory():
-    """Bytes of memory this process can still take: the kernel's MemAvailable, or what is left under a cgroup's limit
-    where that is less; None where neither can be read (not Linux)."""
-    amounts = []
-    try:
-        with open("/proc/meminfo") as f:
-            amounts += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            amounts.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(amounts) if amounts else None
-
-
-def memory_needed(models, length, batch_size, max_tokens):
-    return sum(model.memory_needed(length, batch_size, max_tokens) for model in models)
-
-
-def longest_fitting(models, batch_size, max_tokens, available):
-    """The most tokens each of `batch_size` prompts may have for them to fit in `available` bytes (0: none fits)."""
-    low, high = 0, 1
-    while memory_needed(models, high, batch_size, max_tokens) <= available and high < 1 << 40:
-        low, high = high, 2 * high
-    while high - low > 1:
-        middle = (low + high) // 2
-        fits = memory_needed(models, middle, batch_size, max_tokens) <= available
-        low, high = (middle, high) if fits else (low, middle)
-    return low
-
-
-def too_long(models, length, max_tokens, available):
-    """Why a prompt of `length` tokens cannot be decoded in `available` bytes of memory; None when it can."""
-    need = memory_needed(models, length, 1, max_tokens)
-    if available is None or need <= available:
-        return None
-    longest = longest_fitting(models, 1, max_tokens, available)
-    if not longest:
-        return (
-            f"decoding {max_tokens} tokens needs more than the {max(available, 0) / 2**30:.1f} GiB of memory "
-            "available, whatever the prompt; lower --max-tokens, or free memory"
-        )
-    return (
-        f"the prompt has {length} tokens, which need about {need / 2**30:.1f} GiB of memory to encode and decode; "
-        f"{max(available, 0) / 2**30:.1f} GiB is available, enough for prompts of up to {longest} tokens; shorten "
-        "the prompt, or free memory"
-    )
-
-
-def fitting_batch_size(models, lengths, batch_size, max_tokens, available):
-    """`batch_size`, or fewer where that many of the longest prompt would not fit in `available` bytes."""
-    longest = max(lengths, default=1)
-    while batch_size > 1 and available is not None:
-        if memory_needed(models, longest, batch_size, max_tokens) <= available:
-            break
-        batch_size -= 1
-    return batch_size
-
-
-def read_results(path, prompts):
-    """{index: result} of the lines an earlier --output run wrote to `path` for `prompts`. A line cut short by a
-    killed run is removed, so that the results appended next start on a line of their own."""
-    if not path.exists():
-        return {}
-    hint = "pass the --prompt-file it was written for, or another --output"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        fail(f"cannot read {path} to resume it ({e}); {hint}")
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and not data[end:].startswith(RESULT_START):
-        fail(f"{path} does not end in a result written by --output; {hint}")
-    results = {}
-    for number, line in enumerate(data[:end].decode("utf-8", "replace").splitlines(), 1):
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:
-            result = None
-        index = result.get("index") if isinstance(result, dict) else None
-        if not (isinstance(index, int) and 0 <= index < len(prompts) and result.get("prompt") == prompts[index]):
-            fail(f"{path} line {number} is not a result of --output for a prompt of this prompt file; {hint}")
-        results[index] = result
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return results
-
-
-# How every line of an --output file begins.
-RESULT_START = b'{"index": '
-
-
-class OutputFile:
-    """The --output file of a --prompt-file run: one JSON line per result, on disk as soon as it is written. Each line
-    goes out in one unbuffered write with Ctrl-C held off, so the line a Ctrl-C prints counts exactly the lines kept."""
-
-    def __init__(self, path, total, done):
-        self.path, self.total, self.done, self.written = path, total, done, 0
-        try:
-            self.file = open(path, "ab", buffering=0)
-        except OSError as e:
-            fail(f"cannot write {path} ({e}); pass an --output in a writable directory")
-
-    def write(self, result):
-        line = (json.dumps(result) + "\n").encode("utf-8")
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            while line:
-                line = line[self.file.write(line) :]
-            self.written += 1
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-    def summary(self):
-        return (
-            f"{self.written} results written to {self.path} in this run, {self.done + self.written} of "
-            f"{self.total} prompts done"
-        )
-
-
 # The --prompt-file run in progress: (prompts done, prompts, --output file or None), for the line a Ctrl-C prints.
 progress_of_run = None
 
@@ -507,7 +385,10 @@ def main(argv=None):
         if output_path.exists() and not args.resume:
             fail(f"{output_path} exists; add --resume to continue the run that wrote it, or pass another --output")
         if args.resume:
-            earlier_results = read_results(output_path, prompts)
+            try:
+                earlier_results = read_results(output_path, prompts)
+            except ResultsFileError as e:
+                fail(f"{e}")
 
     default_pair = (args.model_name, args.draft_model_name) == (DEFAULT_MODEL, DEFAULT_DRAFT_MODEL)
     demo = default_pair and not model_path(DEFAULT_MODEL).is_dir()
@@ -545,7 +426,10 @@ def main(argv=None):
 
     options = dict(max_tokens=args.max_tokens, regular=args.regular_decode, ignore_eos=args.ignore_eos)
     if prompts is not None:
-        output = OutputFile(output_path, len(prompts), len(earlier_results)) if args.output else None
+        try:
+            output = OutputFile(output_path, len(prompts), len(earlier_results)) if args.output else None
+        except ResultsFileError as e:
+            fail(f"{e}")
         results, stats = run_prompt_file(decoder, prompts, args, options, earlier_results, output)
         refused = sum("error" in result for result in results)
         if args.json:

@@ -13,6 +13,7 @@ from conftest import ROOT
 from test_main import ENV, assert_fails, command, last_json, run
 
 import main as main_module
+import memory_fit
 import model as model_module
 from loader import load_model
 
@@ -151,9 +152,9 @@ def test_the_estimate_covers_a_long_prompt(converted):
 def test_longest_fitting_is_the_longest_that_fits(converted):
     model, _, _ = load_model(converted("t5-v1_1"))
     for available in (10 << 20, 300 << 20, 5 << 30):
-        longest = main_module.longest_fitting([model, model], 2, 50, available)
-        assert main_module.memory_needed([model, model], longest, 2, 50) <= available
-        assert main_module.memory_needed([model, model], longest + 1, 2, 50) > available
+        longest = memory_fit.longest_fitting([model, model], 2, 50, available)
+        assert memory_fit.memory_needed([model, model], longest, 2, 50) <= available
+        assert memory_fit.memory_needed([model, model], longest + 1, 2, 50) > available
 
 
 def refusing_run(monkeypatch, capsys, model_path, argv, fitting_tokens):
