@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 
+import kernels
 from drafters import Draft
 from sampling import Sampler, one_hot, pad_vocab, position_keys
 
@@ -36,10 +37,7 @@ class Rows:
         cross_kv = self.model.cross_kv(encoder_output)
         if self.cross_kv is not None:
             width = max(width, self.mask.shape[1])
-            cross_kv = [
-                tuple(mx.concatenate([pad_length(old, width), pad_length(new, width)]) for old, new in zip(*pair))
-                for pair in zip(self.cross_kv, cross_kv)
-            ]
+            cross_kv = rows_of(self.cross_kv, list(range(len(self))), cross_kv, width)
             mask = mx.concatenate([pad_length(self.mask, width, axis=1), pad_length(mask, width, axis=1)])
         self.cross_kv, self.mask = cross_kv, mask
         mx.eval(self.cross_kv, self.mask)
@@ -49,9 +47,8 @@ class Rows:
 
     def keep(self, rows: List[int]):
         """Keep only `rows` (indices), in that order."""
-        index = mx.array(rows, dtype=mx.int32)
-        self.cross_kv = [(keys[index], values[index]) for keys, values in self.cross_kv]
-        self.mask = self.mask[index]
+        self.cross_kv = rows_of(self.cross_kv, rows, [], self.mask.shape[1])
+        self.mask = self.mask[mx.array(rows, dtype=mx.int32)]
         for layer_cache in self.cache:
             layer_cache.keep_rows(rows)
 
@@ -67,6 +64,21 @@ class Rows:
         """Row b keeps at most its first lengths[b] positions."""
         for layer_cache in self.cache:
             layer_cache.trim_rows([max(0, offset - length) for offset, length in zip(layer_cache.offsets, lengths)])
+
+
+def rows_of(cross_kv, rows, appended, width):
+    """Each layer's cross-attention (keys, values) at `rows` (indices, in order), then the rows of `appended` (the same
+    for other prompts, or []), all `width` positions wide (zeros past a prompt's own): one native operation where the
+    kernels take them, else MLX's gathers, pads and concatenations."""
+    arrays = [array for pair in cross_kv for array in pair]
+    more = [array for pair in appended for array in pair]
+    out = kernels.batch_rows(arrays, rows, more, width)
+    if out is None:
+        index = None if rows == list(range(arrays[0].shape[0])) else mx.array(rows, dtype=mx.int32)
+        out = [pad_length(array if index is None else array[index], width) for array in arrays]
+        if more:
+            out = [mx.concatenate([kept, pad_length(new, width)]) for kept, new in zip(out, more)]
+    return list(zip(out[::2], out[1::2]))
 
 
 def pad_length(x, width, axis=2):

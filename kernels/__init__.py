@@ -382,6 +382,17 @@ def cross_projections(x, weights, num_heads):
     return native.cross_projections(x, weights, num_heads, int8_layer(weights[0][4]))
 
 
+def batch_rows(arrays, rows, appended, width):
+    """For each of `arrays` (B, H, P, d) float32, its rows `rows` in that order, then the rows of its counterpart in
+    `appended` (a list as long, or empty), as (len(rows) + B2, H, width, d) with zeros past each row's own P: one
+    operation for them all (a batch's cross-attention keys and values as rows leave and join it). None where the native
+    layers do not apply (not the CPU, another dtype, T5_FUSED_LAYERS=0): the caller uses MLX's operations."""
+    if not fused_layers or mx.default_device() != mx.cpu or any(a.dtype != mx.float32 for a in [*arrays, *appended]):
+        return None
+    used.add("native batch rows")
+    return native.batch_rows(arrays, rows, appended, width)
+
+
 def int8_layer(bits) -> bool:
     """Whether native layers whose first product has `bits`-bit weights (0: float) take int8 activations."""
     return bool(bits) and int8_activations(bits)

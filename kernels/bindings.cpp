@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "batch_rows.h"
 #include "decode_matmul.h"
 #include "decoder_layer.h"
 #include "integer_parts.h"
@@ -101,6 +102,11 @@ NB_MODULE(_native, m) {
       "With token ids and `logits` (no drafting, no stop), the first output is the logits (B, L, vocab). With "
       "cache_rows (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an empty row). With "
       "cache_in_place, a cache of x's rows comes out in the given cache's buffer, its new positions written there.");
+  m.def("batch_rows", &t5kernels::batch_rows, "arrays"_a, "rows"_a, "appended"_a, "width"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "For each of arrays (B, H, P, d) float32, its rows `rows` in that order, then the rows of its counterpart in "
+        "`appended` (none where empty), as (len(rows) + B2, H, width, d), each row zero past its own P: one operation "
+        "for them all.");
   m.def(
       "encoder_layers",
       [](const mx::array& x, const mx::array& bias, nb::list layers, const mx::array& final_norm, int num_heads,

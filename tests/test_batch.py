@@ -7,12 +7,39 @@ from conftest import PROMPTS, VARIANTS, perturbed
 from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exact_marginals
 
 import batch_decoder
-from batch_rows import RowDrafters
+import kernels
+from batch_rows import RowDrafters, rows_of
 from decoder import SpeculativeDecoder, Stats
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import ModelDrafter
 from loader import load_model
 from sampling import residual
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_rows_that_stay_and_join_are_those_rows_padded(monkeypatch, native):
+    # Rows.keep and Rows.add: each layer's cross keys and values at the rows that stay, in their new order, then the
+    # joining prompts' rows, zeros past each prompt's length; natively (one operation) and by MLX's operations alike,
+    # against numpy. The arrays come with other strides too (a transposed view).
+    if native and kernels.native is None:
+        pytest.skip("native kernels not built")
+    monkeypatch.setattr(kernels, "fused_layers", native)
+    kernels.used.discard("native batch rows")
+    rng = np.random.default_rng(0)
+    old = [rng.standard_normal((5, 3, 7, 4)).astype(np.float32) for _ in range(4)]
+    new = [rng.standard_normal((2, 3, 9, 4)).astype(np.float32) for _ in range(4)]
+    strided = mx.array(old[1].transpose(0, 1, 3, 2).copy()).transpose(0, 1, 3, 2)
+    cross_kv = [(mx.array(old[0]), strided), (mx.array(old[2]), mx.array(old[3]))]
+    joining = [(mx.array(new[0]), mx.array(new[1])), (mx.array(new[2]), mx.array(new[3]))]
+    for rows, appended, width in (([3, 0, 4], [], 7), (list(range(5)), joining, 11), ([1, 2], joining, 9)):
+        out = rows_of(cross_kv, rows, appended, width)
+        for j, array in enumerate(a for pair in out for a in pair):
+            expected = np.zeros((len(rows) + (2 if appended else 0), 3, width, 4), np.float32)
+            expected[: len(rows), :, :7] = old[j][rows]
+            if appended:
+                expected[len(rows) :, :, :9] = new[j]
+            np.testing.assert_array_equal(np.array(array), expected)
+    assert ("native batch rows" in kernels.used) == native
 
 
 def alone(decoder, prompts, **options):
