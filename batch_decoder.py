@@ -183,7 +183,9 @@ def joins(active: int, batch_size: int, queued: int) -> bool:
 
 
 def join(decoder, rows, queue, seeds, room, stats, drafter=None) -> List[Row]:
-    """Up to `room` prompts from the queue join `rows` (and the `drafter`'s), encoded together: their new Rows."""
+    """Up to `room` prompts from the queue join `rows` (and the `drafter`'s), encoded together: their new Rows. Their
+    encoding is started, not waited for: the encode_seconds counted are the host's (tokenizing, building the encoder's
+    operations), the encoding itself running behind the step in flight."""
     tick = time.perf_counter()
     joining = [queue.popleft() for _ in range(min(room, len(queue)))]
     ids = [decoder.tokenizer(prompt).input_ids for _, prompt in joining]

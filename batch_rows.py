@@ -40,7 +40,9 @@ class Rows:
             cross_kv = rows_of(self.cross_kv, list(range(len(self))), cross_kv, width)
             mask = mx.concatenate([pad_length(self.mask, width, axis=1), pad_length(mask, width, axis=1)])
         self.cross_kv, self.mask = cross_kv, mask
-        mx.eval(self.cross_kv, self.mask)
+        # Started, not waited for: the encoding runs behind the step in flight while the host builds the next one
+        # (waiting for it made batches 5-12% slower).
+        mx.async_eval(self.cross_kv, self.mask)
         for layer_cache in self.cache:
             layer_cache.add_rows(len(prompts))
         return encoder_output
