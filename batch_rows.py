@@ -62,6 +62,12 @@ class Rows:
         """The main model's most likely token (B, L) after each of ids (B, L) continuing each row (T5.choices)."""
         return self.model.choices(ids, self.cross_kv, self.cache, self.mask)
 
+    def greedy_draft(self, ids, count):
+        """Each row's greedy continuation (B, count) of ids (B, L) as one native operation (T5.greedy_draft's, for
+        every row); None where the native layers do not apply."""
+        tokens = self.model.greedy_tokens(ids, self.cross_kv, self.cache, self.mask, count)
+        return None if tokens is None else tokens.reshape(ids.shape[0], count)
+
     def rewind(self, lengths: List[int]):
         """Row b keeps at most its first lengths[b] positions."""
         for layer_cache in self.cache:
@@ -135,6 +141,13 @@ class BatchModelDrafter:
             outputs = mx.take_along_axis(outputs, last[:, None], axis=1)[:, 0].astype(mx.int32)
         else:
             outputs = mx.take_along_axis(outputs, last[:, None, None], axis=1)[:, 0]
+        if greedy and k > 1:
+            # The rest of the greedy drafts, every row's, as one operation where the native layers compute them.
+            rest = self.rows.greedy_draft(outputs[:, None], k - 1)
+            if rest is not None:
+                tokens = mx.concatenate([outputs[:, None], rest], axis=1)
+                mx.async_eval(tokens)
+                return Draft(tokens, None, "model"), list(counts), ["model" if count else None for count in counts]
         step_keys = None if greedy else mx.vmap(lambda key: position_keys(key, k))(keys)
         tokens, probs = [], []
         for step in range(k):

@@ -189,12 +189,12 @@ class NativeDecoderSteps:
 
     def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None, logits=False):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
-        count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0 (one
-        row): the greedy continuation (count,) int32, each token's most likely successor fed to the next step (all but
-        the last fed, so the cache grows by L + count - 1). `stop` (one row): a token after which nothing is computed
-        (see kernels.decoder_layers). With `logits` (count 0, no stop): the logits (B, L, vocab) float32 instead, the
-        embedding looked up in the same operation. None where the native layers cannot compute it (the caller takes
-        the logits then)."""
+        count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0: each
+        row's greedy continuation ((count,) int32 for one row, else (B, count)), each token's most likely successor
+        fed to the row's next step (all but the last fed, so each row's cache grows by L + count - 1). `stop` (one
+        row): a token after which nothing is computed (see kernels.decoder_layers). With `logits` (count 0, no stop):
+        the logits (B, L, vocab) float32 instead, the embedding looked up in the same operation. None where the native
+        layers cannot compute it (the caller takes the logits then)."""
         # The layers run natively in float32 on the table's rows (float32, half precision widened, or dequantized).
         if not kernels.native_layers_take(embedding if isinstance(embedding, mx.array) else embedding[1]):
             return None

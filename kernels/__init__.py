@@ -323,8 +323,9 @@ def decoder_layers(
     With head (final norm weight, scale, weight), the first output is the logits (B, L, vocab). With an `embedding`
     (vocab, D) float32, bfloat16 or float16 table (or (weight, scales, biases, group_size, bits) of MLX's affine 4/8-bit
     quantization of one) and the head, x is token ids (B, L) and the first output each position's most likely next
-    token (B, L) int32 (a greedy verification); with greedy_steps > 0 too (one row), the greedy
-    continuation of that many tokens (int32), each fed to the next step: a draft model's steps as one operation. A
+    token (B, L) int32 (a greedy verification); with greedy_steps > 0 too, each row's greedy continuation of that many
+    tokens (int32; (greedy_steps,) for one row, else (B, greedy_steps)), each fed to its next step: a draft model's
+    steps as one operation. A
     `stop` token id (one row; EOS where it ends the output) ends the work early: drafting stops after drafting it (the
     remaining tokens are the stop token), and a verification computes nothing from the first stop token past the first
     id on (their tokens are -1). With token ids and `logits` (no drafting, no stop), the first output is the logits

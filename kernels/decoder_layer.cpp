@@ -623,20 +623,26 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
     }
     return;
   }
-  // Greedy drafting (one row): each step's most likely token fed as the next step's, steps tokens out; after a stop
-  // token, nothing more is computed and the rest are the stop token too.
-  std::vector<float> scores(spec.head_rows);
-  for (int step = 0; step < spec.greedy_steps; step++) {
+  // Greedy drafting: each row's most likely token fed as its next step's, steps tokens a row out; after a stop token
+  // (one row), nothing more is computed and the rest are the stop token too.
+  const int steps = spec.greedy_steps;
+  std::vector<float> scores(size_t(B) * spec.head_rows), last(size_t(B) * D);
+  for (int step = 0; step < steps; step++) {
     const int rows = step ? 1 : L, first = step ? L + step - 1 : 0;
     run_layers(x.data(), rows, first);
-    logits(&x[size_t(rows - 1) * D], 1, scores.data());
-    tokens[step] = argmax(scores.data(), spec.head_rows);
-    if (tokens[step] == spec.stop) {
-      std::fill(tokens + step + 1, tokens + spec.greedy_steps, spec.stop);
+    for (int b = 0; b < B; b++) {  // each row's last position
+      std::memcpy(&last[size_t(b) * D], &x[(size_t(b) * rows + rows - 1) * D], D * sizeof(float));
+    }
+    logits(last.data(), B, scores.data());
+    for (int b = 0; b < B; b++) {
+      tokens[b * steps + step] = argmax(&scores[size_t(b) * spec.head_rows], spec.head_rows);
+    }
+    if (tokens[step] == spec.stop) {  // (a stop token is one row's)
+      std::fill(tokens + step + 1, tokens + steps, spec.stop);
       break;
     }
-    if (step + 1 < spec.greedy_steps) {
-      embed(tokens[step], x.data());
+    for (int b = 0; b < B && step + 1 < steps; b++) {
+      embed(tokens[b * steps + step], &x[size_t(b) * D]);
     }
   }
 }
@@ -711,8 +717,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   check(stop < 0 || (token_ids && x.shape(0) == 1), "a stop token needs token ids of one row");
   check(!logits || (token_ids && !drafting && stop < 0), "logits from token ids: no drafting and no stop token");
   if (token_ids) {
-    check(x.ndim() == 2 && x.dtype() == mx::int32 && (x.shape(0) == 1 || !drafting),
-          "token ids must be (B, L) int32, (1, L) for greedy drafting");
+    check(x.ndim() == 2 && x.dtype() == mx::int32, "token ids must be (B, L) int32");
     const mx::array& table = embedding->w;
     check(head.has_value() && table.ndim() == 2, "token ids need the head and a 2-D embedding table");
     if (embedding->bits) {
@@ -831,7 +836,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     spec.embedding_group_size = embedding->bits ? embedding->group_size : 0;
     spec.embedding_bits = embedding->bits;
     if (!logits) {  // (with logits, the head's (B, L, vocab) float32 above)
-      shapes[0] = drafting ? mx::Shape{greedy_steps} : x.shape();
+      shapes[0] = !drafting ? x.shape() : B == 1 ? mx::Shape{greedy_steps} : mx::Shape{B, greedy_steps};
       dtypes[0] = mx::int32;
     }
   }
@@ -895,7 +900,7 @@ std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>
   // x, or each position's token (token ids in), or the greedy continuation, or the logits.
   mx::Shape first = inputs[0].shape();
   if (spec_.greedy_steps) {
-    first = {spec_.greedy_steps};
+    first = first[0] == 1 ? mx::Shape{spec_.greedy_steps} : mx::Shape{first[0], spec_.greedy_steps};
   } else if (spec_.has_head && !spec_.token_ids) {
     first.back() = spec_.head_rows;
   } else if (spec_.logits) {

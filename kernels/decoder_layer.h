@@ -51,9 +51,9 @@ struct Head {
 // (B, L, vocab) instead of x. With an `embedding` (vocab, D) table (float32, bfloat16, float16, or MLX's affine 4/8-bit
 // quantization of one: bits > 0) and the head, x is token ids
 // (B, L) int32 instead, and the first output each position's most likely next token (B, L) int32, the greedy
-// verification of drafts. With greedy_steps > 0 too (one row), the first output is the greedy continuation of
-// greedy_steps tokens (int32): each step's most likely token is fed to the next step (the last is not fed), all in one
-// operation; self_bias then covers the L + greedy_steps - 1 positions fed. A `stop` token (one row of ids; EOS where it
+// verification of drafts. With greedy_steps > 0 too, the first output is each row's greedy continuation of
+// greedy_steps tokens (int32; (greedy_steps) for one row, else (B, greedy_steps)): each step's most likely token is fed
+// to the row's next step (the last is not fed), all in one operation; self_bias then covers the L + greedy_steps - 1 positions fed. A `stop` token (one row of ids; EOS where it
 // ends the output) ends the work early: greedy drafting stops after drafting it (the remaining tokens are the stop
 // token), and a verification computes nothing from the first stop token past the first id on (their tokens are -1).
 // With token ids and `logits` (no drafting, no stop token), the first output is the logits (B, L, vocab): a step that

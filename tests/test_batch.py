@@ -8,12 +8,12 @@ from test_decoder import CountingTokenizer, chi_square, chi_square_critical, exa
 
 import batch_decoder
 import kernels
-from batch_rows import RowDrafters, rows_of
+from batch_rows import BatchModelDrafter, RowDrafters, Rows, rows_of
 from decoder import SpeculativeDecoder, Stats
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import ModelDrafter
 from loader import load_model
-from sampling import residual
+from sampling import Sampler, residual
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -40,6 +40,34 @@ def test_rows_that_stay_and_join_are_those_rows_padded(monkeypatch, native):
                 expected[len(rows) :, :, :9] = new[j]
             np.testing.assert_array_equal(np.array(array), expected)
     assert ("native batch rows" in kernels.used) == native
+
+
+def test_a_batch_drafts_greedily_in_one_operation_as_step_by_step(converted, monkeypatch):
+    # BatchModelDrafter, greedy: after each row's first choice, the rest of every row's drafts come from one native
+    # operation (Rows.greedy_draft), each row at its own length and feed; they are the tokens that MLX's operations
+    # draft step by step, and the draft model's caches end alike.
+    if kernels.native is None:
+        pytest.skip("native kernels not built")
+    model, tokenizer, _ = load_model(converted("t5"))
+    prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS[:3]]
+    sequences = [[0, 5, 6], [0, 7, 8, 9, 10, 11], [0, 12]]
+    calls = []
+    greedy_draft = Rows.greedy_draft
+    monkeypatch.setattr(Rows, "greedy_draft", lambda *a: calls.append(greedy_draft(*a)) or calls[-1])
+    drafts, caches = {}, {}
+    for native in (False, True):
+        monkeypatch.setattr(kernels, "fused_layers", native)
+        drafter = BatchModelDrafter(model, Sampler(0.0))
+        drafter.add(prompts)
+        drafter.propose([sequence[:2] for sequence in sequences], [1, 1, 1], None)  # rows one token behind
+        drafter.rewind([2, 2, 2])
+        draft, lengths, sources = drafter.propose(sequences, [5, 3, 5], None)
+        assert draft.tokens.shape == (3, 5) and lengths == [5, 3, 5] and sources == ["model"] * 3
+        drafts[native] = np.array(draft.tokens)
+        caches[native] = [layer_cache.offsets for layer_cache in drafter.rows.cache]
+    assert [call is None for call in calls] == [True, False]
+    np.testing.assert_array_equal(drafts[True], drafts[False])
+    assert caches[True] == caches[False]
 
 
 def alone(decoder, prompts, **options):
