@@ -5,7 +5,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "mlx/backend/cpu/encoder.h"
+#include "dispatch.h"
 
 namespace t5kernels {
 
@@ -71,15 +71,7 @@ std::vector<mx::array> batch_rows(const std::vector<mx::array>& arrays, const st
 }
 
 void BatchRows::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-  }
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.dispatch([inputs, outputs, rows = rows_, appending = appending_]() mutable {
+  dispatch(stream(), inputs, outputs, [inputs, outputs, rows = rows_, appending = appending_]() mutable {
     const size_t count = outputs.size();
     for (size_t j = 0; j < count; j++) {
       for (size_t i = 0; i < rows.size(); i++) {

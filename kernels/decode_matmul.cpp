@@ -16,8 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
+#include "dispatch.h"
 #include "products.h"
 
 namespace t5kernels {
@@ -627,13 +626,7 @@ void DecodeMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
       throw std::logic_error("decode_matmul: weights must be row-contiguous");
     }
   }
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(out);
-  encoder.dispatch([inputs, out, group_size = group_size_, bits = bits_, isa = isa_, integer = integer_]() mutable {
+  dispatch(stream(), inputs, outputs, [inputs, out, group_size = group_size_, bits = bits_, isa = isa_, integer = integer_]() mutable {
     const mx::array* scales = inputs.size() > 2 ? &inputs[2] : nullptr;
     const mx::array* biases = inputs.size() > 3 ? &inputs[3] : nullptr;
     run_product(Isa(isa), integer, inputs[0], inputs[1], scales, biases, group_size, bits, out);

@@ -7,9 +7,8 @@
 #include <stdexcept>
 
 #include "decode_matmul.h"
+#include "dispatch.h"
 #include "products.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace t5kernels {
 
@@ -850,25 +849,6 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
 // Where the inputs of layer l's cache keys are: after x, the self bias and the cross bias (if any), four a layer.
 int cache_input(const DecoderLayers::Spec& spec, int layer) {
   return (spec.has_cross_bias ? 3 : 2) + 4 * layer;
-}
-
-// Every output without a buffer given a new one, the inputs and outputs made known to the stream's encoder, and `run`
-// dispatched on it.
-template <class Run>
-void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, Run&& run) {
-  for (auto& out : outputs) {
-    if (out.data_shared_ptr() == nullptr) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
-  }
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& out : outputs) {
-    encoder.set_output_array(out);
-  }
-  encoder.dispatch(std::forward<Run>(run));
 }
 
 void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
