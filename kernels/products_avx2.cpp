@@ -410,14 +410,28 @@ inline __m256 exp_nonpositive8(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, scale), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
 
-// q . key over d_kv floats: 8 at a time (the last vector masked), one multiply-add chain.
-inline __m256 dot_lanes8(const float* q, const float* key, int chunks, __m256i last) {
-  __m256 acc = _mm256_setzero_ps();
+// q . key for KEYS keys (`stride` floats apart) over d_kv floats, 8 at a time (the last vector masked): each key's
+// multiply-adds in one chain, in the order of its floats, the keys' chains side by side so that each waits less on the
+// multiply-add's latency. A key's sum is the same in a block of any size.
+template <int KEYS>
+inline void dot_keys8(const float* q, const float* key, int64_t stride, int chunks, __m256i last, __m256 (&acc)[KEYS]) {
+#pragma GCC unroll 8
+  for (int k = 0; k < KEYS; k++) {
+    acc[k] = _mm256_setzero_ps();
+  }
   for (int c = 0; c + 1 < chunks; c++) {
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(key + 8 * c), acc);
+    const __m256 query = _mm256_loadu_ps(q + 8 * c);
+#pragma GCC unroll 8
+    for (int k = 0; k < KEYS; k++) {
+      acc[k] = _mm256_fmadd_ps(query, _mm256_loadu_ps(key + k * stride + 8 * c), acc[k]);
+    }
   }
   const int c = chunks - 1;
-  return _mm256_fmadd_ps(_mm256_maskload_ps(q + 8 * c, last), _mm256_maskload_ps(key + 8 * c, last), acc);
+  const __m256 query = _mm256_maskload_ps(q + 8 * c, last);
+#pragma GCC unroll 8
+  for (int k = 0; k < KEYS; k++) {
+    acc[k] = _mm256_fmadd_ps(query, _mm256_maskload_ps(key + k * stride + 8 * c, last), acc[k]);
+  }
 }
 
 // The sums of the lanes of a, b, c and d, each as (l0 + l1) + (l2 + l3), plus (l4 + l5) + (l6 + l7).
@@ -431,33 +445,92 @@ inline float sum_lanes8(__m256 v) {
   return _mm_cvtss_f32(sum_each8(v, v, v, v));
 }
 
+// Output vectors [c0, c0 + COUNT) of the values' sum weighted by p (n keys): the even and the odd keys in
+// accumulators of their own, held in registers, added and divided by `total` at the end.
+template <int COUNT>
+inline void weighted_values8(const float* p, const float* values, int64_t value_stride, int n, int c0, int chunks,
+                             __m256i last, __m256 total, float* out) {
+  __m256 even[COUNT], odd[COUNT];
+#pragma GCC unroll 4
+  for (int c = 0; c < COUNT; c++) {
+    even[c] = odd[c] = _mm256_setzero_ps();
+  }
+  const bool masked = c0 + COUNT == chunks;  // the last vector of the output is among these
+  auto add = [&](__m256(&acc)[COUNT], int key) {
+    const __m256 weight = _mm256_set1_ps(p[key]);
+    const float* v = values + key * value_stride + 8 * c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < COUNT; c++) {
+      const __m256 value =
+          masked && c + 1 == COUNT ? _mm256_maskload_ps(v + 8 * c, last) : _mm256_loadu_ps(v + 8 * c);
+      acc[c] = _mm256_fmadd_ps(weight, value, acc[c]);
+    }
+  };
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {
+    add(even, j);
+    add(odd, j + 1);
+  }
+  if (j < n) {
+    add(even, j);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < COUNT; c++) {
+    const __m256 result = _mm256_div_ps(_mm256_add_ps(even[c], odd[c]), total);
+    if (masked && c + 1 == COUNT) {
+      _mm256_maskstore_ps(out + 8 * (c0 + c), last, result);
+    } else {
+      _mm256_storeu_ps(out + 8 * (c0 + c), result);
+    }
+  }
+}
+
 }  // namespace
 
-// products_avx512.cpp's attention of one query with AVX2: four keys' scores at a time, each key's lanes summed in
-// one order whether in a block of four or alone, the exponentials 8 at a time and their sum in 8 lanes (key j in lane
-// j % 8), the values' weighted sum in registers (the even and the odd keys apart), divided by the sum once.
+// products_avx512.cpp's attention of one query with AVX2: eight keys' scores at a time (then four, then one), each
+// key's lanes summed in one order whatever its block, the exponentials 8 at a time and their sum in 8 lanes (key j in
+// lane j % 8), the values' weighted sum in registers (the even and the odd keys apart), divided by the sum once.
 void attention_row_avx2(const float* q, const float* keys, int64_t key_stride, const float* values,
                         int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out) {
   const int chunks = (d_kv + 7) / 8;
   const __m256i last = first_lanes(d_kv - 8 * (chunks - 1));
   int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 dots[8];
+    dot_keys8<8>(q, keys + j * key_stride, key_stride, chunks, last, dots);
+    __m128 low = sum_each8(dots[0], dots[1], dots[2], dots[3]), high = sum_each8(dots[4], dots[5], dots[6], dots[7]);
+    if (bias) {
+      low = _mm_add_ps(low, _mm_loadu_ps(bias + j));
+      high = _mm_add_ps(high, _mm_loadu_ps(bias + j + 4));
+    }
+    _mm_storeu_ps(scores + j, low);
+    _mm_storeu_ps(scores + j + 4, high);
+  }
   for (; j + 4 <= n; j += 4) {
-    const float* key = keys + j * key_stride;
-    __m128 s = sum_each8(dot_lanes8(q, key, chunks, last), dot_lanes8(q, key + key_stride, chunks, last),
-                         dot_lanes8(q, key + 2 * key_stride, chunks, last),
-                         dot_lanes8(q, key + 3 * key_stride, chunks, last));
+    __m256 dots[4];
+    dot_keys8<4>(q, keys + j * key_stride, key_stride, chunks, last, dots);
+    __m128 s = sum_each8(dots[0], dots[1], dots[2], dots[3]);
     if (bias) {
       s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
     }
     _mm_storeu_ps(scores + j, s);
   }
   for (; j < n; j++) {
-    scores[j] = sum_lanes8(dot_lanes8(q, keys + j * key_stride, chunks, last)) + (bias ? bias[j] : 0.0f);
+    __m256 dot[1];
+    dot_keys8<1>(q, keys + j * key_stride, key_stride, chunks, last, dot);
+    scores[j] = sum_lanes8(dot[0]) + (bias ? bias[j] : 0.0f);
   }
-  float largest = scores[0];
-  for (j = 1; j < n; j++) {
-    largest = scores[j] > largest ? scores[j] : largest;
+  // The largest score, 8 lanes at a time: a lane keeps its largest unless a score is larger (so that a NaN score is
+  // passed over, as it is one at a time; a NaN first score is kept in every lane).
+  __m256 largest8 = _mm256_set1_ps(scores[0]);
+  for (j = 0; j < n; j += 8) {
+    const __m256i valid = first_lanes(n - j);
+    const __m256 s = _mm256_blendv_ps(largest8, _mm256_maskload_ps(scores + j, valid), _mm256_castsi256_ps(valid));
+    largest8 = _mm256_max_ps(s, largest8);
   }
+  __m128 largest4 = _mm_max_ps(_mm256_extractf128_ps(largest8, 1), _mm256_castps256_ps128(largest8));
+  largest4 = _mm_max_ps(_mm_movehl_ps(largest4, largest4), largest4);
+  const float largest = _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(largest4), largest4));
   __m256 sums = _mm256_setzero_ps();
   for (j = 0; j < n; j += 8) {
     const __m256i valid = first_lanes(n - j);
@@ -467,34 +540,19 @@ void attention_row_avx2(const float* q, const float* keys, int64_t key_stride, c
     sums = _mm256_add_ps(sums, e);
   }
   const __m256 total = _mm256_set1_ps(sum_lanes8(sums));
-  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time in registers
-    const int count = chunks - c0 < 4 ? chunks - c0 : 4;
-    __m256 even[4], odd[4];
-    for (int c = 0; c < 4; c++) {
-      even[c] = odd[c] = _mm256_setzero_ps();
-    }
-    auto add = [&](__m256(&acc)[4], int key) {
-      const __m256 p = _mm256_set1_ps(scores[key]);
-      const float* v = values + key * value_stride + 8 * c0;
-      for (int c = 0; c < count; c++) {
-        const __m256 value = c0 + c + 1 < chunks ? _mm256_loadu_ps(v + 8 * c) : _mm256_maskload_ps(v + 8 * c, last);
-        acc[c] = _mm256_fmadd_ps(p, value, acc[c]);
-      }
-    };
-    for (j = 0; j + 2 <= n; j += 2) {
-      add(even, j);
-      add(odd, j + 1);
-    }
-    if (j < n) {
-      add(even, j);
-    }
-    for (int c = 0; c < count; c++) {
-      const __m256 result = _mm256_div_ps(_mm256_add_ps(even[c], odd[c]), total);
-      if (c0 + c + 1 < chunks) {
-        _mm256_storeu_ps(out + 8 * (c0 + c), result);
-      } else {
-        _mm256_maskstore_ps(out + 8 * (c0 + c), last, result);
-      }
+  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time
+    switch (chunks - c0) {
+      case 1:
+        weighted_values8<1>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      case 2:
+        weighted_values8<2>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      case 3:
+        weighted_values8<3>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      default:
+        weighted_values8<4>(scores, values, value_stride, n, c0, chunks, last, total, out);
     }
   }
 }
