@@ -663,20 +663,70 @@ inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), p, scale);
 }
 
-// q . key over d_kv floats: 16 at a time (the last vector masked), one multiply-add chain.
-inline __m512 dot_lanes(const float* q, const float* key, int chunks, __mmask16 last) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int c = 0; c < chunks; c++) {
-    const __mmask16 valid = c + 1 < chunks ? __mmask16(0xffff) : last;
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, q + 16 * c), _mm512_maskz_loadu_ps(valid, key + 16 * c), acc);
+// q . key for KEYS keys (`stride` floats apart) over d_kv floats, 16 at a time (the last vector masked): each key's
+// multiply-adds in one chain, in the order of its floats, the keys' chains side by side so that each waits less on the
+// multiply-add's latency. A key's sum is the same in a block of any size.
+template <int KEYS>
+inline void dot_keys16(const float* q, const float* key, int64_t stride, int chunks, __mmask16 last,
+                       __m512 (&acc)[KEYS]) {
+#pragma GCC unroll 8
+  for (int k = 0; k < KEYS; k++) {
+    acc[k] = _mm512_setzero_ps();
   }
-  return acc;
+  for (int c = 0; c + 1 < chunks; c++) {
+    const __m512 query = _mm512_loadu_ps(q + 16 * c);
+#pragma GCC unroll 8
+    for (int k = 0; k < KEYS; k++) {
+      acc[k] = _mm512_fmadd_ps(query, _mm512_loadu_ps(key + k * stride + 16 * c), acc[k]);
+    }
+  }
+  const int c = chunks - 1;
+  const __m512 query = _mm512_maskz_loadu_ps(last, q + 16 * c);
+#pragma GCC unroll 8
+  for (int k = 0; k < KEYS; k++) {
+    acc[k] = _mm512_fmadd_ps(query, _mm512_maskz_loadu_ps(last, key + k * stride + 16 * c), acc[k]);
+  }
+}
+
+// Output vectors [c0, c0 + COUNT) of the values' sum weighted by p (n keys): the even and the odd keys in
+// accumulators of their own, held in registers, added and divided by `total` at the end.
+template <int COUNT>
+inline void weighted_values16(const float* p, const float* values, int64_t value_stride, int n, int c0, int chunks,
+                              __mmask16 last, __m512 total, float* out) {
+  __m512 even[COUNT], odd[COUNT];
+#pragma GCC unroll 4
+  for (int c = 0; c < COUNT; c++) {
+    even[c] = odd[c] = _mm512_setzero_ps();
+  }
+  const bool masked = c0 + COUNT == chunks;  // the last vector of the output is among these
+  auto add = [&](__m512(&acc)[COUNT], int key) {
+    const __m512 weight = _mm512_set1_ps(p[key]);
+    const float* v = values + key * value_stride + 16 * c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < COUNT; c++) {
+      const __mmask16 valid = masked && c + 1 == COUNT ? last : __mmask16(0xffff);
+      acc[c] = _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(valid, v + 16 * c), acc[c]);
+    }
+  };
+  int j = 0;
+  for (; j + 2 <= n; j += 2) {
+    add(even, j);
+    add(odd, j + 1);
+  }
+  if (j < n) {
+    add(even, j);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < COUNT; c++) {
+    const __mmask16 valid = masked && c + 1 == COUNT ? last : __mmask16(0xffff);
+    _mm512_mask_storeu_ps(out + 16 * (c0 + c), valid, _mm512_div_ps(_mm512_add_ps(even[c], odd[c]), total));
+  }
 }
 
 }  // namespace
 
-// decoder_layer.cpp's attention of one query, vectorized: four keys' scores at a time (their lanes summed together,
-// in _mm512_reduce_add_ps's order, so that a key's score is the same in a block of four or alone), the softmax's
+// decoder_layer.cpp's attention of one query, vectorized: eight keys' scores at a time (then four, then one), their
+// lanes summed in _mm512_reduce_add_ps's order so that a key's score is the same in any block, the softmax's
 // exponentials 16 at a time and their sum in 16 lanes (key j in lane j % 16, summed as _mm512_reduce_add_ps sums), the
 // values' weighted sum in registers (the even and the odd keys apart, then added), divided by the sum once. A masked
 // key adds exact zeros: a query's result is the same whatever the number of keys past its own.
@@ -684,26 +734,31 @@ void attention_row_avx512(const float* q, const float* keys, int64_t key_stride,
                           int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out) {
   const int chunks = (d_kv + 15) / 16;
   const __mmask16 last = d_kv % 16 ? __mmask16((1u << (d_kv % 16)) - 1) : __mmask16(0xffff);
-  auto four = [&](int j) {  // keys j..j + 3
-    const float* key = keys + j * key_stride;
-    __m128 s = sum_each(dot_lanes(q, key, chunks, last), dot_lanes(q, key + key_stride, chunks, last),
-                        dot_lanes(q, key + 2 * key_stride, chunks, last),
-                        dot_lanes(q, key + 3 * key_stride, chunks, last));
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m512 dots[8];
+    dot_keys16<8>(q, keys + j * key_stride, key_stride, chunks, last, dots);
+    __m128 low = sum_each(dots[0], dots[1], dots[2], dots[3]), high = sum_each(dots[4], dots[5], dots[6], dots[7]);
+    if (bias) {
+      low = _mm_add_ps(low, _mm_loadu_ps(bias + j));
+      high = _mm_add_ps(high, _mm_loadu_ps(bias + j + 4));
+    }
+    _mm_storeu_ps(scores + j, low);
+    _mm_storeu_ps(scores + j + 4, high);
+  }
+  for (; j + 4 <= n; j += 4) {
+    __m512 dots[4];
+    dot_keys16<4>(q, keys + j * key_stride, key_stride, chunks, last, dots);
+    __m128 s = sum_each(dots[0], dots[1], dots[2], dots[3]);
     if (bias) {
       s = _mm_add_ps(s, _mm_loadu_ps(bias + j));
     }
     _mm_storeu_ps(scores + j, s);
-  };
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {  // two blocks a pass: more multiply-adds in flight
-    four(j);
-    four(j + 4);
-  }
-  for (; j + 4 <= n; j += 4) {
-    four(j);
   }
   for (; j < n; j++) {
-    scores[j] = _mm512_reduce_add_ps(dot_lanes(q, keys + j * key_stride, chunks, last)) + (bias ? bias[j] : 0.0f);
+    __m512 dot[1];
+    dot_keys16<1>(q, keys + j * key_stride, key_stride, chunks, last, dot);
+    scores[j] = _mm512_reduce_add_ps(dot[0]) + (bias ? bias[j] : 0.0f);
   }
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (j = 0; j < n; j += 16) {
@@ -720,31 +775,19 @@ void attention_row_avx512(const float* q, const float* keys, int64_t key_stride,
     sums = _mm512_add_ps(sums, e);
   }
   const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sums));
-  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time in registers
-    const int count = min_int(4, chunks - c0);
-    // Two sums per vector, of the even and of the odd keys (two chains of multiply-adds), added at the end.
-    __m512 even[4], odd[4];
-    for (int c = 0; c < 4; c++) {
-      even[c] = odd[c] = _mm512_setzero_ps();
-    }
-    auto add = [&](__m512(&acc)[4], int j) {
-      const __m512 p = _mm512_set1_ps(scores[j]);
-      const float* v = values + j * value_stride + 16 * c0;
-      for (int c = 0; c < count; c++) {
-        const __mmask16 valid = c0 + c + 1 < chunks ? __mmask16(0xffff) : last;
-        acc[c] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(valid, v + 16 * c), acc[c]);
-      }
-    };
-    for (j = 0; j + 2 <= n; j += 2) {
-      add(even, j);
-      add(odd, j + 1);
-    }
-    if (j < n) {
-      add(even, j);
-    }
-    for (int c = 0; c < count; c++) {
-      const __mmask16 valid = c0 + c + 1 < chunks ? __mmask16(0xffff) : last;
-      _mm512_mask_storeu_ps(out + 16 * (c0 + c), valid, _mm512_div_ps(_mm512_add_ps(even[c], odd[c]), total));
+  for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time
+    switch (chunks - c0) {
+      case 1:
+        weighted_values16<1>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      case 2:
+        weighted_values16<2>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      case 3:
+        weighted_values16<3>(scores, values, value_stride, n, c0, chunks, last, total, out);
+        break;
+      default:
+        weighted_values16<4>(scores, values, value_stride, n, c0, chunks, last, total, out);
     }
   }
 }
