@@ -6,13 +6,13 @@ size and project and MLX versions is used, the decoding loop itself is timed for
 k = 0..max (where a round of them all would outlast BUDGET, a large model: k = 0 and seven lengths up to max,
 measured_lengths), a few steps of each k in a row (a block, each decoded from the prompt afresh), every k in turn, a
 few rounds (one where a round takes seconds), each step's time from one host synchronisation to the next (plain steps
-of one sequence: a run of them, from one token to the next). A first round warms up untimed (first runs of each shape
-are slow), plain steps and the longest drafts first, which tell how long a round takes; each block's mean step time
-counts once (plain steps in a row alternate long and short, as each is built while the one before computes), and the
-median of the blocks per k, smoothed along k (the lengths between those measured read off the same curve), is kept,
-keyed by all of the above; a change of any of them measures again. Beside the table, what a draft model's step costs
-beyond it, per token (setup_costs): encoding the prompt at its first draft, and catching up on tokens after plain
-steps.
+of one sequence: a run of up to PLAIN_RUN of them, from one token to the next). A first round warms up untimed (first
+runs of each shape are slow), plain steps and the longest drafts first, which tell how long a round takes; each block's
+mean step time counts once (plain steps in a row alternate long and short, as each is built while the one before
+computes), and the median of the blocks per k, smoothed along k (the lengths between those measured read off the same
+curve), is kept, keyed by all of the above; a change of any of them measures again. Beside the table, what a draft
+model's step costs beyond it, per token (setup_costs): encoding the prompt at its first draft, and catching up on
+tokens after plain steps.
 Acceptance: the per-position estimates a pair and drafter ended a run with start the next run.
 
 The cache directory is $T5_SPECULATIVE_CACHE, else $XDG_CACHE_HOME/t5-speculative, else ~/.cache/t5-speculative;
@@ -56,6 +56,12 @@ SOURCES = (
 # Digits, so that any tokenizer the decoder is given encodes them (a test's counting tokenizer included).
 PROMPT = "31415926535897932384626433832795028841971693993751"
 BLOCK = 5  # steps of one length in a row; the first is dropped (it follows a step of another length)
+# Plain steps are timed in runs of up to PLAIN_RUN (auto's runs are 4-64 steps), as many as take PLAIN_RUN_SECONDS
+# at the warm-up's pace, BLOCK + 1 at least: the first few of a run after drafting steps cost more (on a 2-core
+# virtual machine the demo pair's first four took 0.4-1.1 ms against 0.25-0.33 later), and a run of BLOCK + 1 made
+# plain steps look twice as dear as auto's runs of them, and drafting worth it where it was not.
+PLAIN_RUN = 16
+PLAIN_RUN_SECONDS = 0.05
 MIN_ROUNDS, MAX_ROUNDS = 3, 8  # timed rounds, after one untimed warm-up round
 BUDGET = 1.5  # seconds of measuring after which no further round starts (beyond MIN_ROUNDS)
 # Seconds of measuring after which no further round starts at all (one timed round is always taken): a t5-base step of
@@ -212,12 +218,14 @@ class Schedule:
     Plain steps are timed as auto takes them, a run at a time (plain_run), one row or a batch: a run has no choice or
     timing between its steps, and costs less a step than plain steps taken one by one, for which the table would
     otherwise make drafting look cheap beside them. The run is timed as the decoding loop times it for auto
-    (record_run: from its second step to its last, the first waiting for its step alone)."""
+    (record_run: from its second step to its last, the first waiting for its step alone); its mean counts as a block's.
+    The warm-up's run is BLOCK + 1 steps, the timed ones as long as PLAIN_RUN and PLAIN_RUN_SECONDS allow."""
 
     def __init__(self, max_num_draft: int):
         self.max_num_draft = max_num_draft
         self.lengths = measured_lengths(max_num_draft)
         self.seconds: Dict[int, List[float]] = {k: [] for k in self.lengths}
+        self.run_steps = BLOCK + 1  # of a run of plain steps
 
     def round(self, warm_up: bool = False):
         self.warm_up = warm_up
@@ -246,7 +254,7 @@ class Schedule:
 
     def plain_run(self, limit, watched=False):
         self.in_run = True
-        return min(BLOCK + 1, limit)
+        return min(self.run_steps, limit)
 
     def choose_in_run(self, source, limit, unready=None):
         return 0  # the run's length ends it
@@ -257,7 +265,9 @@ class Schedule:
 
     def record_run(self, steps, seconds):
         if seconds is not None:
-            self.times = [seconds] * (steps - 2)  # (its mean over steps - 2 steps)
+            self.times = [seconds] * (BLOCK - 1)  # (its mean over steps - 2 steps)
+            if self.warm_up:
+                self.run_steps = max(BLOCK + 1, min(PLAIN_RUN, int(PLAIN_RUN_SECONDS / max(seconds, 1e-9))))
 
     def record_acceptance(self, source, drafted, accepted):
         pass

@@ -230,6 +230,32 @@ def test_plain_steps_are_timed_as_auto_takes_them_a_run_at_a_time(main, drafts, 
     assert all(t < 0.25 for t in table[1:])  # drafting steps, on the real clock
 
 
+def test_plain_steps_are_timed_in_runs_as_long_as_those_auto_takes(main, drafts, monkeypatch):
+    # The first steps of a run cost more (here three at 3 ms, then 1 ms each, on a clock that is nothing else): the
+    # warm-up's run of BLOCK + 1 steps (1.5 ms a step from its second on) sets the timed runs' length to PLAIN_RUN
+    # (50 ms of such steps would be more), whose mean from its second step is the table's plain step. A run of BLOCK + 1
+    # would have put it at 1.5 ms.
+    import decoder as decoder_module
+
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft="auto", max_num_draft=3)
+    now, runs = [0.0], []
+    monkeypatch.setattr(decoder_module, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=time.monotonic))
+    plain_tokens = SpeculativeDecoder.plain_tokens
+
+    def ticking(self, token, count, *rest):
+        runs.append(count)
+        for index, generated in enumerate(plain_tokens(self, token, count, *rest)):
+            now[0] += 0.003 if index < 3 else 0.001
+            yield generated
+
+    monkeypatch.setattr(SpeculativeDecoder, "plain_tokens", ticking)
+    table = step_costs.measure(decoder, "model", 1)
+    assert runs[0] == step_costs.BLOCK + 1 and len(runs) > 1
+    assert set(runs[1:]) == {step_costs.PLAIN_RUN}
+    assert table[0] == pytest.approx((0.003 + (step_costs.PLAIN_RUN - 3) * 0.001) / (step_costs.PLAIN_RUN - 2))
+
+
 def test_long_drafts_are_read_off_the_curve_through_those_measured():
     # Fifteen drafts: eight lengths timed (plain steps, 1-3 and four spread up to 15); an exact quadratic through
     # them gives every length's entry.
