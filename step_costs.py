@@ -265,7 +265,7 @@ class Schedule:
 
     def record_run(self, steps, seconds):
         if seconds is not None:
-            self.times = [seconds] * (BLOCK - 1)  # (its mean over steps - 2 steps)
+            self.times = [seconds] * (BLOCK - 1)  # (its mean, counted as a block of BLOCK steps is)
             if self.warm_up:
                 self.run_steps = max(BLOCK + 1, min(PLAIN_RUN, int(PLAIN_RUN_SECONDS / max(seconds, 1e-9))))
 
