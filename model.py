@@ -368,6 +368,15 @@ class Decoder(NativeDecoderSteps, Module):
             return mx.take(table[0, :, :, :end], queries, axis=1).transpose(1, 0, 2, 3)
         return self.compute_position_bias(offsets[:1] if same else offsets, length)
 
+    def position_bias_rows(self, offsets, length):
+        """(bias, row): position_bias(offsets, length) as the bias's rows from `row` on: where one row stands for all,
+        the kept table itself (no slicing operation), else the bias computed for these positions (row 0)."""
+        if len(set(offsets)) == 1:
+            table = self.bias_table(offsets[0] + length)
+            if table is not None:
+                return table, offsets[0]
+        return self.position_bias(offsets, length), 0
+
     def bias_table(self, end):
         """The causal bias of every query over every key up to a multiple of BIAS_TABLE_STEP positions past `end`,
         (1, heads, C, C), kept for the steps that follow (a slice of it is one operation, computing a step's bias
@@ -484,28 +493,30 @@ class T5(Module):
         head = self["lm_head"] if "lm_head" in self else self.shared.as_linear
         return self.decoder(self.embed(decoder_ids), cross_kv, cross_bias, cache, head, scale)
 
-    def greedy_draft(self, decoder_ids, cross_kv, cache, count, stop=None):
+    def greedy_draft(self, decoder_ids, cross_kv, cache, count, stop=None, now=False):
         """The greedy continuation (count,) int32 of decoder_ids (1, L) in one native operation, or None where the
         native layers do not apply (see Decoder.greedy_tokens). After a `stop` token (EOS where it ends the output)
-        nothing is computed, and the rest of the tokens are `stop`."""
-        return self.greedy_tokens(decoder_ids, cross_kv, cache, None, count, stop)
+        nothing is computed, and the rest of the tokens are `stop`. With `now`, computed before it returns (on the
+        calling thread: for a caller that would wait for it next, see kernels.decoder_layers)."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, None, count, stop, now=now)
 
-    def greedy_choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None):
+    def greedy_choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None, now=False):
         """The most likely token after each of decoder_ids (B, L), int32 (the argmax of `decode`'s logits, the first of
         equal ones), computed in one native operation without the logits; None where the native layers do not apply.
         With a `stop` token (one row: EOS where it ends the output), nothing is computed from its first occurrence past
-        the first id on, and the tokens there are -1 (what follows a stop token is never kept)."""
-        return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0, stop)
+        the first id on, and the tokens there are -1 (what follows a stop token is never kept). `now`: as
+        greedy_draft's."""
+        return self.greedy_tokens(decoder_ids, cross_kv, cache, attention_mask, 0, stop, now=now)
 
-    def choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None):
+    def choices(self, decoder_ids, cross_kv, cache, attention_mask=None, stop=None, now=False):
         """The most likely token after each of decoder_ids (B, L): `greedy_choices` where the native layers apply, else
         the argmax of `decode`'s logits (which computes every position, a stop token or not)."""
-        choices = self.greedy_choices(decoder_ids, cross_kv, cache, attention_mask, stop)
+        choices = self.greedy_choices(decoder_ids, cross_kv, cache, attention_mask, stop, now)
         if choices is None:
             return mx.argmax(self.decode(decoder_ids, cross_kv, cache, attention_mask), axis=-1)
         return choices
 
-    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None, logits=False):
+    def greedy_tokens(self, decoder_ids, cross_kv, cache, attention_mask, count, stop=None, logits=False, now=False):
         """greedy_draft (count > 0) and greedy_choices (count 0): the decoder's native greedy tokens (with `logits`,
         the logits), with this model's head, scale and embedding table; None where they do not apply."""
         table = self.embedding_table()
@@ -514,7 +525,7 @@ class T5(Module):
         cross_bias = None if attention_mask is None else padding_bias(attention_mask, mx.float32)
         scale = self.args.d_model**-0.5 if self.args.scale_decoder_outputs else None
         return self.decoder.greedy_tokens(
-            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, table, count, stop, logits
+            decoder_ids, cross_kv, cross_bias, cache, self["lm_head"], scale, table, count, stop, logits, now
         )
 
     def embedding_table(self):

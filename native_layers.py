@@ -187,14 +187,17 @@ class NativeDecoderSteps:
             rows,
         )
 
-    def greedy_tokens(self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None, logits=False):
+    def greedy_tokens(
+        self, ids, cross_kv, cross_bias, cache, head, scale, embedding, count, stop=None, logits=False, now=False
+    ):
         """Greedy tokens of the token ids (B, L) that continue what `cache` holds, computed as one native operation.
         count 0: the most likely token after each position (B, L) int32, and the cache grows by L. count > 0: each
         row's greedy continuation ((count,) int32 for one row, else (B, count)), each token's most likely successor
         fed to the row's next step (all but the last fed, so each row's cache grows by L + count - 1). `stop` (one
         row): a token after which nothing is computed (see kernels.decoder_layers). With `logits` (count 0, no stop):
         the logits (B, L, vocab) float32 instead, the embedding looked up in the same operation. None where the native
-        layers cannot compute it (the caller takes the logits then)."""
+        layers cannot compute it (the caller takes the logits then).With `now`,
+        computed before it returns (kernels.decoder_layers)."""
         # The layers run natively in float32 on the table's rows (float32, half precision widened, or dequantized).
         if not kernels.native_layers_take(embedding if isinstance(embedding, mx.array) else embedding[1]):
             return None
@@ -207,9 +210,9 @@ class NativeDecoderSteps:
             return None
         layers, final_norm, rows = layers
         output_layer = (final_norm, 1.0 if scale is None else scale, head_weight)
-        bias = self.position_bias(cache[0].offsets, fed)
+        bias, bias_offset = self.position_bias_rows(cache[0].offsets, fed)
         return self.run_native(
-            ids.astype(mx.int32),
+            ids if ids.dtype == mx.int32 else ids.astype(mx.int32),
             bias,
             cross_bias,
             cache,
@@ -221,6 +224,8 @@ class NativeDecoderSteps:
             stop,
             logits,
             rows,
+            bias_offset,
+            now,
         )
 
     def run_native(
@@ -237,9 +242,12 @@ class NativeDecoderSteps:
         stop=None,
         logits=False,
         rows=None,
+        bias_offset=0,
+        now=False,
     ):
         """kernels.decoder_layers on this decoder's layers (`rows`: the caches' KVCache.rows); each cache takes its new
-        buffers with `fed` positions written. Returns the first output (x, the logits, or the greedy tokens)."""
+        buffers with `fed` positions written. Returns the first output (x, the logits, or the greedy tokens). The
+        self bias's rows start at `bias_offset`; with `now`, computed before it returns."""
         first = self.layers[0]
         out, *caches = kernels.decoder_layers(
             x,
@@ -258,6 +266,8 @@ class NativeDecoderSteps:
             logits=logits,
             cache_rows=rows,
             cache_in_place=all(layer_cache.in_place for layer_cache in cache),
+            bias_offset=bias_offset,
+            now=now,
         )
         for layer_cache, keys, values in zip(cache, caches[::2], caches[1::2]):
             layer_cache.replace(keys, values, fed)

@@ -316,6 +316,8 @@ def decoder_layers(
     logits=False,
     cache_rows=None,
     cache_in_place=False,
+    bias_offset=0,
+    now=False,
 ):
     """Decoder layers on x (B, L, D) float32 as one operation -> [x out, then each layer's cache keys and values with
     the new ones written at each row's offset]. layers: (cache keys, cache values, cross keys, cross values, norms,
@@ -332,7 +334,11 @@ def decoder_layers(
     (B, L, vocab). With `cache_rows` (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an
     empty row), whatever rows they have; the caches out have x's rows. With `cache_in_place`, a cache of x's rows comes
     out in the buffer given, the new positions written into it: the caller reads nothing past each row's length from
-    the array given (a cache that replaces its arrays with the outputs); else each comes out in a new buffer."""
+    the array given (a cache that replaces its arrays with the outputs); else each comes out in a new buffer. The self
+    bias's rows for the new positions start at `bias_offset` (a table of every position's, sliced by the kernel rather
+    than by an operation). With `now`, the outputs are computed before the call returns, on the calling thread and
+    the kernels' own, not on MLX's stream: no wait for its thread to wake, nor for the caller to, which cost a small
+    model about a third of its step (inputs not yet computed are evaluated first)."""
     used.add("native decoder layers")
     if head is not None:
         head = (*head, int8_layer(head[2][4]))
@@ -354,6 +360,8 @@ def decoder_layers(
         logits,
         cache_rows or [],
         cache_in_place,
+        bias_offset,
+        now,
     )
 
 

@@ -49,7 +49,7 @@ NB_MODULE(_native, m) {
       [](const mx::array& x, const mx::array& self_bias, const std::optional<mx::array>& cross_bias,
          const std::vector<int>& offsets, nb::list layers, int num_heads, float eps, int activation, bool gated,
          bool integer, nb::object head, nb::object embedding, int greedy_steps, int stop, bool logits,
-         const std::vector<int>& cache_rows, bool cache_in_place) {
+         const std::vector<int>& cache_rows, bool cache_in_place, int bias_offset, bool now) {
         auto array = [](nb::handle h) -> const mx::array& { return nb::cast<const mx::array&>(h); };
         auto weight = layer_weight;
         std::vector<t5kernels::DecoderLayerInputs> inputs;
@@ -83,13 +83,19 @@ NB_MODULE(_native, m) {
         } else if (!embedding.is_none()) {
           table = t5kernels::LayerWeight{array(embedding)};
         }
-        return t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation, gated,
-                                         integer, output_layer, table, greedy_steps, stop, logits, cache_rows,
-                                         cache_in_place);
+        auto outputs = t5kernels::decoder_layers(x, self_bias, cross_bias, offsets, inputs, num_heads, eps, activation,
+                                                 gated, integer, output_layer, table, greedy_steps, stop, logits,
+                                                 cache_rows, cache_in_place, bias_offset);
+        if (now) {
+          nb::gil_scoped_release release;
+          t5kernels::run_now(outputs);
+        }
+        return outputs;
       },
       "x"_a, "self_bias"_a, "cross_bias"_a.none(), "offsets"_a, "layers"_a, "num_heads"_a, "eps"_a, "activation"_a,
       "gated"_a, "integer"_a, "head"_a = nb::none(), "embedding"_a = nb::none(), "greedy_steps"_a = 0, "stop"_a = -1,
-      "logits"_a = false, "cache_rows"_a = std::vector<int>{}, "cache_in_place"_a = false,
+      "logits"_a = false, "cache_rows"_a = std::vector<int>{}, "cache_in_place"_a = false, "bias_offset"_a = 0,
+      "now"_a = false,
       "T5 decoder layers in float32 -> [x, then each layer's cache keys and values with the new ones written]. "
       "layers: (cache keys, cache values, cross keys, cross values, [3 norms], [6 weights]), a weight "
       "(w, scales, biases, group_size, bits) for qkv, o, cross q, cross o, wi (wi_0 and wi_1 stacked if gated), wo; "
@@ -101,7 +107,10 @@ NB_MODULE(_native, m) {
       "pads with it after drafting it, a verification marks its first one past the first id and every later position -1. "
       "With token ids and `logits` (no drafting, no stop), the first output is the logits (B, L, vocab). With "
       "cache_rows (one per row of x), row b's cache is row cache_rows[b] of the caches given (-1: an empty row). With "
-      "cache_in_place, a cache of x's rows comes out in the given cache's buffer, its new positions written there.");
+      "cache_in_place, a cache of x's rows comes out in the given cache's buffer, its new positions written there. "
+      "The self bias's rows of the new positions start at bias_offset (a table of every position's, say). With `now`, "
+      "the outputs are computed before the call returns, on the calling thread (and the kernels' own), not on MLX's "
+      "stream.");
   m.def("batch_rows", &t5kernels::batch_rows, "arrays"_a, "rows"_a, "appended"_a, "width"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "For each of arrays (B, H, P, d) float32, its rows `rows` in that order, then the rows of its counterpart in "

@@ -8,6 +8,7 @@
 
 #include "decode_matmul.h"
 #include "dispatch.h"
+#include "mlx/transforms.h"
 #include "products.h"
 
 namespace t5kernels {
@@ -525,7 +526,7 @@ void run_stack(const DecoderLayers::Spec& spec, const std::vector<mx::array>& in
       offset += first;
     }
     Strided4 bias = self_bias;
-    bias.data += int64_t(first) * bias.s[2];
+    bias.data += int64_t(spec.bias_offset + first) * bias.s[2];
     for (int l = 0; l < spec.layers; l++) {
       run_layer(spec, layers[l], B, rows, D, x, offsets, bias, inputs[1].shape(3), bias_per_row, cross_bias,
                 outputs[1 + 2 * l], outputs[2 + 2 * l], scratch);
@@ -709,7 +710,8 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
                                       const std::vector<DecoderLayerInputs>& layers, int num_heads, float eps,
                                       int activation, bool gated, bool integer, const std::optional<Head>& head,
                                       const std::optional<LayerWeight>& embedding, int greedy_steps, int stop, bool logits,
-                                      const std::vector<int>& cache_rows, bool cache_in_place, mx::StreamOrDevice s) {
+                                      const std::vector<int>& cache_rows, bool cache_in_place, int bias_offset,
+                                      mx::StreamOrDevice s) {
   // Everything is checked here, when the graph is built: the primitive itself runs on the stream's thread.
   const bool drafting = greedy_steps > 0, token_ids = embedding.has_value();
   check(greedy_steps >= 0, "greedy_steps must not be negative");
@@ -743,10 +745,12 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
     check(offset >= 0, "offsets must not be negative");
     longest = std::max(longest, offset);
   }
+  check(bias_offset >= 0, "the bias offset must not be negative");
   check(self_bias.ndim() == 4 && self_bias.dtype() == mx::float32 &&
             (self_bias.shape(0) == 1 || self_bias.shape(0) == B) && self_bias.shape(1) == num_heads &&
-            self_bias.shape(2) == new_positions && self_bias.shape(3) >= longest + new_positions,
-        "self bias must be (1 or B, H, L, S) float32 with S past every row's new positions");
+            self_bias.shape(2) >= bias_offset + new_positions && self_bias.shape(3) >= longest + new_positions,
+        "self bias must be (1 or B, H, L, S) float32 with L rows from the bias offset and S past every row's new "
+        "positions");
   if (self_bias.shape(0) == 1) {
     for (int offset : offsets) {
       check(offset == offsets[0], "a bias of one row needs every row at the same offset");
@@ -757,7 +761,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& self_
   DecoderLayers::Spec spec{offsets, cache_rows, cache_in_place, int(layers.size()), num_heads, 0, 0, eps, activation,
                            gated, cross_bias.has_value(), integer, current_kernel_isa(), {}, {}, head.has_value(),
                            head ? head->scale : 1.0f, 0, 0, 0, head && head->integer, greedy_steps, token_ids,
-                           std::max(stop, -1), logits, D};
+                           std::max(stop, -1), logits, D, 0, 0, bias_offset};
   WeightSlots weights{{}, {}, {}, stream};
   if (cross_bias) {
     inputs.push_back(*cross_bias);
@@ -851,16 +855,20 @@ int cache_input(const DecoderLayers::Spec& spec, int layer) {
   return (spec.has_cross_bias ? 3 : 2) + 4 * layer;
 }
 
-void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+namespace {
+
+// Every output's buffer: a cache computed in place shares its input's (see DecoderLayers::eval_cpu), the others new.
+void allocate_outputs(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs,
+                      std::vector<mx::array>& outputs) {
   // In place, each cache comes out in its input's buffer with the new positions written into it, where its rows are
   // x's and the buffer is laid out row after row; else in a new buffer, the positions in use copied (copy_cache).
   // MLX would not hand the buffer over by itself (an input of a primitive with several outputs is held by each of
   // them, so it is never donated), so in place is the caller's word that nothing reads the input's positions past
   // each row's length: those are the ones written (KVCache, which replaces its arrays with the outputs).
-  if (spec_.cache_in_place && spec_.cache_rows.empty()) {
-    for (int l = 0; l < spec_.layers; l++) {
+  if (spec.cache_in_place && spec.cache_rows.empty()) {
+    for (int l = 0; l < spec.layers; l++) {
       for (int i = 0; i < 2; i++) {
-        const mx::array& in = inputs[cache_input(spec_, l) + i];
+        const mx::array& in = inputs[cache_input(spec, l) + i];
         mx::array& out = outputs[1 + 2 * l + i];
         if (in.shape() == out.shape() && in.flags().row_contiguous && in.data_size() == in.size()) {
           out.copy_shared_buffer(in);
@@ -868,8 +876,47 @@ void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
       }
     }
   }
+  for (auto& out : outputs) {
+    if (out.data_shared_ptr() == nullptr) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    }
+  }
+}
+
+}  // namespace
+
+void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  allocate_outputs(spec_, inputs, outputs);
   dispatch(stream(), inputs, outputs,
            [inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
+}
+
+void DecoderLayers::eval_here(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  allocate_outputs(spec_, inputs, outputs);
+  run_stack(spec_, inputs, outputs);
+}
+
+void run_now(std::vector<mx::array>& outputs) {
+  std::vector<mx::array> inputs = outputs[0].inputs();
+  std::vector<mx::array> pending;
+  for (const auto& input : inputs) {
+    if (input.status() == mx::array::Status::unscheduled) {
+      pending.push_back(input);
+    }
+  }
+  if (!pending.empty()) {
+    mx::eval(pending);
+  }
+  for (auto& input : inputs) {
+    input.wait();  // (computed by an earlier evaluation that nothing waited for)
+  }
+  auto& primitive = static_cast<DecoderLayers&>(outputs[0].primitive());
+  std::vector<mx::array> siblings = outputs[0].outputs();
+  primitive.eval_here(inputs, siblings);
+  for (auto& out : siblings) {
+    out.set_status(mx::array::Status::available);
+    out.detach();
+  }
 }
 
 void DecoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

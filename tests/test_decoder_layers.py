@@ -3,6 +3,8 @@ same model's MLX operations: logits and caches, for every T5 variant, one row, v
 their own lengths with padded prompts, quantized weights, half-precision models (computed in float32) and every
 instruction set this CPU runs."""
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -264,6 +266,10 @@ def test_bad_inputs_are_refused_when_the_graph_is_built(converted):
         call(x, bias, None, [0, 0], layers, heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="self bias"):
         call(x, bias[:, :, :1], None, [0], layers, heads, 1e-6, 0, False, False)
+    with pytest.raises(ValueError, match="self bias"):  # (rows from the offset on: one short)
+        call(x, bias, None, [0], layers, heads, 1e-6, 0, False, False, bias_offset=1)
+    with pytest.raises(ValueError, match="bias offset must not be negative"):
+        call(x, bias, None, [0], layers, heads, 1e-6, 0, False, False, bias_offset=-1)
     with pytest.raises(ValueError, match="float32"):
         call(x.astype(mx.float16), bias, None, [0], layers, heads, 1e-6, 0, False, False)
     with pytest.raises(ValueError, match="cross bias"):
@@ -369,6 +375,45 @@ def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(
         fed = [[expected[-2], expected[-1]]]
         for layer_cache in (*native_cache, *reference_cache):
             layer_cache.trim(1)
+
+
+@pytest.mark.parametrize("variant, conversion", [("t5", None), ("t5-v1_1", "8-bit")])
+def test_steps_computed_now_are_those_computed_on_the_stream(variant, conversion, converted, fused, tmp_path):
+    # now=True computes a greedy step on the calling thread before it returns, not on MLX's stream: the same tokens,
+    # the same caches, over a sequence of drafting and verification calls that grow and rewind the caches, the first
+    # with inputs not yet computed (the cross-attention keys and values, evaluated first).
+    model, tokenizer, _ = load_model(converted(variant, **CONVERSIONS.get(conversion, {})))
+    fused(True)
+    ids = mx.array(tokenizer(PROMPTS[:1]).input_ids)
+    cross_kv = model.cross_kv(model.encode(ids))  # (not evaluated)
+    calls = [("draft", [[0]], 6), ("choices", [[4, 9, 2, 7]], 0), ("draft", [[3, 5]], 20), ("choices", [[8] * 9], 0)]
+    caches = {now: model.make_cache() for now in (False, True)}
+    for kind, fed, count in calls:
+        outputs = {}
+        for now in (False, True):
+            if kind == "draft":
+                out = model.greedy_draft(mx.array(fed), cross_kv, caches[now], count, now=now)
+            else:
+                out = model.greedy_choices(mx.array(fed), cross_kv, caches[now], now=now)
+            # Computed before it returned: no operation left in its graph (else the native one, to be computed).
+            graph = operations(out, tmp_path)
+            assert graph == [] if now else "DecoderLayers" in graph
+            outputs[now] = out.tolist()
+        assert outputs[True] == outputs[False]
+        assert caches[True][0].offsets == caches[False][0].offsets
+        for ours, theirs in zip(caches[True], caches[False]):
+            length = ours.offset
+            for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                assert np.array_equal(np.array(a[:, :, :length]), np.array(b[:, :, :length]))
+        for layer_cache in (*caches[False], *caches[True]):
+            layer_cache.trim(2)
+
+
+def operations(array, tmp_path):
+    """The operations left in an array's graph, by name (none once it is computed and detached)."""
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), array)
+    return re.findall(r'label ="(\w+)", shape=rectangle', path.read_text())
 
 
 def test_greedy_drafting_is_declined_where_the_native_layers_do_not_apply(converted, fused):
