@@ -351,8 +351,8 @@ class SpeculativeDecoder:
                 if planned == 0:
                     key, step_key = self.split_key(key)
                     ahead, planned = self.step(extra[0], no_draft(), step_key, cross_kv, cache), None
-            # The one synchronisation per step.
-            accepted, extra, drafts = accepted.tolist(), extra.tolist(), draft.tokens.tolist()
+            # The one synchronisation per step (a greedy verification computed at once has nothing left to wait for).
+            accepted, extra, drafts = as_list(accepted), as_list(extra), draft.tokens.tolist()
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
             drafts = until_stop(drafts, stop)
@@ -401,8 +401,24 @@ class SpeculativeDecoder:
 
     def step(self, last_token, draft, key, cross_kv, cache, stop=None):
         """Verify `draft` after `last_token` (an int, or a (1,) array still being computed) in one forward pass of the
-        main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for. `stop`: a token (EOS where it
-        ends the output) after which a greedy verification computes nothing (nothing there is accepted)."""
+        main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for, or as lists where a greedy
+        verification after an int was computed at once (natively, drafts judged at delta 0). `stop`: a token (EOS where
+        it ends the output) after which a greedy verification computes nothing (nothing there is accepted)."""
+        if self.sampler.greedy and isinstance(last_token, int) and draft.tokens.size:
+            # The drafts are computed (drafters compute greedy drafts at once), and the host would wait for the
+            # verification next: computed now, with no operation around it.
+            drafts = draft.tokens.tolist()
+            verify_input = mx.array([[last_token, *drafts]], dtype=mx.int32)
+            choices = self.model.greedy_choices(verify_input, cross_kv, cache, stop=stop, now=True)
+            if choices is not None and self.delta == 0:
+                extra = choices[0].tolist()
+                return draft, [token == choice for token, choice in zip(drafts, extra)], extra
+            if choices is not None:
+                accepted, extra = self.sampler.judge_choices(
+                    choices[0], draft.tokens, self.delta, self.split_key(key)[0]
+                )
+                mx.async_eval(accepted, extra)
+                return draft, accepted, extra
         last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
         verify_input = last_token.astype(mx.int32)
         if draft.tokens.size:
@@ -420,6 +436,11 @@ class SpeculativeDecoder:
             accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
+
+
+def as_list(values) -> list:
+    """A step's verdicts or tokens as a list: read back from an array (waiting for it), or as they came."""
+    return values if isinstance(values, list) else values.tolist()
 
 
 # What a step without drafts accepted.

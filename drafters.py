@@ -74,13 +74,13 @@ class ModelDrafter:
             encoded = self.model.encode(self.prompt_ids) if self.encoder_output is None else self.encoder_output
             self.cross_kv = self.model.cross_kv(encoded)
         # The cache holds a prefix of the sequence; feed the rest. Greedy drafts are one native operation where the
-        # model allows it; else each token starts computing as soon as its step is built, so building the next step
-        # (and the verification) overlaps it. Nothing waits for the drafts.
+        # model allows it, computed before the verification is built (which needs them, and is computed at once too);
+        # else each token starts computing as soon as its step is built, so building the next step (and the
+        # verification) overlaps it, and nothing waits for the drafts.
         draft_input = mx.array([sequence[self.cache[0].offset :]])
         if self.sampler.greedy:
-            tokens = self.model.greedy_draft(draft_input, self.cross_kv, self.cache, k, self.stop)
+            tokens = self.model.greedy_draft(draft_input, self.cross_kv, self.cache, k, self.stop, now=True)
             if tokens is not None:
-                mx.async_eval(tokens)
                 return Draft(tokens, None, "model")
         tokens, probs = [], []
         for step_key in position_keys(key, k):

@@ -1,8 +1,9 @@
 """Where a decoding step's time goes, and the decoding loop against CTranslate2's greedy decoding, in one run.
 
 Per pair, float32:
-- the main and the draft model's decoder step (`model.decode` of one row, of the k + 1 rows of a verification, of a
-  batch of rows at their own lengths), the time of its matrix products alone (what the kernels cost) and the number
+- the main and the draft model's decoder step (`model.decode` of one row, and its greedy choice computed at once as
+  the loop computes drafts and verifications; of the k + 1 rows of a verification, of a batch of rows at their own
+  lengths), the time of its matrix products alone (what the kernels cost) and the number
   of MLX operations it builds (what each costs a few microseconds of scheduling);
 - the decoding loop's share beyond the model's steps: a run's time (encoders excluded) over the sum of its steps, each
   call of the main and draft model timed alone at the shape the run made it, right after the run; the median over
@@ -19,6 +20,7 @@ layers and with MLX's operations per layer (T5_FUSED_LAYERS=0), each setting tim
 import blas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -63,12 +65,18 @@ def step_setup(model, rows, prompt_length, context):
     return cross_kv, cache
 
 
-def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=50, choices=False):
-    """Median seconds of one `model.decode` call (with choices, of `model.greedy_choices`, a greedy step's) of `tokens`
-    new tokens for each of `rows` rows, evaluated, the cache rewound after each call."""
+def step_seconds(model, rows=1, tokens=1, prompt_length=32, context=32, repeats=50, choices=False, now=False):
+    """Median seconds of one `model.decode` call (with choices, of `model.greedy_choices`, a greedy step's; with now
+    too, computed as the decoding loop computes drafts and verifications: before the call returns, see
+    kernels.decoder_layers) of `tokens` new tokens for each of `rows` rows, evaluated, the cache rewound after each
+    call."""
     cross_kv, cache = step_setup(model, rows, prompt_length, context)
-    inputs = mx.full((rows, tokens), 3)
-    step = model.greedy_choices if choices else model.decode
+    inputs = mx.full((rows, tokens), 3, dtype=mx.int32)
+    mx.eval(inputs)
+    if now:
+        step = functools.partial(model.greedy_choices, now=True)
+    else:
+        step = model.greedy_choices if choices else model.decode
 
     def call():
         mx.eval(step(inputs, cross_kv, cache))
@@ -91,9 +99,11 @@ def operation_count(model, rows=1, tokens=1):
 
 
 def model_steps(model, name):
-    """Step times (ms) of one model: one row, a verification's rows, a batch; its products alone; its operations."""
+    """Step times (ms) of one model: one row (its logits, and its greedy choice computed at once as the decoding loop
+    computes drafts and verifications), a verification's rows, a batch; its products alone; its operations."""
     steps = dict(
         one_row_ms=step_seconds(model) * 1e3,
+        one_row_now_ms=step_seconds(model, now=True) * 1e3,
         verify_ms=step_seconds(model, tokens=VERIFY_ROWS) * 1e3,
         batch_ms=step_seconds(model, rows=BATCH_ROWS) * 1e3,
         products_ms=matmul.products_seconds(model, 1, 50) * 1e3,
@@ -380,7 +390,8 @@ def print_row(row):
     print(f"\n{row['pair']} (float32; kernels: {row['kernels']})")
     for model in ("main", "draft"):
         print(
-            f"  {model:<6} step: one row {row[f'{model}_one_row_ms']:.3f} ms, {VERIFY_ROWS} tokens "
+            f"  {model:<6} step: one row {row[f'{model}_one_row_ms']:.3f} ms (greedy, computed at once "
+            f"{row[f'{model}_one_row_now_ms']:.3f} ms), {VERIFY_ROWS} tokens "
             f"{row[f'{model}_verify_ms']:.3f} ms, {BATCH_ROWS} rows {row[f'{model}_batch_ms']:.3f} ms; products alone "
             f"{row[f'{model}_products_ms']:.3f} ms; {row[f'{model}_operations']} operations"
         )
