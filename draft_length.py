@@ -104,10 +104,19 @@ class FixedDraftLength:
 
 
 class Acceptance:
-    """Per source of drafts and per draft position: recency-weighted counts [accepted, tried]."""
+    """Per source of drafts and per draft position: recency-weighted counts [accepted, tried]; beside them, what pays
+    for tries of another length than the best (EXPLORE_BUDGET): the steps taken since the last (`since_try`), and the
+    tries from plain steps in a row whose first draft was rejected (`rejected_tries`, LEAST_BUDGET_SHARE). All are
+    remembered between runs: a run of main.py decodes one prompt, a few dozen steps, and a try paid for by the steps of
+    one run alone never came (the demo pair, a fresh decoder per translation, never drafted: 0.87x regular decoding
+    where drafting from its second prompt on would have paid 1.3x)."""
 
-    def __init__(self, counts: Optional[Dict[str, List[List[float]]]] = None):
+    def __init__(
+        self, counts: Optional[Dict[str, List[List[float]]]] = None, since_try: float = 0.0, rejected_tries: int = 0
+    ):
         self.counts = {}
+        self.since_try = float(since_try)
+        self.rejected_tries = int(rejected_tries)
         self.version = 0  # counts every observation, so that what is computed from the estimates can be kept
         for source, positions in (counts or {}).items():
             # A remembered estimate counts as at most MEMORY_WEIGHT observations.
@@ -201,9 +210,7 @@ class AutoDraftLength:
         # beside the drafting steps' mean length; None: as the table says.
         self.drafting_sums = [0.0, 0.0, 0.0]
         self.drafting_ratios = None
-        self.since_explored = 0
         self.explore_gap = EXPLORE_EVERY
-        self.rejected_tries = 0  # tries from plain steps in a row whose first draft was rejected (LEAST_BUDGET_SHARE)
         self.try_accepted = None  # whether the try from plain steps under way had a draft accepted (any row's)
         self.kept_rates = {}  # (sources, top, optimism) -> rates, while the acceptance has not changed
         self.kept_version = None
@@ -277,8 +284,12 @@ class AutoDraftLength:
             changed = best != self.explored[1]
             self.explore_gap = EXPLORE_EVERY if changed else min(2 * self.explore_gap, EXPLORE_MAX_GAP)
             self.explored = None
-        self.since_explored += 1
-        if self.since_explored >= self.explore_gap:
+        acceptance = self.acceptance
+        acceptance.since_try += 1
+        # Where plain steps look best, a source never tried (nothing remembered either) is tried at once: what one try
+        # costs is a few plain steps, and what it shows is kept for every later run.
+        unknown = best == 0 and any(source and source not in acceptance.counts for source in sources)
+        if acceptance.since_try >= self.explore_gap or unknown:
             # The length nearest the best (the longer of two) that might beat it, were its acceptance as high as its
             # uncertainty allows. Not only one longer: when the first draft is dear (drafting at all stops the host
             # building ahead) one draft may never pay where three do.
@@ -300,10 +311,10 @@ class AutoDraftLength:
                 if best == 0:
                     estimate = step + self.setup_seconds(sources, unready)
                     loss = self.try_price[0] * estimate - step * rates[trial] / rates[best]
-                    share = max(LEAST_BUDGET_SHARE, 0.5 ** max(0, self.rejected_tries - 1))
-                budget = share * EXPLORE_BUDGET * self.since_explored * table[best] * self.ratio(best)
-                if loss <= budget:
-                    self.since_explored = 0
+                    share = max(LEAST_BUDGET_SHARE, 0.5 ** max(0, self.acceptance.rejected_tries - 1))
+                budget = share * EXPLORE_BUDGET * acceptance.since_try * table[best] * self.ratio(best)
+                if loss <= budget or unknown:
+                    acceptance.since_try = 0
                     self.explored = (trial, best)
                     self.try_accepted = None
                     self.pending_try = estimate
@@ -333,7 +344,7 @@ class AutoDraftLength:
         self.run_watched = watched
         if watched:
             return limit
-        steps = self.explore_gap - self.since_explored
+        steps = self.explore_gap - int(self.acceptance.since_try)
         if steps < 2:
             steps = MAX_PLAIN_RUN
         return max(1, min(steps, limit))
@@ -410,7 +421,7 @@ class AutoDraftLength:
         each try of drafting had learnt before the next) nor of waiting for a try; and its time counts as that many
         steps' (recency is counted in steps), so that an old drafting step's time does not stand against it."""
         if not self.run_watched:  # (the steps of a watched run count as they are chosen one by one)
-            self.since_explored += steps - 1
+            self.acceptance.since_try += steps - 1
             self.fade(steps - 1)
         if seconds is None:
             self.age(steps)
@@ -422,7 +433,7 @@ class AutoDraftLength:
             self.acceptance.observe(source, drafted, accepted)
             if self.explored is not None and self.explored[1] == 0:  # a try from plain steps (a batch's rows: one try)
                 if accepted:
-                    self.rejected_tries = 0
+                    self.acceptance.rejected_tries = 0
                 elif self.try_accepted is None:
-                    self.rejected_tries += 1
+                    self.acceptance.rejected_tries += 1
                 self.try_accepted = bool(accepted) or bool(self.try_accepted)

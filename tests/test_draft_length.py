@@ -239,21 +239,23 @@ def test_tries_that_keep_failing_cost_less_and_less_until_one_succeeds():
         tokens = sum(accepted + 1 for _, accepted, _ in outcomes)
         seconds = sum(seconds for _, _, seconds in outcomes)
         assert tokens / seconds >= 0.99 / costs[0], (tokens / seconds, seed)
-        assert policy.rejected_tries > 3
-        chosen = simulate(policy, [0.95] * 8, costs, 2000, rng, unready=(setup, 20, 64))
-        assert policy.rejected_tries == 0
-        assert np.mean(rates[chosen[1000:]]) >= 0.95 * rates.max(), chosen
+        assert policy.acceptance.rejected_tries > 3
+        # At the least budget a try comes every 1,200-1,600 plain steps here: the first after the change may be that
+        # far in; from it on, the policy drafts.
+        chosen = simulate(policy, [0.95] * 8, costs, 3000, rng, unready=(setup, 20, 64))
+        assert policy.acceptance.rejected_tries == 0
+        assert np.mean(rates[chosen[2000:]]) >= 0.95 * rates.max(), chosen
 
 
 def test_a_batch_try_from_plain_steps_counts_once_and_fails_only_if_no_row_accepted():
     costs = [1.0, 2.0] + [2.0 + 0.15 * k for k in range(1, 8)]
     policy = AutoDraftLength(8, {"model": costs}, Acceptance())
-    policy.rejected_tries = 3
+    policy.acceptance.rejected_tries = 3
     for rows_accepted, expected in (([0, 0, 0, 0], 4), ([0, 2, 0, 0], 0), ([0, 0, 0], 1)):
         policy.explored, policy.try_accepted = (2, 0), None  # a try of 2 drafts from plain steps, as choose_batch sets
         for accepted in rows_accepted:
             policy.record_acceptance("model", 2, accepted)
-        assert policy.rejected_tries == expected, (rows_accepted, policy.rejected_tries)
+        assert policy.acceptance.rejected_tries == expected, (rows_accepted, policy.acceptance.rejected_tries)
 
 
 def test_a_poor_acceptance_is_tried_again_after_plain_steps():
@@ -354,15 +356,46 @@ def test_a_run_of_plain_steps_counts_the_steps_it_took():
     acceptance = Acceptance({"model": [[18.0, 20.0]] * 4})
     policy = AutoDraftLength(4, {"model": [1.0, 5.0, 5.1, 5.2, 5.3]}, acceptance)
     before = acceptance.counts["model"][0][1]
-    policy.since_explored = policy.explore_gap = 4  # (a try was due and none was worth it: the longest run)
+    policy.acceptance.since_try = policy.explore_gap = 4  # (a try was due and none was worth it: the longest run)
     assert policy.choose("model", 100) == 0
     run = policy.plain_run(100)
     assert run == 64
     policy.record_run(5, 1.0)
-    assert policy.since_explored == 5 + 4
+    assert policy.acceptance.since_try == 5 + 4
     policy.fade(0)
     faded = policy.unfaded * acceptance.counts["model"][0][1] / before
     assert faded == pytest.approx(0.98**5), faded
+
+
+def test_a_source_never_tried_is_tried_at_once_and_the_budget_for_tries_carries_over_runs():
+    # Drafting dear beside plain steps (3x for one draft): at the prior of 0.5 plain steps are the best. A run of a few
+    # dozen steps (main.py: one prompt) could never pay for a try from its own steps, so a pair never tried would never
+    # draft. A source never tried is tried at the first step; after that, the steps since the last try count across
+    # runs (a new policy on the remembered acceptance), so a later run tries as soon as the runs before paid for it.
+    costs = [1.0, 3.0] + [3.0 + 0.1 * k for k in range(1, 8)]
+    acceptance = Acceptance()
+    first = AutoDraftLength(8, {"model": costs}, acceptance)
+    k = first.choose("model", 100)
+    assert k > 0  # at once
+    first.record_acceptance("model", k, 0)  # rejected
+    chosen = [first.choose("model", 100) for _ in range(20)]
+    assert chosen == [0] * 20  # then no try: the steps since paid for none
+    # Runs of 20 steps each, on the remembered acceptance: a try comes, in a later run, once the steps of the runs
+    # before paid for it; had each run counted only its own steps, none would.
+    tried = []
+    for run in range(100):
+        remembered = Acceptance(acceptance.to_dict(), acceptance.since_try, acceptance.rejected_tries)
+        policy = AutoDraftLength(8, {"model": costs}, remembered)
+        for _ in range(20):
+            k = policy.choose("model", 100)
+            if k:
+                tried.append(run)
+                policy.record_acceptance("model", k, 0)  # rejected again (the budget of the next halves)
+        acceptance = remembered
+    assert tried and tried[0] > 0 and len(tried) < 12, tried
+    # Without the steps remembered, a run of 20 steps never tries.
+    lone = AutoDraftLength(8, {"model": costs}, Acceptance(acceptance.to_dict()))
+    assert not any(lone.choose("model", 100) for _ in range(20))
 
 
 class Scripted(AutoDraftLength):

@@ -112,6 +112,9 @@ def test_acceptance_is_remembered_per_pair_and_drafter(cache, main, drafts):
     assert counts and all(accepted == tried for accepted, tried in counts)  # the model drafting for itself
     later = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=3)
     assert later.remembered_acceptance().to_dict()["model"] == counts
+    # And the steps since the last try of another length, which pay for the next try whatever run it falls in.
+    assert decoder.acceptance.since_try > 0
+    assert later.remembered_acceptance().since_try == decoder.acceptance.since_try
     # Another draft, or another drafter, starts afresh.
     other = SpeculativeDecoder(model, drafts["unrelated"], tokenizer, num_draft="auto", max_num_draft=3)
     lookup = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", drafter="hybrid")
