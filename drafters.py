@@ -137,6 +137,11 @@ class LookupDrafter:
             self.output_positions.setdefault(output[position], []).append(position)
         self.indexed = len(output)
         continuation = []
+        # Every suffix ends with the last token: where it occurs nowhere else, nothing matches (most steps).
+        last = output[-1] if output else None
+        if last not in self.prompt_positions and len(self.output_positions.get(last, ())) < 2:
+            self.matched = (identity, continuation)
+            return continuation
         for n in range(min(self.max_ngram, len(output)), 0, -1):
             suffix = output[-n:]
             # The output (most recent first, not the suffix itself), then the prompt.
