@@ -55,14 +55,14 @@ def seconds_per_token(model, tokenizer, prompt, steps=64):
 
 def drafting_seconds_per_token(model, tokenizer, prompt, count=4, rounds=16):
     """One token of greedy drafting as the drafter runs it: `count` tokens in one `greedy_draft` call (its native
-    operation), waited for, the cache rewound after each; None where the native layers do not apply."""
+    operation, computed at once), the cache rewound after each; None where the native layers do not apply."""
     cross_kv = model.cross_kv(model.encode(mx.array([tokenizer(prompt).input_ids])))
     cache = model.make_cache()
     mx.eval(model.decode(mx.array([[model.args.decoder_start_token_id] * 8]), cross_kv, cache))
     first = mx.array([[3]])
     start = time.perf_counter()
     for _ in range(rounds):
-        tokens = model.greedy_draft(first, cross_kv, cache, count)
+        tokens = model.greedy_draft(first, cross_kv, cache, count, now=True)
         if tokens is None:
             return None
         mx.eval(tokens)
