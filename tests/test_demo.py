@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 
 import convert
+import step_costs
 from decoder import DRAFTERS, SpeculativeDecoder
 from loader import load_model
 from tools import demo_data
@@ -137,3 +138,23 @@ def test_bare_command_runs_the_demo_pair(tmp_path):
     assert "converting the demo pair into mlx_models/demo-main\n" in stderr
     assert second["text"] == EXAMPLES[0]["reference"] and second["draft_model"] is None
     assert second["settings"]["num_draft"] == 3
+
+
+def test_auto_drafts_from_the_first_prompt_with_a_decoder_per_prompt(demo, tmp_path, monkeypatch):
+    # As main.py runs: a new decoder for each prompt, one cache directory. At the prior of 0.5 plain steps look best;
+    # a source never tried is tried at once, and what pays for tries carries over from run to run, so the pair drafts
+    # from the first prompt on (it took no draft at all when a run of a few dozen steps had to pay for a try alone).
+    monkeypatch.setenv(step_costs.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(step_costs, "warned", set())
+    monkeypatch.setattr(step_costs, "pending", {})
+    monkeypatch.setattr(step_costs, "last_written", {})
+    (main, tokenizer, _), (draft, _, _) = demo["main"], demo["draft"]
+    drafted, generated = [], []
+    for prompt in PROMPTS[:6]:
+        decoder = SpeculativeDecoder(main, draft, tokenizer, num_draft="auto")
+        generation = decoder.generate(prompt, max_tokens=60)
+        assert generation.tokens == decoder.generate(prompt, max_tokens=60, regular=True).tokens
+        drafted.append(generation.stats.drafted)
+        generated.append(generation.stats.generated)
+    assert drafted[0] > 0, drafted
+    assert sum(drafted[3:]) >= sum(generated[3:]) / 2, (drafted, generated)
