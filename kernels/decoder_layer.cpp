@@ -857,9 +857,9 @@ int cache_input(const DecoderLayers::Spec& spec, int layer) {
 
 namespace {
 
-// Every output's buffer: a cache computed in place shares its input's (see DecoderLayers::eval_cpu), the others new.
-void allocate_outputs(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs,
-                      std::vector<mx::array>& outputs) {
+// Each cache computed in place takes its input's buffer; the other outputs are allocated later (dispatch, allocate).
+void share_cache_buffers(const DecoderLayers::Spec& spec, const std::vector<mx::array>& inputs,
+                         std::vector<mx::array>& outputs) {
   // In place, each cache comes out in its input's buffer with the new positions written into it, where its rows are
   // x's and the buffer is laid out row after row; else in a new buffer, the positions in use copied (copy_cache).
   // MLX would not hand the buffer over by itself (an input of a primitive with several outputs is held by each of
@@ -876,23 +876,19 @@ void allocate_outputs(const DecoderLayers::Spec& spec, const std::vector<mx::arr
       }
     }
   }
-  for (auto& out : outputs) {
-    if (out.data_shared_ptr() == nullptr) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-    }
-  }
 }
 
 }  // namespace
 
 void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  allocate_outputs(spec_, inputs, outputs);
+  share_cache_buffers(spec_, inputs, outputs);
   dispatch(stream(), inputs, outputs,
            [inputs, outputs, spec = spec_]() mutable { run_stack(spec, inputs, outputs); });
 }
 
 void DecoderLayers::eval_here(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  allocate_outputs(spec_, inputs, outputs);
+  share_cache_buffers(spec_, inputs, outputs);
+  allocate(outputs);
   run_stack(spec_, inputs, outputs);
 }
 
