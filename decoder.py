@@ -410,38 +410,38 @@ class SpeculativeDecoder:
         main model: (draft, accepted (k,), extra (k + 1,)), as arrays not yet waited for, or as lists where a greedy
         verification after an int was computed at once (natively, drafts judged at delta 0). `stop`: a token (EOS where
         it ends the output) after which a greedy verification computes nothing (nothing there is accepted)."""
-        if self.sampler.greedy and isinstance(last_token, int) and draft.tokens.size:
-            # The drafts are computed (drafters compute greedy drafts at once), and the host would wait for the
-            # verification next: computed now, with no operation around it.
-            drafts = draft.tokens.tolist()
-            verify_input = mx.array([[last_token, *drafts]], dtype=mx.int32)
-            choices = self.model.greedy_choices(verify_input, cross_kv, cache, stop=stop, now=True)
-            if choices is not None and self.delta == 0:
-                extra = choices[0].tolist()
-                return draft, [token == choice for token, choice in zip(drafts, extra)], extra
-            if choices is not None:
-                accepted, extra = self.sampler.judge_choices(
-                    choices[0], draft.tokens, self.delta, self.split_key(key)[0]
-                )
-                mx.async_eval(accepted, extra)
-                return draft, accepted, extra
-        last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
-        verify_input = last_token.astype(mx.int32)
-        if draft.tokens.size:
-            verify_input = mx.concatenate([verify_input, draft.tokens])
         if self.sampler.greedy:
-            # Greedy decoding needs only the main model's choice after each token.
-            extra = self.model.choices(verify_input[None], cross_kv, cache, stop=stop)[0]
-            if not draft.tokens.size:  # a plain step is regular decoding's step: nothing to judge, no keys to split
-                mx.async_eval(extra)
-                return draft, NO_ACCEPTANCE, extra
-            accepted, extra = self.sampler.judge_choices(extra, draft.tokens, self.delta, self.split_key(key)[0])
+            choices = None
+            if isinstance(last_token, int) and draft.tokens.size:
+                # The drafts are computed (drafters compute greedy drafts at once), and the host would wait for the
+                # verification next: computed now, with no operation around it, and at delta 0 judged on the host.
+                drafts = draft.tokens.tolist()
+                verify_input = mx.array([[last_token, *drafts]], dtype=mx.int32)
+                choices = self.model.greedy_choices(verify_input, cross_kv, cache, stop=stop, now=True)
+                if choices is not None and self.delta == 0:
+                    extra = choices[0].tolist()
+                    return draft, [token == choice for token, choice in zip(drafts, extra)], extra
+            if choices is None:
+                # Greedy decoding needs only the main model's choice after each token.
+                choices = self.model.choices(self.verify_input(last_token, draft)[None], cross_kv, cache, stop=stop)
+                if not draft.tokens.size:  # a plain step is regular decoding's step: nothing to judge, no keys to split
+                    mx.async_eval(choices[0])
+                    return draft, NO_ACCEPTANCE, choices[0]
+            accepted, extra = self.sampler.judge_choices(choices[0], draft.tokens, self.delta, self.split_key(key)[0])
         else:
             accept_key, extra_key = self.split_key(key)
-            logits = self.model.decode(verify_input[None], cross_kv, cache)[0]
+            logits = self.model.decode(self.verify_input(last_token, draft)[None], cross_kv, cache)[0]
             accepted, extra = self.sampler.judge(logits, draft.tokens, draft.probs, self.delta, accept_key, extra_key)
         mx.async_eval(accepted, extra)
         return draft, accepted, extra
+
+    @staticmethod
+    def verify_input(last_token, draft):
+        """The tokens a verification feeds (k + 1,) int32: `last_token` (an int, or a (1,) array still being computed)
+        and the drafts."""
+        last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
+        verify_input = last_token.astype(mx.int32)
+        return mx.concatenate([verify_input, draft.tokens]) if draft.tokens.size else verify_input
 
 
 def as_list(values) -> list:
