@@ -188,9 +188,7 @@ class SpeculativeDecoder:
         self.acceptance_file = step_costs.acceptance_path(self)
         remembered = None if self.sharded() else step_costs.read(self.acceptance_file)
         try:
-            if not remembered:
-                return Acceptance()
-            return Acceptance(remembered["counts"], remembered.get("since_try", 0), remembered.get("rejected_tries", 0))
+            return Acceptance.from_record(remembered) if remembered else Acceptance()
         except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
             step_costs.warn(self.acceptance_file, "ignoring remembered acceptance in an unknown format")
             return Acceptance()
@@ -199,11 +197,7 @@ class SpeculativeDecoder:
         """Keep auto's acceptance estimates for this pair's next run."""
         if self.acceptance is not None and not self.sharded():
             path = self.acceptance_file or step_costs.acceptance_path(self)
-            acceptance = self.acceptance
-            record = dict(
-                counts=acceptance.to_dict(), since_try=acceptance.since_try, rejected_tries=acceptance.rejected_tries
-            )
-            step_costs.write_soon(path, record)
+            step_costs.write_soon(path, self.acceptance.to_record())
 
     def generate_batch(
         self,

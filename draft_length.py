@@ -172,6 +172,14 @@ class Acceptance:
     def to_dict(self) -> Dict[str, List[List[float]]]:
         return {source: [list(p) for p in positions] for source, positions in self.counts.items()}
 
+    def to_record(self) -> dict:
+        """What is remembered between runs (from_record reads it back)."""
+        return dict(counts=self.to_dict(), since_try=self.since_try, rejected_tries=self.rejected_tries)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Acceptance":
+        return cls(record["counts"], record.get("since_try", 0), record.get("rejected_tries", 0))
+
 
 class AutoDraftLength:
     """Chooses the number of drafts per step from measured step costs and the acceptance estimates.

@@ -384,7 +384,7 @@ def test_a_source_never_tried_is_tried_at_once_and_the_budget_for_tries_carries_
     # before paid for it; had each run counted only its own steps, none would.
     tried = []
     for run in range(100):
-        remembered = Acceptance(acceptance.to_dict(), acceptance.since_try, acceptance.rejected_tries)
+        remembered = Acceptance.from_record(acceptance.to_record())
         policy = AutoDraftLength(8, {"model": costs}, remembered)
         for _ in range(20):
             k = policy.choose("model", 100)
