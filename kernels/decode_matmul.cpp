@@ -289,15 +289,18 @@ void store_rows(const float* values, int r0, int rows, mx::array& out) {
 // a prompt against 12.4-13.9 shared among two threads, main.py's defaults 5.4-5.8 against 6.1-7.2.
 constexpr double kSmallProductBytes = 5e5;
 
+// Set while a task of products_in_one_job runs: its products are the thread's alone.
+thread_local bool t_products_alone = false;
+
 // Column ranges per task, aligned to the kernels' tiles (`tile` columns: 4, or a packed block): several per thread, so
 // that a thread the machine does not run for a while holds up little; one task (on the calling thread) for a product
-// too small to share.
+// too small to share, or one computed within a task of products_in_one_job.
 template <class F>
 void over_columns(int N, F&& columns, int tile = 4, bool small = false) {
   constexpr int kTasksPerThread = 4, kMinColumns = 32;
-  const int tiles = (N + tile - 1) / tile;
+  const int tiles = (N + tile - 1) / tile, per_thread = tiles / std::max(1, kMinColumns / tile);
   const int tasks =
-      small ? 1 : std::max(1, std::min(pool().size() * kTasksPerThread, tiles / std::max(1, kMinColumns / tile)));
+      small || t_products_alone ? 1 : std::max(1, std::min(pool().size() * kTasksPerThread, per_thread));
   const int per_task = (tiles + tasks - 1) / tasks;
   pool().run(tasks, [&](int t) {
     const int n0 = std::min(N, t * per_task * tile), n1 = std::min(N, (t + 1) * per_task * tile);
@@ -439,6 +442,15 @@ void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, 
 
 void pool_run(int tasks, const std::function<void(int)>& task) {
   pool().run(tasks, task);
+}
+
+void products_in_one_job(int count, const std::function<void(int)>& products) {
+  pool().run(count, [&](int i) {
+    const bool outer = t_products_alone;
+    t_products_alone = true;
+    products(i);
+    t_products_alone = outer;
+  });
 }
 
 int current_kernel_isa() {

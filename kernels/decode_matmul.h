@@ -52,6 +52,10 @@ void int_product(int isa, const float* x, int ldx, int M, int K, const uint32_t*
 void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, const mx::array& w,
                   const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N);
 void pool_run(int tasks, const std::function<void(int)>& task);
+// products(i) for i < count as the tasks of one pool job, the products in each computed by the thread that takes it
+// alone: for many small products, one job instead of one per product (each job's handing out and waiting cost more
+// than a small product's share of the threads saves).
+void products_in_one_job(int count, const std::function<void(int)>& products);
 int current_kernel_isa();
 // The WeightType of float32, bfloat16 or float16 values (throws for any other dtype).
 WeightType weight_type(mx::Dtype dtype);

@@ -167,11 +167,14 @@ def cross_kv(model, encoder_output, fused, on):
         ("t5-v1_1", {}),
         ("t5", dict(quantize=True, q_bits=4, q_group_size=32)),
         ("t5-v1_1", dict(quantize=True, q_bits=8, q_group_size=64)),
+        ("byt5", {}),
     ],
 )
 def test_cross_projections_equal_each_layers_own_products(variant, options, converted, fused):
     """The cross-attention keys and values of every decoder layer as one operation: bit for bit the products the
-    layers' own projections compute (the same kernels, row by row), for a padded batch, float and quantized weights."""
+    layers' own projections compute (the same kernels, row by row), for a padded batch, float and quantized weights.
+    Two decoder layers (four projections) on two threads or more take whole projections per task; byt5's one decoder
+    layer takes each projection's columns across the threads."""
     model, tokenizer, _ = load_model(converted(variant, **options))
     batch = tokenizer([PROMPTS[0], PROMPTS[1][:12], PROMPTS[2]], padding=True)
     encoder_output = model.encode(mx.array(batch.input_ids), mx.array(batch.attention_mask))
