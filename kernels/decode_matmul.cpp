@@ -288,6 +288,12 @@ void store_rows(const float* values, int r0, int rows, mx::array& out) {
 // of the demo pair (the largest, its head, 393 KB in bfloat16): regular decoding of its held-out sentences 9.3-10.4 ms
 // a prompt against 12.4-13.9 shared among two threads, main.py's defaults 5.4-5.8 against 6.1-7.2.
 constexpr double kSmallProductBytes = 5e5;
+// The same for a step computed at once (ComputedAtOnce): no host builds beside it, so the pool's other threads only
+// help. The demo draft's greedy drafting of 16 tokens in one call: 27-29 us a token at 1e5, 32-33 at 5e5 (three runs
+// each, in turn).
+constexpr double kSmallProductBytesAtOnce = 1e5;
+
+thread_local bool t_at_once = false;
 
 // Set while a task of products_in_one_job runs: its products are the thread's alone.
 thread_local bool t_products_alone = false;
@@ -329,7 +335,7 @@ template <class F>
 void over_tiles(int M, int N, int column_bytes, F&& rows_columns, int tile = 4) {
   over_columns(
       N, [&](int n0, int n1) { over_row_blocks(M, n0, n1, column_bytes, rows_columns, tile); }, tile,
-      double(M) * N * column_bytes < kSmallProductBytes);
+      double(M) * N * column_bytes < (t_at_once ? kSmallProductBytesAtOnce : kSmallProductBytes));
 }
 
 void float_product(Isa isa, const float* x, int ldx, const uint16_t* x_bf16, int M, int K, const mx::array& w,
@@ -442,6 +448,13 @@ void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, 
 
 void pool_run(int tasks, const std::function<void(int)>& task) {
   pool().run(tasks, task);
+}
+
+ComputedAtOnce::ComputedAtOnce() : outer(t_at_once) {
+  t_at_once = true;
+}
+ComputedAtOnce::~ComputedAtOnce() {
+  t_at_once = outer;
 }
 
 void products_in_one_job(int count, const std::function<void(int)>& products) {

@@ -56,6 +56,13 @@ void pool_run(int tasks, const std::function<void(int)>& task);
 // alone: for many small products, one job instead of one per product (each job's handing out and waiting cost more
 // than a small product's share of the threads saves).
 void products_in_one_job(int count, const std::function<void(int)>& products);
+// While one lives on a thread, its products share the pool's threads from a smaller size on: the thread computes a
+// step at once (DecoderLayers::eval_here), with no host work beside it for another core to do.
+struct ComputedAtOnce {
+  ComputedAtOnce();
+  ~ComputedAtOnce();
+  bool outer;
+};
 int current_kernel_isa();
 // The WeightType of float32, bfloat16 or float16 values (throws for any other dtype).
 WeightType weight_type(mx::Dtype dtype);

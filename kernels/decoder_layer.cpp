@@ -928,6 +928,7 @@ void run_now(std::vector<mx::array>& outputs) {
   }
   auto& primitive = static_cast<DecoderLayers&>(outputs[0].primitive());
   std::vector<mx::array> siblings = outputs[0].outputs();
+  ComputedAtOnce at_once;
   primitive.eval_here(inputs, siblings);
   for (auto& out : siblings) {
     out.set_status(mx::array::Status::available);

@@ -12,6 +12,7 @@ import pytest
 from conftest import PROMPTS, VARIANTS
 from mlx.utils import tree_map
 
+import convert
 import kernels
 from cache import KVCache
 from loader import load_model
@@ -377,20 +378,29 @@ def test_greedy_drafting_in_one_operation_is_the_step_by_step_argmax(
             layer_cache.trim(1)
 
 
-@pytest.mark.parametrize("variant, conversion", [("t5", None), ("t5-v1_1", "8-bit")])
-def test_steps_computed_now_are_those_computed_on_the_stream(variant, conversion, converted, fused, tmp_path):
+@pytest.mark.parametrize("variant, conversion", [("t5", None), ("t5-v1_1", "8-bit"), ("wide", None)])
+def test_steps_computed_now_are_those_computed_on_the_stream(
+    variant, conversion, converted, hf_checkpoint, fused, tmp_path
+):
     # now=True computes a greedy step on the calling thread before it returns, not on MLX's stream: the same tokens,
     # the same caches, over a sequence of drafting and verification calls that grow and rewind the caches, the first
-    # with inputs not yet computed (the cross-attention keys and values, evaluated first).
-    model, tokenizer, _ = load_model(converted(variant, **CONVERSIONS.get(conversion, {})))
+    # with inputs not yet computed (the cross-attention keys and values, evaluated first). "wide": products of one row
+    # large enough (256 x 256 float32, 262 KB) that a step computed at once shares them among the threads, where on
+    # the stream the calling thread computes them alone.
+    if variant == "wide":
+        checkpoint = hf_checkpoint("t5", d_model=256, d_kv=64, d_ff=512)
+        model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "wide")))
+    else:
+        model, tokenizer, _ = load_model(converted(variant, **CONVERSIONS.get(conversion, {})))
     fused(True)
     ids = mx.array(tokenizer(PROMPTS[:1]).input_ids)
     cross_kv = model.cross_kv(model.encode(ids))  # (not evaluated)
     calls = [("draft", [[0]], 6), ("choices", [[4, 9, 2, 7]], 0), ("draft", [[3, 5]], 20), ("choices", [[8] * 9], 0)]
     caches = {now: model.make_cache() for now in (False, True)}
     for kind, fed, count in calls:
-        outputs = {}
+        outputs, jobs = {}, {}
         for now in (False, True):
+            before = kernels.native.pool_jobs()
             if kind == "draft":
                 out = model.greedy_draft(mx.array(fed), cross_kv, caches[now], count, now=now)
             else:
@@ -399,7 +409,10 @@ def test_steps_computed_now_are_those_computed_on_the_stream(variant, conversion
             graph = operations(out, tmp_path)
             assert graph == [] if now else "DecoderLayers" in graph
             outputs[now] = out.tolist()
+            jobs[now] = kernels.native.pool_jobs() - before
         assert outputs[True] == outputs[False]
+        if variant == "wide" and kind == "draft" and count == 20 and kernels.native.threads() > 1:
+            assert jobs[True] > jobs[False]  # one-row products shared among the threads at once only
         assert caches[True][0].offsets == caches[False][0].offsets
         for ours, theirs in zip(caches[True], caches[False]):
             length = ours.offset
