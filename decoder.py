@@ -19,7 +19,17 @@ import batch_decoder
 import step_costs
 from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
-from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens, until_stop
+from generation import (
+    Generation,
+    Stats,
+    count_accepted,
+    detokenizer,
+    record_step,
+    run_seconds,
+    step_tokens,
+    tokenize,
+    until_stop,
+)
 from sampling import Sampler
 
 DRAFTERS = ("model", "lookup", "hybrid")
@@ -110,7 +120,7 @@ class SpeculativeDecoder:
         text = ""
         detokenize = detokenizer(self.tokenizer)
         start = time.perf_counter()
-        prompt_ids = mx.array([self.tokenizer(prompt).input_ids])  # (a list read back costs no evaluation)
+        prompt_ids = mx.array([tokenize(self.tokenizer, prompt)])  # (a list read back costs no evaluation)
         if regular:
             steps = self.regular_tokens(prompt_ids, max_tokens, ignore_eos, stats)
         else:
@@ -247,24 +257,28 @@ class SpeculativeDecoder:
         Step i + 1 is built and started before waiting for token i, so graph building overlaps computation; nothing is
         built past the last. `go_on()`, asked before building each step after the first, ends the tokens early (at
         the one being computed) when false."""
-
-        def step(token, key):
-            if self.sampler.greedy:
-                return self.model.choices(token.reshape(1, 1), cross_kv, cache)[0, -1]
-            return self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
-
-        keys = mx.random.split(key, count)
-        next_token = step(mx.array(token), keys[0])
-        mx.async_eval(next_token)
+        keys = [None] * count if self.sampler.greedy else mx.random.split(key, count)
+        next_token = self.plain_step(mx.array([[token]], dtype=mx.int32), keys[0], cross_kv, cache)
         for i in range(count):
             token = next_token
             last = i + 1 == count or (go_on is not None and not go_on())
             if not last:
-                next_token = step(token, keys[i + 1])
-                mx.async_eval(next_token)
-            yield token.item()
+                next_token = self.plain_step(token, keys[i + 1], cross_kv, cache)
+            yield waited(token.item)
             if last:
                 return
+
+    def plain_step(self, token, key, cross_kv, cache):
+        """The main model's next token after `token` (1, 1), built and started, not waited for: greedy, its (1, 1)
+        choice, fed to the next step as it comes (an operation around each step, a reshape or an index, cost the
+        stream's thread time: 64 greedy tokens of the demo pair took 10% longer with two); else drawn from its
+        logits with `key`."""
+        if self.sampler.greedy:
+            token = self.model.choices(token, cross_kv, cache)
+        else:
+            token = self.sampler.next_token(self.model.decode(token.reshape(1, 1), cross_kv, cache)[0, -1], key)
+        mx.async_eval(token)
+        return token
 
     def speculative_tokens(
         self, prompt_ids, max_tokens, ignore_eos, stats, drafter=None, draft_length=None
@@ -352,7 +366,7 @@ class SpeculativeDecoder:
                     key, step_key = self.split_key(key)
                     ahead, planned = self.step(extra[0], no_draft(), step_key, cross_kv, cache), None
             # The one synchronisation per step (a greedy verification computed at once has nothing left to wait for).
-            accepted, extra, drafts = as_list(accepted), as_list(extra), draft.tokens.tolist()
+            accepted, extra, drafts = waited(lambda: (as_list(accepted), as_list(extra), draft.tokens.tolist()))
             # A step's time runs from the last synchronisation to this one, so it includes all the host's work.
             now = time.perf_counter()
             drafts = until_stop(drafts, stop)
@@ -436,6 +450,12 @@ class SpeculativeDecoder:
         last_token = mx.array([last_token]) if isinstance(last_token, int) else last_token.reshape(1)
         verify_input = last_token.astype(mx.int32)
         return mx.concatenate([verify_input, draft.tokens]) if draft.tokens.size else verify_input
+
+
+def waited(read: Callable):
+    """`read()`: where the decoding loop waits for the model's values (an array's .item() or .tolist()), in one place
+    so that the time spent waiting for the model can be told from the loop's own (benchmarks.decode_step)."""
+    return read()
 
 
 def as_list(values) -> list:

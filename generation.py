@@ -110,6 +110,22 @@ def step_tokens(drafts, num_accepted, extra, eos, ignore_eos, remaining) -> List
     return tokens[:remaining]
 
 
+def tokenize(tokenizer, text: str) -> List[int]:
+    """tokenizer(text).input_ids: straight through a fast tokenizer's own backend where transformers would only hand it
+    the text (no truncation or padding set on it, special tokens read alike): the same ids in 15-40 us rather than
+    60-490 us, a twentieth of a short translation's whole time (the demo pair's take 4-7 ms)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is not None
+        and getattr(tokenizer, "is_fast", False)
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return backend.encode(text).ids
+    return tokenizer(text).input_ids
+
+
 def detokenizer(tokenizer) -> Callable[[List[int]], str]:
     """ids -> tokenizer.decode(ids, skip_special_tokens=True): straight through a fast tokenizer's own backend where
     transformers would only add its clean-up of spaces and it is off (the same text in a sixteenth of the time: the

@@ -19,6 +19,7 @@ from tqdm import tqdm
 import kernels
 from checks import is_conversion, recorded_source
 from decoder import DRAFTERS, MAX_NUM_DRAFT, IncompatibleDraftError, SpeculativeDecoder, Stats
+from generation import tokenize
 from loader import ModelLoadError, load_model
 from memory_fit import available_memory, fitting_batch_size, too_long
 from prompt_file import OutputFile, PromptFileError, ResultsFileError, read_prompts, read_results
@@ -341,7 +342,7 @@ def run_prompt_file(decoder, prompts, args, options, results, output=None):
     available = available_memory()
     runnable, lengths = [], []
     for index in (index for index in range(len(prompts)) if index not in results):
-        length = len(decoder.tokenizer(prompts[index]).input_ids)
+        length = len(tokenize(decoder.tokenizer, prompts[index]))
         message = too_long(models, length, args.max_tokens, available)
         if message:
             finish(dict(index=index, prompt=prompts[index], error=message))
@@ -445,7 +446,7 @@ def main(argv=None):
             print_stats(stats, args.regular_decode)
         return
     models = [model] + ([draft_model] if draft_model is not None else [])
-    message = too_long(models, len(tokenizer(args.prompt).input_ids), args.max_tokens, available_memory())
+    message = too_long(models, len(tokenize(tokenizer, args.prompt)), args.max_tokens, available_memory())
     if message:
         fail(message)
     stream = None if args.json else lambda piece: print(piece, end="", flush=True)

@@ -324,6 +324,23 @@ def test_draft_models_have_distinct_weights(drafts):
     assert any(not mx.array_equal(noisy[name], same[name]) for name in noisy)
 
 
+def test_prompts_are_tokenized_as_the_tokenizer_does(tokenizer_dir):
+    """generation.tokenize: the fast backend's ids where transformers only hands it the text, the tokenizer's own call
+    otherwise (a truncation left set on the backend by an earlier call); the same ids for special tokens in the text,
+    spaces, other scripts and the empty string."""
+    from transformers import AutoTokenizer
+
+    from generation import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = PROMPTS + ["", "  two spaces  ", "a </s> inside <pad>", "Grüße, Straße: 12 Äpfel\tund\nÖl", "x" * 300]
+    assert all(tokenize(tokenizer, text) == tokenizer(text).input_ids for text in texts)
+    tokenizer(PROMPTS[0], truncation=True, max_length=3)  # leaves the backend truncating
+    assert tokenizer.backend_tokenizer.truncation is not None
+    assert tokenize(tokenizer, PROMPTS[0]) == tokenizer(PROMPTS[0]).input_ids
+    assert len(tokenize(tokenizer, PROMPTS[0])) > 3
+
+
 def test_the_streaming_detokenizer_gives_the_tokenizers_own_text(tokenizer_dir):
     """generation.detokenizer: the fast backend's decode where transformers adds nothing, tokenizer.decode otherwise;
     the same text for ids with special tokens, unknown pieces and every id of the vocabulary."""
