@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mlx.core as mx
 
 import convert
+import decoder as decoder_module
 import kernels
 from benchmarks import matmul
 from decoder import SpeculativeDecoder
@@ -177,15 +178,63 @@ def replay_seconds(calls_made):
     return time.perf_counter() - start
 
 
+class StepClock:
+    """Within a run, the seconds the host spends on the model's steps: building and starting the main model's steps
+    (SpeculativeDecoder.plain_step and .step, a greedy verification at delta 0 computed in it), the draft model's calls,
+    and waiting for their values (decoder.waited). What the run spends beyond them is the loop's own: the draft-length
+    policy, the drafter's bookkeeping, acceptance beyond the verification, stats, tokenizing and detokenizing, the
+    generators. Only the outermost of nested calls counts."""
+
+    def __init__(self, decoder):
+        self.decoder, self.seconds, self.depth = decoder, 0.0, 0
+        self.patched = [(decoder, "plain_step"), (decoder, "step"), (decoder_module, "waited")]
+        if decoder.draft_model is not None:
+            self.patched += [(decoder.draft_model, name) for name in CallLog.METHODS]
+        self.saved = []
+
+    def timed(self, function):
+        def clocked(*args, **kwargs):
+            if self.depth:
+                return function(*args, **kwargs)
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.depth -= 1
+
+        return clocked
+
+    def __enter__(self):
+        for owner, name in self.patched:
+            self.saved.append((owner, name, vars(owner).get(name)))
+            setattr(owner, name, self.timed(getattr(owner, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, own in reversed(self.saved):
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+        self.saved = []
+
+
 def loop_share(decoder, prompts, max_tokens, regular, repeats):
-    """The decoding loop's share beyond its model steps: each prompt's run (encoders excluded) over the same model
-    calls made again alone (replay_seconds), minus 1; the median over `repeats` rounds of the prompts, and the last
-    run's stats. Both start after the same pause, so that both meet the machine alike: a pause slows what follows it
-    for a while (on the 2-core AVX-512 box, the steps after 0.3 s idle ran about 1.5x slower than back to back), which
-    steps timed in a loop of their own never see. The run timed is the one whose calls are logged (auto's choices
-    differ from run to run), so the logging's own Python counts as loop."""
+    """The decoding loop's share beyond its model steps, two ways, each the median over `repeats` rounds of the prompts
+    (and the last run's stats):
+    - within each run: its time (encoders excluded) over the host's time on the model's steps in it (StepClock),
+      minus 1: what the loop itself costs, unmoved by the machine's speed, which moves both alike;
+    - against the same model calls made again alone after the run (replay_seconds), minus 1. Both start after the same
+      pause, so that both meet the machine alike: a pause slows what follows it for a while (on the 2-core AVX-512
+      box, the steps after 0.3 s idle ran about 1.5x slower than back to back), which steps timed in a loop of their
+      own never see. A step made again alone includes building it, which the loop overlaps with the step before; and
+      the machine's speed moves between a run and its replay: the same setting gave -34% and +16% in two runs.
+    The run timed is the one whose calls are logged (auto's choices differ from run to run), so the logging's own
+    Python counts as loop in the second way (StepClock's own, a few microseconds a step, in the first)."""
     decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's costs
-    shares = []
+    shares, own_shares = [], []
     for _ in range(repeats):
         for prompt in prompts:
             calls_made = []
@@ -196,7 +245,8 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
                 log.__enter__()
             time.sleep(PAUSE)
             try:
-                generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
+                with StepClock(decoder) as clock:
+                    generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
             finally:
                 for log in logs:
                     log.__exit__()
@@ -204,7 +254,8 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
             steps = replay_seconds(calls_made)
             loop = generation.stats.seconds - generation.stats.encode_seconds
             shares.append(loop / steps - 1)
-    return statistics.median(shares), generation.stats
+            own_shares.append(loop / clock.seconds - 1)
+    return statistics.median(own_shares), statistics.median(shares), generation.stats
 
 
 # CTranslate2 runs in a process of its own: in this one, torch's OpenMP threads (started by the converter's tensor
@@ -318,11 +369,13 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
     row.update(model_steps(model, "main"))
     row.update(model_steps(draft_model, "draft"))
     decoder = SpeculativeDecoder(model, draft_model, tokenizer, num_draft="auto")  # main.py's settings
-    regular_share, _ = loop_share(decoder, prompts, max_tokens, True, repeats)
-    speculative_share, stats = loop_share(decoder, prompts, max_tokens, False, repeats)
+    regular_share, regular_replay, _ = loop_share(decoder, prompts, max_tokens, True, repeats)
+    speculative_share, speculative_replay, stats = loop_share(decoder, prompts, max_tokens, False, repeats)
     row.update(
         regular_loop_share=round(regular_share, 3),
         speculative_loop_share=round(speculative_share, 3),
+        regular_loop_share_replayed=round(regular_replay, 3),
+        speculative_loop_share_replayed=round(speculative_replay, 3),
         speculative_mean_num_draft=round(stats.mean_num_draft, 2),
     )
     ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer, random_weights=name != "demo")
@@ -397,7 +450,9 @@ def print_row(row):
         )
     print(
         f"  loop beyond the steps: regular {row['regular_loop_share']:+.1%}, speculative "
-        f"{row['speculative_loop_share']:+.1%} (mean {row['speculative_mean_num_draft']} drafts per step)"
+        f"{row['speculative_loop_share']:+.1%} (mean {row['speculative_mean_num_draft']} drafts per step); against "
+        f"its calls made again alone: regular {row['regular_loop_share_replayed']:+.1%}, speculative "
+        f"{row['speculative_loop_share_replayed']:+.1%}"
     )
     print(
         f"  tok/s: regular {row['regular_tok_s']:.1f} ({row['regular_vs_ctranslate2']:.2f}x CTranslate2), "
@@ -423,7 +478,7 @@ def setup_arg_parser():
         choices=sorted(DTYPES),
         help="Also time the steps of the pairs converted to these, native layers against MLX's operations",
     )
-    parser.add_argument("--prompts", type=int, default=4, help="Prompts per timed run (default: 4)")
+    parser.add_argument("--prompts", type=int, default=8, help="Prompts per timed run (default: 8)")
     parser.add_argument("--max-tokens", type=int, default=64, help="Tokens per prompt, EOS ignored (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds of every method in turn (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmark_out"), help="Directory for step.json")

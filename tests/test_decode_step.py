@@ -3,6 +3,7 @@ decode calls a run makes, and the operations a decode step builds."""
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -91,15 +92,53 @@ def test_loop_share_is_measured_against_the_same_calls_made_again(regular, main,
     runs = []
     generate = decoder.generate
     monkeypatch.setattr(decoder, "generate", lambda *a, **k: runs.append(generate(*a, **k)) or runs[-1])
-    share, stats = decode_step.loop_share(decoder, PROMPTS[1:3], 8, regular, repeats=2)
+    share, replayed_share, stats = decode_step.loop_share(decoder, PROMPTS[1:3], 8, regular, repeats=2)
     assert len(runs) == 5 and (stats.main_calls == 8 or not regular)
     # The warm-up run is not replayed; every timed run's calls are, in order, the same inputs, the same cache lengths.
     warm_up = len(seen["run"]) - len(seen["replay"])
     assert warm_up > 0 and seen["replay"] == seen["run"][warm_up:]
     assert sum(1 for call in seen["replay"] if call[0]) == sum(run.stats.main_calls for run in runs[1:])
     assert any(not call[0] for call in seen["replay"]) == (not regular)
-    # A run costs its steps and some Python: not less than half its steps, nor ten times them.
-    assert -0.5 < share < 10
+    # A run costs its steps and some Python: not less than half its steps, nor ten times them; within the run, no
+    # less than the host's time on its steps.
+    assert -0.5 < replayed_share < 10
+    assert 0 <= share < 10
+
+
+def test_step_clock_counts_the_models_steps_and_not_the_loops_own(main, drafts, monkeypatch):
+    # A pause added to each step's bookkeeping (record_step) is the loop's own; one added inside each main-model call
+    # is the steps'.
+    import decoder as decoder_module
+
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
+    pause = 0.003
+
+    def run():
+        with decode_step.StepClock(decoder) as clock:
+            stats = decoder.generate(PROMPTS[0], max_tokens=12, ignore_eos=True).stats
+        return stats.seconds - stats.encode_seconds - clock.seconds, clock.seconds, stats.main_calls
+
+    def slowed(function):
+        def slow(*args, **kwargs):
+            time.sleep(pause)
+            return function(*args, **kwargs)
+
+        return slow
+
+    run()
+    own, steps, calls = run()
+    assert calls > 3 and own > 0 and steps > 0
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder_module, "record_step", slowed(decoder_module.record_step))
+        slow_own, slow_steps, _ = run()
+    assert slow_own - own > 0.9 * pause * calls and slow_steps - steps < 0.5 * pause * calls
+    with monkeypatch.context() as patch:
+        for name in ("decode", "greedy_choices"):
+            patch.setattr(model, name, slowed(getattr(model, name)))
+        slow_own, slow_steps, _ = run()
+    assert slow_steps - steps > 0.9 * pause * calls and slow_own - own < 0.5 * pause * calls
+    assert not {"plain_step", "step"} & set(vars(decoder)) and decoder_module.waited.__name__ == "waited"
 
 
 @pytest.mark.parametrize("native_layers", [False, True])
