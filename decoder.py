@@ -121,6 +121,7 @@ class SpeculativeDecoder:
         detokenize = detokenizer(self.tokenizer)
         start = time.perf_counter()
         prompt_ids = mx.array([tokenize(self.tokenizer, prompt)])  # (a list read back costs no evaluation)
+        stats.encode_seconds = time.perf_counter() - start  # (the prompt's, as a batch's joins count it)
         if regular:
             steps = self.regular_tokens(prompt_ids, max_tokens, ignore_eos, stats)
         else:
@@ -271,8 +272,7 @@ class SpeculativeDecoder:
     def plain_step(self, token, key, cross_kv, cache):
         """The main model's next token after `token` (1, 1), built and started, not waited for: greedy, its (1, 1)
         choice, fed to the next step as it comes (with a reshape and an index around each step, 64 greedy tokens of the
-        demo pair took 4-27% longer, three runs in turn, each time waiting for the stream's thread); else drawn from
-        its logits with `key`."""
+        demo pair took 4-27% longer, three runs in turn); else drawn from its logits with `key`."""
         if self.sampler.greedy:
             token = self.model.choices(token, cross_kv, cache)
         else:

@@ -13,8 +13,8 @@ class Stats:
     accepted: int = 0
     lookup_drafted: int = 0  # drafted tokens that came from a lookup rather than the draft model
     lookup_steps: int = 0  # main-model calls that verified a lookup's drafts
-    # The prompt through both encoders, and the cross-attention keys/values; in a batch, the host's part of a join (the
-    # encoding runs behind the step in flight).
+    # The prompt tokenized, through both encoders, and the cross-attention keys/values; in a batch, the host's part of a
+    # join (the encoding runs behind the step in flight).
     encode_seconds: float = 0.0
     seconds: float = 0.0  # prompt in to last token out
     # --num-draft auto: whether the step costs came from the cache (None: not auto), and the seconds spent measuring

@@ -49,6 +49,7 @@ DEMO = ROOT / "models" / "demo"
 PAUSE = 0.3  # seconds between timed runs: the kernel threads of the run before stop spinning
 BATCH_ROWS = 8
 VERIFY_ROWS = 5  # k + 1 for main.py's typical draft lengths
+TRANSLATIONS = 16  # the demo pair's held-out translations whose loop is timed to the EOS (the last of its prompts)
 
 
 def step_setup(model, rows, prompt_length, context):
@@ -221,7 +222,7 @@ class StepClock:
         self.saved = []
 
 
-def loop_share(decoder, prompts, max_tokens, regular, repeats):
+def loop_share(decoder, prompts, max_tokens, regular, repeats, to_eos=False):
     """The decoding loop's share beyond its model steps, two ways, each the median over `repeats` rounds of the prompts
     (and the last run's stats):
     - within each run: its time (encoders excluded) over the host's time on the model's steps in it (StepClock),
@@ -232,8 +233,10 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
       own never see. A step made again alone includes building it, which the loop overlaps with the step before; and
       the machine's speed moves between a run and its replay: the same setting gave -34% and +16% in two runs.
     The run timed is the one whose calls are logged (auto's choices differ from run to run), so the logging's own
-    Python counts as loop in the second way (StepClock's own, a few microseconds a step, in the first)."""
-    decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=True)  # warm-up, auto's costs
+    Python counts as loop in the second way (StepClock's own, a few microseconds a step, in the first). `to_eos`: each
+    run ends at its EOS (main.py's), else it decodes max_tokens past it."""
+    ignore_eos = not to_eos
+    decoder.generate(prompts[0], max_tokens=max_tokens, regular=regular, ignore_eos=ignore_eos)  # warm-up, auto's
     shares, own_shares = [], []
     for _ in range(repeats):
         for prompt in prompts:
@@ -246,7 +249,7 @@ def loop_share(decoder, prompts, max_tokens, regular, repeats):
             time.sleep(PAUSE)
             try:
                 with StepClock(decoder) as clock:
-                    generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=True)
+                    generation = decoder.generate(prompt, max_tokens=max_tokens, regular=regular, ignore_eos=ignore_eos)
             finally:
                 for log in logs:
                     log.__exit__()
@@ -378,6 +381,16 @@ def measure_pair(name, work, prompts, max_tokens, repeats):
         speculative_loop_share_replayed=round(speculative_replay, 3),
         speculative_mean_num_draft=round(stats.mean_num_draft, 2),
     )
+    if name == "demo":
+        # Past EOS the draft seldom agrees and auto drafts little: the loop with drafts is the translations' own.
+        translations = lines[-TRANSLATIONS:]
+        regular_share, _, _ = loop_share(decoder, translations, max_tokens, True, repeats, to_eos=True)
+        speculative_share, _, stats = loop_share(decoder, translations, max_tokens, False, repeats, to_eos=True)
+        row.update(
+            translation_regular_loop_share=round(regular_share, 3),
+            translation_speculative_loop_share=round(speculative_share, 3),
+            translation_mean_num_draft=round(stats.mean_num_draft, 2),
+        )
     ctranslate2_greedy = CTranslate2Greedy(main_dir, work / name, tokenizer, random_weights=name != "demo")
     speed, same = against_ctranslate2(decoder, ctranslate2_greedy, prompts, max_tokens, repeats)
     ctranslate2_greedy.close()
@@ -454,6 +467,13 @@ def print_row(row):
         f"its calls made again alone: regular {row['regular_loop_share_replayed']:+.1%}, speculative "
         f"{row['speculative_loop_share_replayed']:+.1%}"
     )
+    if "translation_regular_loop_share" in row:
+        print(
+            f"  loop beyond the steps, {TRANSLATIONS} translations to the EOS: regular "
+            f"{row['translation_regular_loop_share']:+.1%}, speculative "
+            f"{row['translation_speculative_loop_share']:+.1%} ({row['translation_mean_num_draft']} drafts per step in "
+            "the last)"
+        )
     print(
         f"  tok/s: regular {row['regular_tok_s']:.1f} ({row['regular_vs_ctranslate2']:.2f}x CTranslate2), "
         f"speculative {row['speculative_tok_s']:.1f} ({row['speculative_vs_ctranslate2']:.2f}x), "
