@@ -15,18 +15,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+import generation
 from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
-from generation import (
-    Generation,
-    Stats,
-    count_accepted,
-    detokenizer,
-    record_step,
-    run_seconds,
-    step_tokens,
-    tokenize,
-    until_stop,
-)
+from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens, until_stop
 
 
 @dataclass
@@ -198,7 +189,7 @@ def join(decoder, rows, queue, seeds, room, stats, drafter=None) -> List[Row]:
     operations), the encoding itself running behind the step in flight."""
     tick = time.perf_counter()
     joining = [queue.popleft() for _ in range(min(room, len(queue)))]
-    ids = [tokenize(decoder.tokenizer, prompt) for _, prompt in joining]
+    ids = [generation.tokenize(decoder.tokenizer, prompt) for _, prompt in joining]
     encoder_output = rows.add(ids)
     if drafter is not None:
         drafter.add(ids, encoder_output if decoder.shared_encoder else None)
