@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 import batch_decoder
 import step_costs
-from draft_length import Acceptance, AutoDraftLength, FixedDraftLength
+from draft_length import Acceptance, AutoDraftLength, FixedDraftLength, past_eos
 from drafters import HybridDrafter, LookupDrafter, ModelDrafter, no_draft
 from generation import (
     Generation,
@@ -305,6 +305,12 @@ class SpeculativeDecoder:
         # Whether a drafting step's time is its own: not the prompt's first, where the draft model encodes the prompt
         # (the table leaves it out too; counted, one such step made drafting look ten times dearer than plain steps).
         drafted = False
+        # Past an EOS that does not end the output, drafts are estimated apart (draft_length.past_eos).
+        after_eos = False
+
+        def estimated(source):
+            return past_eos(source) if after_eos else source
+
         while generated < max_tokens:
             if ahead:
                 step = ahead
@@ -312,7 +318,9 @@ class SpeculativeDecoder:
                 # Never draft past max_tokens: the main model adds one token after the drafts.
                 limit = max_tokens - generated - 1
                 if planned is None:
-                    num_draft = draft_length.choose(drafter.source(sequence), limit, drafter.unready(sequence))
+                    num_draft = draft_length.choose(
+                        estimated(drafter.source(sequence)), limit, drafter.unready(sequence)
+                    )
                 else:
                     num_draft, planned = min(planned, limit), None
                 run, go_on = 1, None
@@ -325,7 +333,7 @@ class SpeculativeDecoder:
 
                         def go_on():
                             nonlocal planned
-                            source = drafter.source(sequence)
+                            source = estimated(drafter.source(sequence))
                             planned = draft_length.choose_in_run(source, limit, drafter.unready(sequence)) or None
                             return planned is None
 
@@ -339,9 +347,10 @@ class SpeculativeDecoder:
                         generated += 1
                         sequence.append(token)
                         yield [token]
-                        ended = not ignore_eos and token == model.args.eos_token_id
-                        if ended:
-                            break
+                        if token == model.args.eos_token_id:
+                            ended, after_eos = not ignore_eos, True
+                            if ended:
+                                break
                     # The run's steps as taken (an EOS or the drafter may end it early), and its time per step.
                     seconds = run_seconds(arrivals)
                     draft_length.record_run(len(arrivals), None if seconds is None else self.agreed(seconds))
@@ -360,7 +369,7 @@ class SpeculativeDecoder:
             ahead = planned = None
             if not draft.tokens.size and not drafter.reads_tokens and generated + 1 < max_tokens:
                 planned = draft_length.choose(
-                    drafter.source(sequence), max_tokens - generated - 2, drafter.unready(sequence)
+                    estimated(drafter.source(sequence)), max_tokens - generated - 2, drafter.unready(sequence)
                 )
                 if planned == 0:
                     key, step_key = self.split_key(key)
@@ -377,7 +386,10 @@ class SpeculativeDecoder:
             new_tokens = step_tokens(
                 drafts, num_accepted, extra, model.args.eos_token_id, ignore_eos, max_tokens - generated
             )
-            record_step(stats, draft_length, draft.source, len(drafts), num_accepted, new_tokens)
+            record_step(
+                stats, draft_length, draft.source, len(drafts), num_accepted, new_tokens, estimated(draft.source)
+            )
+            after_eos = after_eos or model.args.eos_token_id in new_tokens
             generated += len(new_tokens)
 
             # Rewind the main cache and the drafter to the accepted tokens (the newest is fed next step, or was fed

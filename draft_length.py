@@ -14,7 +14,10 @@ cost theirs. That ratio follows a line along k through the lengths taken lately:
 alphas start from what the pair and drafter ended their last run with (step_costs.py keeps them), and follow each
 step's outcome, recency-weighted. Another length is tried only while its acceptance is uncertain enough that it might
 be better. A batch takes one length for all its rows: the one with the most tokens per second summed
-over the rows, each with its own source of drafts (draft model or lookup, estimated apart).
+over the rows, each with its own source of drafts (draft model or lookup, estimated apart). Past an EOS that does not
+end the output (`ignore_eos`), a source's drafts are estimated apart too (`past_eos`): the main model continues there
+as it never learnt to, and a draft that agreed with it on the sentence agrees by chance; estimated together, the
+sentence's estimates sent long drafts past the EOS and the rejections there stopped drafting on the next sentence.
 """
 
 import math
@@ -66,6 +69,17 @@ MAX_TRY_PRICE = 3.0
 # What a draft from the model would compute before its first token (drafters.py: unready): (prompt tokens to encode,
 # tokens to catch up on); None where not known (batches).
 Unready = Optional[Tuple[int, int]]
+PAST_EOS = " past EOS"  # appended to a source of drafts past an EOS: estimated apart, costed as the source
+
+
+def past_eos(source: Optional[str]) -> Optional[str]:
+    """The name under which drafts from `source` are estimated past an EOS that does not end the output."""
+    return source + PAST_EOS if source else source
+
+
+def drafter_of(source: str) -> str:
+    """The source of drafts itself, with or without PAST_EOS: what its step costs are kept under."""
+    return source[: -len(PAST_EOS)] if source.endswith(PAST_EOS) else source
 
 
 class FixedDraftLength:
@@ -245,7 +259,7 @@ class AutoDraftLength:
 
     def table(self, sources: Sequence[Optional[str]]) -> List[float]:
         """The step costs of rows drafting from `sources`: the draft model's where any row drafts from it."""
-        drafting = [source for source in sources if source]
+        drafting = [drafter_of(source) for source in sources if source]
         return self.costs["model" if "model" in drafting else drafting[0]]
 
     def compute_rates(self, sources: Sequence[Optional[str]], top: int, optimism: float) -> List[float]:
@@ -272,7 +286,7 @@ class AutoDraftLength:
     def setup_seconds(self, sources: Sequence[Optional[str]], unready: Unready) -> float:
         """The table's seconds of what drafting would compute now beyond its steps (a lone row drafting from the
         model; `unready`: the drafter's)."""
-        if unready is None or list(sources) != ["model"]:
+        if unready is None or len(sources) != 1 or not sources[0] or drafter_of(sources[0]) != "model":
             return 0.0
         encode, behind = unready
         return self.setup.get("encode", 0.0) * encode + self.setup.get("catch_up", 0.0) * behind

@@ -72,13 +72,21 @@ class Generation:
     stats: Stats = field(default_factory=Stats)
 
 
-def record_step(stats: Stats, draft_length, source: Optional[str], drafted: int, accepted: int, new_tokens: List[int]):
-    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source); new_tokens:
-    what the step added to the output (step_tokens). The stats count every accepted draft; the policy only those the
-    output kept (none past an EOS), so that it counts what drafting yields: drafts past the end of a short output add
-    nothing, however well the draft agrees there."""
+def record_step(
+    stats: Stats,
+    draft_length,
+    source: Optional[str],
+    drafted: int,
+    accepted: int,
+    new_tokens: List[int],
+    estimated_as: Optional[str] = None,
+):
+    """A sequence's step, in its stats and in the draft-length policy's acceptance estimates (per source, or under
+    `estimated_as` where given: draft_length.past_eos); new_tokens: what the step added to the output (step_tokens).
+    The stats count every accepted draft; the policy only those the output kept (none past an EOS), so that it counts
+    what drafting yields: drafts past the end of a short output add nothing, however well the draft agrees there."""
     stats.add_step(source, drafted, accepted)
-    draft_length.record_acceptance(source, drafted, min(accepted, len(new_tokens)))
+    draft_length.record_acceptance(estimated_as or source, drafted, min(accepted, len(new_tokens)))
 
 
 def run_seconds(arrivals: List[float], left_out: float = 0.0) -> Optional[float]:

@@ -475,3 +475,45 @@ def test_auto_rates_are_each_rows_expected_tokens_over_the_step_cost():
     hopeful = acceptance.estimates("model", 6, optimism=2.0)
     assert all(mean < alpha <= 1.0 for mean, alpha in zip(alphas["model"], hopeful))
     assert np.all(policy.rates(["model"], 6, optimism=2.0)[1:] > policy.rates(["model"], 6)[1:])
+
+
+class Asked(Scripted):
+    """A script of lengths, keeping the sources each choice was asked about and each step's recorded outcome."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.asked, self.observed = [], []
+
+    def choose_batch(self, sources, limit, unready=None):
+        self.asked.append(list(sources))
+        return super().choose_batch(sources, limit, unready)
+
+    def record_acceptance(self, source, drafted, accepted):
+        if drafted:
+            self.observed.append(source)
+        super().record_acceptance(source, drafted, accepted)
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_drafts_past_an_eos_are_estimated_apart(ignore_eos, main, drafts, monkeypatch):
+    # The model's EOS made a token its regular decoding gives early: past it (ignore_eos), the policy is asked about
+    # and learns of "model past EOS", costed as the model; where the EOS ends the output, nothing changes. The tokens
+    # are regular decoding's either way.
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
+    regular = decoder.generate(PROMPTS[4], max_tokens=30, ignore_eos=True, regular=True).tokens
+    eos = regular[3]
+    monkeypatch.setattr(model.args, "eos_token_id", eos)
+    policy = decoder.draft_lengths[1] = Asked([2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    tokens = decoder.generate(PROMPTS[4], max_tokens=30, ignore_eos=ignore_eos).tokens
+    assert tokens == (regular if ignore_eos else regular[: regular.index(eos) + 1])
+    if ignore_eos:
+        assert policy.asked[0] == ["model"] and ["model past EOS"] in policy.asked
+        assert policy.observed[0] == "model" and policy.observed[-1] == "model past EOS"
+        assert set(policy.acceptance.counts) == {"model", "model past EOS"}
+        assert policy.table(["model past EOS"]) is policy.costs["model"]
+        policy.setup = {"encode": 0.01, "catch_up": 0.002}
+        assert policy.setup_seconds(["model past EOS"], (3, 1)) == pytest.approx(0.032)
+    else:
+        assert {source for sources in policy.asked for source in sources} == {"model"}
+        assert set(policy.observed) == {"model"}
