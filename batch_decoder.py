@@ -17,6 +17,7 @@ import mlx.core as mx
 
 import generation
 from batch_rows import BatchModelDrafter, RowDrafters, Rows, row_keys
+from draft_length import past_eos
 from generation import Generation, Stats, count_accepted, detokenizer, record_step, run_seconds, step_tokens, until_stop
 
 
@@ -30,6 +31,7 @@ class Row:
     start: float
     stats: Stats = field(default_factory=Stats)
     done: bool = False  # finished (and yielded)
+    after_eos: bool = False  # past an EOS that did not end it (ignore_eos): its drafts estimated apart, as alone
 
     @property
     def generated(self) -> int:
@@ -92,7 +94,10 @@ def batch_generations(
         # own max_tokens (the main model adds one token after the drafts), as alone; shorter drafts are padded.
         limits = [max_tokens - row.generated - 1 for row in active]
         sequences = [row.sequence for row in active]
-        num_draft = draft_length.choose_batch(drafter.sources(sequences), max(limits))
+        estimated = [
+            past_eos(source) if row.after_eos else source for source, row in zip(drafter.sources(sequences), active)
+        ]
+        num_draft = draft_length.choose_batch(estimated, max(limits))
         if num_draft == 0 and not drafter.reads_tokens:
             # No draft for any row: plain steps as regular decoding takes them, each built before the last is read,
             # until the policy asks again (the drafter's rows wait, and catch up at their next draft).
@@ -157,11 +162,20 @@ def batch_generations(
             drafted = len(row_drafts)
             num_accepted = count_accepted(accepted[b][:drafted])
             new_tokens = step_tokens(row_drafts, num_accepted, extra[b], eos, ignore_eos, max_tokens - row.generated)
-            record_step(row.stats, draft_length, sources[b], drafted, num_accepted, new_tokens)
+            record_step(
+                row.stats,
+                draft_length,
+                sources[b],
+                drafted,
+                num_accepted,
+                new_tokens,
+                past_eos(sources[b]) if row.after_eos else None,
+            )
             stats.drafted += drafted
             stats.accepted += num_accepted
             stats.lookup_drafted += drafted if sources[b] == "lookup" else 0
             row.sequence.extend(new_tokens)
+            row.after_eos = row.after_eos or eos in new_tokens
             if row.generated == max_tokens or (not ignore_eos and new_tokens[-1] == eos):
                 stats.generated += row.generated
                 yield row.index, finish(row, decoder.tokenizer)
@@ -225,6 +239,7 @@ def read_step(decoder, pending: Pending, max_tokens, ignore_eos, stats, arrivals
             continue
         row.stats.add_step(None, 0, 0)
         row.sequence.append(token)
+        row.after_eos = row.after_eos or token == eos
         if row.generated == max_tokens or (not ignore_eos and token == eos):
             stats.generated += row.generated
             yield row.index, finish(row, decoder.tokenizer)

@@ -517,3 +517,18 @@ def test_drafts_past_an_eos_are_estimated_apart(ignore_eos, main, drafts, monkey
     else:
         assert {source for sources in policy.asked for source in sources} == {"model"}
         assert set(policy.observed) == {"model"}
+
+
+def test_a_batchs_rows_past_an_eos_are_estimated_apart(main, drafts, monkeypatch):
+    # As alone: a row past an EOS that did not end it asks and tells of "model past EOS", the other rows of "model".
+    model, tokenizer, _ = main
+    decoder = SpeculativeDecoder(model, drafts["self"], tokenizer, num_draft="auto", max_num_draft=8)
+    prompts = PROMPTS[4:6]
+    regular = [decoder.generate(p, max_tokens=30, ignore_eos=True, regular=True).tokens for p in prompts]
+    eos = next(token for token in regular[0][1:10] if token not in regular[1])  # the first row's alone
+    monkeypatch.setattr(model.args, "eos_token_id", eos)
+    policy = decoder.draft_lengths[2] = Asked([2] * 20)
+    outputs = decoder.generate_batch(prompts, max_tokens=30, ignore_eos=True, batch_size=2)
+    assert [output.tokens for output in outputs] == regular
+    assert policy.asked[0] == ["model", "model"] and ["model past EOS", "model"] in policy.asked
+    assert "model past EOS" in policy.observed and set(policy.observed) == {"model", "model past EOS"}
