@@ -182,12 +182,13 @@ def replay_seconds(calls_made):
 class StepClock:
     """Within a run, the seconds the host spends on the model's steps: building and starting the main model's steps
     (SpeculativeDecoder.plain_step and .step, a greedy verification at delta 0 computed in it), the draft model's calls,
-    and waiting for their values (decoder.waited). What the run spends beyond them is the loop's own: the draft-length
-    policy, the drafter's bookkeeping, acceptance beyond the verification, stats, tokenizing and detokenizing, the
-    generators. Only the outermost of nested calls counts."""
+    and waiting for their values (decoder.waited). What the run spends beyond them, its prompt's tokenizing and
+    encoding left out (Stats.encode_seconds), is the loop's own: the draft-length policy, the drafter's bookkeeping,
+    acceptance beyond the verification, stats, detokenizing, the generators. Only the outermost of nested calls
+    counts."""
 
     def __init__(self, decoder):
-        self.decoder, self.seconds, self.depth = decoder, 0.0, 0
+        self.seconds, self.depth = 0.0, 0
         self.patched = [(decoder, "plain_step"), (decoder, "step"), (decoder_module, "waited")]
         if decoder.draft_model is not None:
             self.patched += [(decoder.draft_model, name) for name in CallLog.METHODS]
