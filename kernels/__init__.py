@@ -215,18 +215,21 @@ def settings():
 
 
 def packed_quantized_run(bits) -> bool:
-    """Whether products of `bits`-bit weights run packed copies now: on the AVX-512 kernel, with float activations.
-    (The instruction set and the activations may change after a copy was made; the model's own arrays serve then.)"""
-    return native is not None and native.isa() == "avx512" and not int8_activations(bits)
+    """Whether products of `bits`-bit weights run packed copies now: on the AVX-512 kernel, with float activations or,
+    where it has integer products (VNNI), int8 ones. (The instruction set and the activations may change after a copy
+    was made; the model's own arrays serve then.)"""
+    if native is None or native.isa() != "avx512":
+        return False
+    return not int8_activations(bits) or native.integer_products()
 
 
 def pack_quantized(weight, scales, biases, group_size, bits):
     """The packed copy (values, scales, biases) of an MLX affine-quantized weight (N, K * bits / 32) uint32 with `bits`
     4 or 8: its words in blocks of 16 columns, word by word (see products.h), as bytes, uint8 (N, K * bits / 8), and its
-    scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernel multiplies several rows by it with
-    one pass over the weights (float activations). None where that kernel is not the one running, the product takes int8
-    activations (their kernels read MLX's layout), N is not a multiple of 16, or the budget (pack_budget) is spent; its
-    bytes count against the budget while it lives."""
+    scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernels multiply several rows by it with
+    one pass over the weights (float activations, or int8 ones with VNNI). None where those kernels do not run
+    (packed_quantized_run), N is not a multiple of 16, or the budget (pack_budget) is spent; its bytes count against the
+    budget while it lives."""
     global packed_bytes
     if not packed_quantized_run(bits) or weight.ndim != 2 or weight.dtype != mx.uint32:
         return None

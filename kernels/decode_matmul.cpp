@@ -412,7 +412,11 @@ void int_product(int isa_number, const float* x, int ldx, int M, int K, const ui
   const int groups = K / group_size, lds = groups + 16;
   std::vector<int8_t> q(size_t(M) * ldq, 0);
   std::vector<float> x_scales(size_t(M) * lds), x_sums(size_t(M) * lds);
-  quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
+  if (isa == kAvx512) {
+    quantize_rows_avx512(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds, false);
+  } else {
+    quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
+  }
   std::vector<float> x_lanes;
   int ldl = 0;
   if (isa == kAvx512) {
@@ -434,15 +438,56 @@ void int_product(int isa_number, const float* x, int ldx, int M, int K, const ui
   });
 }
 
+void packed_int_product(int isa_number, const float* x, int ldx, int M, int K, const mx::array& w,
+                        const mx::array& scales, const mx::array& biases, int group_size, int bits, float* y, int N,
+                        int32_t* dots) {
+  const Isa isa = Isa(isa_number);
+  const int ldq = (K + 127) / 128 * 128 + 128;  // as int_product's
+  const int groups = K / group_size, lds = groups + 16;
+  std::vector<int8_t> q(size_t(M) * ldq, 0);
+  std::vector<float> x_scales(size_t(M) * lds), x_sums(size_t(M) * lds);
+  const bool avx512 = isa == kAvx512;
+  if (avx512) {
+    quantize_rows_avx512(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds, bits == 4);
+  } else {
+    quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
+  }
+  over_tiles(
+      M, N, K * bits / 8,
+      [&](int r, int rows, int a, int b) {
+        IntProduct p{q.data() + size_t(r) * ldq, ldq, x_scales.data() + size_t(r) * lds,
+                     x_sums.data() + size_t(r) * lds, lds, rows, K, w.data<uint32_t>(), scales.data<void>(),
+                     biases.data<void>(), kFloat32, group_size, bits, dots ? nullptr : y + size_t(r) * N, N,
+                     dots ? dots + size_t(r) * N * groups : nullptr, nullptr, 0};
+        avx512 ? packed_int_columns_avx512(p, a, b) : packed_int_columns_portable(p, a, b);
+      },
+      4 * kPackColumns);
+}
+
+namespace {
+
+// x's rows times a quantized weight, MLX's or packed: int8 activations where asked and the instruction set has
+// integer products, else float ones.
+void quantized_rows(Isa isa, bool integer, const float* x, int ldx, int M, int K, const mx::array& w,
+                    const mx::array& scales, const mx::array& biases, int group_size, int bits, float* y, int N) {
+  if (!integer || !has_integer_products(isa)) {
+    quant_product(isa, x, ldx, M, K, w, scales, biases, group_size, bits, y, N);
+  } else if (is_packed_quant(w)) {
+    packed_int_product(isa, x, ldx, M, K, w, scales, biases, group_size, bits, y, N, nullptr);
+  } else {
+    int_product(isa, x, ldx, M, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                weight_type(scales.dtype()), group_size, bits, y, N, nullptr);
+  }
+}
+
+}  // namespace
+
 void product_rows(int isa, bool integer, const float* x, int ldx, int M, int K, const mx::array& w,
                   const mx::array* scales, const mx::array* biases, int group_size, int bits, float* y, int N) {
   if (bits == 0) {
     float_product(Isa(isa), x, ldx, nullptr, M, K, w, y, N);
-  } else if (integer && has_integer_products(isa) && !is_packed_quant(w)) {
-    int_product(isa, x, ldx, M, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
-                weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
   } else {
-    quant_product(Isa(isa), x, ldx, M, K, w, *scales, *biases, group_size, bits, y, N);
+    quantized_rows(Isa(isa), integer, x, ldx, M, K, w, *scales, *biases, group_size, bits, y, N);
   }
 }
 
@@ -507,11 +552,8 @@ void run_product(Isa isa, bool integer, const mx::array& x_in, const mx::array& 
         x_bf16[i] = uint16_t(value >> 16);
       }
       float_product(isa, x.data(), ldx, bf16_pairs ? x_bf16.data() : nullptr, rows, K, w, y, N);
-    } else if (integer && has_integer_products(isa) && !is_packed_quant(w)) {
-      int_product(isa, x.data(), ldx, rows, K, w.data<uint32_t>(), scales->data<void>(), biases->data<void>(),
-                  weight_type(scales->dtype()), group_size, bits, y, N, nullptr);
     } else {
-      quant_product(isa, x.data(), ldx, rows, K, w, *scales, *biases, group_size, bits, y, N);
+      quantized_rows(isa, integer, x.data(), ldx, rows, K, w, *scales, *biases, group_size, bits, y, N);
     }
     if (!float_out) {
       store_rows(y_block.data(), r, rows, out);

@@ -39,7 +39,10 @@ mx::array integer_group_dots(const mx::array& x, const mx::array& w, const mx::a
     throw std::invalid_argument("integer_group_dots: the current instruction set has no integer products");
   }
   const int M = x.shape(0), K = x.shape(1), N = w.shape(0), groups = K / group_size;
-  if (w.dtype() != mx::uint32 || w.shape(1) != K * bits / 32 || K % group_size) {
+  // MLX's words, or kernels.pack_quantized's copy of them (bytes).
+  const bool packed = is_packed_quant(w);
+  if ((packed ? w.shape(1) != K * bits / 8 : w.dtype() != mx::uint32 || w.shape(1) != K * bits / 32) ||
+      K % group_size) {
     throw std::invalid_argument("integer_group_dots: w does not match x");
   }
   const std::vector<float> rows = float_rows(x);
@@ -47,8 +50,12 @@ mx::array integer_group_dots(const mx::array& x, const mx::array& w, const mx::a
        b_in = mx::contiguous(mx::astype(biases, mx::float32));
   mx::eval({w_in, s_in, b_in});
   std::vector<int32_t> dots(size_t(M) * N * groups, 0);
-  int_product(isa, rows.data(), K, M, K, w_in.data<uint32_t>(), s_in.data<void>(), b_in.data<void>(), kFloat32,
-              group_size, bits, nullptr, N, dots.data());
+  if (packed) {
+    packed_int_product(isa, rows.data(), K, M, K, w_in, s_in, b_in, group_size, bits, nullptr, N, dots.data());
+  } else {
+    int_product(isa, rows.data(), K, M, K, w_in.data<uint32_t>(), s_in.data<void>(), b_in.data<void>(), kFloat32,
+                group_size, bits, nullptr, N, dots.data());
+  }
   return mx::array(dots.begin(), {M, N, groups}, mx::int32);
 }
 

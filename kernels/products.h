@@ -125,6 +125,12 @@ void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out);
 int lane_scales(const float* x_scales, int lds, int rows, int K, int ldq, int bits, int group, float* out);
 
 void int_columns_portable(const IntProduct& p, int n0, int n1);
+// Integer products with packed quantized weights (w the packed bytes as words, scales and biases the packed float32
+// ones; x_lane_scales unused): each group's dot in int32, then out += scale * (dot * x_scale) + bias * sum(x), groups
+// in order. The portable kernel takes q in k order, the AVX-512 one (VNNI) as quantize_rows_avx512 writes it for
+// 4-bit weights.
+void packed_int_columns_portable(const IntProduct& p, int n0, int n1);
+
 
 void float_columns_portable(const FloatProduct& p, int n0, int n1);
 void quant_columns_portable(const QuantProduct& p, int n0, int n1);
@@ -143,6 +149,12 @@ bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 void float_columns_avx512(const FloatProduct& p, int n0, int n1);
 void int_columns_avx512(const IntProduct& p, int n0, int n1);
+void packed_int_columns_avx512(const IntProduct& p, int n0, int n1);
+// quantize_rows with AVX-512: the same q and scales; each group's sum of x added in another order. packed_nibbles: q
+// in the order the packed 4-bit kernel reads it (a word holds k = 8i..8i + 7, byte j k = 8i + 2j and 8i + 2j + 1, so
+// per 8 k the 4 even ones first, then the 4 odd ones).
+void quantize_rows_avx512(const float* x, int ldx, int rows, int K, int group, int8_t* q, int ldq, float* x_scales,
+                          float* x_sums, int lds, bool packed_nibbles);
 void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1);
 // One query's attention (decoder_layer.cpp's attention_row, the same arguments) with AVX-512.
 void attention_row_avx512(const float* q, const float* keys, int64_t key_stride, const float* values,

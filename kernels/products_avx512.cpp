@@ -475,6 +475,133 @@ void int_columns(const IntProduct& p, int n0, int n1) {
   }
 }
 
+// Packed quantized weights (products.h) with int8 activations: R rows x CB blocks of 16 columns from column n on. A
+// 64-byte load is one word of each of the block's 16 columns, and vpdpbusd multiplies its bytes by 4 bytes of a row's
+// q, broadcast: lane l sums column l's products, so each group's dot accumulates in int32 over the group's words, to be
+// scaled once per group and row (out += scale * (dot * x_scale) + bias * sum(x)), not once per 64 bytes of one column.
+template <int BITS, bool DOTS, int R, int CB>
+void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
+  constexpr int kPerWord = 32 / BITS;
+  const int groups = p.K / p.group, words_per_group = p.group / kPerWord;
+  const size_t block = size_t(p.K) / kPerWord * kPackColumns;  // words of one block of 16 columns
+  const uint32_t* w = p.w + size_t(n / kPackColumns) * block;
+  const size_t first_scale = size_t(n / kPackColumns) * groups * kPackColumns;
+  const float* scales = static_cast<const float*>(p.scales) + first_scale;
+  const float* biases = static_cast<const float*>(p.biases) + first_scale;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
+  const int8_t* q[R];
+  __m512 acc[R][CB];
+  for (int r = 0; r < R; r++) {
+    q[r] = p.xq + size_t(m0 + r) * p.ldq;
+    for (int c = 0; c < CB; c++) {
+      // (the sums of the groups before g0, stored as they were: the same float32 values)
+      acc[r][c] = DOTS || g0 == 0 ? _mm512_setzero_ps()
+                                  : _mm512_loadu_ps(p.out + size_t(m0 + r) * p.N + n + c * kPackColumns);
+    }
+  }
+  for (int g = g0; g < g1; g++) {
+    __m512i dot[R][CB];
+    for (int r = 0; r < R; r++) {
+      for (int c = 0; c < CB; c++) {
+        dot[r][c] = _mm512_setzero_si512();
+      }
+    }
+    for (int i = g * words_per_group; i < (g + 1) * words_per_group; i++) {
+      __m512i words[CB];
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; c++) {
+        words[c] = _mm512_loadu_si512(w + c * block + size_t(i) * kPackColumns);
+      }
+      if constexpr (BITS == 8) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+          int32_t four;
+          __builtin_memcpy(&four, q[r] + 4 * size_t(i), 4);
+          const __m512i xb = _mm512_set1_epi32(four);
+#pragma GCC unroll 4
+          for (int c = 0; c < CB; c++) {
+            dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], words[c], xb);
+          }
+        }
+      } else {
+        __m512i even[CB], odd[CB];
+#pragma GCC unroll 4
+        for (int c = 0; c < CB; c++) {
+          even[c] = _mm512_and_si512(words[c], low_nibbles);
+          odd[c] = _mm512_and_si512(_mm512_srli_epi16(words[c], 4), low_nibbles);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+          int32_t four[2];
+          __builtin_memcpy(four, q[r] + 8 * size_t(i), 8);
+          const __m512i x_even = _mm512_set1_epi32(four[0]), x_odd = _mm512_set1_epi32(four[1]);
+#pragma GCC unroll 4
+          for (int c = 0; c < CB; c++) {
+            dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], even[c], x_even);
+            dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], odd[c], x_odd);
+          }
+        }
+      }
+    }
+    if constexpr (DOTS) {
+      for (int r = 0; r < R; r++) {
+        for (int c = 0; c < CB; c++) {
+          alignas(64) int32_t lanes[16];
+          _mm512_store_si512(lanes, dot[r][c]);
+          for (int l = 0; l < 16; l++) {
+            p.dots[(size_t(m0 + r) * p.N + n + c * kPackColumns + l) * groups + g] = lanes[l];
+          }
+        }
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; c++) {
+        const __m512 scale = _mm512_loadu_ps(scales + (size_t(c) * groups + g) * kPackColumns);
+        const __m512 bias = _mm512_loadu_ps(biases + (size_t(c) * groups + g) * kPackColumns);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+          const size_t at = size_t(m0 + r) * p.lds + g;
+          const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][c]), _mm512_set1_ps(p.x_scales[at]));
+          acc[r][c] = _mm512_fmadd_ps(scale, scaled, acc[r][c]);
+          acc[r][c] = _mm512_fmadd_ps(bias, _mm512_set1_ps(p.x_sums[at]), acc[r][c]);
+        }
+      }
+    }
+  }
+  if constexpr (!DOTS) {
+    for (int r = 0; r < R; r++) {
+      for (int c = 0; c < CB; c++) {
+        _mm512_storeu_ps(p.out + size_t(m0 + r) * p.N + n + c * kPackColumns, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Columns [n0, n1) of packed quantized weights, rows 4 at a time: one row takes 4 blocks of 16 columns at once, more
+// rows 2 (their int32 dots and float sums, 2 x R x CB registers, and the blocks' widened words fill at most 22). K goes
+// in chunks of groups whose weights, 64 columns of them, fit in 32 KB, so that every group of rows reads a chunk from
+// the caches, not memory (a row's sums so far wait in out between chunks).
+template <int BITS, bool DOTS>
+void packed_int_columns(const IntProduct& p, int n0, int n1) {
+  const int groups = p.K / p.group;
+  const int chunk = p.rows <= 1 ? groups : max_int(1, 32768 / (4 * kPackColumns * p.group * BITS / 8));
+  for (int g0 = 0; g0 < groups; g0 += chunk) {
+    const int g1 = min_int(groups, g0 + chunk);
+    for (int m = 0; m < p.rows; m += 4) {
+      with_count<4>(p.rows - m, [&](auto rows) {
+        constexpr int R = decltype(rows)::value, CB = R == 1 ? 4 : 2;
+        int n = n0;
+        for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
+          packed_int_tile<BITS, DOTS, R, CB>(p, m, n, g0, g1);
+        }
+        for (; n < n1; n += kPackColumns) {
+          packed_int_tile<BITS, DOTS, R, 1>(p, m, n, g0, g1);
+        }
+      });
+    }
+  }
+}
+
 template <int BITS, int GROUP, bool DOTS>
 void int_columns_scales(const IntProduct& p, int n0, int n1) {
   switch (p.stype) {
@@ -813,6 +940,46 @@ void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
 
 void int_columns_avx512(const IntProduct& p, int n0, int n1) {
   p.dots ? int_columns_any<true>(p, n0, n1) : int_columns_any<false>(p, n0, n1);
+}
+
+void quantize_rows_avx512(const float* x, int ldx, int rows, int K, int group, int8_t* q, int ldq, float* x_scales,
+                          float* x_sums, int lds, bool packed_nibbles) {
+  // Per 8 k: the even ones, then the odd ones (bytes 0, 2, 4, 6, 1, 3, 5, 7 of each 8).
+  const __m128i nibble_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (int m = 0; m < rows; m++) {
+    const float* xm = x + size_t(m) * ldx;
+    int8_t* qm = q + size_t(m) * ldq;
+    for (int g = 0; g < K / group; g++) {
+      __m512 largest = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int k = g * group; k < (g + 1) * group; k += 16) {
+        const __m512 v = _mm512_loadu_ps(xm + k);
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+      }
+      const float big = _mm512_reduce_max_ps(largest);
+      const __m512 inverse = _mm512_set1_ps(big > 0 ? 127.0f / big : 0.0f);
+      for (int k = g * group; k < (g + 1) * group; k += 16) {
+        // vcvtps2dq rounds half to even, as nearbyint does; |x * inverse| <= 127 up to rounding.
+        __m512i values = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), inverse));
+        values = _mm512_max_epi32(_mm512_set1_epi32(-127), _mm512_min_epi32(_mm512_set1_epi32(127), values));
+        __m128i bytes = _mm512_cvtepi32_epi8(values);
+        if (packed_nibbles) {
+          bytes = _mm_shuffle_epi8(bytes, nibble_order);
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k), bytes);
+      }
+      x_scales[size_t(m) * lds + g] = big / 127.0f;
+      x_sums[size_t(m) * lds + g] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+void packed_int_columns_avx512(const IntProduct& p, int n0, int n1) {
+  if (p.bits == 8) {
+    p.dots ? packed_int_columns<8, true>(p, n0, n1) : packed_int_columns<8, false>(p, n0, n1);
+  } else {
+    p.dots ? packed_int_columns<4, true>(p, n0, n1) : packed_int_columns<4, false>(p, n0, n1);
+  }
 }
 
 }  // namespace t5kernels

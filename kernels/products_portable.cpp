@@ -203,6 +203,36 @@ void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out) {
   }
 }
 
+void packed_int_columns_portable(const IntProduct& p, int n0, int n1) {
+  const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
+  const uint32_t mask = (1u << p.bits) - 1;
+  const float* scales = static_cast<const float*>(p.scales);
+  const float* biases = static_cast<const float*>(p.biases);
+  for (int n = n0; n < n1; n++) {
+    for (int m = 0; m < p.rows; m++) {
+      const int8_t* q = p.xq + size_t(m) * p.ldq;
+      float result = 0;
+      for (int g = 0; g < groups; g++) {
+        int32_t dot = 0;
+        for (int k = g * p.group; k < (g + 1) * p.group; k++) {
+          const uint32_t word = p.w[packed_index(n, k / per_word, words)];
+          dot += int32_t((word >> (p.bits * (k % per_word))) & mask) * q[k];
+        }
+        if (p.dots) {
+          p.dots[(size_t(m) * p.N + n) * groups + g] = dot;
+          continue;
+        }
+        const size_t index = packed_quant_scale_index(n, g, groups);
+        result += scales[index] * (float(dot) * p.x_scales[size_t(m) * p.lds + g]);
+        result += biases[index] * p.x_sums[size_t(m) * p.lds + g];
+      }
+      if (!p.dots) {
+        p.out[size_t(m) * p.N + n] = result;
+      }
+    }
+  }
+}
+
 void int_columns_portable(const IntProduct& p, int n0, int n1) {
   const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
   const uint32_t mask = (1u << p.bits) - 1;

@@ -134,8 +134,9 @@ def test_quantized_weights(bits, group, converted, fused, monkeypatch):
 @pytest.mark.skipif(kernels.native is None or "avx512" not in kernels.native.isas(), reason="no AVX-512 kernels")
 def test_quantized_weights_run_packed_on_avx512_and_their_own_elsewhere(converted, fused, isa, monkeypatch):
     # On the AVX-512 kernel with float activations the products read packed copies of the quantized weights (the same
-    # logits within float tolerance: test_quantized_weights); on another instruction set or with int8 activations, set
-    # after the copies were made, the layers read the model's own arrays again.
+    # logits within float tolerance: test_quantized_weights), and with int8 activations the same copies where the CPU
+    # has VNNI; on another instruction set, set after the copies were made, the layers read the model's own arrays
+    # again.
     model, tokenizer, _ = load_model(converted("t5-v1_1", quantize=True, q_bits=4, q_group_size=32))
     qkv = model.decoder.layers[0].self_attn.qkv
     cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
@@ -151,8 +152,9 @@ def test_quantized_weights_run_packed_on_avx512_and_their_own_elsewhere(converte
             monkeypatch.setattr(kernels, "integer", True)
         logits[setting] = np.stack([np.array(step[0, -1]) for step in run_steps(model, cross_kv, mask, ONE_ROW)[0]])
         weight = native_weights(model.decoder, kept_parts(model.decoder))[0][0][1][0][0]
-        assert (weight.dtype == mx.uint8) == (setting == "packed"), setting
-        assert (weight is qkv["weight"]) == (setting != "packed"), setting
+        packed = setting == "packed" or (setting == "integer" and kernels.native.integer_products())
+        assert (weight.dtype == mx.uint8) == packed, setting
+        assert (weight is qkv["weight"]) == (not packed), setting
     assert qkv.__dict__["_packed"][1][0].dtype == mx.uint8  # the copy is kept for when it runs again
     np.testing.assert_allclose(logits["avx2"], logits["packed"], atol=2e-4, rtol=1e-4)
     assert np.abs(logits["integer"] - logits["packed"]).max() > 1e-4  # int8 activations did run

@@ -211,8 +211,8 @@ def test_pack_quantized_takes_what_its_kernel_takes(monkeypatch):
         kernels.native.set_isa("avx512")
         assert kernels.pack_quantized(*q8, 64, 8) is not None
         assert kernels.pack_quantized(*quantized_weights(40, 128, 64, 8, mx.float32, seed=0), 64, 8) is None  # N % 16
-        monkeypatch.setattr(kernels, "integer", True)  # int8 activations: their kernels read MLX's layout
-        assert kernels.pack_quantized(*q8, 64, 8) is None
+        monkeypatch.setattr(kernels, "integer", True)  # int8 activations: packed where the CPU has VNNI
+        assert (kernels.pack_quantized(*q8, 64, 8) is not None) == kernels.native.integer_products()
         monkeypatch.setattr(kernels, "integer", None)
         monkeypatch.setenv(kernels.PACK_ENV_VAR, "0")
         assert kernels.pack_quantized(*q8, 64, 8) is None
@@ -271,6 +271,43 @@ def test_integer_products_exact_before_scaling(isa, bits, group_size, rows):
             )
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 600])
+def test_packed_integer_products_exact_before_scaling(isa, bits, group_size, rows):
+    """Packed quantized weights with int8 activations: the group dots exactly the int64 reference's, the result within
+    float32 of the scaled reference (the portable and the AVX-512 kernels read the packed layout)."""
+    if not kernels.native.integer_products():
+        pytest.skip(f"{isa} has no integer products")
+    rng = np.random.default_rng(bits * rows + group_size + 2)
+    # 1, 3 and 5 blocks of 16 columns: one row takes 4 blocks at a time, then 1; more rows 2, then 1.
+    for K, N in [(group_size, 16), (3 * group_size, 48), (9 * group_size, 80)]:
+        x_np = rng.standard_normal((rows, K)).astype(np.float32)
+        x_np[0, :group_size] = 0  # a group of zeros: scale 0
+        x = mx.array(x_np)
+        q_ref, x_scales_ref = quantize_x_reference(x_np, group_size)
+        for dtype in [mx.float32, mx.bfloat16]:
+            w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
+            packed = packed_quantized(w, scales, biases, group_size, bits)
+            values = unpack(w, bits)
+            dots_ref = np.einsum(
+                "mgk,ngk->mng",
+                q_ref.reshape(rows, -1, group_size),
+                values.reshape(N, -1, group_size),
+                dtype=np.int64,
+            )
+            dots = kernels.native.integer_group_dots(x, *packed, group_size, bits)
+            np.testing.assert_array_equal(np.array(dots).astype(np.int64), dots_ref)
+            x_sums = x_np.astype(np.float64).reshape(rows, -1, group_size).sum(axis=2)
+            reference = np.einsum("ng,mg,mng->mn", as_f64(scales), x_scales_ref.astype(np.float64), dots_ref)
+            reference += np.einsum("ng,mg->mn", as_f64(biases), x_sums)
+            ours = kernels.native.decode_matmul(x, *packed, group_size, bits, integer=True)
+            terms = np.abs(as_f64(scales)).max() * 255 * np.abs(x_np).max() + np.abs(as_f64(biases)).max()
+            np.testing.assert_allclose(
+                np.array(ours.astype(mx.float32)), reference, atol=4e-6 * np.sqrt(K) * terms * 4, rtol=1e-5
+            )
+
+
 def products(isa):
     """(name, function of x) for every dtype the kernels take, quantized ones with float and int8 activations."""
     rng = np.random.default_rng(7)
@@ -298,8 +335,11 @@ def products(isa):
             if "avx512" in kernels.native.isas():
                 q = quantized_weights(48, K, group_size, bits, mx.float32, seed=bits + group_size)
                 packed = packed_quantized(*q, group_size, bits)
-                product = lambda x, p=packed, g=group_size, b=bits: kernels.linear(x, *p, g, b)  # noqa: E731
-                out.append((f"packed {bits}-bit g{group_size}", product))
+                for integer in [False, True]:
+                    product = lambda x, p=packed, g=group_size, b=bits, i=integer: (  # noqa: E731
+                        kernels.native.decode_matmul(x, *p, g, b, integer=i)
+                    )
+                    out.append((f"packed {bits}-bit g{group_size} integer={integer}", product))
     return K, out
 
 
