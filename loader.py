@@ -60,12 +60,15 @@ def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None,
         raise ModelLoadError(f"{e}; convert it again with: {reconvert_command(path)}") from None
 
     model.load_weights(list(weights.items()), strict=True)
+    del weights  # the model's own references only: a layer packed in place frees MLX's layout as it goes
     if decoding_layout is None:
         decoding_layout = mx.default_device() == mx.cpu
     if decoding_layout:
         model.use_decoding_layout()
     if not lazy:
         mx.eval(model.parameters())
+        if decoding_layout:
+            model.pack_quantized_in_place()
     model.eval()
     return model, tokenizer, config
 

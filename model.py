@@ -306,22 +306,25 @@ class Encoder(Module):
             return rows[None] + padding
 
         block = self.block_rows(B, L)
+        # The native layers attend one query row at a time and make no scores beyond it, only the whole bias, up to
+        # three blocks of scores (what the memory estimate counts for a block's bias, scores and weights).
+        native = kernels.native_layers_take(x) and B * heads * L * L * 4 <= 3 * ATTENTION_BLOCK_BYTES
+        parts = kept_parts(self) if native else None
+        if parts is not None:  # every layer and the final norm in one native operation, in float32
+            first = self.layers[0]
+            layers, final_norm = native_weights(self, parts)
+            return kernels.encoder_layers(
+                float32(x),
+                bias_of(0, L),
+                layers,
+                final_norm,
+                heads,
+                first.mlp_norm.eps,
+                self.args.activation,
+                self.args.is_gated,
+            )
         if block >= L:  # one block: its bias computed once and shared by all layers
             whole = bias_of(0, L)
-            parts = kept_parts(self) if kernels.native_layers_take(x) else None
-            if parts is not None:  # every layer and the final norm in one native operation, in float32
-                first = self.layers[0]
-                layers, final_norm = native_weights(self, parts)
-                return kernels.encoder_layers(
-                    float32(x),
-                    whole,
-                    layers,
-                    final_norm,
-                    heads,
-                    first.mlp_norm.eps,
-                    self.args.activation,
-                    self.args.is_gated,
-                )
 
             def whole_bias(start, stop):
                 return whole
@@ -566,6 +569,21 @@ class T5(Module):
             mlp.wo = FusedLinear(mlp.wo, group=self.group)
         # Untied: the head itself; tied: the embedding table's own arrays (no copy).
         self.lm_head = FusedLinear(self.lm_head if "lm_head" in self else self.shared)
+
+    def pack_quantized_in_place(self) -> bool:
+        """Where the packed copies of the layers' quantized weights would not fit the process's budget for copies
+        (kernels.pack_budget; 0 packs none), hold every layer's weight packed instead of MLX's layout (FusedLinear.
+        pack_in_place): a large model's products all read the layout the kernels multiply fastest, and the model
+        keeps one copy of each weight. The head stays as it is (tied, it is the embedding table). Returns whether it
+        packed."""
+        layers = [m for m in self.modules() if type(m) is FusedLinear and m is not self.get("lm_head")]
+        total = sum(layer.packed_in_place_bytes() for layer in layers)
+        budget = kernels.pack_budget()
+        if not budget or total <= budget:
+            return False
+        for layer in layers:
+            layer.pack_in_place()
+        return True
 
     def shard(self, group):
         """Split the attention heads and the feed-forward's inner units across the ranks of `group` (tensor

@@ -79,6 +79,24 @@ class FusedLinear(Module):
                 return packed
         return self["weight"], self["scales"], self["biases"]
 
+    def packed_in_place_bytes(self) -> int:
+        """The bytes pack_in_place would hold (0: it would not pack this layer)."""
+        if self.group is not None or "scales" not in self or "biases" not in self:
+            return 0
+        if not kernels.packs_quantized(self["weight"], self["scales"], self.group_size, self.bits):
+            return 0
+        return kernels.packed_quantized_bytes(self["weight"], self["scales"])
+
+    def pack_in_place(self):
+        """Hold a quantized layer's weight in the kernels' packed layout instead of MLX's (the same values, scales and
+        biases, moved: kernels.pack_quantized's copy without the original beside it), where packed_in_place_bytes says
+        it packs. Every product of the layer then goes to the native kernels, which read that layout on any
+        instruction set."""
+        if self.packed_in_place_bytes():
+            packed = kernels.quantized_in_blocks(self["weight"], self["scales"], self["biases"])
+            mx.eval(packed)
+            self.weight, self.scales, self.biases = packed
+
     def quantized_parts(self):
         return self["scales"], self["biases"], self.group_size, self.bits
 

@@ -231,23 +231,11 @@ def pack_quantized(weight, scales, biases, group_size, bits):
     (packed_quantized_run), N is not a multiple of 16, or the budget (pack_budget) is spent; its bytes count against the
     budget while it lives."""
     global packed_bytes
-    if not packed_quantized_run(bits) or weight.ndim != 2 or weight.dtype != mx.uint32:
+    if not packs_quantized(weight, scales, group_size, bits):
         return None
-    if bits not in (4, 8) or group_size not in (32, 64, 128) or weight.shape[0] % PACK_COLUMNS:
+    if packed_bytes + packed_quantized_bytes(weight, scales) > pack_budget():
         return None
-    (N, words), groups = weight.shape, scales.shape[1]
-    nbytes = weight.nbytes + 2 * N * groups * 4
-    if packed_bytes + nbytes > pack_budget():
-        return None
-
-    def blocked(a, width):  # (N, width) -> per block of 16 rows, column by column
-        return mx.contiguous(a.reshape(N // PACK_COLUMNS, PACK_COLUMNS, width).transpose(0, 2, 1)).reshape(N, width)
-
-    packed = (
-        blocked(weight, words).view(mx.uint8),
-        blocked(scales.astype(mx.float32), groups),
-        blocked(biases.astype(mx.float32), groups),
-    )
+    packed = quantized_in_blocks(weight, scales, biases)
     try:
         mx.eval(packed)
     except ValueError:  # inside a function transformation (compile, vmap), where nothing may be evaluated
@@ -256,6 +244,32 @@ def pack_quantized(weight, scales, biases, group_size, bits):
         packed_bytes += array.nbytes
         weakref.finalize(array, release, array.nbytes)
     return packed
+
+
+def packs_quantized(weight, scales, group_size, bits) -> bool:
+    """Whether pack_quantized would pack this weight, its budget aside."""
+    if not packed_quantized_run(bits) or weight.ndim != 2 or weight.dtype != mx.uint32:
+        return False
+    return bits in (4, 8) and group_size in (32, 64, 128) and weight.shape[0] % PACK_COLUMNS == 0
+
+
+def packed_quantized_bytes(weight, scales) -> int:
+    """The bytes of a quantized weight's packed copy (its words, and float32 scales and biases)."""
+    return weight.nbytes + 2 * scales.size * 4
+
+
+def quantized_in_blocks(weight, scales, biases):
+    """(values, scales, biases) of a quantized weight in pack_quantized's layout, not evaluated."""
+    (N, words), groups = weight.shape, scales.shape[1]
+
+    def blocked(a, width):  # (N, width) -> per block of 16 rows, column by column
+        return mx.contiguous(a.reshape(N // PACK_COLUMNS, PACK_COLUMNS, width).transpose(0, 2, 1)).reshape(N, width)
+
+    return (
+        blocked(weight, words).view(mx.uint8),
+        blocked(scales.astype(mx.float32), groups),
+        blocked(biases.astype(mx.float32), groups),
+    )
 
 
 def release(nbytes: int):

@@ -703,11 +703,17 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
     for_tasks(B * H, double(B) * H * L * L * dk * 2, [&](int task) {
       const int b = task / H, hd = task % H;
       const float* row0 = &qkv[size_t(b) * L * 3 * inner + hd * dk];
-      std::vector<float> scores(L), scratch;
+      // The head's keys and values side by side, copied once for all its queries, each of which reads them all: in
+      // place they lie 3 * inner floats apart, each on a page of its own in a large model.
+      std::vector<float> scores(L), scratch, keys(size_t(L) * dk), values(size_t(L) * dk);
+      for (int j = 0; j < L; j++) {
+        std::copy_n(row0 + size_t(j) * 3 * inner + inner, dk, &keys[size_t(j) * dk]);
+        std::copy_n(row0 + size_t(j) * 3 * inner + 2 * inner, dk, &values[size_t(j) * dk]);
+      }
       for (int i = 0; i < L; i++) {
         const float* bias_i = bias_row(bias, bias_per_row ? b : 0, hd, i, L, scratch);
-        attend(row0 + size_t(i) * 3 * inner, row0 + inner, 3 * inner, row0 + 2 * inner, 3 * inner, L, dk, bias_i,
-               scores.data(), &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+        attend(row0 + size_t(i) * 3 * inner, keys.data(), dk, values.data(), dk, L, dk, bias_i, scores.data(),
+               &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
       }
     });
     product(kEncO, att.data(), ld_inner, inner, y.data(), D);

@@ -479,6 +479,9 @@ void int_columns(const IntProduct& p, int n0, int n1) {
 // 64-byte load is one word of each of the block's 16 columns, and vpdpbusd multiplies its bytes by 4 bytes of a row's
 // q, broadcast: lane l sums column l's products, so each group's dot accumulates in int32 over the group's words, to be
 // scaled once per group and row (out += scale * (dot * x_scale) + bias * sum(x)), not once per 64 bytes of one column.
+// 4 bytes of q read as one int32 (each broadcast to every lane: the load folds into vpdpbusd's operand).
+typedef int32_t UnalignedInt32 __attribute__((__may_alias__, __aligned__(1)));
+
 template <int BITS, bool DOTS, int R, int CB>
 void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
   constexpr int kPerWord = 32 / BITS;
@@ -515,9 +518,7 @@ void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
       if constexpr (BITS == 8) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-          int32_t four;
-          __builtin_memcpy(&four, q[r] + 4 * size_t(i), 4);
-          const __m512i xb = _mm512_set1_epi32(four);
+          const __m512i xb = _mm512_set1_epi32(*reinterpret_cast<const UnalignedInt32*>(q[r] + 4 * size_t(i)));
 #pragma GCC unroll 4
           for (int c = 0; c < CB; c++) {
             dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], words[c], xb);
@@ -532,8 +533,7 @@ void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
         }
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-          int32_t four[2];
-          __builtin_memcpy(four, q[r] + 8 * size_t(i), 8);
+          const auto* four = reinterpret_cast<const UnalignedInt32*>(q[r] + 8 * size_t(i));
           const __m512i x_even = _mm512_set1_epi32(four[0]), x_odd = _mm512_set1_epi32(four[1]);
 #pragma GCC unroll 4
           for (int c = 0; c < CB; c++) {

@@ -15,9 +15,10 @@ from mlx.utils import tree_map
 import convert
 import kernels
 from cache import KVCache
+from decoder import SpeculativeDecoder
 from loader import load_model
 from model import padding_bias
-from native_layers import kept_parts, native_weights
+from native_layers import FusedLinear, kept_parts, native_weights
 
 pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
 
@@ -161,6 +162,34 @@ def test_quantized_weights_run_packed_on_avx512_and_their_own_elsewhere(converte
 
 
 @pytest.mark.skipif(kernels.native is None or not kernels.native.integer_products(), reason="no integer products")
+@pytest.mark.skipif(kernels.native is None or "avx512" not in kernels.native.isas(), reason="no AVX-512 kernels")
+@pytest.mark.parametrize("integer", [False, True])
+def test_a_model_over_the_packing_budget_holds_its_layers_packed(integer, converted, fused, isa, monkeypatch):
+    # A model whose quantized layers' packed copies would not fit T5_PACKED_MB holds them packed in place of MLX's
+    # layout: the same greedy tokens and, within float32, logits as the same model beside its copies; none is packed
+    # in place within the budget, or with a budget of 0.
+    fused(True)
+    isa("avx512")
+    monkeypatch.setattr(kernels, "integer", integer)
+    path = converted("t5-v1_1", quantize=True, q_bits=4, q_group_size=32)
+
+    def layer_dtypes(model):
+        return {m.weight.dtype for m in model.modules() if type(m) is FusedLinear and m is not model.lm_head}
+
+    results = {}
+    for budget in ["2048", "0.01", "0"]:
+        monkeypatch.setenv(kernels.PACK_ENV_VAR, budget)
+        model, tokenizer, _ = load_model(path)
+        assert layer_dtypes(model) == ({mx.uint8} if budget == "0.01" else {mx.uint32}), budget
+        assert model.lm_head.weight.dtype == mx.uint32
+        cross_kv, mask = prompt_state(model, tokenizer, PROMPTS[:1])
+        logits = np.stack([np.array(step[0, -1]) for step in run_steps(model, cross_kv, mask, ONE_ROW)[0]])
+        tokens = SpeculativeDecoder(model, None, tokenizer).generate(PROMPTS[0], 12, regular=True).tokens
+        results[budget] = logits, tokens
+    np.testing.assert_allclose(results["0.01"][0], results["2048"][0], atol=1e-4, rtol=1e-4)
+    assert results["0.01"][1] == results["2048"][1]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_int8_activations_stay_within_their_own_error(bits, converted, fused, monkeypatch):
     # With x quantized to int8 per row and group, a difference in x's last float bits (the attention's order of
