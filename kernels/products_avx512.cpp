@@ -577,18 +577,21 @@ void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
   }
 }
 
-// Columns [n0, n1) of packed quantized weights, rows 4 at a time: one row takes 4 blocks of 16 columns at once, more
-// rows 2 (their int32 dots and float sums, 2 x R x CB registers, and the blocks' widened words fill at most 22). K goes
-// in chunks of groups whose weights, 64 columns of them, fit in 32 KB, so that every group of rows reads a chunk from
-// the caches, not memory (a row's sums so far wait in out between chunks).
+// Columns [n0, n1) of packed quantized weights, rows in groups of at most 5, as even as they go (a verification of 4
+// drafts is one group, 8 rows two of 4): one row takes 4 blocks of 16 columns at once, more rows 2 (their int32 dots
+// and float sums, 2 x R x CB registers, and the blocks' widened words fill at most 26). K goes in chunks of groups whose
+// weights, 64 columns of them, fit in 32 KB, so that every group of rows reads a chunk from the caches, not memory (a
+// row's sums so far wait in out between chunks).
 template <int BITS, bool DOTS>
 void packed_int_columns(const IntProduct& p, int n0, int n1) {
-  const int groups = p.K / p.group;
+  constexpr int kMaxRowGroup = 5;
+  const int groups = p.K / p.group, row_groups = (p.rows + kMaxRowGroup - 1) / kMaxRowGroup;
   const int chunk = p.rows <= 1 ? groups : max_int(1, 32768 / (4 * kPackColumns * p.group * BITS / 8));
   for (int g0 = 0; g0 < groups; g0 += chunk) {
     const int g1 = min_int(groups, g0 + chunk);
-    for (int m = 0; m < p.rows; m += 4) {
-      with_count<4>(p.rows - m, [&](auto rows) {
+    for (int i = 0, m = 0; i < row_groups; i++) {
+      const int count = (p.rows - m) / (row_groups - i);  // the rows left, spread over the groups left
+      with_count<kMaxRowGroup>(count, [&](auto rows) {
         constexpr int R = decltype(rows)::value, CB = R == 1 ? 4 : 2;
         int n = n0;
         for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
@@ -598,6 +601,7 @@ void packed_int_columns(const IntProduct& p, int n0, int n1) {
           packed_int_tile<BITS, DOTS, R, 1>(p, m, n, g0, g1);
         }
       });
+      m += count;
     }
   }
 }
