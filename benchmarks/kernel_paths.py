@@ -1,6 +1,7 @@
 """The native kernels' instruction-set paths side by side: GB/s of decode-shaped products per dtype and rows, and the
 cost of k rows over one, for every path this CPU runs (and, for quantized weights, float and int8 activations),
-interleaved round by round so that a busy machine weighs on all alike.
+interleaved round by round so that a busy machine weighs on all alike. Each path multiplies the weights as a model
+holds them on it (the packed copies where the kernels make them: matmul.as_models_hold).
 
     python -m benchmarks.kernel_paths [--rows 1 5 8 16 512] [--rounds 3]
 """
@@ -14,7 +15,7 @@ import os
 import mlx.core as mx
 
 import kernels
-from benchmarks.matmul import DTYPES, feed_forward_stack, product, seconds, stack_inputs
+from benchmarks.matmul import DTYPES, as_models_hold, feed_forward_stack, product, seconds, stack_inputs
 
 
 def settings():
@@ -32,6 +33,11 @@ def sweep(rows_list, rounds, repeats):
     results = {}
     for name, bits, dtype in DTYPES:
         matrices, nbytes = feed_forward_stack(bits, dtype)
+        held = {}  # per path, the matrices as a model holds them there
+        for label, isa, integer in settings():
+            kernels.native.set_isa(isa)
+            kernels.integer = integer
+            held[label] = [as_models_hold(a, bits) for a in matrices]
         for rows in rows_list:
             inputs = stack_inputs(matrices, bits, rows)
             if name == "bfloat16":
@@ -43,7 +49,9 @@ def sweep(rows_list, rounds, repeats):
                         continue
                     kernels.native.set_isa(isa)
                     kernels.integer = integer
-                    run = lambda: mx.eval([product(x, a, bits, True) for x, a in zip(inputs, matrices)])  # noqa: E731
+                    run = lambda: mx.eval(  # noqa: E731
+                        [product(x, a, bits, True) for x, a in zip(inputs, held[label])]
+                    )
                     s = seconds(run, repeats)
                     key = (name, rows, label)
                     results[key] = min(results.get(key, s), s)

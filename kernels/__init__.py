@@ -37,12 +37,12 @@ FUSED_ENV_VAR = "T5_FUSED_LAYERS"
 LAYER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 # The weights' bit widths whose products take int8 activations unless T5_KERNELS says otherwise. Their price in
 # quality (benchmarks/int8_activations.py, the translation pair) is at most a tenth of quantizing the weights for
-# 4-bit (0.014x) and not for 8-bit (12x). None by default even so: int8 activations turn float-order differences
-# (last bits of x) into whole steps of a group's int8 grid, so a 4-bit model sharded over two ranks (its partial
-# products summed across them) gives logits up to 0.05 (MLX's operations on both) or 0.19 (native layers whole) away
-# from the same model whole, where float activations agree to 1e-4 (tests/test_distributed.py); and on the AVX-512
-# path a 5-row 4-bit product costs 2.4x one row with them against 2.9x without, one row the same (docs/kernels.md).
-INTEGER_DEFAULT_BITS = ()
+# 4-bit (0.014x) and not for 8-bit (12x). With packed weights they also compute 2-3x the products a second of float
+# activations on many rows (a prompt, a verification; docs/kernels.md). They turn float-order differences (the last
+# bits of x) into whole steps of a group's int8 grid, so a 4-bit model sharded over ranks (its partial products summed
+# across them) gives logits up to 0.05-0.19 away from the same model whole, where float activations (T5_KERNELS=exact)
+# agree to 1e-4 (tests/test_distributed.py).
+INTEGER_DEFAULT_BITS = (4,)
 BUILD_COMMAND = "python kernels/build.py"
 
 native = None
