@@ -203,11 +203,13 @@ void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out) {
   }
 }
 
-void packed_int_columns_portable(const IntProduct& p, int n0, int n1) {
+namespace {
+
+// The integer products one value at a time, on MLX's layout (column n's words in a row of its own) or the packed one
+// (products.h; its scales and biases float32).
+void int_columns_any_layout(const IntProduct& p, int n0, int n1, bool packed) {
   const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
   const uint32_t mask = (1u << p.bits) - 1;
-  const float* scales = static_cast<const float*>(p.scales);
-  const float* biases = static_cast<const float*>(p.biases);
   for (int n = n0; n < n1; n++) {
     for (int m = 0; m < p.rows; m++) {
       const int8_t* q = p.xq + size_t(m) * p.ldq;
@@ -215,16 +217,17 @@ void packed_int_columns_portable(const IntProduct& p, int n0, int n1) {
       for (int g = 0; g < groups; g++) {
         int32_t dot = 0;
         for (int k = g * p.group; k < (g + 1) * p.group; k++) {
-          const uint32_t word = p.w[packed_index(n, k / per_word, words)];
-          dot += int32_t((word >> (p.bits * (k % per_word))) & mask) * q[k];
+          const size_t at = packed ? packed_index(n, k / per_word, words) : size_t(n) * words + k / per_word;
+          dot += int32_t((p.w[at] >> (p.bits * (k % per_word))) & mask) * q[k];
         }
         if (p.dots) {
           p.dots[(size_t(m) * p.N + n) * groups + g] = dot;
           continue;
         }
-        const size_t index = packed_quant_scale_index(n, g, groups);
-        result += scales[index] * (float(dot) * p.x_scales[size_t(m) * p.lds + g]);
-        result += biases[index] * p.x_sums[size_t(m) * p.lds + g];
+        const size_t index = packed ? packed_quant_scale_index(n, g, groups) : size_t(n) * groups + g;
+        const float x_scale = p.x_scales[size_t(m) * p.lds + g], x_sum = p.x_sums[size_t(m) * p.lds + g];
+        result += load_scalar(p.scales, index, p.stype) * x_scale * float(dot) +
+                  load_scalar(p.biases, index, p.stype) * x_sum;
       }
       if (!p.dots) {
         p.out[size_t(m) * p.N + n] = result;
@@ -233,33 +236,14 @@ void packed_int_columns_portable(const IntProduct& p, int n0, int n1) {
   }
 }
 
+}  // namespace
+
 void int_columns_portable(const IntProduct& p, int n0, int n1) {
-  const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
-  const uint32_t mask = (1u << p.bits) - 1;
-  for (int n = n0; n < n1; n++) {
-    const uint32_t* column = p.w + size_t(n) * words;
-    for (int m = 0; m < p.rows; m++) {
-      const int8_t* q = p.xq + size_t(m) * p.ldq;
-      float result = 0;
-      for (int g = 0; g < groups; g++) {
-        int32_t dot = 0;
-        for (int k = g * p.group; k < (g + 1) * p.group; k++) {
-          dot += int32_t((column[k / per_word] >> (p.bits * (k % per_word))) & mask) * q[k];
-        }
-        if (p.dots) {
-          p.dots[(size_t(m) * p.N + n) * groups + g] = dot;
-          continue;
-        }
-        const size_t group_index = size_t(n) * groups + g;
-        const float x_scale = p.x_scales[size_t(m) * p.lds + g], x_sum = p.x_sums[size_t(m) * p.lds + g];
-        result += load_scalar(p.scales, group_index, p.stype) * x_scale * float(dot) +
-                  load_scalar(p.biases, group_index, p.stype) * x_sum;
-      }
-      if (!p.dots) {
-        p.out[size_t(m) * p.N + n] = result;
-      }
-    }
-  }
+  int_columns_any_layout(p, n0, n1, false);
+}
+
+void packed_int_columns_portable(const IntProduct& p, int n0, int n1) {
+  int_columns_any_layout(p, n0, n1, true);
 }
 
 }  // namespace t5kernels

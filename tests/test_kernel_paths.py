@@ -235,14 +235,23 @@ def quantize_x_reference(x, group_size):
     return q.reshape(rows, K), (largest[:, :, 0] / np.float32(127)).astype(np.float32)
 
 
+# (N, K in groups) per weight layout: MLX's (odd N), and the packed copy (N a multiple of 16: 1, 3 and 5 blocks; one
+# row takes 4 blocks at a time, then 1; more rows 2, then 1).
+INTEGER_SHAPES = {"mlx": [(3, 1), (37, 5), (20, 9)], "packed": [(16, 1), (48, 3), (80, 9)]}
+
+
+@pytest.mark.parametrize("layout", ["mlx", "packed"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 600])
-def test_integer_products_exact_before_scaling(isa, bits, group_size, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 600])
+def test_integer_products_exact_before_scaling(isa, layout, bits, group_size, rows):
+    """int8 activations, on MLX's layout and on the packed copy: x's q and scales, and the group dots, exactly those of
+    an int64 reference; the scaled result within float32 of it."""
     if not kernels.native.integer_products():
         pytest.skip(f"{isa} has no integer products")
     rng = np.random.default_rng(bits * rows + group_size + 1)
-    for K, N in [(group_size, 3), (5 * group_size, 37), (9 * group_size, 20)]:
+    for N, groups in INTEGER_SHAPES[layout]:
+        K = groups * group_size
         x_np = rng.standard_normal((rows, K)).astype(np.float32)
         x_np[0, :group_size] = 0  # a group of zeros: scale 0
         x = mx.array(x_np)
@@ -252,6 +261,7 @@ def test_integer_products_exact_before_scaling(isa, bits, group_size, rows):
         np.testing.assert_array_equal(np.array(x_scales), x_scales_ref)
         for dtype in [mx.float32, mx.bfloat16]:
             w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
+            held = (w, scales, biases) if layout == "mlx" else packed_quantized(w, scales, biases, group_size, bits)
             values = unpack(w, bits)
             dots_ref = np.einsum(
                 "mgk,ngk->mng",
@@ -259,50 +269,13 @@ def test_integer_products_exact_before_scaling(isa, bits, group_size, rows):
                 values.reshape(N, -1, group_size),
                 dtype=np.int64,
             )
-            dots = kernels.native.integer_group_dots(x, w, scales, biases, group_size, bits)
+            dots = kernels.native.integer_group_dots(x, *held, group_size, bits)
             np.testing.assert_array_equal(np.array(dots).astype(np.int64), dots_ref)
             # After scaling: sum over groups of w_scale * x_scale * dot + w_bias * sum(x), within float32.
             x_sums = x_np.astype(np.float64).reshape(rows, -1, group_size).sum(axis=2)
             reference = np.einsum("ng,mg,mng->mn", as_f64(scales), x_scales_ref.astype(np.float64), dots_ref)
             reference += np.einsum("ng,mg->mn", as_f64(biases), x_sums)
-            ours = kernels.native.decode_matmul(x, w, scales, biases, group_size, bits, integer=True)
-            terms = np.abs(as_f64(scales)).max() * 255 * np.abs(x_np).max() + np.abs(as_f64(biases)).max()
-            np.testing.assert_allclose(
-                np.array(ours.astype(mx.float32)), reference, atol=4e-6 * np.sqrt(K) * terms * 4, rtol=1e-5
-            )
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 17, 600])
-def test_packed_integer_products_exact_before_scaling(isa, bits, group_size, rows):
-    """Packed quantized weights with int8 activations: the group dots exactly the int64 reference's, the result within
-    float32 of the scaled reference (the portable and the AVX-512 kernels read the packed layout)."""
-    if not kernels.native.integer_products():
-        pytest.skip(f"{isa} has no integer products")
-    rng = np.random.default_rng(bits * rows + group_size + 2)
-    # 1, 3 and 5 blocks of 16 columns: one row takes 4 blocks at a time, then 1; more rows 2, then 1.
-    for K, N in [(group_size, 16), (3 * group_size, 48), (9 * group_size, 80)]:
-        x_np = rng.standard_normal((rows, K)).astype(np.float32)
-        x_np[0, :group_size] = 0  # a group of zeros: scale 0
-        x = mx.array(x_np)
-        q_ref, x_scales_ref = quantize_x_reference(x_np, group_size)
-        for dtype in [mx.float32, mx.bfloat16]:
-            w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
-            packed = packed_quantized(w, scales, biases, group_size, bits)
-            values = unpack(w, bits)
-            dots_ref = np.einsum(
-                "mgk,ngk->mng",
-                q_ref.reshape(rows, -1, group_size),
-                values.reshape(N, -1, group_size),
-                dtype=np.int64,
-            )
-            dots = kernels.native.integer_group_dots(x, *packed, group_size, bits)
-            np.testing.assert_array_equal(np.array(dots).astype(np.int64), dots_ref)
-            x_sums = x_np.astype(np.float64).reshape(rows, -1, group_size).sum(axis=2)
-            reference = np.einsum("ng,mg,mng->mn", as_f64(scales), x_scales_ref.astype(np.float64), dots_ref)
-            reference += np.einsum("ng,mg->mn", as_f64(biases), x_sums)
-            ours = kernels.native.decode_matmul(x, *packed, group_size, bits, integer=True)
+            ours = kernels.native.decode_matmul(x, *held, group_size, bits, integer=True)
             terms = np.abs(as_f64(scales)).max() * 255 * np.abs(x_np).max() + np.abs(as_f64(biases)).max()
             np.testing.assert_allclose(
                 np.array(ours.astype(mx.float32)), reference, atol=4e-6 * np.sqrt(K) * terms * 4, rtol=1e-5
