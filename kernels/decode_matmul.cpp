@@ -405,18 +405,38 @@ bool has_integer_products(int isa) {
   return isa == kPortable || (isa == kAvx512 && cpu_has_avx512_vnni());
 }
 
+namespace {
+
+// x's rows quantized per group for the integer kernels (with AVX-512, q in the packed 4-bit kernel's order where
+// `packed_nibbles`): q's rows ldq apart, each group's scale and sum of x in rows lds apart.
+struct QuantizedX {
+  int ldq, lds;
+  std::vector<int8_t> q;
+  std::vector<float> scales, sums;
+
+  QuantizedX(Isa isa, const float* x, int ldx, int M, int K, int group_size, bool packed_nibbles)
+      : ldq((K + 127) / 128 * 128 + 128),  // rows not a power of two apart (see run_product)
+        lds(K / group_size + 16),
+        q(size_t(M) * ldq, 0),
+        scales(size_t(M) * lds),
+        sums(size_t(M) * lds) {
+    if (isa == kAvx512) {
+      quantize_rows_avx512(x, ldx, M, K, group_size, q.data(), ldq, scales.data(), sums.data(), lds, packed_nibbles);
+    } else {
+      quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, scales.data(), sums.data(), lds);
+    }
+  }
+};
+
+}  // namespace
+
 void int_product(int isa_number, const float* x, int ldx, int M, int K, const uint32_t* w, const void* scales,
                  const void* biases, WeightType stype, int group_size, int bits, float* y, int N, int32_t* dots) {
   const Isa isa = Isa(isa_number);
-  const int ldq = (K + 127) / 128 * 128 + 128;  // rows not a power of two apart (see run_product)
-  const int groups = K / group_size, lds = groups + 16;
-  std::vector<int8_t> q(size_t(M) * ldq, 0);
-  std::vector<float> x_scales(size_t(M) * lds), x_sums(size_t(M) * lds);
-  if (isa == kAvx512) {
-    quantize_rows_avx512(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds, false);
-  } else {
-    quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
-  }
+  QuantizedX qx(isa, x, ldx, M, K, group_size, false);
+  const int ldq = qx.ldq, lds = qx.lds, groups = K / group_size;
+  std::vector<int8_t>& q = qx.q;
+  const std::vector<float>&x_scales = qx.scales, &x_sums = qx.sums;
   std::vector<float> x_lanes;
   int ldl = 0;
   if (isa == kAvx512) {
@@ -442,21 +462,14 @@ void packed_int_product(int isa_number, const float* x, int ldx, int M, int K, c
                         const mx::array& scales, const mx::array& biases, int group_size, int bits, float* y, int N,
                         int32_t* dots) {
   const Isa isa = Isa(isa_number);
-  const int ldq = (K + 127) / 128 * 128 + 128;  // as int_product's
-  const int groups = K / group_size, lds = groups + 16;
-  std::vector<int8_t> q(size_t(M) * ldq, 0);
-  std::vector<float> x_scales(size_t(M) * lds), x_sums(size_t(M) * lds);
   const bool avx512 = isa == kAvx512;
-  if (avx512) {
-    quantize_rows_avx512(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds, bits == 4);
-  } else {
-    quantize_rows(x, ldx, M, K, group_size, q.data(), ldq, x_scales.data(), x_sums.data(), lds);
-  }
+  const QuantizedX qx(isa, x, ldx, M, K, group_size, avx512 && bits == 4);
+  const int ldq = qx.ldq, lds = qx.lds, groups = K / group_size;
   over_tiles(
       M, N, K * bits / 8,
       [&](int r, int rows, int a, int b) {
-        IntProduct p{q.data() + size_t(r) * ldq, ldq, x_scales.data() + size_t(r) * lds,
-                     x_sums.data() + size_t(r) * lds, lds, rows, K, w.data<uint32_t>(), scales.data<void>(),
+        IntProduct p{qx.q.data() + size_t(r) * ldq, ldq, qx.scales.data() + size_t(r) * lds,
+                     qx.sums.data() + size_t(r) * lds, lds, rows, K, w.data<uint32_t>(), scales.data<void>(),
                      biases.data<void>(), kFloat32, group_size, bits, dots ? nullptr : y + size_t(r) * N, N,
                      dots ? dots + size_t(r) * N * groups : nullptr, nullptr, 0};
         avx512 ? packed_int_columns_avx512(p, a, b) : packed_int_columns_portable(p, a, b);
