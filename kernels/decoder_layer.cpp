@@ -684,6 +684,30 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
   std::vector<float>&h = rows.h, &qkv = rows.qkv, &att = rows.att, &y = rows.y;
   auto add_residual = [&]() { rows.add_to(x.data(), R, D); };
   const AttentionRow attend = attention_for(spec.isa);
+  // With AVX-512, a head's queries go kAttentionQueries at a time over its keys, transposed, and values: a 510-token
+  // t5-11b prompt's self-attention took 211 ms a layer a query at a time.
+  const bool blocked = spec.isa == kAvx512 && dk % 16 == 0;
+  const int ldk = (L + 15) / 16 * 16;
+  auto blocked_attention = [&](const float* row0, int b, int hd, float* out0) {
+    std::vector<float> keys_t(size_t(dk) * ldk, 0.0f), values(size_t(L) * dk), scores(kAttentionQueries * ldk);
+    for (int j = 0; j < L; j++) {
+      const float* key = row0 + size_t(j) * 3 * inner + inner;
+      for (int d = 0; d < dk; d++) {
+        keys_t[size_t(d) * ldk + j] = key[d];
+      }
+      std::copy_n(key + inner, dk, &values[size_t(j) * dk]);
+    }
+    std::vector<float> scratch[kAttentionQueries];
+    const float* bias_rows[kAttentionQueries];
+    for (int i = 0; i < L; i += kAttentionQueries) {
+      const int rows = std::min(kAttentionQueries, L - i);
+      for (int r = 0; r < rows; r++) {
+        bias_rows[r] = bias_row(bias, bias_per_row ? b : 0, hd, i + r, L, scratch[r]);
+      }
+      attention_queries_avx512(row0 + size_t(i) * 3 * inner, 3 * inner, rows, keys_t.data(), ldk, values.data(), L,
+                               dk, bias_rows, scores.data(), out0 + size_t(i) * ld_inner, ld_inner);
+    }
+  };
   for (int l = 0; l < spec.layers; l++) {
     const float* norms[2];
     for (auto& norm : norms) {
@@ -703,6 +727,11 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
     for_tasks(B * H, double(B) * H * L * L * dk * 2, [&](int task) {
       const int b = task / H, hd = task % H;
       const float* row0 = &qkv[size_t(b) * L * 3 * inner + hd * dk];
+      float* out0 = &att[size_t(b) * L * ld_inner + hd * dk];
+      if (blocked) {
+        blocked_attention(row0, b, hd, out0);
+        return;
+      }
       // The head's keys and values side by side, copied once for all its queries, each of which reads them all: in
       // place they lie 3 * inner floats apart, each on a page of its own in a large model.
       std::vector<float> scores(L), scratch, keys(size_t(L) * dk), values(size_t(L) * dk);
@@ -713,7 +742,7 @@ void run_encoder(const EncoderLayers::Spec& spec, const std::vector<mx::array>& 
       for (int i = 0; i < L; i++) {
         const float* bias_i = bias_row(bias, bias_per_row ? b : 0, hd, i, L, scratch);
         attend(row0 + size_t(i) * 3 * inner, keys.data(), dk, values.data(), dk, L, dk, bias_i, scores.data(),
-               &att[(size_t(b) * L + i) * ld_inner + hd * dk]);
+               out0 + size_t(i) * ld_inner);
       }
     });
     product(kEncO, att.data(), ld_inner, inner, y.data(), D);

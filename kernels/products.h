@@ -159,6 +159,14 @@ void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1);
 // One query's attention (decoder_layer.cpp's attention_row, the same arguments) with AVX-512.
 void attention_row_avx512(const float* q, const float* keys, int64_t key_stride, const float* values,
                           int64_t value_stride, int n, int d_kv, const float* bias, float* scores, float* out);
+// Attention of up to kAttentionQueries queries at once over the same n keys (an encoder's prompt), each key loaded once
+// for all of them: q's rows ldq apart; the keys transposed, keys_t (d_kv, ldk) with ldk a multiple of 16 holding n
+// (zero past it); values (n, d_kv) contiguous; d_kv a multiple of 16; bias[r] query r's row of n (or null); scores
+// kAttentionQueries * ldk floats of scratch; out's rows ldo apart. A query's result does not depend on the others.
+constexpr int kAttentionQueries = 6;
+void attention_queries_avx512(const float* q, int64_t ldq, int rows, const float* keys_t, int ldk,
+                              const float* values, int n, int d_kv, const float* const* bias, float* scores,
+                              float* out, int64_t ldo);
 
 void prepare_quant_x(const float* x, int ldx, int rows, int K, int bits, int group, float* x_words,
                      float* x_sums);

@@ -856,6 +856,119 @@ inline void weighted_values16(const float* p, const float* values, int64_t value
 
 }  // namespace
 
+// scores[0, n) -> exp(score - the largest), in place; returns their sum in every lane.
+inline __m512 softmax_numerators16(float* scores, int n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    top = _mm512_mask_max_ps(top, valid, top, _mm512_maskz_loadu_ps(valid, scores + j));
+  }
+  const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sums = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), largest);
+    const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive16(shifted));
+    _mm512_mask_storeu_ps(scores + j, valid, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  return _mm512_set1_ps(_mm512_reduce_add_ps(sums));
+}
+
+// acc[r][v] = the sum over t < count of a[r * lda + t] times b's vector v of row t (rows ldb apart): each lane one
+// chain of multiply-adds in the order of t, whatever R and V (R rows' broadcasts share each vector of b).
+template <int R, int V>
+inline void outer_products(const float* a, int64_t lda, const float* b, int64_t ldb, int count, __m512 (&acc)[R][V]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; v++) {
+      acc[r][v] = _mm512_setzero_ps();
+    }
+  }
+  for (int t = 0; t < count; t++) {
+    __m512 row[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; v++) {
+      row[v] = _mm512_loadu_ps(b + size_t(t) * ldb + 16 * v);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      const __m512 broadcast = _mm512_set1_ps(a[r * lda + t]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; v++) {
+        acc[r][v] = _mm512_fmadd_ps(broadcast, row[v], acc[r][v]);
+      }
+    }
+  }
+}
+
+// Q . K for R queries (q's rows ldq apart) and V vectors of 16 keys from the transposed keys' column j (keys_t rows ldk
+// apart) -> scores (rows lds apart).
+template <int R, int V>
+inline void scores_tile(const float* q, int64_t ldq, const float* keys_t, int ldk, int j, int d_kv, float* scores,
+                        int lds) {
+  __m512 acc[R][V];
+  outer_products<R, V>(q, ldq, keys_t + j, ldk, d_kv, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; v++) {
+      _mm512_storeu_ps(scores + size_t(r) * lds + j + 16 * v, acc[r][v]);
+    }
+  }
+}
+
+// The weighted values of R queries (p's rows lds apart, n keys), output vectors [c0, c0 + V) of 16, each divided by
+// its row's total -> out (rows ldo apart).
+template <int R, int V>
+inline void values_tile(const float* p, int lds, const float* values, int d_kv, int n, int c0, const float* totals,
+                        float* out, int64_t ldo) {
+  __m512 acc[R][V];
+  outer_products<R, V>(p, lds, values + 16 * c0, d_kv, n, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    const __m512 total = _mm512_set1_ps(totals[r]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; v++) {
+      _mm512_storeu_ps(out + r * ldo + 16 * (c0 + v), _mm512_div_ps(acc[r][v], total));
+    }
+  }
+}
+
+template <int R>
+void attention_queries(const float* q, int64_t ldq, const float* keys_t, int ldk, const float* values, int n,
+                       int d_kv, const float* const* bias, float* scores, float* out, int64_t ldo) {
+  const int lds = ldk;
+  int j = 0;
+  for (; j + 64 <= ldk; j += 64) {
+    scores_tile<R, 4>(q, ldq, keys_t, ldk, j, d_kv, scores, lds);
+  }
+  for (; j < ldk; j += 16) {
+    scores_tile<R, 1>(q, ldq, keys_t, ldk, j, d_kv, scores, lds);
+  }
+  float totals[R];
+  for (int r = 0; r < R; r++) {
+    float* row = scores + size_t(r) * lds;
+    if (bias[r]) {
+      for (int k = 0; k < n; k += 16) {
+        const __mmask16 valid = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+        _mm512_mask_storeu_ps(row + k, valid,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(valid, row + k), _mm512_maskz_loadu_ps(valid, bias[r] + k)));
+      }
+    }
+    totals[r] = _mm512_cvtss_f32(softmax_numerators16(row, n));
+  }
+  const int chunks = d_kv / 16;
+  int c0 = 0;
+  for (; c0 + 4 <= chunks; c0 += 4) {
+    values_tile<R, 4>(scores, lds, values, d_kv, n, c0, totals, out, ldo);
+  }
+  for (; c0 < chunks; c0++) {
+    values_tile<R, 1>(scores, lds, values, d_kv, n, c0, totals, out, ldo);
+  }
+}
+
 // decoder_layer.cpp's attention of one query, vectorized: eight keys' scores at a time (then four, then one), their
 // lanes summed in _mm512_reduce_add_ps's order so that a key's score is the same in any block, the softmax's
 // exponentials 16 at a time and their sum in 16 lanes (key j in lane j % 16, summed as _mm512_reduce_add_ps sums), the
@@ -891,21 +1004,7 @@ void attention_row_avx512(const float* q, const float* keys, int64_t key_stride,
     dot_keys16<1>(q, keys + j * key_stride, key_stride, chunks, last, dot);
     scores[j] = _mm512_reduce_add_ps(dot[0]) + (bias ? bias[j] : 0.0f);
   }
-  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (j = 0; j < n; j += 16) {
-    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
-    top = _mm512_mask_max_ps(top, valid, top, _mm512_maskz_loadu_ps(valid, scores + j));
-  }
-  const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 sums = _mm512_setzero_ps();
-  for (j = 0; j < n; j += 16) {
-    const __mmask16 valid = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
-    const __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), largest);
-    const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive16(shifted));
-    _mm512_mask_storeu_ps(scores + j, valid, e);
-    sums = _mm512_add_ps(sums, e);
-  }
-  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sums));
+  const __m512 total = softmax_numerators16(scores, n);
   for (int c0 = 0; c0 < chunks; c0 += 4) {  // 4 vectors of the output at a time
     switch (chunks - c0) {
       case 1:
@@ -984,6 +1083,15 @@ void packed_int_columns_avx512(const IntProduct& p, int n0, int n1) {
   } else {
     p.dots ? packed_int_columns<4, true>(p, n0, n1) : packed_int_columns<4, false>(p, n0, n1);
   }
+}
+
+void attention_queries_avx512(const float* q, int64_t ldq, int rows, const float* keys_t, int ldk,
+                              const float* values, int n, int d_kv, const float* const* bias, float* scores,
+                              float* out, int64_t ldo) {
+  with_count<kAttentionQueries>(rows, [&](auto count) {
+    constexpr int R = decltype(count)::value;
+    attention_queries<R>(q, ldq, keys_t, ldk, values, n, d_kv, bias, scores, out, ldo);
+  });
 }
 
 }  // namespace t5kernels

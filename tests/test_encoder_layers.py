@@ -75,6 +75,27 @@ def test_every_instruction_set(name, converted, fused):
         kernels.native.set_isa(before)
 
 
+@pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
+@pytest.mark.parametrize("d_kv", [16, 64, 80])
+def test_heads_of_whole_vectors_every_instruction_set(name, d_kv, hf_checkpoint, tmp_path, fused):
+    # Heads of whole 16-float vectors attend several queries at once with AVX-512: one, four and five vectors of
+    # output; a prompt long enough for whole tiles of 64 keys with a tail of keys and of queries, and a padded batch.
+    import convert
+
+    before = kernels.native.isa()
+    kernels.native.set_isa(name)
+    try:
+        checkpoint = hf_checkpoint("t5", d_kv=d_kv, num_heads=2)
+        model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "heads")))
+        long = " ".join(PROMPTS)
+        length = len(tokenizer(long).input_ids)
+        assert length > 64 and length % 16 and length % 6
+        compare(model, tokenizer, [long], fused)
+        compare(model, tokenizer, [long, PROMPTS[0], PROMPTS[4]], fused)
+    finally:
+        kernels.native.set_isa(before)
+
+
 def test_long_prompts_attended_in_blocks_use_mlx(converted, fused, monkeypatch):
     model, tokenizer, _ = load_model(converted("t5"))
     ids = mx.array([tokenizer(PROMPTS[4]).input_ids])
