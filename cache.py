@@ -17,6 +17,10 @@ class KVCache:
     # capacity's size. On the demo pair (outputs of about 16 tokens) 32 positions instead of 256 made the default
     # speculative decoding 11-17% faster and regular decoding 3-4% (interleaved per prompt, two runs).
     step = 32
+    # ... but no more positions than take `step_bytes` per layer: a t5-11b-shaped layer holds 128 heads of 128 floats
+    # per position and key (131 KB a position with values), so its 24 layers' first 32 positions took 100 MB beside a
+    # 510-token prompt's 1.6 GB of cross-attention keys and values; 8 positions take a quarter of that.
+    step_bytes = 1 << 20
 
     # Whether the native layers write a step's new positions into the buffers themselves rather than into copies: the
     # buffers are this cache's own, so an array read from `keys` or `values` keeps each row's positions below its length
@@ -56,7 +60,9 @@ class KVCache:
         if not mapped or (self.keys is not None and end > self.keys.shape[2]):
             self.gather_rows()
         if self.keys is None or end > self.keys.shape[2]:
-            capacity = ((end + self.step - 1) // self.step) * self.step
+            position_bytes = 2 * shape[0] * shape[1] * shape[3] * dtype.size
+            step = min(self.step, max(1, self.step_bytes // position_bytes))
+            capacity = ((end + step - 1) // step) * step
             if self.keys is not None:
                 capacity = max(capacity, 2 * self.keys.shape[2])
             shape = (*shape[:2], capacity, shape[3])

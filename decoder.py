@@ -150,6 +150,9 @@ class SpeculativeDecoder:
         """The main model's cross-attention keys/values for the prompt, an empty self-attention cache, and the encoder
         output where the draft model shares the main model's encoder (else None)."""
         encoder_output = self.model.encode(prompt_ids)
+        # The encoder first: its (1, heads, L, L) bias is freed before the cross-attention keys and values are made (a
+        # 510-token t5-11b prompt's 133 MB of bias beside their 1.6 GB).
+        mx.eval(encoder_output)
         cross_kv = self.model.cross_kv(encoder_output)
         mx.eval(cross_kv)
         return cross_kv, self.model.make_cache(), encoder_output if self.shared_encoder else None

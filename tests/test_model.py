@@ -183,6 +183,17 @@ def test_cache_grows_to_twice_its_capacity_and_keeps_what_it_holds():
     assert mx.array_equal(keys, whole).item() and mx.array_equal(values, -whole).item()
 
 
+def test_a_cache_of_wide_layers_takes_fewer_positions_at_first():
+    # 64 heads of 64 float32: 32 KB of keys and values a position, so that 1 MB holds 32 positions, 0.5 MB 16, and
+    # less than a position's bytes one position (3 positions then for 3 new ones).
+    piece = mx.zeros((1, 64, 3, 64))
+    for step_bytes, capacity in [(1 << 20, 32), (1 << 19, 16), (1000, 3)]:
+        cache = KVCache()
+        cache.step_bytes = step_bytes
+        cache.update_and_fetch(piece, piece)
+        assert cache.keys.shape[2] == capacity
+
+
 def test_rows_that_leave_and_join_a_cache_are_its_rows_in_their_new_order():
     cache = KVCache(3)
     keys = mx.random.normal((3, 2, 4, 4))
