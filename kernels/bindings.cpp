@@ -6,6 +6,9 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -35,6 +38,33 @@ static t5kernels::LayerWeight layer_weight(nb::handle h) {
   }
   return {nb::cast<const mx::array&>(w[0]), scales, biases, nb::cast<int>(w[3]), nb::cast<int>(w[4])};
 }
+
+namespace {
+
+// An array's whole 2 MB pages (evaluated first) moved onto huge pages (Linux's MADV_COLLAPSE, 6.1 on; asked for them too,
+// so that they stay so): a large model's weights, read whole at every step, then cost one TLB entry per 2 MB instead
+// of per 4 KB. Returns the bytes collapsed (0 where the kernel or its settings refuse).
+size_t collapse_huge_pages(mx::array a) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  a.eval();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  constexpr int kCollapse = 25;  // MADV_COLLAPSE, absent from older headers
+  const auto begin = reinterpret_cast<uintptr_t>(a.data<char>());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + a.nbytes()) & ~(kHuge - 1);
+  if (last <= first) {
+    return 0;
+  }
+  void* start = reinterpret_cast<void*>(first);
+  if (madvise(start, last - first, MADV_HUGEPAGE) != 0 || madvise(start, last - first, kCollapse) != 0) {
+    return 0;
+  }
+  return last - first;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
 
 NB_MODULE(_native, m) {
   m.doc() = "Decode-shaped matrix products for MLX on the CPU";
@@ -155,6 +185,8 @@ NB_MODULE(_native, m) {
       "Every decoder layer's cross-attention keys and values of the encoder output x (B, P, D) float32 -> [keys, "
       "values of each layer in turn], each (B, H, P, d_kv). weights: each layer's key and value projections in turn, "
       "each (w, scales, biases, group_size, bits), bits 0 for float weights.");
+  m.def("collapse_huge_pages", &collapse_huge_pages, "a"_a,
+        "Move an array's whole 2 MB pages onto huge pages (evaluated first); returns the bytes moved (0 where refused).");
   m.def("isa", &t5kernels::kernel_isa, "The instruction set new products run on: avx512, avx2 or portable.");
   m.def("isas", &t5kernels::kernel_isas, "The instruction sets this CPU runs.");
   m.def("set_isa", &t5kernels::set_kernel_isa, "name"_a, "Run new products on this instruction set.");

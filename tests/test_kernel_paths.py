@@ -344,3 +344,15 @@ def test_isa_is_reported_and_forced(tmp_path):
     out = subprocess.run([sys.executable, "-c", check], cwd=repo, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error: T5_KERNEL_ISA=avx1024") and out.stderr.count("\n") == 1
+
+
+def test_collapsing_an_array_onto_huge_pages_keeps_its_values():
+    # 9 MB: at least three whole 2 MB pages inside, wherever it starts. Where the kernel collapses them (Linux 6.1 on,
+    # transparent huge pages not off) whole 2 MB pages move; elsewhere nothing does. Either way the values stay.
+    a = mx.random.normal(((9 << 20) // 4 // 1024, 1024))
+    mx.eval(a)
+    expected = np.array(a)
+    moved = kernels.native.collapse_huge_pages(a)
+    assert moved in (0, 6 << 20, 8 << 20) and moved % (2 << 20) == 0
+    np.testing.assert_array_equal(np.array(a), expected)
+    assert kernels.native.collapse_huge_pages(mx.zeros((16,))) == 0  # no whole page inside
