@@ -24,6 +24,7 @@ import blas  # noqa: E402, F401  (before mlx: loads an optimized BLAS on Linux)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
+import kernels  # noqa: E402
 from loader import load_model  # noqa: E402
 from tools.t5_tokenizer import train_t5_tokenizer  # noqa: E402
 
@@ -61,6 +62,22 @@ def training_text():
     from pydoc_data import topics
 
     return "\n".join(topics.topics.values())[:TRAINING_TEXT_LIMIT]
+
+
+@pytest.fixture
+def fused():
+    """Sets whether layers run natively (kernels.fused_layers), for one test; restores the setting after it."""
+    before = kernels.fused_layers
+    yield lambda on: setattr(kernels, "fused_layers", on)
+    kernels.fused_layers = before
+
+
+@pytest.fixture
+def isa():
+    """Sets the instruction set the native kernels run on (kernels.native.set_isa), for one test; restores it after."""
+    before = kernels.native.isa()
+    yield kernels.native.set_isa
+    kernels.native.set_isa(before)
 
 
 @pytest.fixture(scope="session")

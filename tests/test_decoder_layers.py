@@ -23,21 +23,6 @@ from native_layers import FusedLinear, kept_parts, native_weights
 pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels not built")
 
 
-@pytest.fixture
-def fused():
-    """Sets whether decoder layers run natively, for one test; restores the setting after it."""
-    before = kernels.fused_layers
-    yield lambda on: setattr(kernels, "fused_layers", on)
-    kernels.fused_layers = before
-
-
-@pytest.fixture
-def isa():
-    before = kernels.native.isa()
-    yield kernels.native.set_isa
-    kernels.native.set_isa(before)
-
-
 def prompt_state(model, tokenizer, prompts):
     """The cross-attention keys and values of padded prompts, and their mask (None for one prompt)."""
     encoded = tokenizer(prompts, padding=True)

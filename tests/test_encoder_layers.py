@@ -19,14 +19,6 @@ pytestmark = pytest.mark.skipif(kernels.native is None, reason="native kernels n
 USED = "native encoder layers"
 
 
-@pytest.fixture
-def fused():
-    """Sets whether layers run natively, for one test; restores the setting after it."""
-    before = kernels.fused_layers
-    yield lambda on: setattr(kernels, "fused_layers", on)
-    kernels.fused_layers = before
-
-
 def encoded(model, tokenizer, prompts, fused, on):
     """(encoder output, mask) of the padded prompts, natively or with MLX's operations; checks which ran."""
     batch = tokenizer(prompts, padding=True)
@@ -65,35 +57,27 @@ def test_quantized_weights(bits, group, converted, fused, monkeypatch):
 
 
 @pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
-def test_every_instruction_set(name, converted, fused):
-    before = kernels.native.isa()
-    kernels.native.set_isa(name)
-    try:
-        model, tokenizer, _ = load_model(converted("t5"))
-        compare(model, tokenizer, PROMPTS[:3], fused)
-    finally:
-        kernels.native.set_isa(before)
+def test_every_instruction_set(name, converted, fused, isa):
+    isa(name)
+    model, tokenizer, _ = load_model(converted("t5"))
+    compare(model, tokenizer, PROMPTS[:3], fused)
 
 
 @pytest.mark.parametrize("name", kernels.native.isas() if kernels.native else [])
 @pytest.mark.parametrize("d_kv", [16, 64, 80])
-def test_heads_of_whole_vectors_every_instruction_set(name, d_kv, hf_checkpoint, tmp_path, fused):
+def test_heads_of_whole_vectors_every_instruction_set(name, d_kv, hf_checkpoint, tmp_path, fused, isa):
     # Heads of whole 16-float vectors attend several queries at once with AVX-512: one, four and five vectors of
     # output; a prompt long enough for whole tiles of 64 keys with a tail of keys and of queries, and a padded batch.
     import convert
 
-    before = kernels.native.isa()
-    kernels.native.set_isa(name)
-    try:
-        checkpoint = hf_checkpoint("t5", d_kv=d_kv, num_heads=2)
-        model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "heads")))
-        long = " ".join(PROMPTS)
-        length = len(tokenizer(long).input_ids)
-        assert length > 64 and length % 16 and length % 6
-        compare(model, tokenizer, [long], fused)
-        compare(model, tokenizer, [long, PROMPTS[0], PROMPTS[4]], fused)
-    finally:
-        kernels.native.set_isa(before)
+    isa(name)
+    checkpoint = hf_checkpoint("t5", d_kv=d_kv, num_heads=2)
+    model, tokenizer, _ = load_model(convert.convert(str(checkpoint), mlx_path=str(tmp_path / "heads")))
+    long = " ".join(PROMPTS)
+    length = len(tokenizer(long).input_ids)
+    assert length > 64 and length % 16 and length % 6
+    compare(model, tokenizer, [long], fused)
+    compare(model, tokenizer, [long, PROMPTS[0], PROMPTS[4]], fused)
 
 
 def test_long_prompts_attended_in_blocks_use_mlx(converted, fused, monkeypatch):
