@@ -41,9 +41,9 @@ static t5kernels::LayerWeight layer_weight(nb::handle h) {
 
 namespace {
 
-// An array's whole 2 MB pages (evaluated first) moved onto huge pages (Linux's MADV_COLLAPSE, 6.1 on; asked for them too,
-// so that they stay so): a large model's weights, read whole at every step, then cost one TLB entry per 2 MB instead
-// of per 4 KB. Returns the bytes collapsed (0 where the kernel or its settings refuse).
+// An array's whole 2 MB pages (evaluated first) moved onto huge pages (Linux's MADV_COLLAPSE, 6.1 on; asked for them
+// too, so that they stay so): a large model's weights, read whole at every step, then cost one TLB entry per 2 MB
+// instead of per 4 KB. Returns the bytes collapsed (0 where the kernel or its settings refuse).
 size_t collapse_huge_pages(mx::array a) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   a.eval();
@@ -186,7 +186,8 @@ NB_MODULE(_native, m) {
       "values of each layer in turn], each (B, H, P, d_kv). weights: each layer's key and value projections in turn, "
       "each (w, scales, biases, group_size, bits), bits 0 for float weights.");
   m.def("collapse_huge_pages", &collapse_huge_pages, "a"_a,
-        "Move an array's whole 2 MB pages onto huge pages (evaluated first); returns the bytes moved (0 where refused).");
+        "Move an array's whole 2 MB pages onto huge pages (evaluated first); returns the bytes moved (0 where "
+        "refused).");
   m.def("isa", &t5kernels::kernel_isa, "The instruction set new products run on: avx512, avx2 or portable.");
   m.def("isas", &t5kernels::kernel_isas, "The instruction sets this CPU runs.");
   m.def("set_isa", &t5kernels::set_kernel_isa, "name"_a, "Run new products on this instruction set.");

@@ -854,8 +854,6 @@ inline void weighted_values16(const float* p, const float* values, int64_t value
   }
 }
 
-}  // namespace
-
 // scores[0, n) -> exp(score - the largest), in place; returns their sum in every lane.
 inline __m512 softmax_numerators16(float* scores, int n) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -953,8 +951,9 @@ void attention_queries(const float* q, int64_t ldq, const float* keys_t, int ldk
     if (bias[r]) {
       for (int k = 0; k < n; k += 16) {
         const __mmask16 valid = n - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
-        _mm512_mask_storeu_ps(row + k, valid,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(valid, row + k), _mm512_maskz_loadu_ps(valid, bias[r] + k)));
+        const __m512 biased =
+            _mm512_add_ps(_mm512_maskz_loadu_ps(valid, row + k), _mm512_maskz_loadu_ps(valid, bias[r] + k));
+        _mm512_mask_storeu_ps(row + k, valid, biased);
       }
     }
     totals[r] = _mm512_cvtss_f32(softmax_numerators16(row, n));
@@ -968,6 +967,8 @@ void attention_queries(const float* q, int64_t ldq, const float* keys_t, int ldk
     values_tile<R, 1>(scores, lds, values, d_kv, n, c0, totals, out, ldo);
   }
 }
+
+}  // namespace
 
 // decoder_layer.cpp's attention of one query, vectorized: eight keys' scores at a time (then four, then one), their
 // lanes summed in _mm512_reduce_add_ps's order so that a key's score is the same in any block, the softmax's
