@@ -37,10 +37,6 @@ DRAFTERS = ("model", "lookup", "hybrid")
 # what a short one does near the end of a short output: on the demo pair 15 drafts a step beat 12, and 12 beat 8. A
 # verification of 15 drafts is 16 rows, which the packed kernels take in one pass over the weights.
 MAX_NUM_DRAFT = 15
-# A prompt whose encoder bias (1, heads, L, L) float32 takes more than this is encoded before its cross-attention keys
-# and values are made, so that the bias is freed first (a 510-token t5-11b prompt's 133 MB beside their 1.6 GB); a
-# shorter one's are one graph with the encoder, one wait fewer.
-SEPARATE_ENCODER_BYTES = 16 << 20
 
 
 class IncompatibleDraftError(ValueError):
@@ -154,8 +150,6 @@ class SpeculativeDecoder:
         """The main model's cross-attention keys/values for the prompt, an empty self-attention cache, and the encoder
         output where the draft model shares the main model's encoder (else None)."""
         encoder_output = self.model.encode(prompt_ids)
-        if self.model.args.num_heads * prompt_ids.shape[1] ** 2 * 4 > SEPARATE_ENCODER_BYTES:
-            mx.eval(encoder_output)
         cross_kv = self.model.cross_kv(encoder_output)
         mx.eval(cross_kv)
         return cross_kv, self.model.make_cache(), encoder_output if self.shared_encoder else None

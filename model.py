@@ -20,6 +20,11 @@ from native_layers import FusedLinear, Module, NativeDecoderSteps, float32, kept
 # row), so that its memory grows linearly with the prompt's length beyond one block.
 ATTENTION_BLOCK_BYTES = 64 << 20
 
+# A prompt whose encoder bias (1 or B, heads, L, L) float32 may take more than this is encoded before its
+# cross-attention keys and values are made (T5.cross_kv), so that the bias is freed first (a 510-token t5-11b prompt's
+# 133 MB beside their 1.6 GB); a shorter one's are one graph with the encoder, one wait fewer.
+SEPARATE_ENCODER_BYTES = 16 << 20
+
 # Activations transformers' T5 configs name in `feed_forward_proj` ("relu", "gated-gelu", ...).
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -470,7 +475,11 @@ class T5(Module):
 
     def cross_kv(self, encoder_output):
         """Each decoder layer's cross-attention keys and values, computed once per prompt: as one native operation, in
-        float32, where the layers are native (on the CPU, each projection one the kernels take)."""
+        float32, where the layers are native (on the CPU, each projection one the kernels take). A long prompt's
+        encoder output is evaluated first (SEPARATE_ENCODER_BYTES)."""
+        batch, length = encoder_output.shape[:2]
+        if batch * self.args.num_heads * length**2 * 4 > SEPARATE_ENCODER_BYTES:
+            mx.eval(encoder_output)
         attentions = [layer.cross_attn for layer in self.decoder.layers]
         if kernels.native_layers_take(encoder_output) and all(type(a["k"]) is FusedLinear for a in attentions):
             weights = [w for a in attentions for w in (a.k.native_weight(), a.v.native_weight())]

@@ -9,6 +9,7 @@ from conftest import PROMPTS
 from mlx.utils import tree_flatten
 
 import decoder as decoder_module
+import model as model_module
 from decoder import IncompatibleDraftError, SpeculativeDecoder
 from loader import load_model
 from model import T5, ModelArgs
@@ -40,14 +41,17 @@ def test_speculative_greedy_equals_regular_greedy(draft_name, main, drafts):
 
 
 def test_a_prompt_encoded_apart_from_its_keys_and_values_decodes_the_same(main, drafts, monkeypatch):
-    # Past SEPARATE_ENCODER_BYTES of encoder bias the encoder is evaluated on its own first (its bias then freed
-    # before the cross-attention keys and values are made): the same tokens, regular and speculative.
+    # Past SEPARATE_ENCODER_BYTES of encoder bias (T5.cross_kv) the encoder is evaluated on its own first (its bias
+    # then freed before the cross-attention keys and values are made): the same tokens, regular, speculative and in a
+    # padded batch.
     model, tokenizer, _ = main
     together = [regular(main, prompt, max_tokens=12).tokens for prompt in PROMPTS[:3]]
-    monkeypatch.setattr(decoder_module, "SEPARATE_ENCODER_BYTES", 0)
+    monkeypatch.setattr(model_module, "SEPARATE_ENCODER_BYTES", 0)
     apart = [regular(main, prompt, max_tokens=12).tokens for prompt in PROMPTS[:3]]
     speculative = SpeculativeDecoder(model, drafts["noisy"], tokenizer, num_draft=3)
     assert apart == together == [speculative.generate(p, max_tokens=12, ignore_eos=True).tokens for p in PROMPTS[:3]]
+    batched = speculative.generate_batch(PROMPTS[:3], max_tokens=12, ignore_eos=True, batch_size=3)
+    assert [generation.tokens for generation in batched] == together
 
 
 @pytest.mark.parametrize("num_draft", [1, 2, 4, 7])
