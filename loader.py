@@ -23,6 +23,7 @@ from checks import (
     check_tokenizer_files,
     convert_command,
     read_config,
+    read_json,
     reconvert_command,
     transformers_checkpoint,
     weight_headers,
@@ -164,13 +165,38 @@ def read_block(f, offset: int, dtype, shape: list, axis: Optional[int], index: i
     return out
 
 
-def read_tokenizer(path: Path, config: dict):
-    """The tokenizer saved in `path`, and nothing else: transformers would build an empty one from config.json."""
+# The tokenizer classes that AutoTokenizer picks for T5 checkpoints, by the name tokenizer_config.json gives (none:
+# config.json's model_type decides), and the modules that define them. Importing a class from its own module leaves
+# out what AutoTokenizer imports to read config.json: PyTorch, about 190 MB resident and a second or two of start-up.
+T5_TOKENIZERS = {
+    "T5Tokenizer": ("transformers.models.t5.tokenization_t5", "T5Tokenizer"),
+    "T5TokenizerFast": ("transformers.models.t5.tokenization_t5", "T5Tokenizer"),
+    "ByT5Tokenizer": ("transformers.models.byt5.tokenization_byt5", "ByT5Tokenizer"),
+}
+
+
+def tokenizer_class(path: Path, config: dict):
+    """The class that AutoTokenizer would load the tokenizer in `path` with, where it is one of T5's; else
+    AutoTokenizer itself."""
+    import importlib
+
+    tokenizer_config = path / "tokenizer_config.json"
+    name = read_json(tokenizer_config).get("tokenizer_class") if tokenizer_config.exists() else None
+    if name is None and config.get("model_type") == "t5":
+        name = "T5Tokenizer"
+    if name in T5_TOKENIZERS:
+        module, attribute = T5_TOKENIZERS[name]
+        return getattr(importlib.import_module(module), attribute)
     from transformers import AutoTokenizer
 
+    return AutoTokenizer
+
+
+def read_tokenizer(path: Path, config: dict):
+    """The tokenizer saved in `path`, and nothing else: transformers would build an empty one from config.json."""
     check_tokenizer_files(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = tokenizer_class(path, config).from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer
         raise BrokenFile(f"cannot load the tokenizer in {path} ({e})") from None
     if len(tokenizer) > config["vocab_size"]:

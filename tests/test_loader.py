@@ -353,3 +353,49 @@ def test_the_demo_pair_leaves_a_directory_of_the_users_alone(tmp_path):
     assert "mlx_models/demo-main is in the way of the bundled demo pair" in lines[-1]
     assert "converting" not in result.stderr
     assert [file.name for file in own.iterdir()] == ["notes.txt"]
+
+
+TOKENIZER_TEXTS = [
+    "translate English to German: The house is wonderful.",
+    "  two  spaces,\ttabs\nand a newline  ",
+    "Grüße aus Köln: ß, é, 3.5 % – <extra_id_0> and </s> written out",
+    "",
+]
+
+
+@pytest.mark.parametrize("case", ["conversion", "demo", "no class named", "fast class named"])
+def test_the_tokenizer_is_the_one_autotokenizer_loads(case, conversions, tmp_path):
+    # The loader imports T5's tokenizer class from its own module (AutoTokenizer would import PyTorch to read the
+    # config); what it loads must be what AutoTokenizer loads from the same files.
+    from transformers import AutoTokenizer
+
+    from loader import read_tokenizer
+
+    source = conversions["float"] if case == "conversion" else ROOT / "models" / "demo" / "main"
+    path = tmp_path / "copy"
+    shutil.copytree(source, path)
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    if case == "no class named":
+        del settings["tokenizer_class"]
+    elif case == "fast class named":
+        settings["tokenizer_class"] = "T5TokenizerFast"
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    config = json.loads((path / "config.json").read_text())
+
+    ours, reference = read_tokenizer(path, config), AutoTokenizer.from_pretrained(str(path))
+    assert type(ours) is type(reference)
+    assert len(ours) == len(reference) and ours.get_vocab() == reference.get_vocab()
+    assert ours.all_special_ids == reference.all_special_ids and ours.eos_token_id == reference.eos_token_id
+    for text in TOKENIZER_TEXTS:
+        ids = reference(text).input_ids
+        assert ours(text).input_ids == ids
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+
+
+def test_loading_a_model_imports_no_pytorch(conversions):
+    code = (
+        "import sys; from loader import load_model; load_model(sys.argv[1], lazy=True); "
+        "sys.exit('torch' in sys.modules)"
+    )
+    result = run([sys.executable, "-c", code, str(conversions["float"])])
+    assert result.returncode == 0, result.stderr
