@@ -70,6 +70,7 @@ def load_model(path, lazy: bool = False, decoding_layout: Optional[bool] = None,
         mx.eval(model.parameters())
         if decoding_layout:
             model.pack_quantized_in_place()
+            model.pack_for_kernels()
     model.eval()
     return model, tokenizer, config
 

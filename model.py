@@ -579,6 +579,24 @@ class T5(Module):
         # Untied: the head itself; tied: the embedding table's own arrays (no copy).
         self.lm_head = FusedLinear(self.lm_head if "lm_head" in self else self.shared)
 
+    def pack_for_kernels(self):
+        """Make the native kernels' packed copies of the linear layers' weights now (FusedLinear.native_weight, kept
+        per weight), in the order a prompt first uses them: the encoder, the cross-attention keys and values, the
+        decoder's steps, the head. Made at a process's first prompt instead, they took 15 of the demo pair's 25 ms
+        there (a fresh `python main.py`), and a model under the budget of copies packs the same layers either way.
+        Nothing where the native layers do not run (kernels.fused_layers off, or another device than the CPU)."""
+        if not kernels.fused_layers or mx.default_device() != mx.cpu:
+            return
+
+        def linears(layers):
+            return [linear for layer in layers for linear in layer.modules() if type(linear) is FusedLinear]
+
+        cross_kv = [layer.cross_attn[name] for layer in self.decoder.layers for name in ("k", "v")]
+        steps = [linear for linear in linears(self.decoder.layers) if not any(linear is kv for kv in cross_kv)]
+        for linear in [*linears(self.encoder.layers), *cross_kv, *steps, self.get("lm_head")]:
+            if type(linear) is FusedLinear:
+                linear.native_weight()
+
     def pack_quantized_in_place(self) -> bool:
         """Where the packed copies of the layers' quantized weights would not fit the process's budget for copies
         (kernels.pack_budget; 0 packs none), hold every layer's weight packed instead of MLX's layout (FusedLinear.

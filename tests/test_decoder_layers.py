@@ -601,3 +601,25 @@ def test_rows_that_leave_and_join_are_read_in_place_as_if_gathered(converted, fu
                 np.testing.assert_allclose(
                     np.array(ours.keys[row, :, :length]), np.array(theirs.keys[row, :, :length]), atol=1e-5, rtol=0
                 )
+
+
+def test_a_loaded_model_holds_its_packed_copies_before_its_first_prompt(converted, fused):
+    # load_model packs every linear layer's float weight for the native kernels, so that a process's first prompt does
+    # not; a lazy load packs nothing, and neither does a load with the native layers off. The packed model's tokens are
+    # those of the same model packing as it goes.
+    path = converted("t5-v1_1")
+
+    def packed(model):
+        linears = [m for m in model.modules() if type(m) is FusedLinear]
+        return [m.__dict__.get("_packed", (None, None))[1] is not None for m in linears]
+
+    fused(True)
+    before = kernels.packed_bytes
+    model, tokenizer, _ = load_model(path)
+    assert all(packed(model)) and kernels.packed_bytes > before
+    tokens = SpeculativeDecoder(model, None, tokenizer).generate(PROMPTS[0], 12, regular=True).tokens
+    lazy, _, _ = load_model(path, lazy=True)
+    assert not any(packed(lazy))
+    assert SpeculativeDecoder(lazy, None, tokenizer).generate(PROMPTS[0], 12, regular=True).tokens == tokens
+    fused(False)
+    assert not any(packed(load_model(path)[0]))
