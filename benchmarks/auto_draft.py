@@ -87,8 +87,8 @@ def main(argv=None):
         generate(SpeculativeDecoder(model, draft_model, tokenizer, num_draft="auto", drafter=drafter), prompts[0], 16)
     for round_number in range(args.rounds):
         # Each round: new decoders, an empty cache for the first auto of each drafter (the kept one, filled by the runs
-        # before, for the others); every prompt decoded by every setting in turn, starting one further along the list
-        # at each prompt, so that a slow spell of the machine (they last seconds) falls on all alike.
+        # before, for the others); every prompt decoded by every setting in turn, in the orders of in_turn (each
+        # setting in every place, and after every other, equally often).
         empty = tempfile.mkdtemp(prefix="auto-empty-")
         decoders = [
             SpeculativeDecoder(

@@ -103,9 +103,8 @@ def ctranslate2_peer(tokenizer, work):
 
 
 def fastest_runs(decoders, prompts, repeats, first_round=0, **options):
-    """name -> per prompt, the fastest of `repeats` generations. Each prompt is decoded by every decoder in turn,
-    starting one further along the list at each prompt and round, so that a slow spell of the machine (they last
-    seconds) falls on all of them alike."""
+    """name -> per prompt, the fastest of `repeats` generations. Each prompt is decoded by every decoder in turn, in
+    the orders of benchmarks.in_turn (each decoder in every place, and after every other, equally often)."""
     names = list(decoders)
     runs = {name: [[] for _ in prompts] for name in names}
     for round_ in range(first_round, first_round + repeats):
