@@ -3,9 +3,9 @@ project's float32 against CTranslate2's float32, and its 8-bit (groups of 64, fl
 says otherwise) against CTranslate2's int8, in one run.
 
 Each checkpoint is written once (tools/random_checkpoint.py, float32, seed 0) and converted by each project's own
-converter. Every prompt is decoded by each method in turn, EOS ignored, the methods' order rotating from prompt to
-prompt and round to round, so that a slow spell of the machine (they last seconds) falls on all alike; each prompt's
-fastest round counts. The float32 runs must give CTranslate2's tokens (random weights decode real greedy choices, so
+converter. Every prompt is decoded by each method in turn, EOS ignored, in the orders of benchmarks.in_turn (each
+method in every place, and after every other, equally often), so that a slow spell of the machine (they last seconds)
+falls on all alike; each prompt's fastest round counts. The float32 runs must give CTranslate2's tokens (random weights decode real greedy choices, so
 a difference is a bug; ids past the tokenizer's pieces are compared as CTranslate2 returns them, as the unknown
 piece); the quantized ones are quantized differently (MLX's affine groups against CTranslate2's per-row int8), so
 only their agreement is reported.
