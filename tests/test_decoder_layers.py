@@ -614,9 +614,8 @@ def test_a_loaded_model_holds_its_packed_copies_before_its_first_prompt(converte
         return [m.__dict__.get("_packed", (None, None))[1] is not None for m in linears]
 
     fused(True)
-    before = kernels.packed_bytes
     model, tokenizer, _ = load_model(path)
-    assert all(packed(model)) and kernels.packed_bytes > before
+    assert all(packed(model))
     tokens = SpeculativeDecoder(model, None, tokenizer).generate(PROMPTS[0], 12, regular=True).tokens
     lazy, _, _ = load_model(path, lazy=True)
     assert not any(packed(lazy))
