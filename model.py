@@ -580,22 +580,29 @@ class T5(Module):
         self.lm_head = FusedLinear(self.lm_head if "lm_head" in self else self.shared)
 
     def pack_for_kernels(self):
-        """Make the native kernels' packed copies of the linear layers' weights now (FusedLinear.native_weight, kept
-        per weight), in the order a prompt first uses them: the encoder, the cross-attention keys and values, the
-        decoder's steps, the head. Made at a process's first prompt instead, they took 15 of the demo pair's 25 ms
-        there (a fresh `python main.py`), and a model under the budget of copies packs the same layers either way.
-        Nothing where the native layers do not run (kernels.fused_layers off, or another device than the CPU)."""
+        """Make the native kernels' packed copies of the linear layers' weights now, as a prompt's first native calls
+        would (native_weights per stack, FusedLinear.native_weight for the cross-attention keys and values and the
+        head), in the order a prompt first uses them: the encoder, the cross-attention keys and values, the decoder's
+        steps, the head. Made at a process's first prompt instead, they took 15 of the demo pair's 25 ms there (a fresh
+        `python main.py`), and a model under the budget of copies packs the same layers either way. Nothing where the
+        native layers do not run (kernels.fused_layers off, or another device than the CPU)."""
         if not kernels.fused_layers or mx.default_device() != mx.cpu:
             return
 
-        def linears(layers):
-            return [linear for layer in layers for linear in layer.modules() if type(linear) is FusedLinear]
+        def pack_stack(stack):
+            parts = kept_parts(stack)
+            if parts is not None:
+                native_weights(stack, parts)
 
-        cross_kv = [layer.cross_attn[name] for layer in self.decoder.layers for name in ("k", "v")]
-        steps = [linear for linear in linears(self.decoder.layers) if not any(linear is kv for kv in cross_kv)]
-        for linear in [*linears(self.encoder.layers), *cross_kv, *steps, self.get("lm_head")]:
-            if type(linear) is FusedLinear:
-                linear.native_weight()
+        def pack_each(linears):
+            for linear in linears:
+                if type(linear) is FusedLinear:
+                    linear.native_weight()
+
+        pack_stack(self.encoder)
+        pack_each(layer.cross_attn[name] for layer in self.decoder.layers for name in ("k", "v"))
+        pack_stack(self.decoder)
+        pack_each([self.get("lm_head")])
 
     def pack_quantized_in_place(self) -> bool:
         """Where the packed copies of the layers' quantized weights would not fit the process's budget for copies
