@@ -3,12 +3,12 @@ project's float32 against CTranslate2's float32, and its 8-bit (groups of 64, fl
 says otherwise) against CTranslate2's int8, in one run.
 
 Each checkpoint is written once (tools/random_checkpoint.py, float32, seed 0) and converted by each project's own
-converter. Every prompt is decoded by each method in turn, EOS ignored, in the orders of benchmarks.in_turn (each
-method in every place, and after every other, equally often), so that a slow spell of the machine (they last seconds)
-falls on all alike; each prompt's fastest round counts. The float32 runs must give CTranslate2's tokens (random weights decode real greedy choices, so
-a difference is a bug; ids past the tokenizer's pieces are compared as CTranslate2 returns them, as the unknown
-piece); the quantized ones are quantized differently (MLX's affine groups against CTranslate2's per-row int8), so
-only their agreement is reported.
+converter. Every prompt is decoded by each method in turn, EOS ignored, in the orders of benchmarks.in_turn (each method
+in every place, and after every other, equally often), so that a slow spell of the machine (they last seconds) falls on
+all alike; each prompt's fastest round counts. The float32 runs must give CTranslate2's tokens (random weights decode
+real greedy choices, so a difference is a bug; ids past the tokenizer's pieces are compared as CTranslate2 returns them,
+as the unknown piece); the quantized ones are quantized differently (MLX's affine groups against CTranslate2's per-row
+int8), so only their agreement is reported.
 
     python -m benchmarks.ctranslate2_peer                       # t5-base and t5-large, float32 and 8-bit
     python -m benchmarks.ctranslate2_peer --shapes t5-base --max-tokens 32
