@@ -226,10 +226,10 @@ def packed_quantized_run(bits) -> bool:
 def pack_quantized(weight, scales, biases, group_size, bits):
     """The packed copy (values, scales, biases) of an MLX affine-quantized weight (N, K * bits / 32) uint32 with `bits`
     4 or 8: its words in blocks of 16 columns, word by word (see products.h), as bytes, uint8 (N, K * bits / 8), and its
-    scales and biases as float32 in the same blocks, evaluated. The AVX-512 kernels multiply several rows by it with
-    one pass over the weights (float activations, or int8 ones with VNNI). None where those kernels do not run
-    (packed_quantized_run), N is not a multiple of 16, or the budget (pack_budget) is spent; its bytes count against the
-    budget while it lives."""
+    scales and biases in the same blocks, in their own dtype (bfloat16 ones stay half the bytes), evaluated. The AVX-512
+    kernels multiply several rows by it with one pass over the weights (float activations, or int8 ones with VNNI).
+    None where those kernels do not run (packed_quantized_run), N is not a multiple of 16, or the budget (pack_budget)
+    is spent; its bytes count against the budget while it lives."""
     global packed_bytes
     if not packs_quantized(weight, scales, group_size, bits):
         return None
@@ -254,8 +254,8 @@ def packs_quantized(weight, scales, group_size, bits) -> bool:
 
 
 def packed_quantized_bytes(weight, scales) -> int:
-    """The bytes of a quantized weight's packed copy (its words, and float32 scales and biases)."""
-    return weight.nbytes + 2 * scales.size * 4
+    """The bytes of a quantized weight's packed copy (its words, scales and biases)."""
+    return weight.nbytes + 2 * scales.nbytes
 
 
 def quantized_in_blocks(weight, scales, biases):
@@ -267,8 +267,8 @@ def quantized_in_blocks(weight, scales, biases):
 
     return (
         blocked(weight, words).view(mx.uint8),
-        blocked(scales.astype(mx.float32), groups),
-        blocked(biases.astype(mx.float32), groups),
+        blocked(scales, groups),
+        blocked(biases, groups),
     )
 
 

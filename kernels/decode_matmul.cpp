@@ -376,7 +376,8 @@ void packed_quant_product(Isa isa, const float* x, int ldx, int M, int K, const 
       M, N, K * bits / 8,
       [&](int r, int rows, int a, int b) {
         QuantProduct p{x + size_t(r) * ldx, ldx, rows, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
-                       kFloat32, group_size, bits, y + size_t(r) * N, N, nullptr, x_sums.data() + size_t(r) * ldx};
+                       weight_type(scales.dtype()), group_size, bits, y + size_t(r) * N, N, nullptr,
+                       x_sums.data() + size_t(r) * ldx};
         isa == kAvx512 ? packed_quant_columns_avx512(p, a, b) : packed_quant_columns_portable(p, a, b);
       },
       tile);
@@ -495,7 +496,8 @@ void packed_int_product(int isa_number, const float* x, int ldx, int M, int K, c
       [&](int r, int rows, int a, int b) {
         IntProduct p{qx.q.get() + size_t(r) * ldq, ldq, qx.scales.data() + size_t(r) * lds,
                      qx.sums.data() + size_t(r) * lds, lds, rows, K, w.data<uint32_t>(), scales.data<void>(),
-                     biases.data<void>(), kFloat32, group_size, bits, dots ? nullptr : y + size_t(r) * N, N,
+                     biases.data<void>(), weight_type(scales.dtype()), group_size, bits,
+                     dots ? nullptr : y + size_t(r) * N, N,
                      dots ? dots + size_t(r) * N * groups : nullptr, nullptr, 0};
         avx512 ? packed_int_columns_avx512(p, a, b) : packed_int_columns_portable(p, a, b);
       },
@@ -692,8 +694,8 @@ mx::array decode_matmul(const mx::array& x, const mx::array& w, const std::optio
         scales->shape() != mx::Shape{N, K / group_size} || biases->shape() != scales->shape()) {
       throw std::invalid_argument("decode_matmul: quantized weight, scales or biases do not match x");
     }
-    if (packed && (N % kPackColumns || scales->dtype() != mx::float32)) {
-      throw std::invalid_argument("decode_matmul: packed quantized weights need a multiple of 16 rows, float32 scales");
+    if (packed && N % kPackColumns) {
+      throw std::invalid_argument("decode_matmul: packed quantized weights need a multiple of 16 rows");
     }
     out_dtype = mx::promote_types(out_dtype, scales->dtype());
     inputs = {row_contiguous(w, stream), row_contiguous(*scales, stream), row_contiguous(*biases, stream)};

@@ -45,7 +45,7 @@ void set_pool_jobs(uint64_t jobs);
 bool has_integer_products(int isa);
 void int_product(int isa, const float* x, int ldx, int M, int K, const uint32_t* w, const void* scales,
                  const void* biases, WeightType stype, int group_size, int bits, float* y, int N, int32_t* dots);
-// The same with a packed quantized weight (kernels.pack_quantized's copy: uint8 words, float32 scales and biases).
+// The same with a packed quantized weight (kernels.pack_quantized's copy: uint8 words, scales and biases).
 void packed_int_product(int isa, const float* x, int ldx, int M, int K, const mx::array& w, const mx::array& scales,
                         const mx::array& biases, int group_size, int bits, float* y, int N, int32_t* dots);
 

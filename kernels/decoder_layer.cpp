@@ -257,8 +257,7 @@ void check_weight(const LayerWeight& w, int in, int out, const char* op) {
               (w.scales->dtype() == mx::float32 || w.scales->dtype() == mx::bfloat16 ||
                w.scales->dtype() == mx::float16),
           "quantized weights must be MLX affine 4/8-bit with groups of 32/64/128", op);
-    check(!packed || (out % kPackColumns == 0 && w.scales->dtype() == mx::float32),
-          "packed quantized weights need a multiple of 16 rows and float32 scales", op);
+    check(!packed || out % kPackColumns == 0, "packed quantized weights need a multiple of 16 rows", op);
   } else {
     const bool packed = is_packed_dtype(w.w.dtype());
     check(w.w.shape(1) == in &&

@@ -79,9 +79,9 @@ struct QuantProduct {
 // Packed quantized weights (a QuantProduct's w, scales and biases; x_sums set, x_words not): MLX's words (N, K * bits /
 // 32), N a multiple of kPackColumns, in blocks of kPackColumns columns stored word by word as packed floats are stored
 // k by k (word i of column n at packed_index(n, i, K * bits / 32)): one 64-byte load holds a word of each of a block's
-// columns, and value j of them all is a shift and a mask away. Scales and biases float32, per block the groups one
-// after another, each the block's 16 columns'. Each output is sum over groups (in order) of scale * (sum over the
-// group's k, in order, of x[k] * value) + bias * sum(x of the group), whatever the rows beside it.
+// columns, and value j of them all is a shift and a mask away. Scales and biases in the model's dtype for them (stype),
+// per block the groups one after another, each the block's 16 columns'. Each output is sum over groups (in order) of
+// scale * (sum over the group's k, in order, of x[k] * value) + bias * sum(x of the group), whatever rows are beside.
 static inline size_t packed_quant_scale_index(size_t n, size_t group, size_t groups) {
   return (n / kPackColumns * groups + group) * kPackColumns + n % kPackColumns;
 }
@@ -125,8 +125,8 @@ void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out);
 int lane_scales(const float* x_scales, int lds, int rows, int K, int ldq, int bits, int group, float* out);
 
 void int_columns_portable(const IntProduct& p, int n0, int n1);
-// Integer products with packed quantized weights (w the packed bytes as words, scales and biases the packed float32
-// ones; x_lane_scales unused): each group's dot in int32, then out += scale * (dot * x_scale) + bias * sum(x), groups
+// Integer products with packed quantized weights (w the packed bytes as words, scales and biases the packed ones of
+// stype; x_lane_scales unused): each group's dot in int32, then out += scale * (dot * x_scale) + bias * sum(x), groups
 // in order. The portable kernel takes q in k order, the AVX-512 one (VNNI) as quantize_rows_avx512 writes it for
 // 4-bit weights.
 void packed_int_columns_portable(const IntProduct& p, int n0, int n1);

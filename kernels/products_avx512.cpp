@@ -482,15 +482,13 @@ void int_columns(const IntProduct& p, int n0, int n1) {
 // 4 bytes of q read as one int32 (each broadcast to every lane: the load folds into vpdpbusd's operand).
 typedef int32_t UnalignedInt32 __attribute__((__may_alias__, __aligned__(1)));
 
-template <int BITS, bool DOTS, int R, int CB>
+template <int BITS, bool DOTS, WeightType ST, int R, int CB>
 void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
   constexpr int kPerWord = 32 / BITS;
   const int groups = p.K / p.group, words_per_group = p.group / kPerWord;
   const size_t block = size_t(p.K) / kPerWord * kPackColumns;  // words of one block of 16 columns
   const uint32_t* w = p.w + size_t(n / kPackColumns) * block;
   const size_t first_scale = size_t(n / kPackColumns) * groups * kPackColumns;
-  const float* scales = static_cast<const float*>(p.scales) + first_scale;
-  const float* biases = static_cast<const float*>(p.biases) + first_scale;
   const __m512i low_nibbles = _mm512_set1_epi8(0x0f);
   const int8_t* q[R];
   __m512 acc[R][CB];
@@ -556,8 +554,8 @@ void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
     } else {
 #pragma GCC unroll 4
       for (int c = 0; c < CB; c++) {
-        const __m512 scale = _mm512_loadu_ps(scales + (size_t(c) * groups + g) * kPackColumns);
-        const __m512 bias = _mm512_loadu_ps(biases + (size_t(c) * groups + g) * kPackColumns);
+        const size_t index = first_scale + (size_t(c) * groups + g) * kPackColumns;
+        const __m512 scale = load16<ST, false>(p.scales, index, 0), bias = load16<ST, false>(p.biases, index, 0);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
           const size_t at = size_t(m0 + r) * p.lds + g;
@@ -582,7 +580,7 @@ void packed_int_tile(const IntProduct& p, int m0, int n, int g0, int g1) {
 // and float sums, 2 x R x CB registers, and the blocks' widened words fill at most 26). K goes in chunks of groups whose
 // weights, 64 columns of them, fit in 32 KB, so that every group of rows reads a chunk from the caches, not memory (a
 // row's sums so far wait in out between chunks).
-template <int BITS, bool DOTS>
+template <int BITS, bool DOTS, WeightType ST>
 void packed_int_columns(const IntProduct& p, int n0, int n1) {
   constexpr int kMaxRowGroup = 5;
   const int groups = p.K / p.group, row_groups = (p.rows + kMaxRowGroup - 1) / kMaxRowGroup;
@@ -595,10 +593,10 @@ void packed_int_columns(const IntProduct& p, int n0, int n1) {
         constexpr int R = decltype(rows)::value, CB = R == 1 ? 4 : 2;
         int n = n0;
         for (; n + CB * kPackColumns <= n1; n += CB * kPackColumns) {
-          packed_int_tile<BITS, DOTS, R, CB>(p, m, n, g0, g1);
+          packed_int_tile<BITS, DOTS, ST, R, CB>(p, m, n, g0, g1);
         }
         for (; n < n1; n += kPackColumns) {
-          packed_int_tile<BITS, DOTS, R, 1>(p, m, n, g0, g1);
+          packed_int_tile<BITS, DOTS, ST, R, 1>(p, m, n, g0, g1);
         }
       });
       m += count;
@@ -723,15 +721,13 @@ void packed_columns(const FloatProduct& p, int n0, int n1) {
 // word of each of the block's 16 columns, 32 / BITS consecutive k; value j of every column (a shift and a mask, no
 // shuffles) widened to floats is multiplied by each row's x[k], broadcast. At the end of each group,
 // out += scale * sum + bias * sum(x of the group), per row and column.
-template <int BITS, int R, int CB>
+template <int BITS, WeightType ST, int R, int CB>
 void packed_quant_tile(const QuantProduct& p, int n) {
   constexpr int kPerWord = 32 / BITS;
   const int K = p.K, group = p.group, groups = K / group;
   const size_t block = size_t(K) / kPerWord * kPackColumns;  // words of one block
   const uint32_t* w = p.w + size_t(n / kPackColumns) * block;
   const size_t first_scale = size_t(n / kPackColumns) * groups * kPackColumns;
-  const float* scales = static_cast<const float*>(p.scales) + first_scale;
-  const float* biases = static_cast<const float*>(p.biases) + first_scale;
   const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
   for (int g = 0; g < groups; g++) {
     __m512 acc[R][CB];
@@ -755,8 +751,8 @@ void packed_quant_tile(const QuantProduct& p, int n) {
     }
 #pragma GCC unroll 4
     for (int c = 0; c < CB; c++) {
-      const __m512 scale = _mm512_loadu_ps(scales + (size_t(c) * groups + g) * kPackColumns);
-      const __m512 bias = _mm512_loadu_ps(biases + (size_t(c) * groups + g) * kPackColumns);
+      const size_t index = first_scale + (size_t(c) * groups + g) * kPackColumns;
+      const __m512 scale = load16<ST, false>(p.scales, index, 0), bias = load16<ST, false>(p.biases, index, 0);
 #pragma GCC unroll 16
       for (int r = 0; r < R; r++) {
         float* out = p.out + size_t(r) * p.N + n + c * kPackColumns;
@@ -769,11 +765,24 @@ void packed_quant_tile(const QuantProduct& p, int n) {
   }
 }
 
-template <int BITS>
+template <int BITS, WeightType ST>
 void packed_quant_columns(const QuantProduct& p, int n0, int n1) {
   packed_tiles(p.rows, n0, n1, [&](auto rows, auto blocks, int n) {
-    packed_quant_tile<BITS, decltype(rows)::value, decltype(blocks)::value>(p, n);
+    packed_quant_tile<BITS, ST, decltype(rows)::value, decltype(blocks)::value>(p, n);
   });
+}
+
+// f<ST>() for a packed quantized weight's scale type (float32, bfloat16 or float16, as the checkpoint stores them).
+template <class F>
+void with_scale_type(WeightType stype, F&& f) {
+  switch (stype) {
+    case kBFloat16:
+      return f(std::integral_constant<WeightType, kBFloat16>{});
+    case kFloat16:
+      return f(std::integral_constant<WeightType, kFloat16>{});
+    default:
+      return f(std::integral_constant<WeightType, kFloat32>{});
+  }
 }
 
 // e^x for x <= 0, 16 at a time, as exp_nonpositive in decoder_layer.cpp computes it: x = k ln 2 + r with
@@ -1024,7 +1033,10 @@ void attention_row_avx512(const float* q, const float* keys, int64_t key_stride,
 }
 
 void packed_quant_columns_avx512(const QuantProduct& p, int n0, int n1) {
-  p.bits == 8 ? packed_quant_columns<8>(p, n0, n1) : packed_quant_columns<4>(p, n0, n1);
+  with_scale_type(p.stype, [&](auto stype) {
+    constexpr WeightType ST = decltype(stype)::value;
+    p.bits == 8 ? packed_quant_columns<8, ST>(p, n0, n1) : packed_quant_columns<4, ST>(p, n0, n1);
+  });
 }
 
 void float_columns_avx512(const FloatProduct& p, int n0, int n1) {
@@ -1079,11 +1091,14 @@ void quantize_rows_avx512(const float* x, int ldx, int rows, int K, int group, i
 }
 
 void packed_int_columns_avx512(const IntProduct& p, int n0, int n1) {
-  if (p.bits == 8) {
-    p.dots ? packed_int_columns<8, true>(p, n0, n1) : packed_int_columns<8, false>(p, n0, n1);
-  } else {
-    p.dots ? packed_int_columns<4, true>(p, n0, n1) : packed_int_columns<4, false>(p, n0, n1);
+  if (p.dots) {  // (no scales read)
+    return p.bits == 8 ? packed_int_columns<8, true, kFloat32>(p, n0, n1)
+                       : packed_int_columns<4, true, kFloat32>(p, n0, n1);
   }
+  with_scale_type(p.stype, [&](auto stype) {
+    constexpr WeightType ST = decltype(stype)::value;
+    p.bits == 8 ? packed_int_columns<8, false, ST>(p, n0, n1) : packed_int_columns<4, false, ST>(p, n0, n1);
+  });
 }
 
 void attention_queries_avx512(const float* q, int64_t ldq, int rows, const float* keys_t, int ldk,

@@ -70,8 +70,6 @@ void quant_columns_portable(const QuantProduct& p, int n0, int n1) {
 void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1) {
   const int groups = p.K / p.group, per_word = 32 / p.bits;
   const uint32_t mask = (1u << p.bits) - 1;
-  const float* scales = static_cast<const float*>(p.scales);
-  const float* biases = static_cast<const float*>(p.biases);
   for (int m = 0; m < p.rows; m++) {
     const float* x = p.x + size_t(m) * p.ldx;
     for (int n = n0; n < n1; n++) {
@@ -83,8 +81,8 @@ void packed_quant_columns_portable(const QuantProduct& p, int n0, int n1) {
           sum += x[k] * float((word >> (p.bits * (k % per_word))) & mask);
         }
         const size_t index = packed_quant_scale_index(n, g, groups);
-        total += scales[index] * sum;
-        total += biases[index] * p.x_sums[size_t(m) * p.ldx + g];
+        total += load_scalar(p.scales, index, p.stype) * sum;
+        total += load_scalar(p.biases, index, p.stype) * p.x_sums[size_t(m) * p.ldx + g];
       }
       p.out[size_t(m) * p.N + n] = total;
     }
@@ -206,7 +204,7 @@ void order_for_nibbles(const int8_t* q, int ldq, int rows, int K, int8_t* out) {
 namespace {
 
 // The integer products one value at a time, on MLX's layout (column n's words in a row of its own) or the packed one
-// (products.h; its scales and biases float32).
+// (products.h).
 void int_columns_any_layout(const IntProduct& p, int n0, int n1, bool packed) {
   const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group;
   const uint32_t mask = (1u << p.bits) - 1;

@@ -170,7 +170,7 @@ def packed_quantized(w, scales, biases, group_size, bits):
 
 def unpacked_quantized(packed, bits, group_size):
     """(values (N, K), scales (N, K / group), biases) of a packed quantized weight, read as products.h lays it out."""
-    codes, scales, biases = (np.array(a) for a in packed)
+    codes, scales, biases = np.array(packed[0]), as_f64(packed[1]), as_f64(packed[2])
     N, groups = scales.shape
     words = codes.view(np.uint32).reshape(N // 16, -1, 16)  # per block of 16 columns, word by word
     values = unpack(words.transpose(0, 2, 1).reshape(N, -1), bits)
@@ -186,11 +186,13 @@ def test_packed_quantized_weights_against_float64(isa, bits, group_size, rows, m
     rng = np.random.default_rng(bits * rows + group_size)
     for K, N in [(group_size, 16), (3 * group_size, 48), (5 * group_size, 80)]:
         x = mx.array(rng.standard_normal((rows, K)).astype(np.float32))
-        for dtype in [mx.float32, mx.bfloat16]:
+        for dtype in FLOAT_DTYPES:
             w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
             packed = packed_quantized(w, scales, biases, group_size, bits)
             assert packed[0].dtype == mx.uint8 and packed[0].shape == (N, K * bits // 8)
-            # The same values, scales and biases, only moved (and the scales and biases widened to float32).
+            # The same values, scales and biases, only moved: the scales and biases keep their dtype (a bfloat16
+            # model's are half the bytes of float32 ones).
+            assert packed[1].dtype == packed[2].dtype == dtype
             values, packed_scales, packed_biases = unpacked_quantized(packed, bits, group_size)
             assert np.array_equal(values, unpack(w, bits))
             assert np.array_equal(packed_scales, as_f64(scales)) and np.array_equal(packed_biases, as_f64(biases))
@@ -259,7 +261,7 @@ def test_integer_products_exact_before_scaling(isa, layout, bits, group_size, ro
         q, x_scales = kernels.native.quantize_x(x, group_size)
         np.testing.assert_array_equal(np.array(q).astype(np.int64), q_ref)
         np.testing.assert_array_equal(np.array(x_scales), x_scales_ref)
-        for dtype in [mx.float32, mx.bfloat16]:
+        for dtype in FLOAT_DTYPES:
             w, scales, biases = quantized_weights(N, K, group_size, bits, dtype, seed=K + rows)
             held = (w, scales, biases) if layout == "mlx" else packed_quantized(w, scales, biases, group_size, bits)
             values = unpack(w, bits)
