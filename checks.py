@@ -84,6 +84,8 @@ def read_config(path: Path) -> dict:
         )
     ):
         raise BrokenFile(f"{config_file}: mlx.quantization must be null or bits and group_size, got {quantization!r}")
+    if quantization and quantization.get("scales_dtype", mlx["dtype"]) not in DTYPE_NAMES:
+        raise BrokenFile(f"{config_file}: mlx.quantization.scales_dtype must be a float dtype, got {quantization!r}")
     fp32_modules = mlx.get("fp32_modules") or []
     if not (isinstance(fp32_modules, list) and all(isinstance(module, str) for module in fp32_modules)):
         raise BrokenFile(f"{config_file}: mlx.fp32_modules must be a list of module names, got {fp32_modules!r}")
@@ -214,6 +216,10 @@ def weight_headers(path: Path, config: dict) -> tuple[dict, dict]:
         expected = DTYPE_NAMES[mlx["dtype"]]
         if mlx.get("linear_dtype") and is_linear_weight(name, shape):
             expected = DTYPE_NAMES[mlx["linear_dtype"]]
+        # A quantized linear layer's scales and biases: in the quantization's scales_dtype (convert.scales_dtype).
+        quantized = name.removesuffix(".scales").removesuffix(".biases")
+        if quantization and quantized != name and is_linear_weight(quantized + ".weight", shape):
+            expected = DTYPE_NAMES[quantization.get("scales_dtype", mlx["dtype"])]
         if mlx.get("embedding_dtype") and name == "shared.weight":
             expected = DTYPE_NAMES[mlx["embedding_dtype"]]
         if f"{name.removesuffix('.weight')}.scales" in headers:

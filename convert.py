@@ -219,7 +219,25 @@ class TensorPlan:
         return sum(int(np.prod(shape)) * dtype.size for _, dtype, shape in self.outputs)
 
 
-def plan_tensor(key: str, source: str, shape: tuple, dtype: mx.Dtype, quantization) -> TensorPlan:
+def scales_dtype(dtype: str, q_bits: int, q_scales_dtype: str) -> str:
+    """The dtype of a quantized linear layer's scales and biases: the model's own, but for a float32 model's 4-bit
+    weights (q_scales_dtype "auto"), bfloat16: 10% fewer bytes a weight with groups of 64, and on the demo pair a KL
+    against the float32 model of 7.09e-4, against 7.13e-4 with float32 ones. 8-bit weights keep float32 ones: bfloat16
+    ones took their KL from 6.50e-6 to 1.36e-5, for 6% fewer bytes."""
+    if q_scales_dtype not in ("auto", "float32", "bfloat16"):
+        raise ConversionError(f"q_scales_dtype must be auto, float32 or bfloat16, got {q_scales_dtype!r}")
+    if dtype != "float32":
+        if q_scales_dtype not in ("auto", dtype):
+            raise ConversionError(f"--q-scales-dtype {q_scales_dtype} needs --dtype float32 (the scales are {dtype})")
+        return dtype
+    if q_scales_dtype == "auto":
+        return "bfloat16" if q_bits == 4 else "float32"
+    return q_scales_dtype
+
+
+def plan_tensor(
+    key: str, source: str, shape: tuple, dtype: mx.Dtype, quantization, scales: mx.Dtype | None = None
+) -> TensorPlan:
     # Mirrors transformers' _keep_in_fp32_modules = ["wo"]: T5's wo overflows in float16.
     if dtype == mx.float16 and key.endswith(".mlp.wo.weight"):
         return TensorPlan(source, mx.float32, False, [(key, mx.float32, shape)])
@@ -237,8 +255,8 @@ def plan_tensor(key: str, source: str, shape: tuple, dtype: mx.Dtype, quantizati
     prefix = key.removesuffix("weight")
     outputs = [
         (key, mx.uint32, packed),
-        (prefix + "scales", dtype, groups),
-        (prefix + "biases", dtype, groups),
+        (prefix + "scales", scales or dtype, groups),
+        (prefix + "biases", scales or dtype, groups),
     ]
     return TensorPlan(source, dtype, True, outputs)
 
@@ -259,7 +277,10 @@ def convert_tensor(tensor, plan: TensorPlan, quantization: dict | None) -> list[
     # tensor: a torch.Tensor of any float dtype (numpy has no bfloat16, hence float32 on the way)
     weight = mx.array(tensor.float().numpy()).astype(plan.dtype)
     if plan.quantize:
-        return list(mx.quantize(weight, quantization["group_size"], quantization["bits"]))
+        # Quantized in the model's dtype; the scales and biases then rounded to theirs where it differs.
+        words, scales, biases = mx.quantize(weight, quantization["group_size"], quantization["bits"])
+        held = plan.outputs[1][1]
+        return [words, scales.astype(held), biases.astype(held)]
     return [weight]
 
 
@@ -413,19 +434,24 @@ def convert(
     force: bool = False,
     max_shard_size: int = 2 << 30,
     keep_bfloat16: bool = True,
+    q_scales_dtype: str = "auto",
 ) -> Path:
     """Convert the T5 checkpoint `model` (hub id or local HF directory) to an MLX directory; return its path.
 
     With dtype float32 and keep_bfloat16, the linear layers' matrices of a checkpoint that stores them all in bfloat16
     stay bfloat16 (`mlx.linear_dtype`), and so do its token embeddings where they are bfloat16 (`mlx.embedding_dtype`):
     float32 holds each of them exactly, so the model computes the same numbers in float32 while its products read half
-    the bytes. Everything is checked before anything is written, and the output
+    the bytes. Quantized, the linear layers' scales and biases are of scales_dtype(dtype, q_bits, q_scales_dtype).
+    Everything is checked before anything is written, and the output
     appears complete or not at all.
     """
     out = Path(mlx_path) if mlx_path else default_mlx_path(model)
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists; pass --force to replace it, or another --mlx-path")
-    quantization = {"group_size": q_group_size, "bits": q_bits} if quantize else None
+    quantization = None
+    if quantize:
+        scales = scales_dtype(dtype, q_bits, q_scales_dtype)
+        quantization = {"group_size": q_group_size, "bits": q_bits, "scales_dtype": scales}
     mlx = {"dtype": dtype, "quantization": quantization, "fp32_modules": ["wo"] if dtype == "float16" else []}
 
     with PeakMemory() as memory:
@@ -448,8 +474,18 @@ def convert(
                 config["mlx"]["embedding_dtype"] = "bfloat16"
                 linear.update(embedding)
         target = DTYPES[dtype]
+        # A quantized linear layer's scales and biases (an embedding's are the model's dtype: a row looked up is
+        # dequantized in its scales' dtype).
+        scales = DTYPES[quantization["scales_dtype"]] if quantize else None
         plans = [
-            plan_tensor(key, name, shapes[key], mx.bfloat16 if keep and name in linear else target, quantization)
+            plan_tensor(
+                key,
+                name,
+                shapes[key],
+                mx.bfloat16 if keep and name in linear else target,
+                quantization,
+                scales if name in linear else None,
+            )
             for name, key in keys.items()
         ]
         shards = split_shards(plans, max_shard_size)
@@ -499,6 +535,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=True,
         help="With --dtype float32, keep the linear layers (and token embeddings) of a bfloat16 checkpoint in "
         "bfloat16: the same numbers (float32 holds them exactly) at half the bytes, computed in float32.",
+    )
+    parser.add_argument(
+        "--q-scales-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="With -q and --dtype float32, the dtype of the linear layers' scales and biases; auto: bfloat16 for "
+        "4-bit weights (10%% fewer bytes, no more KL against float32 on the demo pair), float32 for 8-bit (bfloat16 "
+        "doubles their KL there).",
     )
     parser.add_argument("--force", action="store_true", help="Replace the output directory if it exists.")
     return parser

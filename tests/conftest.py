@@ -140,6 +140,27 @@ def hf_checkpoint(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def bf16_checkpoint(tmp_path_factory, hf_checkpoint):
+    """Factory: variant -> hf_checkpoint(variant) saved in bfloat16, as transformers saves a bfloat16 model (built
+    once; a model of its own, so that the float32 references stay float32)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    built = {}
+
+    def build(variant):
+        if variant not in built:
+            source = tmp_path_factory.mktemp(f"hf-{variant}-bf16")
+            model = AutoModelForSeq2SeqLM.from_pretrained(hf_checkpoint(variant))
+            model.to(torch.bfloat16).save_pretrained(source)
+            for file in hf_checkpoint(variant).glob("*token*"):
+                (source / file.name).write_bytes(file.read_bytes())
+            built[variant] = source
+        return built[variant]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def converted(tmp_path_factory, hf_checkpoint):
     """Factory: (variant, seed, convert options) -> directory written by convert.py (built once per session)."""
     import convert

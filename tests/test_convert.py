@@ -234,10 +234,16 @@ def test_quantized_weights_dequantize_close_to_the_source(bits, group_size, hf_c
             assert weights[name].dtype == mx.uint32 and weights[name].shape == (rows, columns * bits // 32)
             scales, biases = weights[f"{prefix}.scales"], weights[f"{prefix}.biases"]
             assert scales.shape == biases.shape == (rows, columns // group_size)
-            assert scales.dtype == biases.dtype == mx.float32
+            # 4-bit linear layers' scales and biases are bfloat16 (convert.scales_dtype); the embeddings' float32.
+            held = mx.bfloat16 if bits == 4 and name != "shared.weight" else mx.float32
+            assert scales.dtype == biases.dtype == held
+            scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
             restored = np.asarray(mx.dequantize(weights[name], scales, biases, group_size, bits))
-            # MLX's affine quantization keeps each weight within one level spacing (`scale`) of the original.
-            tolerance = np.repeat(np.abs(np.asarray(scales)), group_size, axis=1) + 1e-6
+            # MLX's affine quantization keeps each weight within one level spacing (`scale`) of the original; scales
+            # and biases rounded to bfloat16 (relative error <= 2^-9) add at most 15 spacings' and the bias's error.
+            rounding = 2**-8 if held == mx.bfloat16 else 0
+            spread = np.abs(np.asarray(scales)) * (1 + 15 * rounding) + np.abs(np.asarray(biases)) * rounding
+            tolerance = np.repeat(spread, group_size, axis=1) + 1e-6
             assert np.all(np.abs(restored - tensor.numpy()) <= tolerance), name
             quantized += 1
         else:
@@ -245,7 +251,8 @@ def test_quantized_weights_dequantize_close_to_the_source(bits, group_size, hf_c
             assert np.array_equal(np.asarray(weights[name]), tensor.numpy())
     assert quantized >= (30 if group_size == 32 else 4)
     config = json.loads((out / "config.json").read_text())
-    assert config["mlx"]["quantization"] == {"group_size": group_size, "bits": bits}
+    scales_dtype = "bfloat16" if bits == 4 else "float32"
+    assert config["mlx"]["quantization"] == {"group_size": group_size, "bits": bits, "scales_dtype": scales_dtype}
     load_model(out, lazy=True)
 
 
@@ -282,6 +289,7 @@ def test_force_replaces_an_existing_output(existing, hf_checkpoint, tmp_path):
     assert json.loads((out / "config.json").read_text())["mlx"]["quantization"] == {
         "group_size": 64,
         "bits": 8,
+        "scales_dtype": "float32",
     }
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -366,6 +374,11 @@ ERROR_CASES = {
     "unknown-tensor": (lambda p: edit_tensors(p, **{"pooler.weight": torch.zeros(2)}), [], "unknown tensor"),
     "output-exists": (lambda p: (p.parent / "out").mkdir(), [], "already exists", "--force"),
     "bad-flag": (None, ["--q-bits", "3"], "invalid choice"),
+    "scales-of-another-dtype": (
+        None,
+        ["--dtype", "bfloat16", "-q", "--q-scales-dtype", "float32"],
+        "--q-scales-dtype float32 needs --dtype float32",
+    ),
 }
 
 

@@ -191,6 +191,16 @@ BROKEN = {
         lambda p: edit_mlx(p, quantization={"group_size": 32, "bits": 7}),
         ["mlx.quantization must be"],
     ),
+    "quantized-scales-dtype-lie": (
+        "quantized",
+        lambda p: edit_mlx(p, quantization={"group_size": 32, "bits": 4, "scales_dtype": "float32"}),
+        ["scales is BF16, but config.json says F32"],
+    ),
+    "quantized-scales-dtype-bad": (
+        "quantized",
+        lambda p: edit_mlx(p, quantization={"group_size": 32, "bits": 4, "scales_dtype": "int8"}),
+        ["mlx.quantization.scales_dtype must be a float dtype"],
+    ),
     "float-says-quantized": (
         "float",
         lambda p: edit_mlx(p, quantization={"group_size": 32, "bits": 4}),

@@ -324,16 +324,12 @@ def test_step_by_step_logits_match_transformers_as_the_bias_table_grows(
 
 
 @pytest.mark.parametrize("variant", ["t5-v1_1", "t5"])
-def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(hf_checkpoint, tmp_path, variant):
+def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(bf16_checkpoint, tmp_path, variant):
     """A bfloat16 checkpoint converted to float32: its linear layers and token embeddings stay bfloat16 (bit for bit),
     everything else is float32, and the model computes what transformers computes from the same checkpoint in float32,
     greedy drafting included (a tied head reads the bfloat16 table); with keep_bfloat16=False every weight is float32
     and the logits are the same."""
-    source = tmp_path / "bf16"
-    # (a model of its own: the session's shared reference stays float32)
-    AutoModelForSeq2SeqLM.from_pretrained(hf_checkpoint(variant)).to(torch.bfloat16).save_pretrained(source)
-    for file in hf_checkpoint(variant).glob("*token*"):
-        (source / file.name).write_bytes(file.read_bytes())
+    source = bf16_checkpoint(variant)
     kept = convert.convert(str(source), mlx_path=str(tmp_path / "kept"))
     widened = convert.convert(str(source), mlx_path=str(tmp_path / "widened"), keep_bfloat16=False)
     settings = json.loads((kept / "config.json").read_text())["mlx"]
@@ -365,3 +361,40 @@ def test_a_bfloat16_checkpoint_keeps_its_linear_weights_in_bfloat16(hf_checkpoin
     assert (drafts[kept] is None) == (drafts[widened] is None) == (kernels.native is None)
     if kernels.native is not None:
         assert drafts[kept].tolist() == drafts[widened].tolist()
+
+
+@pytest.mark.parametrize("variant", ["t5-v1_1", "t5"])
+def test_4_bit_weights_get_bfloat16_scales_and_biases(hf_checkpoint, tmp_path, variant):
+    """Quantized to 4 bits, a float32 model's linear layers get bfloat16 scales and biases (the token embeddings'
+    stay float32: a row looked up is dequantized in its scales' dtype); q_scales_dtype="float32", or 8 bits, gives
+    float32 ones. The codes are the same, the scales and biases float32's rounded to bfloat16, and the logits as close
+    to transformers' as with float32 scales and biases."""
+    source = hf_checkpoint(variant)
+    options = dict(quantize=True, q_bits=4, q_group_size=32)
+    small = convert.convert(str(source), mlx_path=str(tmp_path / "small"), **options)
+    wide = convert.convert(str(source), mlx_path=str(tmp_path / "wide"), q_scales_dtype="float32", **options)
+    eight = convert.convert(str(source), mlx_path=str(tmp_path / "8-bit"), **{**options, "q_bits": 8})
+    for path, expected in ((small, "bfloat16"), (wide, "float32"), (eight, "float32")):
+        assert json.loads((path / "config.json").read_text())["mlx"]["quantization"]["scales_dtype"] == expected
+    assert all(w.dtype in (mx.float32, mx.uint32) for w in mx.load(str(eight / "model.safetensors")).values())
+    held, widened = mx.load(str(small / "model.safetensors")), mx.load(str(wide / "model.safetensors"))
+    assert held.keys() == widened.keys()
+    parameters = [name for name in held if name.endswith((".scales", ".biases"))]
+    assert ("lm_head.scales" in parameters) == (variant == "t5-v1_1") and len(parameters) > 20
+    for name in parameters:
+        expected = mx.float32 if name.startswith("shared.") else mx.bfloat16
+        assert held[name].dtype == expected and widened[name].dtype == mx.float32, name
+        assert mx.array_equal(held[name], widened[name].astype(expected)), name
+    for name in held:
+        if held[name].dtype == mx.uint32:
+            assert mx.array_equal(held[name], widened[name]), name
+
+    reference = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32).eval()
+    input_ids, mask, decoder_ids = padded_batch(reference.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    errors = {}
+    for path in (small, wide):
+        model, _, _ = load_model(path)
+        errors[path] = max_abs_diff(model(to_mx(input_ids), to_mx(decoder_ids), to_mx(mask)), expected)
+    assert 0 < errors[small] < 1.5 * errors[wide]

@@ -34,7 +34,8 @@ def test_quantized_agrees_with_float32_greedy(variant, bits, converted):
     reference, _, _ = load_model(converted(variant))
     path = converted(variant, quantize=True, q_bits=bits, q_group_size=32)
     model, _, config = load_model(path)
-    assert config["mlx"]["quantization"] == {"group_size": 32, "bits": bits}
+    scales_dtype = "bfloat16" if bits == 4 else "float32"  # (convert.scales_dtype)
+    assert config["mlx"]["quantization"] == {"group_size": 32, "bits": bits, "scales_dtype": scales_dtype}
     assert "scales" in model.decoder.layers[0].self_attn.qkv  # really quantized
     agreement = argmax_agreement(model, reference)
     print(f"{variant} {bits}-bit: argmax agreement with float32 greedy {agreement:.3f}")
