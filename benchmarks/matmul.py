@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+import convert
 import kernels
 from model import T5, ModelArgs
 from native_layers import FusedLinear
@@ -20,6 +21,8 @@ KERNEL_SHAPES = ("t5-base", "t5-large")
 # (name, bits or None, dtype): the weights as convert.py writes them (quantized ones with groups of 64).
 DTYPES = [("float32", None, mx.float32), ("bfloat16", None, mx.bfloat16), ("8-bit", 8, None), ("4-bit", 4, None)]
 ROWS = [1, 2, 5, 8, 16, 32]
+# The dtype of a quantized linear layer's scales and biases in a float32 model, as convert.py writes them.
+SCALES = {bits: getattr(mx, convert.scales_dtype("float32", bits, "auto")) for bits in (4, 8)}
 VERIFY_TOKENS = [5, 8]
 
 
@@ -38,7 +41,8 @@ def weight_arrays(bits, dtype, out_features, in_features):
     w = mx.random.normal((out_features, in_features), scale=in_features**-0.5)
     if bits is None:
         return (w.astype(dtype),)
-    return tuple(mx.quantize(w, 64, bits))
+    words, scales, biases = mx.quantize(w, 64, bits)
+    return words, scales.astype(SCALES[bits]), biases.astype(SCALES[bits])
 
 
 def feed_forward_stack(bits, dtype):
@@ -113,6 +117,9 @@ def random_model(shape, bits, dtype):
         # As convert.py -q: every linear layer and the embedding, not the position bias tables.
         quantizable = lambda path, module: hasattr(module, "to_quantized") and "relative" not in path  # noqa: E731
         nn.quantize(model, group_size=64, bits=bits, class_predicate=quantizable)
+        for path, module in model.named_modules():
+            if "scales" in module and path != "shared":  # (the embedding's stay float32)
+                module.scales, module.biases = (module[name].astype(SCALES[bits]) for name in ("scales", "biases"))
     else:
         model.update(tree_map(lambda a: a.astype(dtype), model.parameters()))
     model.use_decoding_layout()
