@@ -103,8 +103,9 @@ class ModelDrafter:
 
 class LookupDrafter:
     """Drafts by copying: the output's last n tokens (n from `max_ngram` down to 1) are looked up in the output so far
-    and then in the prompt's token ids, and the tokens that followed the most recent match are proposed. No model;
-    a proposal is deterministic (q one-hot at each token)."""
+    and then in the prompt's token ids, and the tokens that followed the most recent match are proposed (in the output,
+    repeated past its end: a loop of a few tokens drafts as far as asked). No model; a proposal is deterministic (q
+    one-hot at each token)."""
 
     reads_tokens = True
 
@@ -149,6 +150,12 @@ class LookupDrafter:
                 for end in reversed(positions.get(suffix[-1], [])):
                     if n - 1 <= end < len(tokens) - 1 and tokens[end - n + 1 : end + 1] == suffix:
                         continuation = tokens[end + 1 : end + 1 + MAX_CONTINUATION]
+                        if tokens is output:
+                            # The output has repeated itself from end + 1 on, with period len(output) - 1 - end; so
+                            # does the draft past its end, as a copy that overlaps what it copies.
+                            continuation = (continuation * (MAX_CONTINUATION // len(continuation) + 1))[
+                                :MAX_CONTINUATION
+                            ]
                         break
                 if continuation:
                     break

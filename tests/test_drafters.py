@@ -6,7 +6,7 @@ import pytest
 from conftest import PROMPTS
 
 from decoder import SpeculativeDecoder
-from drafters import Draft, LookupDrafter
+from drafters import MAX_CONTINUATION, Draft, LookupDrafter
 
 
 @pytest.mark.parametrize("num_draft", [1, 3, "auto"])
@@ -86,6 +86,10 @@ def test_lookup_proposes_what_followed_the_most_recent_match():
     # In the output itself, which is more recent than the prompt: "5 6" recurs, followed the first time by 13 14.
     assert lookup([5, 6, 13, 14, 5, 6], 4) == [13, 14, 5, 6]
     assert lookup([8, 9, 3, 9, 8, 9], 2) == [3, 9]
+    # Past the output's end the copy goes on as the output has gone since the match: a loop of period 4, and of 1.
+    assert lookup([5, 6, 13, 14, 5, 6], 10) == [13, 14, 5, 6, 13, 14, 5, 6, 13, 14]
+    assert lookup([4, 20, 20], 5) == [20, 20, 20, 20, 20]
+    assert len(lookup([4, 20, 20], 100)) == MAX_CONTINUATION
     # No match, no output yet, or nothing after the match: nothing.
     assert lookup([20], 4) == [] and lookup([], 4) == [] and lookup([12], 4) == []
     drafter = LookupDrafter()
