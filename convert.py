@@ -450,8 +450,8 @@ def convert(
         raise ConversionError(f"{out} already exists; pass --force to replace it, or another --mlx-path")
     quantization = None
     if quantize:
-        scales = scales_dtype(dtype, q_bits, q_scales_dtype)
-        quantization = {"group_size": q_group_size, "bits": q_bits, "scales_dtype": scales}
+        held = scales_dtype(dtype, q_bits, q_scales_dtype)
+        quantization = {"group_size": q_group_size, "bits": q_bits, "scales_dtype": held}
     mlx = {"dtype": dtype, "quantization": quantization, "fp32_modules": ["wo"] if dtype == "float16" else []}
 
     with PeakMemory() as memory:

@@ -604,16 +604,22 @@ void packed_int_columns(const IntProduct& p, int n0, int n1) {
   }
 }
 
+// f<ST>() for a quantized weight's scale type (float32, bfloat16 or float16, as the checkpoint stores them).
+template <class F>
+void with_scale_type(WeightType stype, F&& f) {
+  switch (stype) {
+    case kFloat32:
+      return f(std::integral_constant<WeightType, kFloat32>{});
+    case kBFloat16:
+      return f(std::integral_constant<WeightType, kBFloat16>{});
+    default:
+      return f(std::integral_constant<WeightType, kFloat16>{});
+  }
+}
+
 template <int BITS, int GROUP, bool DOTS>
 void int_columns_scales(const IntProduct& p, int n0, int n1) {
-  switch (p.stype) {
-    case kFloat32:
-      return int_columns<BITS, GROUP, kFloat32, DOTS>(p, n0, n1);
-    case kBFloat16:
-      return int_columns<BITS, GROUP, kBFloat16, DOTS>(p, n0, n1);
-    default:
-      return int_columns<BITS, GROUP, kFloat16, DOTS>(p, n0, n1);
-  }
+  with_scale_type(p.stype, [&](auto stype) { int_columns<BITS, GROUP, decltype(stype)::value, DOTS>(p, n0, n1); });
 }
 
 template <bool DOTS>
@@ -770,19 +776,6 @@ void packed_quant_columns(const QuantProduct& p, int n0, int n1) {
   packed_tiles(p.rows, n0, n1, [&](auto rows, auto blocks, int n) {
     packed_quant_tile<BITS, ST, decltype(rows)::value, decltype(blocks)::value>(p, n);
   });
-}
-
-// f<ST>() for a packed quantized weight's scale type (float32, bfloat16 or float16, as the checkpoint stores them).
-template <class F>
-void with_scale_type(WeightType stype, F&& f) {
-  switch (stype) {
-    case kBFloat16:
-      return f(std::integral_constant<WeightType, kBFloat16>{});
-    case kFloat16:
-      return f(std::integral_constant<WeightType, kFloat16>{});
-    default:
-      return f(std::integral_constant<WeightType, kFloat32>{});
-  }
 }
 
 // e^x for x <= 0, 16 at a time, as exp_nonpositive in decoder_layer.cpp computes it: x = k ln 2 + r with
