@@ -103,13 +103,19 @@ class ThreadPool {
 
   // Waits while busy() holds, for at most kSpinMicroseconds, without sleeping: a decode step's products follow one
   // another within microseconds, and a thread put to sleep takes tens of them to wake (the caller then does the
-  // whole job alone).
+  // whole job alone). busy() is asked after every pause, the clock every kChecksPerClock: asked once per 64 pauses
+  // (a few microseconds on this project's AMD EPYC), a worker found a job of a few microseconds' tasks mostly done,
+  // and the demo main model's verification of 8 tokens took 0.68 ms against 0.57 (of 11: 0.84 against 0.77; one
+  // token 0.24 against 0.22; two runs each, in turn).
   template <class F>
   static void spin_while(F&& busy) {
-    constexpr int kSpinMicroseconds = 200;
+    constexpr int kSpinMicroseconds = 200, kChecksPerClock = 64;
     const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
-    while (busy()) {
-      for (int i = 0; i < 64; i++) {
+    while (true) {
+      for (int i = 0; i < kChecksPerClock; i++) {
+        if (!busy()) {
+          return;
+        }
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #else
