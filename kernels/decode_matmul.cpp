@@ -105,8 +105,8 @@ class ThreadPool {
   // another within microseconds, and a thread put to sleep takes tens of them to wake (the caller then does the
   // whole job alone). busy() is asked after every pause, the clock every kChecksPerClock: asked once per 64 pauses
   // (a few microseconds on this project's AMD EPYC), a worker found a job of a few microseconds' tasks mostly done,
-  // and the demo main model's verification of 8 tokens took 0.68 ms against 0.57 (of 11: 0.84 against 0.77; one
-  // token 0.24 against 0.22; two runs each, in turn).
+  // and the demo main model's verification of 8 tokens took 0.68-0.98 ms against 0.56-0.57 (of 11: 0.84-1.15 against
+  // 0.76-0.77; two runs each, in turn; one token within noise).
   template <class F>
   static void spin_while(F&& busy) {
     constexpr int kSpinMicroseconds = 200, kChecksPerClock = 64;
